@@ -1,0 +1,49 @@
+# Two commands matter: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Stamp files record that an install ran against the current pyproject.toml.
+INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.dev-installed
+
+.PHONY: run test proto lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(DEV_INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(INSTALLED)
+
+run: $(INSTALLED)
+	$(BIN)/transaction-service serve
+
+test: $(DEV_INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+	$(BIN)/python -m pytest
+
+# Re-make the committed stubs in generated/ from proto/.
+proto: $(DEV_INSTALLED)
+	$(BIN)/python scripts/gen_proto.py
+
+lint: $(DEV_INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+
+format: $(DEV_INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(DEV_INSTALLED)
+	$(BIN)/python bench/ingest_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,177 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class IngestOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INGEST_OUTCOME_UNSPECIFIED: _ClassVar[IngestOutcome]
+    INGEST_OUTCOME_APPLIED: _ClassVar[IngestOutcome]
+    INGEST_OUTCOME_DUPLICATE: _ClassVar[IngestOutcome]
+    INGEST_OUTCOME_STALE: _ClassVar[IngestOutcome]
+    INGEST_OUTCOME_IGNORED: _ClassVar[IngestOutcome]
+
+class TransactionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSACTION_STATUS_UNSPECIFIED: _ClassVar[TransactionStatus]
+    TRANSACTION_STATUS_ACTIVE: _ClassVar[TransactionStatus]
+    TRANSACTION_STATUS_COMPLETED: _ClassVar[TransactionStatus]
+    TRANSACTION_STATUS_CANCELLED: _ClassVar[TransactionStatus]
+
+class OrderOrigin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ORDER_ORIGIN_UNSPECIFIED: _ClassVar[OrderOrigin]
+    ORDER_ORIGIN_INITIAL: _ClassVar[OrderOrigin]
+    ORDER_ORIGIN_REDRAW: _ClassVar[OrderOrigin]
+    ORDER_ORIGIN_RECREATION: _ClassVar[OrderOrigin]
+INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
+INGEST_OUTCOME_APPLIED: IngestOutcome
+INGEST_OUTCOME_DUPLICATE: IngestOutcome
+INGEST_OUTCOME_STALE: IngestOutcome
+INGEST_OUTCOME_IGNORED: IngestOutcome
+TRANSACTION_STATUS_UNSPECIFIED: TransactionStatus
+TRANSACTION_STATUS_ACTIVE: TransactionStatus
+TRANSACTION_STATUS_COMPLETED: TransactionStatus
+TRANSACTION_STATUS_CANCELLED: TransactionStatus
+ORDER_ORIGIN_UNSPECIFIED: OrderOrigin
+ORDER_ORIGIN_INITIAL: OrderOrigin
+ORDER_ORIGIN_REDRAW: OrderOrigin
+ORDER_ORIGIN_RECREATION: OrderOrigin
+
+class IngestEventRequest(_message.Message):
+    __slots__ = ("event_id", "payload", "payload_json")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    payload: _struct_pb2.Struct
+    payload_json: str
+    def __init__(self, event_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., payload_json: _Optional[str] = ...) -> None: ...
+
+class IngestEventResponse(_message.Message):
+    __slots__ = ("outcome", "transaction", "revision", "event_id")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    outcome: IngestOutcome
+    transaction: Transaction
+    revision: int
+    event_id: str
+    def __init__(self, outcome: _Optional[_Union[IngestOutcome, str]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., revision: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class GetTransactionRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ...) -> None: ...
+
+class GetTransactionResponse(_message.Message):
+    __slots__ = ("transaction", "revision")
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction: Transaction
+    revision: int
+    def __init__(self, transaction: _Optional[_Union[Transaction, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ListTransactionsRequest(_message.Message):
+    __slots__ = ("status", "team_id", "user_id", "updated_since", "page_size", "page_token")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    status: TransactionStatus
+    team_id: str
+    user_id: str
+    updated_since: _timestamp_pb2.Timestamp
+    page_size: int
+    page_token: str
+    def __init__(self, status: _Optional[_Union[TransactionStatus, str]] = ..., team_id: _Optional[str] = ..., user_id: _Optional[str] = ..., updated_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListTransactionsResponse(_message.Message):
+    __slots__ = ("transactions", "next_page_token", "revision")
+    TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    transactions: _containers.RepeatedCompositeFieldContainer[Transaction]
+    next_page_token: str
+    revision: int
+    def __init__(self, transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class Transaction(_message.Message):
+    __slots__ = ("id", "status", "orders", "initial_order_id", "redraw_order_id", "current_order_id", "redraw_available", "user_id", "team_id", "created_at", "updated_at", "revision", "provider_status", "legacy")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REDRAW_ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REDRAW_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LEGACY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: TransactionStatus
+    orders: _containers.RepeatedCompositeFieldContainer[Order]
+    initial_order_id: str
+    redraw_order_id: str
+    current_order_id: str
+    redraw_available: bool
+    user_id: str
+    team_id: str
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    revision: int
+    provider_status: str
+    legacy: bool
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[TransactionStatus, str]] = ..., orders: _Optional[_Iterable[_Union[Order, _Mapping]]] = ..., initial_order_id: _Optional[str] = ..., redraw_order_id: _Optional[str] = ..., current_order_id: _Optional[str] = ..., redraw_available: _Optional[bool] = ..., user_id: _Optional[str] = ..., team_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., provider_status: _Optional[str] = ..., legacy: _Optional[bool] = ...) -> None: ...
+
+class Order(_message.Message):
+    __slots__ = ("id", "origin", "low_level_status", "high_level_status", "collection_method", "status_reached_at", "created_at", "updated_at", "sample_id", "lab", "lab_test_name", "has_missing_results", "interpretation", "parent_order_id", "seen_own_event")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    LOW_LEVEL_STATUS_FIELD_NUMBER: _ClassVar[int]
+    HIGH_LEVEL_STATUS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REACHED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAB_FIELD_NUMBER: _ClassVar[int]
+    LAB_TEST_NAME_FIELD_NUMBER: _ClassVar[int]
+    HAS_MISSING_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INTERPRETATION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEEN_OWN_EVENT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    origin: OrderOrigin
+    low_level_status: str
+    high_level_status: str
+    collection_method: str
+    status_reached_at: _timestamp_pb2.Timestamp
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    sample_id: str
+    lab: str
+    lab_test_name: str
+    has_missing_results: bool
+    interpretation: str
+    parent_order_id: str
+    seen_own_event: bool
+    def __init__(self, id: _Optional[str] = ..., origin: _Optional[_Union[OrderOrigin, str]] = ..., low_level_status: _Optional[str] = ..., high_level_status: _Optional[str] = ..., collection_method: _Optional[str] = ..., status_reached_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sample_id: _Optional[str] = ..., lab: _Optional[str] = ..., lab_test_name: _Optional[str] = ..., has_missing_results: _Optional[bool] = ..., interpretation: _Optional[str] = ..., parent_order_id: _Optional[str] = ..., seen_own_event: _Optional[bool] = ...) -> None: ...

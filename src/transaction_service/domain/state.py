@@ -1,0 +1,463 @@
+"""What is known about an order transaction, how one more event adds to it, and what it means.
+
+The merge rule is the heart of the service. Webhooks arrive duplicated and in any order, so the
+state must be a function of the *set* of events seen. `Knowledge` is built so that adding an event
+is a join: every piece of knowledge keeps the greatest observation under a total order that depends
+only on content (provider times, provider event ids, then a digest of the body as the last
+tie-breaker). A join is commutative, associative and idempotent, so any delivery order, with any
+duplicates, ends in the same knowledge. `view()` derives what callers see from knowledge alone, and
+`change_kinds()` says what a change meant.
+
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from transaction_service.domain.payload import OrderData, OrderEvent, TransactionBlock
+
+# Sorts before every real time, so a missing time never wins.
+NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Knowledge: greatest observations, merged by join.
+# --------------------------------------------------------------------------------------------------
+
+
+class StatusObservation(_Model):
+    """An order's low-level status at a time, from its own events or from a transaction block."""
+
+    reached_at: datetime = NEVER
+    # The provider's order event id; None when learned from a transaction block (which has none).
+    event_id: int | None = None
+    low: str
+    high: str = ""
+    method: str = ""
+
+    def key(self) -> tuple[datetime, bool, int, str, str]:
+        # At the same time an order's own event beats a block entry: it also knows the high level.
+        return (self.reached_at, self.event_id is not None, self.event_id or 0, self.low, self.high)
+
+
+class OrderSnapshot(_Model):
+    """Fields that only an order's own webhook carries, from the newest such webhook."""
+
+    updated_at: datetime = NEVER
+    newest_event: tuple[datetime, int] = (NEVER, -1)
+    digest: str
+    origin: str = ""
+    parent_id: str = ""
+    user_id: str = ""
+    team_id: str = ""
+    created_at: datetime | None = None
+    collection_method: str = ""
+    sample_id: str = ""
+    lab: str = ""
+    lab_test_name: str = ""
+    has_missing_results: bool | None = None
+    interpretation: str = ""
+
+    def key(self) -> tuple[datetime, tuple[datetime, int], str]:
+        return (self.updated_at, self.newest_event, self.digest)
+
+
+class BlockEntry(_Model):
+    """An order's summary inside a transaction block, from the newest block that listed it."""
+
+    updated_at: datetime = NEVER
+    status_at: datetime = NEVER
+    digest: str
+    origin: str = ""
+    parent_id: str = ""
+    created_at: datetime | None = None
+
+    def key(self) -> tuple[datetime, datetime, str]:
+        return (self.updated_at, self.status_at, self.digest)
+
+
+class OrderKnowledge(_Model):
+    id: str
+    status: StatusObservation | None = None
+    # The newest status from the order's own events; gives the high level when `status` came from
+    # a block entry of the same low-level status.
+    own_status: StatusObservation | None = None
+    snapshot: OrderSnapshot | None = None
+    entry: BlockEntry | None = None
+
+
+class BlockStatus(_Model):
+    """The transaction status from the newest transaction block seen."""
+
+    as_of: datetime
+    status: str
+    digest: str
+
+    def key(self) -> tuple[datetime, int, str, str]:
+        return (self.as_of, _STATUS_RANK.get(self.status, 1), self.status, self.digest)
+
+
+_STATUS_RANK = {"active": 0, "cancelled": 2, "completed": 3}
+
+
+class Knowledge(_Model):
+    """Everything known about one transaction."""
+
+    id: str
+    # A legacy order (payload without a transaction block) stands in its own transaction, whose id
+    # is the order id, until a payload with a block moves it into a real one.
+    legacy: bool = False
+    orders: dict[str, OrderKnowledge] = Field(default_factory=dict)
+    block: BlockStatus | None = None
+
+
+_Observed = TypeVar("_Observed", StatusObservation, OrderSnapshot, BlockEntry, BlockStatus)
+
+
+def _newest(a: _Observed | None, b: _Observed | None) -> _Observed | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return b if b.key() > a.key() else a
+
+
+def join_order(a: OrderKnowledge, b: OrderKnowledge) -> OrderKnowledge:
+    return OrderKnowledge(
+        id=a.id,
+        status=_newest(a.status, b.status),
+        own_status=_newest(a.own_status, b.own_status),
+        snapshot=_newest(a.snapshot, b.snapshot),
+        entry=_newest(a.entry, b.entry),
+    )
+
+
+def join(a: Knowledge, b: Knowledge) -> Knowledge:
+    """The least knowledge that holds both; `a.id` names the result."""
+    orders = dict(a.orders)
+    for order_id, order in b.orders.items():
+        orders[order_id] = join_order(orders[order_id], order) if order_id in orders else order
+    return Knowledge(
+        id=a.id,
+        legacy=a.legacy and b.legacy,
+        orders=orders,
+        block=_newest(a.block, b.block),
+    )
+
+
+def transaction_id_of(event: OrderEvent) -> tuple[str, bool]:
+    """The transaction an order event belongs to, and whether it is a legacy stand-in."""
+    block = event.order.order_transaction
+    if block is None:
+        return event.order.id, True
+    return block.id, False
+
+
+def knowledge_from_event(event: OrderEvent) -> Knowledge:
+    """What one order event says, as knowledge of its transaction."""
+    order = event.order
+    txn_id, legacy = transaction_id_of(event)
+    knowledge = Knowledge(
+        id=txn_id,
+        legacy=legacy,
+        orders={order.id: _own_order_knowledge(event)},
+    )
+    block = order.order_transaction
+    if block is not None:
+        knowledge = join(knowledge, _block_knowledge(block, order, event.digest))
+    return knowledge
+
+
+def _own_order_knowledge(event: OrderEvent) -> OrderKnowledge:
+    order = event.order
+    events = list(order.events or [])
+    if order.last_event is not None:
+        events.append(order.last_event)
+    observations = [_observation_from_status(e.status, e.created_at, e.id) for e in events]
+    own = max(observations, key=StatusObservation.key, default=None)
+    lab_test = order.lab_test
+    method = (order.details.type if order.details else None) or (lab_test.method if lab_test else None)
+    snapshot = OrderSnapshot(
+        updated_at=order.updated_at or NEVER,
+        newest_event=(own.reached_at, own.event_id or 0) if own else (NEVER, -1),
+        digest=event.digest,
+        origin=order.origin or "",
+        user_id=order.user_id or event.user_id or "",
+        team_id=order.team_id or event.team_id or "",
+        created_at=order.created_at,
+        collection_method=method or (own.method if own else ""),
+        sample_id=order.sample_id or "",
+        lab=(lab_test.lab.slug if lab_test and lab_test.lab else None) or "",
+        lab_test_name=(lab_test.name if lab_test else None) or "",
+        has_missing_results=order.has_missing_results,
+        interpretation=order.interpretation or "",
+    )
+    return OrderKnowledge(id=order.id, status=own, own_status=own, snapshot=snapshot)
+
+
+def _observation_from_status(status: str, at: datetime, event_id: int) -> StatusObservation:
+    # "HIGH.METHOD.LOW": split on the first two dots only; a status without dots is the low level.
+    parts = status.split(".", 2)
+    if len(parts) == 3:
+        high, method, low = parts
+    else:
+        high, method, low = "", "", status
+    return StatusObservation(reached_at=at, event_id=event_id, low=low, high=high, method=method)
+
+
+def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> Knowledge:
+    orders: dict[str, OrderKnowledge] = {}
+    times = [order.updated_at or NEVER]
+    for item in block.orders:
+        status = item.status
+        status_at = item.status_created_at or NEVER
+        times += [item.updated_at or NEVER, status_at]
+        entry = BlockEntry(
+            updated_at=item.updated_at or NEVER,
+            status_at=status_at,
+            digest=digest,
+            origin=item.origin or "",
+            parent_id=item.parent_id or "",
+            created_at=item.created_at,
+        )
+        observation = StatusObservation(reached_at=status_at, low=status) if status else None
+        known = OrderKnowledge(id=item.id, status=observation, entry=entry)
+        orders[item.id] = join_order(orders[item.id], known) if item.id in orders else known
+    status = (
+        BlockStatus(as_of=max(times), status=block.status, digest=digest) if block.status else None
+    )
+    return Knowledge(id=block.id, orders=orders, block=status)
+
+
+# --------------------------------------------------------------------------------------------------
+# View: what callers see, derived from knowledge alone.
+# --------------------------------------------------------------------------------------------------
+
+
+class TransactionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class OrderOrigin(enum.StrEnum):
+    UNSPECIFIED = ""
+    INITIAL = "initial"
+    REDRAW = "redraw"
+    RECREATION = "recreation"
+
+
+class OrderView(_Model):
+    id: str
+    origin: OrderOrigin = OrderOrigin.UNSPECIFIED
+    low_level_status: str = ""
+    high_level_status: str = ""
+    collection_method: str = ""
+    status_reached_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    sample_id: str = ""
+    lab: str = ""
+    lab_test_name: str = ""
+    has_missing_results: bool | None = None
+    interpretation: str = ""
+    parent_order_id: str = ""
+    seen_own_event: bool = False
+
+
+class TransactionView(_Model):
+    id: str
+    status: TransactionStatus
+    provider_status: str = ""
+    legacy: bool = False
+    orders: list[OrderView] = Field(default_factory=list)
+    initial_order_id: str = ""
+    redraw_order_id: str = ""
+    current_order_id: str = ""
+    redraw_available: bool = False
+    user_id: str = ""
+    team_id: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+REDRAW_AVAILABLE = "redraw_available"
+# Low-level statuses after which a legacy order's stand-in transaction counts as done.
+_LEGACY_COMPLETED = frozenset({"completed", "corrected"})
+_LEGACY_CANCELLED = frozenset({"cancelled"})
+
+
+def _origin(value: str) -> OrderOrigin:
+    try:
+        return OrderOrigin(value)
+    except ValueError:
+        return OrderOrigin.UNSPECIFIED
+
+
+def view_order(order: OrderKnowledge) -> OrderView:
+    status, own, snap, entry = order.status, order.own_status, order.snapshot, order.entry
+    high = status.high if status else ""
+    if status and not high and own and own.low == status.low:
+        high = own.high
+    times = [
+        t
+        for t in (
+            snap.updated_at if snap else None,
+            entry.updated_at if entry else None,
+            status.reached_at if status else None,
+        )
+        if t is not None and t != NEVER
+    ]
+    return OrderView(
+        id=order.id,
+        origin=_origin((snap.origin if snap else "") or (entry.origin if entry else "")),
+        low_level_status=status.low if status else "",
+        high_level_status=high,
+        collection_method=snap.collection_method if snap else "",
+        status_reached_at=status.reached_at if status and status.reached_at != NEVER else None,
+        created_at=(snap.created_at if snap else None) or (entry.created_at if entry else None),
+        updated_at=max(times, default=None),
+        sample_id=snap.sample_id if snap else "",
+        lab=snap.lab if snap else "",
+        lab_test_name=snap.lab_test_name if snap else "",
+        has_missing_results=snap.has_missing_results if snap else None,
+        interpretation=snap.interpretation if snap else "",
+        parent_order_id=(snap.parent_id if snap else "") or (entry.parent_id if entry else ""),
+        seen_own_event=snap is not None,
+    )
+
+
+def view(knowledge: Knowledge) -> TransactionView:
+    orders = sorted(
+        (view_order(o) for o in knowledge.orders.values()),
+        key=lambda o: (o.created_at or datetime.max.replace(tzinfo=UTC), o.id),
+    )
+
+    def newest_of(origin: OrderOrigin) -> str:
+        ids = [o.id for o in orders if o.origin == origin]
+        return ids[-1] if ids else ""
+
+    initial = next((o.id for o in orders if o.origin == OrderOrigin.INITIAL), "")
+    if not initial and knowledge.legacy:
+        initial = knowledge.id
+    redraw = newest_of(OrderOrigin.REDRAW)
+    current = redraw or newest_of(OrderOrigin.RECREATION) or initial
+    if not current and orders:
+        current = orders[-1].id
+
+    if knowledge.block is not None:
+        provider_status = knowledge.block.status
+        try:
+            status = TransactionStatus(provider_status)
+        except ValueError:
+            # A status added by the provider later: the transaction is not known to be over.
+            status = TransactionStatus.ACTIVE
+    else:
+        provider_status = ""
+        status = _legacy_status(orders)
+
+    owner = max(
+        (o.snapshot for o in knowledge.orders.values() if o.snapshot is not None),
+        key=OrderSnapshot.key,
+        default=None,
+    )
+    created = [o.created_at for o in orders if o.created_at is not None]
+    updated = [o.updated_at for o in orders if o.updated_at is not None]
+    if knowledge.block is not None and knowledge.block.as_of != NEVER:
+        updated.append(knowledge.block.as_of)
+    return TransactionView(
+        id=knowledge.id,
+        status=status,
+        provider_status=provider_status,
+        legacy=knowledge.legacy,
+        orders=orders,
+        initial_order_id=initial,
+        redraw_order_id=redraw,
+        current_order_id=current,
+        redraw_available=bool(redraw)
+        or any(o.low_level_status == REDRAW_AVAILABLE for o in orders),
+        user_id=owner.user_id if owner else "",
+        team_id=owner.team_id if owner else "",
+        created_at=min(created, default=None),
+        updated_at=max(updated, default=None),
+    )
+
+
+def _legacy_status(orders: list[OrderView]) -> TransactionStatus:
+    statuses = {o.low_level_status for o in orders}
+    if statuses and statuses <= _LEGACY_CANCELLED:
+        return TransactionStatus.CANCELLED
+    if statuses and statuses <= _LEGACY_COMPLETED | _LEGACY_CANCELLED:
+        return TransactionStatus.COMPLETED
+    return TransactionStatus.ACTIVE
+
+
+# --------------------------------------------------------------------------------------------------
+# Change kinds: what a change meant, for the change log and watchers.
+# --------------------------------------------------------------------------------------------------
+
+
+class ChangeKind(enum.StrEnum):
+    TRANSACTION_CREATED = "transaction_created"
+    ORDER_ADDED = "order_added"
+    ORDER_STATUS_CHANGED = "order_status_changed"
+    REDRAW_AVAILABLE = "redraw_available"
+    TRANSACTION_COMPLETED = "transaction_completed"
+    TRANSACTION_CANCELLED = "transaction_cancelled"
+    TRANSACTION_REOPENED = "transaction_reopened"
+    RESULTS_CORRECTED = "results_corrected"
+    # A legacy order's stand-in transaction was folded into this one.
+    LEGACY_MERGED = "legacy_merged"
+    # Anything else a caller can see changed (a sample id, a timestamp, an origin).
+    DETAILS_CHANGED = "details_changed"
+
+
+CORRECTED = "corrected"
+
+
+def change_kinds(before: TransactionView | None, after: TransactionView) -> list[ChangeKind]:
+    """What changed from `before` to `after`; empty when nothing a caller can see did."""
+    if before == after:
+        return []
+    kinds: list[ChangeKind] = []
+    old_orders = {o.id: o for o in before.orders} if before else {}
+    if before is None:
+        kinds.append(ChangeKind.TRANSACTION_CREATED)
+    elif set(old_orders) - {o.id for o in after.orders}:
+        kinds.append(ChangeKind.LEGACY_MERGED)
+    if before is not None and any(o.id not in old_orders for o in after.orders):
+        kinds.append(ChangeKind.ORDER_ADDED)
+    if any(
+        o.id in old_orders and old_orders[o.id].low_level_status != o.low_level_status
+        for o in after.orders
+    ):
+        kinds.append(ChangeKind.ORDER_STATUS_CHANGED)
+    if any(
+        o.low_level_status == CORRECTED
+        and (o.id not in old_orders or old_orders[o.id].low_level_status != CORRECTED)
+        for o in after.orders
+    ):
+        kinds.append(ChangeKind.RESULTS_CORRECTED)
+    if after.redraw_available and not (before and before.redraw_available):
+        kinds.append(ChangeKind.REDRAW_AVAILABLE)
+    old_status = before.status if before else TransactionStatus.ACTIVE
+    if after.status != old_status:
+        kinds.append(
+            {
+                TransactionStatus.COMPLETED: ChangeKind.TRANSACTION_COMPLETED,
+                TransactionStatus.CANCELLED: ChangeKind.TRANSACTION_CANCELLED,
+                TransactionStatus.ACTIVE: ChangeKind.TRANSACTION_REOPENED,
+            }[after.status]
+        )
+    if not kinds:
+        kinds.append(ChangeKind.DETAILS_CHANGED)
+    return kinds
