@@ -185,7 +185,9 @@ def _own_order_knowledge(event: OrderEvent) -> OrderKnowledge:
     observations = [_observation_from_status(e.status, e.created_at, e.id) for e in events]
     own = max(observations, key=StatusObservation.key, default=None)
     lab_test = order.lab_test
-    method = (order.details.type if order.details else None) or (lab_test.method if lab_test else None)
+    method = (order.details.type if order.details else None) or (
+        lab_test.method if lab_test else None
+    )
     snapshot = OrderSnapshot(
         updated_at=order.updated_at or NEVER,
         newest_event=(own.reached_at, own.event_id or 0) if own else (NEVER, -1),

@@ -1,0 +1,93 @@
+"""Conversions between protobuf messages and domain objects, in one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from transaction_service.domain.state import (
+    OrderOrigin,
+    OrderView,
+    TransactionStatus,
+    TransactionView,
+)
+from transaction_service.store.base import TransactionSnapshot
+from transactions.v1 import transactions_pb2 as pb
+
+_STATUS_TO_PB = {
+    TransactionStatus.ACTIVE: pb.TRANSACTION_STATUS_ACTIVE,
+    TransactionStatus.COMPLETED: pb.TRANSACTION_STATUS_COMPLETED,
+    TransactionStatus.CANCELLED: pb.TRANSACTION_STATUS_CANCELLED,
+}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_ORIGIN_TO_PB = {
+    OrderOrigin.UNSPECIFIED: pb.ORDER_ORIGIN_UNSPECIFIED,
+    OrderOrigin.INITIAL: pb.ORDER_ORIGIN_INITIAL,
+    OrderOrigin.REDRAW: pb.ORDER_ORIGIN_REDRAW,
+    OrderOrigin.RECREATION: pb.ORDER_ORIGIN_RECREATION,
+}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(value: Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def status_from_pb(value: int) -> TransactionStatus | None:
+    """None for UNSPECIFIED (any); KeyError for a number the enum does not define."""
+    if value == pb.TRANSACTION_STATUS_UNSPECIFIED:
+        return None
+    return _STATUS_FROM_PB[value]
+
+
+def order_to_pb(order: OrderView) -> pb.Order:
+    msg = pb.Order(
+        id=order.id,
+        origin=_ORIGIN_TO_PB[order.origin],
+        low_level_status=order.low_level_status,
+        high_level_status=order.high_level_status,
+        collection_method=order.collection_method,
+        status_reached_at=timestamp(order.status_reached_at),
+        created_at=timestamp(order.created_at),
+        updated_at=timestamp(order.updated_at),
+        sample_id=order.sample_id,
+        lab=order.lab,
+        lab_test_name=order.lab_test_name,
+        interpretation=order.interpretation,
+        parent_order_id=order.parent_order_id,
+        seen_own_event=order.seen_own_event,
+    )
+    if order.has_missing_results is not None:
+        msg.has_missing_results = order.has_missing_results
+    return msg
+
+
+def transaction_to_pb(view: TransactionView, revision: int) -> pb.Transaction:
+    return pb.Transaction(
+        id=view.id,
+        status=_STATUS_TO_PB[view.status],
+        orders=[order_to_pb(o) for o in view.orders],
+        initial_order_id=view.initial_order_id,
+        redraw_order_id=view.redraw_order_id,
+        current_order_id=view.current_order_id,
+        redraw_available=view.redraw_available,
+        user_id=view.user_id,
+        team_id=view.team_id,
+        created_at=timestamp(view.created_at),
+        updated_at=timestamp(view.updated_at),
+        revision=revision,
+        provider_status=view.provider_status,
+        legacy=view.legacy,
+    )
+
+
+def snapshot_to_pb(snapshot: TransactionSnapshot | None) -> pb.Transaction | None:
+    return transaction_to_pb(snapshot.view, snapshot.revision) if snapshot else None

@@ -1,0 +1,179 @@
+"""The gRPC servicer: translate requests, delegate, translate answers. No business logic here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, json_format
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from transaction_service.api.convert import from_timestamp, snapshot_to_pb, status_from_pb
+from transaction_service.domain.payload import FieldViolation, PayloadError
+from transaction_service.ingest import (
+    EventIdConflict,
+    Ingestor,
+    IngestorStopped,
+    Outcome,
+    decode_delivery,
+)
+from transaction_service.store.base import ListFilter, Store
+from transactions.v1 import transactions_pb2 as pb
+from transactions.v1 import transactions_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+_OUTCOME_TO_PB = {
+    Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
+    Outcome.DUPLICATE: pb.INGEST_OUTCOME_DUPLICATE,
+    Outcome.STALE: pb.INGEST_OUTCOME_STALE,
+    Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
+}
+
+
+async def abort_invalid(
+    context: grpc.aio.ServicerContext, violations: list[FieldViolation]
+) -> NoReturn:
+    """End the call with INVALID_ARGUMENT and a google.rpc.BadRequest naming each field."""
+    message = "invalid request: " + "; ".join(
+        f"{v.field}: {v.description}" if v.field else v.description for v in violations
+    )
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in violations
+            ]
+        )
+    )
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message=message[:2000], details=[detail]
+    )
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class TransactionServicer(pb_grpc.TransactionServiceServicer):
+    def __init__(self, ingestor: Ingestor, store: Store, *, max_body_bytes: int) -> None:
+        self._ingestor = ingestor
+        self._store = store
+        self._max_body_bytes = max_body_bytes
+
+    async def IngestEvent(
+        self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestEventResponse:
+        body = request.WhichOneof("body")
+        try:
+            delivery = decode_delivery(
+                request.event_id,
+                payload_json=request.payload_json if body == "payload_json" else None,
+                payload=json_format.MessageToDict(request.payload) if body == "payload" else None,
+                max_body_bytes=self._max_body_bytes,
+            )
+        except PayloadError as exc:
+            await abort_invalid(context, exc.violations)
+        try:
+            result = await self._ingestor.ingest(delivery)
+        except EventIdConflict as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except IngestorStopped as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.IngestEventResponse(
+            outcome=_OUTCOME_TO_PB[result.outcome],
+            transaction=snapshot_to_pb(result.transaction),
+            revision=result.revision,
+            event_id=result.event_id,
+        )
+
+    async def GetTransaction(
+        self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTransactionResponse:
+        lookup = request.WhichOneof("lookup")
+        if lookup is None:
+            await abort_invalid(
+                context, [FieldViolation("lookup", "set transaction_id or order_id")]
+            )
+        key = getattr(request, lookup)
+        if not key:
+            await abort_invalid(context, [FieldViolation(lookup, "must not be empty")])
+        if lookup == "transaction_id":
+            snapshot, head = await self._store.get(key)
+        else:
+            snapshot, head = await self._store.get_by_order(key)
+        if snapshot is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no transaction known for {lookup} {key!r}"
+            )
+        return pb.GetTransactionResponse(transaction=snapshot_to_pb(snapshot), revision=head)
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTransactionsResponse:
+        violations = []
+        try:
+            status = status_from_pb(request.status)
+        except KeyError:
+            status = None
+            violations.append(FieldViolation("status", f"unknown status {request.status}"))
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        where = ListFilter(
+            status=status,
+            team_id=request.team_id,
+            user_id=request.user_id,
+            updated_since=(
+                from_timestamp(request.updated_since) if request.HasField("updated_since") else None
+            ),
+        )
+        after = 0
+        if request.page_token:
+            try:
+                after = _decode_page_token(request.page_token, where)
+            except ValueError as exc:
+                violations.append(FieldViolation("page_token", str(exc)))
+        if violations:
+            await abort_invalid(context, violations)
+        limit = request.page_size or DEFAULT_PAGE_SIZE
+        # One extra row tells whether another page follows.
+        snapshots, head = await self._store.list(where, after, limit + 1)
+        page = snapshots[:limit]
+        next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
+        return pb.ListTransactionsResponse(
+            transactions=[snapshot_to_pb(s) for s in page],
+            next_page_token=next_token,
+            revision=head,
+        )
+
+
+def _filter_fingerprint(where: ListFilter) -> str:
+    text = repr((where.status, where.team_id, where.user_id, where.updated_since))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode_page_token(after_revision: int, where: ListFilter) -> str:
+    raw = json.dumps({"after": after_revision, "filter": _filter_fingerprint(where)})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_page_token(token: str, where: ListFilter) -> int:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        after, fingerprint = data["after"], data["filter"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise ValueError("not a page token issued by this service") from None
+    if not isinstance(after, int) or after < 0:
+        raise ValueError("not a page token issued by this service")
+    if fingerprint != _filter_fingerprint(where):
+        raise ValueError("the token was issued for other filters; repeat the same filters")
+    return after

@@ -1,0 +1,34 @@
+"""Settings: `TRANSACTION_SERVICE_*` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRANSACTION_SERVICE_", extra="ignore")
+
+    # Address to listen on; "[::]" is every interface, IPv4 and IPv6.
+    grpc_host: str = "[::]"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # SQLite database file; created with its folder if missing.
+    db: Path = Path("var/transactions.db")
+    # Largest webhook body accepted by IngestEvent; larger bodies get INVALID_ARGUMENT.
+    max_body_bytes: int = Field(default=1 * MiB, gt=0)
+    # Largest gRPC message accepted; larger ones are refused by gRPC with RESOURCE_EXHAUSTED
+    # before they reach the service. Kept above max_body_bytes so that an oversized body gets the
+    # clearer INVALID_ARGUMENT.
+    max_message_bytes: int = Field(default=4 * MiB, gt=0)
+    # FULL: an acknowledged event survives power loss. NORMAL: survives a process crash only.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # Most deliveries committed together in one transaction.
+    max_batch: int = Field(default=256, gt=0)
+    # How long SIGTERM/SIGINT waits for in-flight calls before cancelling them.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = "INFO"
