@@ -1,0 +1,56 @@
+"""Helpers for driving scenarios: fresh ids per run, expectation checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from typing import Any
+
+from transaction_service.domain.state import TransactionView
+
+_ORIGIN_NAMES = {
+    "initial": "ORDER_ORIGIN_INITIAL",
+    "redraw": "ORDER_ORIGIN_REDRAW",
+    "recreation": "ORDER_ORIGIN_RECREATION",
+    "": "ORDER_ORIGIN_UNSPECIFIED",
+}
+
+
+def scenario_ids(scenario: dict[str, Any]) -> list[str]:
+    expect = scenario["expect"]
+    return [expect["transaction_id"], *expect["orders"]]
+
+
+def with_fresh_ids(scenario: dict[str, Any], tag: str = "") -> dict[str, Any]:
+    """A copy of the scenario whose transaction, order and svix ids are new.
+
+    Lets many runs share one store without seeing each other.
+    """
+    text = json.dumps(scenario)
+    for old in scenario_ids(scenario):
+        text = text.replace(old, str(uuid.uuid4()))
+    fresh = json.loads(text)
+    suffix = tag or uuid.uuid4().hex[:12]
+    for delivery in fresh["deliveries"]:
+        delivery["svix_id"] = f"{delivery['svix_id']}-{suffix}"
+    return fresh
+
+
+def expected_summary(scenario: dict[str, Any]) -> dict[str, Any]:
+    expect = copy.deepcopy(scenario["expect"])
+    expect["orders"] = {k: tuple(v) for k, v in expect["orders"].items()}
+    return expect
+
+
+def view_summary(view: TransactionView) -> dict[str, Any]:
+    """The view reduced to the fields a scenario's `expect` holds, in its spelling."""
+    return {
+        "transaction_id": view.id,
+        "status": f"TRANSACTION_STATUS_{view.status.value.upper()}",
+        "initial_order_id": view.initial_order_id,
+        "redraw_order_id": view.redraw_order_id,
+        "redraw_available": view.redraw_available,
+        "current_order_id": view.current_order_id,
+        "orders": {o.id: (_ORIGIN_NAMES[o.origin.value], o.low_level_status) for o in view.orders},
+    }

@@ -1,0 +1,241 @@
+"""The ingest use case on the real SQLite store: dedupe, merge, persist, change log."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SCENARIOS
+from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
+from transaction_service.ingest import (
+    EventIdConflict,
+    Ingestor,
+    IngestResult,
+    Outcome,
+    decode_delivery,
+)
+from transaction_service.store.sqlite import SqliteStore
+
+LIMIT = 1 << 20
+
+
+class Harness:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # NORMAL: these tests are about logic, not fsync; durability has its own test.
+        self.store = SqliteStore(path, synchronous="NORMAL")
+        self.ingestor = Ingestor(self.store)
+
+    async def __aenter__(self) -> Harness:
+        await self.store.open()
+        self.ingestor.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ingestor.stop()
+        await self.store.close()
+
+    async def send(self, event_id: str, body: dict[str, Any], *, raw: bool = False) -> IngestResult:
+        if raw:
+            delivery = decode_delivery(
+                event_id, payload_json=json.dumps(body), max_body_bytes=LIMIT
+            )
+        else:
+            delivery = decode_delivery(event_id, payload=body, max_body_bytes=LIMIT)
+        return await self.ingestor.ingest(delivery)
+
+    def rows(self, table: str) -> list[sqlite3.Row]:
+        with sqlite3.connect(self.path) as conn:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(f"SELECT * FROM {table}").fetchall()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with Harness(tmp_path / "store.db") as h:
+        yield h
+
+
+async def test_every_permutation_with_every_delivery_duplicated_through_the_store(
+    harness: Harness, scenario: dict[str, Any]
+) -> None:
+    n = len(scenario["deliveries"])
+    for i, order in enumerate(itertools.permutations(range(n))):
+        run = with_fresh_ids(scenario, tag=f"p{i}")
+        deliveries = [run["deliveries"][j] for j in order]
+        outcomes = [(await harness.send(d["svix_id"], d["body"])).outcome for d in deliveries]
+        # Every delivery again, in the same shuffled order: all recognised as retries.
+        for d in deliveries:
+            assert (await harness.send(d["svix_id"], d["body"])).outcome == Outcome.DUPLICATE
+        assert outcomes[0] == Outcome.APPLIED
+        snapshot, head = await harness.store.get(run["expect"]["transaction_id"])
+        assert snapshot is not None
+        assert view_summary(snapshot.view) == expected_summary(run)
+        assert snapshot.revision <= head
+        for order_id in run["expect"]["orders"]:
+            by_order, _ = await harness.store.get_by_order(order_id)
+            assert by_order == snapshot
+
+
+async def test_revisions_increase_strictly_and_the_change_log_holds_every_change(
+    harness: Harness,
+) -> None:
+    revisions = []
+    for scenario in SCENARIOS:
+        for d in scenario["deliveries"]:
+            result = await harness.send(d["svix_id"], d["body"])
+            if result.outcome == Outcome.APPLIED:
+                revisions.append(result.revision)
+    assert revisions == sorted(set(revisions))
+    changes = harness.rows("changes")
+    assert [c["revision"] for c in changes] == revisions
+    assert await harness.store.head_revision() == revisions[-1]
+    # The log records the state after each change, and which event made it.
+    last = json.loads(changes[-1]["view"])
+    assert last["id"] == SCENARIOS[-1]["expect"]["transaction_id"]
+
+
+async def test_a_resend_under_a_new_id_is_stale_and_recorded(harness: Harness) -> None:
+    scenario = SCENARIOS[0]
+    for d in scenario["deliveries"]:
+        await harness.send(d["svix_id"], d["body"])
+    head = await harness.store.head_revision()
+    resend = await harness.send("msg_resend", scenario["deliveries"][-1]["body"])
+    assert resend.outcome == Outcome.STALE
+    assert resend.revision == 0
+    assert resend.transaction is not None
+    assert resend.transaction.view.id == scenario["expect"]["transaction_id"]
+    assert await harness.store.head_revision() == head
+    assert [r["outcome"] for r in harness.rows("events") if r["event_id"] == "msg_resend"] == [
+        "stale"
+    ]
+
+
+async def test_an_old_update_arriving_late_is_stale(harness: Harness) -> None:
+    s = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
+    newest, middle = s["deliveries"][2], s["deliveries"][1]
+    await harness.send(newest["svix_id"], newest["body"])
+    late = await harness.send(middle["svix_id"], middle["body"])
+    assert late.outcome == Outcome.STALE
+
+
+async def test_empty_event_id_is_derived_from_the_body_in_either_form(harness: Harness) -> None:
+    body = SCENARIOS[0]["deliveries"][0]["body"]
+    first = await harness.send("", body)
+    assert first.outcome == Outcome.APPLIED
+    assert first.event_id.startswith("sha256:")
+    again = await harness.send("", body, raw=True)
+    assert again.outcome == Outcome.DUPLICATE
+    assert again.event_id == first.event_id
+
+
+async def test_reusing_an_event_id_for_another_body_is_refused_and_stores_nothing(
+    harness: Harness,
+) -> None:
+    d0, d1 = SCENARIOS[0]["deliveries"][:2]
+    await harness.send("msg_same", d0["body"])
+    before = (harness.rows("events"), harness.rows("transactions"), harness.rows("changes"))
+    with pytest.raises(EventIdConflict):
+        await harness.send("msg_same", d1["body"])
+    after = (harness.rows("events"), harness.rows("transactions"), harness.rows("changes"))
+    assert [list(map(tuple, t)) for t in before] == [list(map(tuple, t)) for t in after]
+
+
+async def test_other_event_types_are_recorded_and_ignored(harness: Harness) -> None:
+    body = {
+        "event_type": "labtest.appointment.updated",
+        "data": {"order_id": "o1", "order_transaction_id": "t1"},
+    }
+    result = await harness.send("msg_appt", body)
+    assert result.outcome == Outcome.IGNORED
+    assert result.transaction is None
+    assert harness.rows("transactions") == []
+    assert [r["event_type"] for r in harness.rows("events")] == ["labtest.appointment.updated"]
+
+
+async def test_raw_bodies_are_kept_byte_for_byte(harness: Harness) -> None:
+    raw = json.dumps(SCENARIOS[0]["deliveries"][0]["body"], indent=3) + "\n"
+    delivery = decode_delivery("msg_raw", payload_json=raw, max_body_bytes=LIMIT)
+    await harness.ingestor.ingest(delivery)
+    (row,) = harness.rows("events")
+    assert row["body"] == raw.encode()
+    assert row["body_format"] == "json"
+
+
+async def test_concurrent_deliveries_share_commits_and_all_land(harness: Harness) -> None:
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(20)]
+    deliveries = [d for run in runs for d in run["deliveries"]]
+    results = await asyncio.gather(*(harness.send(d["svix_id"], d["body"]) for d in deliveries))
+    assert all(r.outcome in (Outcome.APPLIED, Outcome.STALE) for r in results)
+    for run in runs:
+        snapshot, _ = await harness.store.get(run["expect"]["transaction_id"])
+        assert snapshot is not None
+        assert view_summary(snapshot.view) == expected_summary(run)
+    assert len(harness.rows("events")) == len(deliveries)
+
+
+async def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "durable.db"
+    scenario = SCENARIOS[-1]
+    async with Harness(path) as h:
+        for d in scenario["deliveries"]:
+            await h.send(d["svix_id"], d["body"])
+        before = await h.store.get(scenario["expect"]["transaction_id"])
+    async with Harness(path) as h:
+        assert await h.store.get(scenario["expect"]["transaction_id"]) == before
+        again = await h.send(
+            scenario["deliveries"][0]["svix_id"], scenario["deliveries"][0]["body"]
+        )
+        assert again.outcome == Outcome.DUPLICATE
+
+
+# -- legacy payloads -----------------------------------------------------------------------------
+
+
+def legacy_variant(body: dict[str, Any]) -> dict[str, Any]:
+    legacy = copy.deepcopy(body)
+    del legacy["data"]["order_transaction"]
+    legacy["data"].pop("origin", None)
+    return legacy
+
+
+@pytest.mark.parametrize("legacy_first", [True, False])
+async def test_a_legacy_order_joins_its_real_transaction_whatever_came_first(
+    harness: Harness, legacy_first: bool
+) -> None:
+    s = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
+    early, late = s["deliveries"][0], s["deliveries"][2]
+    old = ("msg_legacy", legacy_variant(early["body"]))
+    new = (late["svix_id"], late["body"])
+    for event_id, body in [old, new] if legacy_first else [new, old]:
+        await harness.send(event_id, body)
+    order_id = s["expect"]["initial_order_id"]
+    snapshot, _ = await harness.store.get_by_order(order_id)
+    assert snapshot is not None
+    assert snapshot.view.id == s["expect"]["transaction_id"]
+    assert not snapshot.view.legacy
+    assert view_summary(snapshot.view) == expected_summary(s)
+    # The stand-in transaction is gone: one transaction, found by either id.
+    assert [r["id"] for r in harness.rows("transactions")] == [s["expect"]["transaction_id"]]
+    assert (await harness.store.get(order_id))[0] is None
+
+
+async def test_a_legacy_order_alone_is_readable_by_its_order_id(harness: Harness) -> None:
+    s = next(s for s in SCENARIOS if s["scenario"] == "cancelled")
+    legacy = legacy_variant(s["deliveries"][-1]["body"])
+    result = await harness.send("msg_legacy_only", legacy)
+    assert result.outcome == Outcome.APPLIED
+    order_id = s["expect"]["initial_order_id"]
+    snapshot, _ = await harness.store.get_by_order(order_id)
+    assert snapshot is not None
+    assert snapshot.view.legacy
+    assert snapshot.view.id == order_id
+    assert snapshot.view.status.value == "cancelled"
