@@ -221,6 +221,18 @@ BAD_INPUTS = [
     ),
     ("no body", pb.IngestEventRequest(event_id="e"), "body", "payload"),
     (
+        "unpaired surrogate escape",
+        pb.IngestEventRequest(event_id="e", payload_json='{"event_type": "x", "a": "\\ud800"}'),
+        "payload_json",
+        "surrogate",
+    ),
+    (
+        "NaN is not JSON",
+        pb.IngestEventRequest(event_id="e", payload_json='{"event_type": "x", "a": NaN}'),
+        "payload_json",
+        "NaN",
+    ),
+    (
         "no event_type",
         pb.IngestEventRequest(event_id="e", payload=struct(without(order_body(), "event_type"))),
         "payload.event_type",

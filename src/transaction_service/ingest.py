@@ -125,21 +125,21 @@ def decode_delivery(
             raise _too_large(root, len(raw), max_body_bytes)
         try:
             body = decode_json_body(payload_json)
+            digest = body_digest(body)
+            event = parse_event(body, digest)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
-        digest = body_digest(body)
     else:
         assert payload is not None
         root, body, body_format = "payload", payload, "struct"
-        canonical = canonical_json(body).encode()
-        if len(canonical) > max_body_bytes:
-            raise _too_large(root, len(canonical), max_body_bytes)
-        raw = canonical
-        digest = body_digest(body)
-    try:
-        event = parse_event(body, digest)
-    except PayloadError as exc:
-        raise _rooted(exc, root) from None
+        raw = canonical_json(body).encode()
+        if len(raw) > max_body_bytes:
+            raise _too_large(root, len(raw), max_body_bytes)
+        try:
+            digest = body_digest(body)
+            event = parse_event(body, digest)
+        except PayloadError as exc:
+            raise _rooted(exc, root) from None
     return Delivery(
         event_id=event_id or f"sha256:{digest}",
         event=event,

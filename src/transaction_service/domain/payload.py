@@ -181,14 +181,25 @@ def _normalise_numbers(value: Any) -> Any:
 
 
 def body_digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    try:
+        encoded = canonical_json(body).encode()
+    except UnicodeEncodeError:
+        # json.loads accepts escapes such as "\ud800" that are no text at all.
+        raise PayloadError(
+            [FieldViolation("", "body is not valid JSON text: it has an unpaired surrogate escape")]
+        ) from None
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def decode_json_body(text: str) -> dict[str, Any]:
-    """Decode a raw body; it must be a JSON object."""
+    """Decode a raw body; it must be a JSON object (strict JSON: no NaN or Infinity)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
         raise PayloadError([FieldViolation("", f"body is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
         kind = type(value).__name__ if value is not None else "null"

@@ -1,0 +1,355 @@
+"""End to end: the real `transaction-service serve` process, driven with grpcurl as users do.
+
+Every test starts its own server on a free port and a fresh database in tmp_path, and stops it
+afterwards (SIGTERM, then SIGKILL if it does not exit), whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SCENARIOS
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+SERVICE = "transactions.v1.TransactionService"
+LISTENING = re.compile(r"transaction-service listening on \[::\]:(\d+)")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+CALL_TIMEOUT = 60.0
+MiB = 1024 * 1024
+
+# The scenario with the most deliveries: the richest one to replay in the single-scenario tests.
+RICHEST = max(SCENARIOS, key=lambda s: len(s["deliveries"]))
+
+
+class Server:
+    """A running server process. A thread collects its stderr (the log) line by line."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.port = 0
+        self.log: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.log.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def log_text(self) -> str:
+        with self._changed:
+            return "".join(self.log)
+
+    def wait_for_log(self, pattern: re.Pattern[str], timeout: float = START_TIMEOUT) -> re.Match:
+        """The first log line matching `pattern`; fails if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.log[seen:]:
+                    if match := pattern.search(line):
+                        return match
+                seen = len(self.log)
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    break
+                self._changed.wait(left)
+        if self._eof:  # the log closed: the process is exiting; let it, to report its exit code
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(STOP_TIMEOUT)
+        pytest.fail(
+            f"server never logged {pattern.pattern!r} "
+            f"(exit code {self.process.poll()}); its log:\n{self.log_text()}"
+        )
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait for the exit, SIGKILL if it takes longer than `timeout`. Idempotent."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(timeout)
+        return self.process.returncode
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    def grpcurl(self, *args: str, request: Any = None) -> subprocess.CompletedProcess[str]:
+        """Run grpcurl against this server; `request` (if any) goes as JSON on stdin (`-d @`)."""
+        data = ["-d", "@"] if request is not None else []
+        limit = ["-max-time", str(CALL_TIMEOUT)]
+        return subprocess.run(
+            [str(GRPCURL), "-plaintext", *limit, *data, self.address, *args],
+            input=json.dumps(request) if request is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=CALL_TIMEOUT + 10,
+            check=False,
+        )
+
+    def call(self, method: str, request: Any) -> dict[str, Any]:
+        """Call a method that must succeed; its response as proto3 JSON (camelCase, no defaults)."""
+        result = self.grpcurl(method, request=request)
+        assert result.returncode == 0, f"{method} failed:\n{result.stderr}"
+        return json.loads(result.stdout)
+
+    def call_error(self, method: str, request: Any) -> str:
+        """Call a method that must fail; grpcurl's whole output (code, message, details)."""
+        result = self.grpcurl(method, request=request)
+        assert result.returncode != 0, f"{method} unexpectedly succeeded:\n{result.stdout}"
+        return result.stdout + result.stderr
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    """This environment without any TRANSACTION_SERVICE_* setting, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSACTION_SERVICE_")}
+    return env | settings
+
+
+@contextmanager
+def running_server(
+    workdir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start `transaction-service serve ARGS` in `workdir`, yield it once it listens, stop it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transaction_service", "serve", *args],
+        cwd=workdir,
+        env=env if env is not None else server_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    server = Server(process)
+    try:
+        server.port = int(server.wait_for_log(LISTENING).group(1))
+        yield server
+    finally:
+        server.stop()
+
+
+def serve_db(db: Path) -> Any:
+    """`running_server` with a free port and the database `db`."""
+    return running_server(db.parent, "--grpc-port", "0", "--db", str(db))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with serve_db(tmp_path / "x.db") as running:
+        yield running
+
+
+def ingest(server: Server, delivery: dict[str, Any], *, as_json: bool = False) -> dict[str, Any]:
+    """IngestEvent one fixture delivery, its body as a Struct (`payload`) or as text."""
+    request: dict[str, Any] = {"event_id": delivery["svix_id"]}
+    if as_json:
+        request["payload_json"] = json.dumps(delivery["body"])
+    else:
+        request["payload"] = delivery["body"]
+    return server.call(f"{SERVICE}/IngestEvent", request)
+
+
+def get_transaction(server: Server, **lookup: str) -> dict[str, Any]:
+    return server.call(f"{SERVICE}/GetTransaction", lookup)
+
+
+def summary(transaction: dict[str, Any]) -> dict[str, Any]:
+    """A transaction in the shape of a fixture's `expect`, filling in omitted proto3 defaults."""
+    return {
+        "transaction_id": transaction["id"],
+        "status": transaction.get("status", "TRANSACTION_STATUS_UNSPECIFIED"),
+        "initial_order_id": transaction.get("initialOrderId", ""),
+        "redraw_order_id": transaction.get("redrawOrderId", ""),
+        "redraw_available": transaction.get("redrawAvailable", False),
+        "current_order_id": transaction.get("currentOrderId", ""),
+        "orders": {
+            order["id"]: [
+                order.get("origin", "ORDER_ORIGIN_UNSPECIFIED"),
+                order.get("lowLevelStatus", ""),
+            ]
+            for order in transaction.get("orders", [])
+        },
+    }
+
+
+def assert_served_as_expected(server: Server, scenario: dict[str, Any]) -> dict[str, Any]:
+    """GetTransaction by its id and by each order id all give the scenario's expected state."""
+    expect = scenario["expect"]
+    by_id = get_transaction(server, transaction_id=expect["transaction_id"])
+    assert summary(by_id["transaction"]) == expect
+    assert int(by_id["revision"]) >= int(by_id["transaction"]["revision"])
+    for order_id in expect["orders"]:
+        by_order = get_transaction(server, order_id=order_id)
+        assert by_order["transaction"] == by_id["transaction"], order_id
+    return by_id
+
+
+def padded_body(size: int) -> str:
+    """A valid JSON webhook body of about `size` bytes."""
+    return json.dumps({"event_type": "labtest.order.updated", "padding": "x" * size})
+
+
+def test_reflection_lists_services_and_serves_proto_comments(server: Server) -> None:
+    """`grpcurl list` shows our service, health and reflection; `describe` shows the docs."""
+    listed = server.grpcurl("list")
+    assert listed.returncode == 0, listed.stderr
+    services = listed.stdout.split()
+    for name in (
+        SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    ):
+        assert name in services
+
+    described = server.grpcurl("describe", "transactions.v1.Transaction")
+    assert described.returncode == 0, described.stderr
+    assert "The order to follow now" in described.stdout
+
+
+def test_health_check_says_serving(server: Server) -> None:
+    """A load balancer's health check sees SERVING once the server is up."""
+    assert server.call("grpc.health.v1.Health/Check", {}) == {"status": "SERVING"}
+
+
+def test_scenario_out_of_order_with_retries(server: Server, scenario: dict[str, Any]) -> None:
+    """Webhooks in reverse order, each delivered twice, still give the expected transaction;
+    every retry is answered DUPLICATE."""
+    for delivery in reversed(scenario["deliveries"]):
+        first = ingest(server, delivery)
+        assert first["outcome"] != "INGEST_OUTCOME_DUPLICATE"
+        assert first["eventId"] == delivery["svix_id"]
+        again = ingest(server, delivery)
+        assert again["outcome"] == "INGEST_OUTCOME_DUPLICATE"
+        assert again["eventId"] == delivery["svix_id"]
+
+    assert_served_as_expected(server, scenario)
+
+
+def test_scenario_as_raw_json_text(server: Server) -> None:
+    """A forwarder sending the raw body (`payload_json`) in order gets the expected transaction."""
+    outcomes = [ingest(server, d, as_json=True)["outcome"] for d in RICHEST["deliveries"]]
+    assert outcomes[0] == "INGEST_OUTCOME_APPLIED"
+    assert "INGEST_OUTCOME_DUPLICATE" not in outcomes
+
+    assert_served_as_expected(server, RICHEST)
+
+
+def test_state_survives_restart(tmp_path: Path) -> None:
+    """After SIGTERM and a restart on the same database, the transaction, its revision and the
+    memory of which events were seen are all still there."""
+    db = tmp_path / "x.db"
+    with serve_db(db) as first:
+        for delivery in RICHEST["deliveries"]:
+            ingest(first, delivery)
+        before = assert_served_as_expected(first, RICHEST)
+
+        started = time.monotonic()
+        exit_code = first.stop()
+        assert time.monotonic() - started < STOP_TIMEOUT
+        assert exit_code == 0, first.log_text()
+
+    with serve_db(db) as second:
+        after = get_transaction(second, transaction_id=RICHEST["expect"]["transaction_id"])
+        assert after == before
+        resent = ingest(second, RICHEST["deliveries"][0])
+        assert resent["outcome"] == "INGEST_OUTCOME_DUPLICATE"
+
+
+def test_body_that_is_not_json_is_invalid_argument(server: Server) -> None:
+    """A body that is not JSON is refused with InvalidArgument naming payload_json."""
+    output = server.call_error(f"{SERVICE}/IngestEvent", {"payload_json": "not json"})
+    assert "InvalidArgument" in output
+    assert "payload_json" in output
+
+
+def test_unknown_order_is_not_found(server: Server) -> None:
+    """Looking up an order no webhook mentioned gives NotFound."""
+    output = server.call_error(f"{SERVICE}/GetTransaction", {"order_id": "no-such-order"})
+    assert "NotFound" in output
+
+
+def test_body_over_the_limit_is_invalid_argument(server: Server) -> None:
+    """A 2 MiB body fits in a gRPC message but exceeds the body limit: InvalidArgument that
+    says what the limit is."""
+    output = server.call_error(f"{SERVICE}/IngestEvent", {"payload_json": padded_body(2 * MiB)})
+    assert "InvalidArgument" in output
+    assert "the limit is 1048576" in output
+
+
+def test_message_over_grpc_limit_is_resource_exhausted(server: Server) -> None:
+    """A 5 MiB request exceeds gRPC's 4 MiB message limit: ResourceExhausted, and the server
+    keeps serving."""
+    output = server.call_error(f"{SERVICE}/IngestEvent", {"payload_json": padded_body(5 * MiB)})
+    assert "ResourceExhausted" in output
+    assert server.call("grpc.health.v1.Health/Check", {}) == {"status": "SERVING"}
+
+
+def test_settings_from_environment(tmp_path: Path) -> None:
+    """With no flags, TRANSACTION_SERVICE_GRPC_PORT and TRANSACTION_SERVICE_DB are used: the
+    server serves and creates that database file (and its folder)."""
+    db = tmp_path / "from-env" / "env.db"
+    env = server_env(TRANSACTION_SERVICE_GRPC_PORT="0", TRANSACTION_SERVICE_DB=str(db))
+    with running_server(tmp_path, env=env) as server:
+        assert server.call("grpc.health.v1.Health/Check", {}) == {"status": "SERVING"}
+        assert db.is_file()
+        assert not (tmp_path / "var").exists(), "the default database path was used"
+
+
+def readme_grpcurl_commands() -> list[str]:
+    """The grpcurl lines of the README's "Try it with grpcurl" block, continuations joined."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Try it with grpcurl", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = block.replace("\\\n", " ").splitlines()
+    return [c.strip() for c in commands if c.strip().startswith("grpcurl ")]
+
+
+def test_readme_grpcurl_examples_work_as_written(server: Server) -> None:
+    """Every grpcurl line of the README runs against a fresh server and succeeds, in order."""
+    commands = readme_grpcurl_commands()
+    assert len(commands) >= 8
+    env = {**os.environ, "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ['PATH']}"}
+    root = Path(__file__).resolve().parent.parent
+    outputs = []
+    for command in commands:
+        command = command.replace("localhost:50051", server.address)
+        result = subprocess.run(
+            ["bash", "-c", command],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CALL_TIMEOUT,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        outputs.append(result.stdout)
+    # The last GetTransaction before the completion shows the redraw; the list shows it completed.
+    assert "ORDER_ORIGIN_REDRAW" in outputs[4]
+    listed = json.loads(outputs[-2])
+    assert [t["status"] for t in listed["transactions"]] == ["TRANSACTION_STATUS_COMPLETED"]
