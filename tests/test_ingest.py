@@ -8,6 +8,8 @@ import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from transaction_service.ingest import (
     Ingestor,
     IngestResult,
     Outcome,
+    apply_delivery,
     decode_delivery,
 )
 from transaction_service.store.sqlite import SqliteStore
@@ -239,3 +242,24 @@ async def test_a_legacy_order_alone_is_readable_by_its_order_id(harness: Harness
     assert snapshot.view.legacy
     assert snapshot.view.id == order_id
     assert snapshot.view.status.value == "cancelled"
+
+
+async def test_a_failing_unit_is_rolled_back_alone_and_its_batch_commits(harness: Harness) -> None:
+    scenario = SCENARIOS[0]
+    good = [
+        decode_delivery(d["svix_id"], payload=d["body"], max_body_bytes=LIMIT)
+        for d in scenario["deliveries"]
+    ]
+
+    def failing(uow: Any) -> None:
+        apply_delivery(uow, good[0], datetime.now(UTC))  # writes, then fails
+        raise RuntimeError("disk on fire")
+
+    work = [partial(apply_delivery, delivery=good[0], now=datetime.now(UTC))]
+    work.append(failing)
+    work += [partial(apply_delivery, delivery=d, now=datetime.now(UTC)) for d in good[1:]]
+    results = await harness.store.run_batch(work)
+    assert isinstance(results[1], RuntimeError)
+    assert results[0].outcome == Outcome.APPLIED  # type: ignore[union-attr]
+    # The failing unit's writes are gone; the others are committed.
+    assert [r["event_id"] for r in harness.rows("events")] == [d.event_id for d in good]

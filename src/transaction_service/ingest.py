@@ -265,6 +265,12 @@ def _record(
     )
 
 
+def _discard_outcome(done: asyncio.Future[IngestResult]) -> None:
+    # Nobody waits any more; retrieve the exception so asyncio does not report it as lost.
+    if not done.cancelled():
+        done.exception()
+
+
 ChangeListener = Callable[[Sequence[ChangeRecord]], None]
 
 
@@ -314,7 +320,11 @@ class Ingestor:
         self._queue.put_nowait(_Pending(delivery, done))
         # Shielded: a caller that goes away does not stop its delivery from being committed (it
         # may already be in the batch being written); it is simply not told.
-        return await asyncio.shield(done)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(_discard_outcome)
+            raise
 
     async def _run(self) -> None:
         while True:

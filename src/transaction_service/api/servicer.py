@@ -89,6 +89,13 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except IngestorStopped as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:
+            # The store failed (disk full, I/O error, ...): nothing of this event was committed.
+            log.exception("ingest of event %r failed", delivery.event_id)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"event {delivery.event_id!r} was not stored ({type(exc).__name__}); retry later",
+            )
         return pb.IngestEventResponse(
             outcome=_OUTCOME_TO_PB[result.outcome],
             transaction=snapshot_to_pb(result.transaction),
