@@ -1,0 +1,48 @@
+# transaction-service: gRPC on 50051, state in the /data volume.
+#   docker build -t transaction-service .
+#   docker run -p 50051:50051 -v txdata:/data transaction-service
+# On SIGTERM the service drains in-flight calls for TRANSACTION_SERVICE_SHUTDOWN_GRACE_SECONDS,
+# set to 8 s here so it finishes inside `docker stop`'s default 10 s before SIGKILL.
+
+# -- build: install the package and its runtime dependencies (no dev extras) into a venv --------
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY src/ src/
+COPY generated/ generated/
+RUN pip install .
+
+# -- runtime: the venv only, as an unprivileged user ---------------------------------------------
+FROM python:3.11-slim
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TRANSACTION_SERVICE_DB=/data/transactions.db \
+    TRANSACTION_SERVICE_SHUTDOWN_GRACE_SECONDS=8
+
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin app \
+    && mkdir /data \
+    && chown app:app /data
+
+COPY --from=build /opt/venv /opt/venv
+
+USER app
+WORKDIR /data
+# Declared after the chown, so a new named volume starts out owned by the app user.
+VOLUME /data
+EXPOSE 50051
+
+# No grpc_health_probe in the image: ask the standard health service with the grpc already installed.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('TRANSACTION_SERVICE_GRPC_PORT', '50051'); r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+
+CMD ["transaction-service", "serve"]
