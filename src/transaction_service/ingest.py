@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from transaction_service.domain.payload import (
     body_digest,
     canonical_json,
     decode_json_body,
+    normalise_numbers,
     parse_event,
 )
 from transaction_service.domain.state import (
@@ -112,7 +114,7 @@ def decode_delivery(
         raise PayloadError(
             [FieldViolation("event_id", f"longer than {MAX_EVENT_ID_LENGTH} characters")]
         )
-    if event_id != event_id.strip() or any(not c.isprintable() for c in event_id):
+    if event_id != event_id.strip() or not event_id.isprintable():
         raise PayloadError(
             [FieldViolation("event_id", "must not have surrounding spaces or control characters")]
         )
@@ -131,12 +133,13 @@ def decode_delivery(
             raise _rooted(exc, root) from None
     else:
         assert payload is not None
-        root, body, body_format = "payload", payload, "struct"
+        root, body, body_format = "payload", normalise_numbers(payload), "struct"
+        # Proto strings are valid UTF-8, so the canonical form always encodes.
         raw = canonical_json(body).encode()
         if len(raw) > max_body_bytes:
             raise _too_large(root, len(raw), max_body_bytes)
+        digest = hashlib.sha256(raw).hexdigest()
         try:
-            digest = body_digest(body)
             event = parse_event(body, digest)
         except PayloadError as exc:
             raise _rooted(exc, root) from None

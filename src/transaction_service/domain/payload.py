@@ -160,23 +160,26 @@ ParsedEvent = OrderEvent | OtherEvent
 
 
 def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no spaces; integral floats become ints.
+    """JSON with sorted keys and no spaces.
 
-    A body sent as a protobuf Struct arrives with every number as a double, so 9001 and 9001.0
-    must canonicalise alike for the two request forms to give the same digest.
+    Numbers must already be normalised (integral floats as ints): `decode_json_body` does it while
+    decoding, `normalise_numbers` does it for a body that came as a protobuf Struct.
     """
-    return json.dumps(
-        _normalise_numbers(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _normalise_numbers(value: Any) -> Any:
+def normalise_numbers(value: Any) -> Any:
+    """Integral floats become ints, recursively.
+
+    A protobuf Struct carries every number as a double, so 9001 and 9001.0 must come out alike for
+    the two request forms to give the same digest.
+    """
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
-        return {k: _normalise_numbers(v) for k, v in value.items()}
+        return {k: normalise_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_normalise_numbers(v) for v in value]
+        return [normalise_numbers(v) for v in value]
     return value
 
 
@@ -195,10 +198,17 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _parse_float(text: str) -> float | int:
+    # Integral floats become ints while decoding, so a decoded body is already canonical as far as
+    # numbers go and canonical_json need not walk it.
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def decode_json_body(text: str) -> dict[str, Any]:
     """Decode a raw body; it must be a JSON object (strict JSON: no NaN or Infinity)."""
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
     except ValueError as exc:
         raise PayloadError([FieldViolation("", f"body is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):

@@ -42,7 +42,7 @@ def iso(value: datetime | None) -> str | None:
     """UTC ISO 8601 with fixed width, so text order is time order."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _migrations() -> list[tuple[int, str]]:
