@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -130,6 +131,36 @@ async def test_any_delivery_order_with_duplicates_and_resends_reaches_expect(
     for order_id in run["expect"]["orders"]:
         by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
         assert by_order.transaction == got.transaction
+
+
+async def test_every_permutation_with_every_delivery_duplicated_reaches_expect(
+    api: Running, scenario: dict[str, Any]
+) -> None:
+    """All n! delivery orders, each delivery sent twice (as an immediate retry in even
+    permutations, as a second pass in odd ones), alternating the two body forms."""
+    n = len(scenario["deliveries"])
+    for i, order in enumerate(itertools.permutations(range(n))):
+        run = with_fresh_ids(scenario, tag=f"p{i}")
+        once = [run["deliveries"][j] for j in order]
+        twice = [d for d in once for _ in (0, 1)] if i % 2 == 0 else once + once
+        seen: set[str] = set()
+        for k, d in enumerate(twice):
+            request = pb.IngestEventRequest(event_id=d["svix_id"])
+            if (i + k) % 2:
+                request.payload_json = json.dumps(d["body"])
+            else:
+                request.payload.CopyFrom(struct(d["body"]))
+            response = await api.stub.IngestEvent(request)
+            retry = d["svix_id"] in seen
+            assert (response.outcome == pb.INGEST_OUTCOME_DUPLICATE) == retry
+            seen.add(d["svix_id"])
+        got = await api.stub.GetTransaction(
+            pb.GetTransactionRequest(transaction_id=run["expect"]["transaction_id"])
+        )
+        check_expect(got.transaction, run["expect"])
+        for order_id in run["expect"]["orders"]:
+            by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
+            assert by_order.transaction == got.transaction
 
 
 async def test_outcomes_and_revisions(api: Running) -> None:

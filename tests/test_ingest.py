@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -65,27 +64,6 @@ class Harness:
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     async with Harness(tmp_path / "store.db") as h:
         yield h
-
-
-async def test_every_permutation_with_every_delivery_duplicated_through_the_store(
-    harness: Harness, scenario: dict[str, Any]
-) -> None:
-    n = len(scenario["deliveries"])
-    for i, order in enumerate(itertools.permutations(range(n))):
-        run = with_fresh_ids(scenario, tag=f"p{i}")
-        deliveries = [run["deliveries"][j] for j in order]
-        outcomes = [(await harness.send(d["svix_id"], d["body"])).outcome for d in deliveries]
-        # Every delivery again, in the same shuffled order: all recognised as retries.
-        for d in deliveries:
-            assert (await harness.send(d["svix_id"], d["body"])).outcome == Outcome.DUPLICATE
-        assert outcomes[0] == Outcome.APPLIED
-        snapshot, head = await harness.store.get(run["expect"]["transaction_id"])
-        assert snapshot is not None
-        assert view_summary(snapshot.view) == expected_summary(run)
-        assert snapshot.revision <= head
-        for order_id in run["expect"]["orders"]:
-            by_order, _ = await harness.store.get_by_order(order_id)
-            assert by_order == snapshot
 
 
 async def test_revisions_increase_strictly_and_the_change_log_holds_every_change(

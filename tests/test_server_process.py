@@ -84,10 +84,10 @@ class Server:
             f"(exit code {self.process.poll()}); its log:\n{self.log_text()}"
         )
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait for the exit, SIGKILL if it takes longer than `timeout`. Idempotent."""
+    def stop(self, timeout: float = STOP_TIMEOUT, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send `sig`, wait for the exit, SIGKILL if it takes longer than `timeout`. Idempotent."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -353,3 +353,11 @@ def test_readme_grpcurl_examples_work_as_written(server: Server) -> None:
     assert "ORDER_ORIGIN_REDRAW" in outputs[4]
     listed = json.loads(outputs[-2])
     assert [t["status"] for t in listed["transactions"]] == ["TRANSACTION_STATUS_COMPLETED"]
+
+
+def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
+    """SIGINT (Ctrl-C under `make run`) drains and exits 0, like SIGTERM."""
+    ingest(server, RICHEST["deliveries"][0])
+    assert server.stop(sig=signal.SIGINT) == 0
+    assert "stopped" in server.log_text()
+    assert "Traceback" not in server.log_text()
