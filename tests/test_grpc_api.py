@@ -6,70 +6,24 @@ import asyncio
 import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SCENARIOS
+from tests.conftest import BODY_LIMIT, SCENARIOS
+from tests.harness import Running, ingest, struct
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
-
-BODY_LIMIT = 64 * 1024
-
-
-@dataclass
-class Running:
-    service: TransactionService
-    stub: pb_grpc.TransactionServiceStub
-    db: Path
-
-    def counts(self) -> dict[str, int]:
-        with sqlite3.connect(self.db) as conn:
-            return {
-                t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("events", "transactions", "changes", "order_transactions")
-            }
-
-
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Running]:
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        db=tmp_path / "api.db",
-        max_body_bytes=BODY_LIMIT,
-        sqlite_synchronous="NORMAL",
-        shutdown_grace_seconds=1,
-    )
-    service = TransactionService(settings)
-    port = await service.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Running(service, pb_grpc.TransactionServiceStub(channel), settings.db)
-    await service.stop()
-
-
-def struct(body: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(body)
-    return s
-
-
-async def ingest(api: Running, event_id: str, body: dict[str, Any]) -> pb.IngestEventResponse:
-    return await api.stub.IngestEvent(
-        pb.IngestEventRequest(event_id=event_id, payload=struct(body))
-    )
 
 
 def check_expect(txn: pb.Transaction, expect: dict[str, Any]) -> None:

@@ -31,11 +31,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", help="SQLite database file (default var/transactions.db)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+    watch = commands.add_parser(
+        "watch",
+        help="print transaction changes as JSON lines",
+        description="Stream changes from a running server, one JSON object per line: of one "
+        "transaction (--transaction-id or --order-id), or of all of them. Reconnects by itself "
+        "and resumes from the last revision it printed, so nothing is missed or repeated.",
+    )
+    watch.add_argument(
+        "--address", default="localhost:50051", help="server address (default localhost:50051)"
+    )
+    target = watch.add_mutually_exclusive_group()
+    target.add_argument("--transaction-id", help="watch this transaction only")
+    target.add_argument("--order-id", help="watch the transaction of this order only")
+    watch.add_argument(
+        "--from-revision",
+        type=int,
+        help="replay changes after this revision first (0: all that are kept); default: from now",
+    )
+    watch.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="only changes of this kind, e.g. REDRAW_AVAILABLE (repeatable; whole feed only)",
+    )
+    watch.add_argument("--team-id", help="only this team's transactions (whole feed only)")
+    watch.add_argument(
+        "--no-reconnect", action="store_true", help="exit when the stream ends instead of resuming"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "watch":
+        from transaction_service.watch_client import run_watch
+
+        return run_watch(args)
     overrides = {
         key: value for key, value in vars(args).items() if key != "command" and value is not None
     }

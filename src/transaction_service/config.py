@@ -31,4 +31,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=256, gt=0)
     # How long SIGTERM/SIGINT waits for in-flight calls before cancelling them.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Changes older than this are trimmed from the change log; a watch cannot resume from before.
+    change_retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    # How often the change log is trimmed.
+    change_trim_interval_seconds: float = Field(default=60.0, gt=0)
+    # An idle watch stream gets a progress message this often (keeps resume points fresh and
+    # proxies from closing the stream).
+    watch_progress_seconds: float = Field(default=10.0, gt=0)
+    # Changes buffered per watcher; a watcher further behind catches up from the change log.
+    watch_queue_size: int = Field(default=1024, gt=0)
     log_level: str = "INFO"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from transaction_service.api.servicer import TransactionServicer
 from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
 from transaction_service.store.sqlite import SqliteStore
+from transaction_service.watch import ChangeHub
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -45,17 +47,28 @@ class TransactionService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
-        self.ingestor = Ingestor(self.store, max_batch=settings.max_batch)
+        self.hub = ChangeHub(
+            self.store,
+            queue_size=settings.watch_queue_size,
+            progress_interval=settings.watch_progress_seconds,
+        )
+        self.ingestor = Ingestor(
+            self.store, max_batch=settings.max_batch, on_changes=self.hub.publish
+        )
         self.health = HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(settings))
         self.port = 0
+        self._trimmer: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         await self.store.open()
         self.ingestor.start()
         pb_grpc.add_TransactionServiceServicer_to_server(
             TransactionServicer(
-                self.ingestor, self.store, max_body_bytes=self.settings.max_body_bytes
+                self.ingestor,
+                self.store,
+                self.hub,
+                max_body_bytes=self.settings.max_body_bytes,
             ),
             self.server,
         )
@@ -68,14 +81,32 @@ class TransactionService:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._trimmer = asyncio.create_task(self._trim_changes(), name="change-log-trimmer")
         return self.port
 
     async def stop(self) -> None:
         # Health first, so load balancers stop sending new calls while in-flight ones finish.
         await self.health.enter_graceful_shutdown()
+        # Watch streams never end by themselves: end them now, each with the revision to resume
+        # from, rather than have them cut off when the grace period runs out.
+        self.hub.close()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trimmer
         await self.server.stop(self.settings.shutdown_grace_seconds)
         await self.ingestor.stop()
         await self.store.close()
+
+    async def _trim_changes(self) -> None:
+        retention = timedelta(seconds=self.settings.change_retention_seconds)
+        while True:
+            try:
+                compacted = await self.store.trim_changes(datetime.now(UTC) - retention)
+                log.debug("change log compacted through revision %d", compacted)
+            except Exception:
+                log.exception("trimming the change log failed; will retry")
+            await asyncio.sleep(self.settings.change_trim_interval_seconds)
 
 
 async def serve(settings: Settings) -> None:

@@ -32,6 +32,20 @@ class OrderOrigin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ORDER_ORIGIN_INITIAL: _ClassVar[OrderOrigin]
     ORDER_ORIGIN_REDRAW: _ClassVar[OrderOrigin]
     ORDER_ORIGIN_RECREATION: _ClassVar[OrderOrigin]
+
+class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANGE_KIND_UNSPECIFIED: _ClassVar[ChangeKind]
+    CHANGE_KIND_TRANSACTION_CREATED: _ClassVar[ChangeKind]
+    CHANGE_KIND_ORDER_ADDED: _ClassVar[ChangeKind]
+    CHANGE_KIND_ORDER_STATUS_CHANGED: _ClassVar[ChangeKind]
+    CHANGE_KIND_REDRAW_AVAILABLE: _ClassVar[ChangeKind]
+    CHANGE_KIND_TRANSACTION_COMPLETED: _ClassVar[ChangeKind]
+    CHANGE_KIND_TRANSACTION_CANCELLED: _ClassVar[ChangeKind]
+    CHANGE_KIND_RESULTS_CORRECTED: _ClassVar[ChangeKind]
+    CHANGE_KIND_TRANSACTION_REOPENED: _ClassVar[ChangeKind]
+    CHANGE_KIND_LEGACY_MERGED: _ClassVar[ChangeKind]
+    CHANGE_KIND_DETAILS_CHANGED: _ClassVar[ChangeKind]
 INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
 INGEST_OUTCOME_APPLIED: IngestOutcome
 INGEST_OUTCOME_DUPLICATE: IngestOutcome
@@ -45,6 +59,17 @@ ORDER_ORIGIN_UNSPECIFIED: OrderOrigin
 ORDER_ORIGIN_INITIAL: OrderOrigin
 ORDER_ORIGIN_REDRAW: OrderOrigin
 ORDER_ORIGIN_RECREATION: OrderOrigin
+CHANGE_KIND_UNSPECIFIED: ChangeKind
+CHANGE_KIND_TRANSACTION_CREATED: ChangeKind
+CHANGE_KIND_ORDER_ADDED: ChangeKind
+CHANGE_KIND_ORDER_STATUS_CHANGED: ChangeKind
+CHANGE_KIND_REDRAW_AVAILABLE: ChangeKind
+CHANGE_KIND_TRANSACTION_COMPLETED: ChangeKind
+CHANGE_KIND_TRANSACTION_CANCELLED: ChangeKind
+CHANGE_KIND_RESULTS_CORRECTED: ChangeKind
+CHANGE_KIND_TRANSACTION_REOPENED: ChangeKind
+CHANGE_KIND_LEGACY_MERGED: ChangeKind
+CHANGE_KIND_DETAILS_CHANGED: ChangeKind
 
 class IngestEventRequest(_message.Message):
     __slots__ = ("event_id", "payload", "payload_json")
@@ -175,3 +200,71 @@ class Order(_message.Message):
     parent_order_id: str
     seen_own_event: bool
     def __init__(self, id: _Optional[str] = ..., origin: _Optional[_Union[OrderOrigin, str]] = ..., low_level_status: _Optional[str] = ..., high_level_status: _Optional[str] = ..., collection_method: _Optional[str] = ..., status_reached_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sample_id: _Optional[str] = ..., lab: _Optional[str] = ..., lab_test_name: _Optional[str] = ..., has_missing_results: _Optional[bool] = ..., interpretation: _Optional[str] = ..., parent_order_id: _Optional[str] = ..., seen_own_event: _Optional[bool] = ...) -> None: ...
+
+class WatchTransactionRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id", "start_revision")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    start_revision: int
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+
+class WatchTransactionResponse(_message.Message):
+    __slots__ = ("change", "current", "progress")
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    change: TransactionChange
+    current: TransactionSnapshot
+    progress: WatchProgress
+    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., current: _Optional[_Union[TransactionSnapshot, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ...) -> None: ...
+
+class WatchTransactionsRequest(_message.Message):
+    __slots__ = ("kinds", "team_id", "start_revision")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
+    team_id: str
+    start_revision: int
+    def __init__(self, kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., team_id: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+
+class WatchTransactionsResponse(_message.Message):
+    __slots__ = ("change", "progress")
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    change: TransactionChange
+    progress: WatchProgress
+    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ...) -> None: ...
+
+class TransactionChange(_message.Message):
+    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
+    transaction: Transaction
+    order_id: str
+    event_id: str
+    recorded_at: _timestamp_pb2.Timestamp
+    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TransactionSnapshot(_message.Message):
+    __slots__ = ("transaction", "progress_revision")
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction: Transaction
+    progress_revision: int
+    def __init__(self, transaction: _Optional[_Union[Transaction, _Mapping]] = ..., progress_revision: _Optional[int] = ...) -> None: ...
+
+class WatchProgress(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,16 @@ class TransactionServiceStub:
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.WatchTransaction = channel.unary_stream(
+                '/transactions.v1.TransactionService/WatchTransaction',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionResponse.FromString,
+                _registered_method=True)
+        self.WatchTransactions = channel.unary_stream(
+                '/transactions.v1.TransactionService/WatchTransactions',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
+                _registered_method=True)
 
 
 class TransactionServiceServicer:
@@ -88,6 +98,43 @@ class TransactionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTransaction(self, request, context):
+        """WatchTransaction streams the changes of one transaction, found by its id or by one of its
+        order ids; the transaction need not exist yet.
+
+        Without start_revision: the first message is the transaction's current state (`current`), or
+        a `progress` message if no webhook has mentioned it yet; then every later change, live.
+        With start_revision N: every change of the transaction with revision > N, replayed from the
+        change log, then live changes, with no gap and no repeat at the hand-over.
+
+        Every change is sent once, in increasing revision order. Idle streams get `progress` messages
+        at a fixed interval. To resume after a disconnect, call again with start_revision set to the
+        last revision you received (from a change or a progress message).
+
+        The stream ends with:
+        OUT_OF_RANGE  start_revision (or, for a subscriber that fell far behind, its position) is
+        older than the change log keeps. A google.rpc.ErrorInfo with reason
+        REVISION_COMPACTED carries `compacted_revision` (changes up to it are gone) and
+        `last_sent_revision`. Re-read with GetTransaction, then watch from its revision.
+        UNAVAILABLE   the server is shutting down. ErrorInfo reason SHUTTING_DOWN carries
+        `last_sent_revision`; resume from it, on this server or another.
+        INVALID_ARGUMENT  no lookup, an empty id, or a negative start_revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTransactions(self, request, context):
+        """WatchTransactions streams the changes of all transactions, optionally only those of some
+        change kinds or of one team. Without start_revision it opens with a `progress` message carrying
+        the head revision and continues live; with start_revision N it replays every matching change
+        with revision > N from the change log first. Ordering, resumption and errors are as for
+        WatchTransaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransactionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +152,16 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionsRequest.FromString,
                     response_serializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'WatchTransaction': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTransaction,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionResponse.SerializeToString,
+            ),
+            'WatchTransactions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTransactions,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,6 +246,60 @@ class TransactionService:
             '/transactions.v1.TransactionService/ListTransactions',
             transactions_dot_v1_dot_transactions__pb2.ListTransactionsRequest.SerializeToString,
             transactions_dot_v1_dot_transactions__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/transactions.v1.TransactionService/WatchTransaction',
+            transactions_dot_v1_dot_transactions__pb2.WatchTransactionRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.WatchTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/transactions.v1.TransactionService/WatchTransactions',
+            transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from transaction_service.domain.state import (
+    ChangeKind,
     OrderOrigin,
     OrderView,
     TransactionStatus,
     TransactionView,
 )
-from transaction_service.store.base import TransactionSnapshot
+from transaction_service.store.base import ChangeRecord, TransactionSnapshot
 from transactions.v1 import transactions_pb2 as pb
 
 _STATUS_TO_PB = {
@@ -27,6 +28,9 @@ _ORIGIN_TO_PB = {
     OrderOrigin.REDRAW: pb.ORDER_ORIGIN_REDRAW,
     OrderOrigin.RECREATION: pb.ORDER_ORIGIN_RECREATION,
 }
+
+_KIND_TO_PB = {kind: pb.ChangeKind.Value(f"CHANGE_KIND_{kind.name}") for kind in ChangeKind}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -91,3 +95,19 @@ def transaction_to_pb(view: TransactionView, revision: int) -> pb.Transaction:
 
 def snapshot_to_pb(snapshot: TransactionSnapshot | None) -> pb.Transaction | None:
     return transaction_to_pb(snapshot.view, snapshot.revision) if snapshot else None
+
+
+def kind_from_pb(value: int) -> ChangeKind:
+    """KeyError for UNSPECIFIED or a number the enum does not define."""
+    return _KIND_FROM_PB[value]
+
+
+def change_to_pb(change: ChangeRecord) -> pb.TransactionChange:
+    return pb.TransactionChange(
+        revision=change.revision,
+        kinds=[_KIND_TO_PB[k] for k in change.kinds],
+        transaction=transaction_to_pb(change.view, change.revision),
+        order_id=change.order_id or "",
+        event_id=change.event_id,
+        recorded_at=timestamp(change.recorded_at),
+    )

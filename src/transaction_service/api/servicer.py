@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import NoReturn
 
 import grpc
@@ -14,7 +17,13 @@ from google.protobuf import any_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from transaction_service.api.convert import from_timestamp, snapshot_to_pb, status_from_pb
+from transaction_service.api.convert import (
+    change_to_pb,
+    from_timestamp,
+    kind_from_pb,
+    snapshot_to_pb,
+    status_from_pb,
+)
 from transaction_service.domain.payload import FieldViolation, PayloadError
 from transaction_service.ingest import (
     EventIdConflict,
@@ -23,7 +32,16 @@ from transaction_service.ingest import (
     Outcome,
     decode_delivery,
 )
-from transaction_service.store.base import ListFilter, Store
+from transaction_service.store.base import ChangeRecord, ListFilter, Store, TransactionSnapshot
+from transaction_service.watch import (
+    ChangeHub,
+    Compacted,
+    Current,
+    Progress,
+    WatchClosed,
+    WatchEvent,
+    WatchFilter,
+)
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -31,6 +49,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+ERROR_DOMAIN = "transactions.v1"
+# Converted change messages, shared by all watchers of a change.
+_CHANGE_CACHE_SIZE = 4096
 
 _OUTCOME_TO_PB = {
     Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
@@ -64,11 +85,31 @@ async def abort_invalid(
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+async def abort_with_reason(
+    context: grpc.aio.ServicerContext,
+    code: code_pb2.Code.ValueType,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
+) -> NoReturn:
+    """End the call with `code` and a google.rpc.ErrorInfo a client can act on."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+    status = status_pb2.Status(code=code, message=message, details=[detail])
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
-    def __init__(self, ingestor: Ingestor, store: Store, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, ingestor: Ingestor, store: Store, hub: ChangeHub, *, max_body_bytes: int
+    ) -> None:
         self._ingestor = ingestor
         self._store = store
+        self._hub = hub
         self._max_body_bytes = max_body_bytes
+        self._change_pbs: collections.OrderedDict[int, pb.TransactionChange] = (
+            collections.OrderedDict()
+        )
 
     async def IngestEvent(
         self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
@@ -161,6 +202,107 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             next_page_token=next_token,
             revision=head,
         )
+
+    async def WatchTransaction(
+        self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTransactionResponse]:
+        lookup = request.WhichOneof("lookup")
+        violations = _start_revision_violations(request)
+        if lookup is None:
+            violations.append(FieldViolation("lookup", "set transaction_id or order_id"))
+        elif not getattr(request, lookup):
+            violations.append(FieldViolation(lookup, "must not be empty"))
+        if violations:
+            await abort_invalid(context, violations)
+        assert lookup is not None
+        key = getattr(request, lookup)
+        where = WatchFilter(**{lookup: key})
+        read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
+            self._store.get if lookup == "transaction_id" else self._store.get_by_order
+        )
+        async for event in self._watch(context, where, request, partial(read, key)):
+            if isinstance(event, Current):
+                yield pb.WatchTransactionResponse(
+                    current=pb.TransactionSnapshot(
+                        transaction=snapshot_to_pb(event.snapshot),
+                        progress_revision=event.revision,
+                    )
+                )
+            elif isinstance(event, Progress):
+                yield pb.WatchTransactionResponse(
+                    progress=pb.WatchProgress(revision=event.revision)
+                )
+            else:
+                yield pb.WatchTransactionResponse(change=self._change_pb(event))
+
+    async def WatchTransactions(
+        self, request: pb.WatchTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTransactionsResponse]:
+        violations = _start_revision_violations(request)
+        kinds = set()
+        for i, value in enumerate(request.kinds):
+            try:
+                kinds.add(kind_from_pb(value))
+            except KeyError:
+                violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
+        if violations:
+            await abort_invalid(context, violations)
+        where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
+        async for event in self._watch(context, where, request, None):
+            if isinstance(event, Progress):
+                yield pb.WatchTransactionsResponse(
+                    progress=pb.WatchProgress(revision=event.revision)
+                )
+            elif isinstance(event, ChangeRecord):
+                yield pb.WatchTransactionsResponse(change=self._change_pb(event))
+
+    async def _watch(
+        self,
+        context: grpc.aio.ServicerContext,
+        where: WatchFilter,
+        request: pb.WatchTransactionRequest | pb.WatchTransactionsRequest,
+        current: Callable[[], Awaitable[tuple[TransactionSnapshot | None, int]]] | None,
+    ) -> AsyncIterator[WatchEvent]:
+        start = request.start_revision if request.HasField("start_revision") else None
+        try:
+            async for event in self._hub.watch(where, start, current=current):
+                yield event
+        except Compacted as exc:
+            await abort_with_reason(
+                context,
+                code_pb2.OUT_OF_RANGE,
+                str(exc),
+                "REVISION_COMPACTED",
+                {
+                    "compacted_revision": str(exc.compacted_revision),
+                    "last_sent_revision": str(exc.last_sent_revision),
+                },
+            )
+        except WatchClosed as exc:
+            await abort_with_reason(
+                context,
+                code_pb2.UNAVAILABLE,
+                str(exc),
+                "SHUTTING_DOWN",
+                {"last_sent_revision": str(exc.last_sent_revision)},
+            )
+
+    def _change_pb(self, change: ChangeRecord) -> pb.TransactionChange:
+        message = self._change_pbs.get(change.revision)
+        if message is None:
+            message = change_to_pb(change)
+            self._change_pbs[change.revision] = message
+            if len(self._change_pbs) > _CHANGE_CACHE_SIZE:
+                self._change_pbs.popitem(last=False)
+        return message
+
+
+def _start_revision_violations(
+    request: pb.WatchTransactionRequest | pb.WatchTransactionsRequest,
+) -> list[FieldViolation]:
+    if request.HasField("start_revision") and request.start_revision < 0:
+        return [FieldViolation("start_revision", "must not be negative")]
+    return []
 
 
 def _filter_fingerprint(where: ListFilter) -> str:

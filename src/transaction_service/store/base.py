@@ -135,3 +135,21 @@ class Store(Protocol):
         """Transactions matching `where` with revision > after_revision, by revision."""
 
     async def head_revision(self) -> int: ...
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        """Up to `limit` changes with revision > after_revision, oldest first; only those of
+        `transaction_ids` if given. Read in one snapshot with the log's bounds."""
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        """Delete changes recorded before the time; return the compacted revision after it."""
+
+
+@dataclass(frozen=True)
+class ChangeLogPage:
+    changes: list[ChangeRecord]
+    # Changes with revision <= compacted_revision have been trimmed away. The log keeps every
+    # change after it: revisions are contiguous and trimming only removes the oldest.
+    compacted_revision: int
+    head_revision: int

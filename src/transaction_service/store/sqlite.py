@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from transaction_service.domain.state import ChangeKind, Knowledge, TransactionView
 from transaction_service.store.base import (
+    ChangeLogPage,
     ChangeRecord,
     EventRecord,
     ListFilter,
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 _READERS = 2
+_TRIM_CHUNK = 5000
 
 
 def iso(value: datetime | None) -> str | None:
@@ -340,3 +342,74 @@ class SqliteStore:
 
     async def head_revision(self) -> int:
         return await self._read(self._head)
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        sql = (
+            "SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at"
+            " FROM changes WHERE revision > ?"
+        )
+        params: list[object] = [after_revision]
+        if transaction_ids:
+            sql += f" AND transaction_id IN ({', '.join('?' * len(transaction_ids))})"
+            params += transaction_ids
+        sql += " ORDER BY revision LIMIT ?"
+        params.append(limit)
+
+        def query(conn: sqlite3.Connection) -> ChangeLogPage:
+            rows = conn.execute(sql, params).fetchall()
+            head = self._head(conn)
+            oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
+            return ChangeLogPage(
+                changes=[_change(row) for row in rows],
+                compacted_revision=head if oldest is None else oldest - 1,
+                head_revision=head,
+            )
+
+        return await self._read(query)
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        return await self._on_writer(self._trim_changes, iso(recorded_before))
+
+    def _trim_changes(self, cutoff: str | None) -> int:
+        conn = self._write_conn
+        if conn is None:
+            raise RuntimeError("store is not open")
+        # Trim up to the newest change older than the cutoff, so the log stays contiguous even if
+        # the clock stepped back; in chunks, so writers are never held up for long.
+        (through,) = conn.execute(
+            "SELECT max(revision) FROM changes WHERE recorded_at < ?", (cutoff,)
+        ).fetchone()
+        while through is not None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = conn.execute(
+                    "DELETE FROM changes WHERE revision IN (SELECT revision FROM changes"
+                    f" WHERE revision <= ? ORDER BY revision LIMIT {_TRIM_CHUNK})",
+                    (through,),
+                ).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if deleted < _TRIM_CHUNK:
+                break
+        oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
+        if oldest is not None:
+            return oldest - 1
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
+
+
+def _change(row: tuple[int, str, str, str | None, str, str, str]) -> ChangeRecord:
+    revision, transaction_id, event_id, order_id, kinds, view, recorded_at = row
+    return ChangeRecord(
+        revision=revision,
+        transaction_id=transaction_id,
+        event_id=event_id,
+        order_id=order_id,
+        kinds=tuple(ChangeKind(k) for k in kinds.split(",") if k),
+        view=TransactionView.model_validate_json(view),
+        recorded_at=datetime.fromisoformat(recorded_at),
+    )

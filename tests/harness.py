@@ -1,0 +1,40 @@
+"""An in-process server for tests, with a stub and a look into its database."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from transaction_service.server import TransactionService
+from transactions.v1 import transactions_pb2 as pb
+from transactions.v1 import transactions_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Running:
+    service: TransactionService
+    stub: pb_grpc.TransactionServiceStub
+    db: Path
+
+    def counts(self) -> dict[str, int]:
+        with sqlite3.connect(self.db) as conn:
+            return {
+                t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("events", "transactions", "changes", "order_transactions")
+            }
+
+
+def struct(body: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(body)
+    return s
+
+
+async def ingest(api: Running, event_id: str, body: dict[str, Any]) -> pb.IngestEventResponse:
+    return await api.stub.IngestEvent(
+        pb.IngestEventRequest(event_id=event_id, payload=struct(body))
+    )
