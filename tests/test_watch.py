@@ -1,0 +1,531 @@
+"""Watch streams: gap-free, exactly once, resumable, bounded, and clean to cancel and shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tests.conftest import SCENARIOS
+from tests.harness import Running, ingest
+from tests.scenario_tools import with_fresh_ids
+from transaction_service.config import Settings
+from transaction_service.domain.state import ChangeKind
+from transaction_service.ingest import decode_delivery
+from transaction_service.server import TransactionService
+from transaction_service.store.base import ChangeRecord
+from transaction_service.watch import ChangeHub, Progress, WatchFilter
+from transactions.v1 import transactions_pb2 as pb
+from transactions.v1 import transactions_pb2_grpc as pb_grpc
+
+DEADLINE = 60.0
+REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
+
+
+async def ingest_direct(
+    target: Running | TransactionService, deliveries: Sequence[dict[str, Any]]
+) -> None:
+    """Ingest through the use case (faster than gRPC when the stream is what is under test)."""
+    service = target.service if isinstance(target, Running) else target
+    for d in deliveries:
+        delivery = decode_delivery(d["svix_id"], payload=d["body"], max_body_bytes=1 << 20)
+        await service.ingestor.ingest(delivery)
+
+
+async def read_until(
+    call: Any, done: Callable[[list[Any]], bool], timeout: float = DEADLINE
+) -> list[Any]:
+    """Messages of a stream until `done(messages)`; then the call is cancelled."""
+    messages: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            async for message in call:
+                messages.append(message)
+                if done(messages):
+                    break
+    finally:
+        call.cancel()
+    return messages
+
+
+def changes(messages: Sequence[Any]) -> list[pb.TransactionChange]:
+    return [m.change for m in messages if m.WhichOneof("event") == "change"]
+
+
+async def log_revisions(api: Running, where: WatchFilter | None = None) -> list[int]:
+    """Revisions of the change log that `where` matches (default: all), from the store."""
+    page = await api.service.store.changes_after(0, 1_000_000)
+    return [c.revision for c in page.changes if where is None or where.matches(c)]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def started_service(tmp_path: Path, **overrides: Any) -> tuple[TransactionService, int]:
+    values: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "db": tmp_path / "watch.db",
+        "sqlite_synchronous": "NORMAL",
+        "shutdown_grace_seconds": 5,
+    }
+    settings = Settings(**(values | overrides))
+    service = TransactionService(settings)
+    return service, await service.start()
+
+
+@pytest.fixture
+async def channel_to(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start a service with custom settings; yields a function returning (service, stub)."""
+    started: list[tuple[TransactionService, grpc.aio.Channel]] = []
+
+    async def start(**overrides: Any) -> tuple[TransactionService, pb_grpc.TransactionServiceStub]:
+        service, port = await started_service(tmp_path, **overrides)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        started.append((service, channel))
+        return service, pb_grpc.TransactionServiceStub(channel)
+
+    yield start
+    for service, channel in started:
+        await channel.close()
+        await service.stop()
+
+
+# -- opening a watch ----------------------------------------------------------------------------
+
+
+async def test_watch_opens_with_the_current_state_then_sends_later_changes(api: Running) -> None:
+    d = REDRAW["deliveries"]
+    first = await ingest(api, d[0]["svix_id"], d[0]["body"])
+    call = api.stub.WatchTransaction(
+        pb.WatchTransactionRequest(transaction_id=REDRAW["expect"]["transaction_id"])
+    )
+    opening = await call.read()
+    assert opening.WhichOneof("event") == "current"
+    assert opening.current.transaction == first.transaction
+    assert opening.current.progress_revision == first.revision
+    applied = await ingest(api, d[2]["svix_id"], d[2]["body"])
+    message = await call.read()
+    call.cancel()
+    assert message.change.revision == applied.revision
+    assert message.change.transaction == applied.transaction
+    assert message.change.event_id == d[2]["svix_id"]
+    assert message.change.order_id == d[2]["body"]["data"]["id"]
+    assert pb.CHANGE_KIND_REDRAW_AVAILABLE in message.change.kinds
+    assert message.change.HasField("recorded_at")
+
+
+async def test_a_transaction_can_be_watched_before_its_first_webhook(api: Running) -> None:
+    order_id = REDRAW["expect"]["initial_order_id"]
+    call = api.stub.WatchTransaction(pb.WatchTransactionRequest(order_id=order_id))
+    opening = await call.read()
+    assert opening.WhichOneof("event") == "progress"
+    # The redraw order's webhook names the initial order in its transaction block.
+    d = REDRAW["deliveries"][3]
+    applied = await ingest(api, d["svix_id"], d["body"])
+    message = await call.read()
+    call.cancel()
+    assert message.change.revision == applied.revision
+    assert list(message.change.kinds) == [
+        pb.CHANGE_KIND_TRANSACTION_CREATED,
+        pb.CHANGE_KIND_REDRAW_AVAILABLE,
+    ]
+
+
+async def test_the_feed_opens_with_progress_at_the_head_then_goes_live(api: Running) -> None:
+    d = REDRAW["deliveries"]
+    await ingest(api, d[0]["svix_id"], d[0]["body"])
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest())
+    opening = await call.read()
+    assert opening.progress.revision == 1
+    await ingest(api, d[1]["svix_id"], d[1]["body"])
+    message = await call.read()
+    call.cancel()
+    assert message.change.revision == 2
+
+
+async def test_start_revision_replays_then_hands_over_to_live_without_gap_or_repeat(
+    api: Running,
+) -> None:
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(30)]
+    half = len(runs) // 2
+    for run in runs[:half]:
+        await ingest_direct(api, run["deliveries"])
+    start = (await log_revisions(api))[len(await log_revisions(api)) // 2]
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=start))
+    # The rest is ingested while the replay is under way.
+    rest = asyncio.create_task(
+        ingest_direct(api, [d for r in runs[half:] for d in r["deliveries"]])
+    )
+    await rest
+    final = (await log_revisions(api))[-1]
+    messages = await read_until(
+        call,
+        lambda ms: (
+            bool(ms) and ms[-1].WhichOneof("event") == "change" and ms[-1].change.revision == final
+        ),
+    )
+    got = [c.revision for c in changes(messages)]
+    assert got == [r for r in await log_revisions(api) if r > start]
+
+
+async def test_feed_filters_by_kind_and_team(api: Running) -> None:
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(3)]
+    for run in runs:
+        await ingest_direct(api, run["deliveries"])
+    head = (await log_revisions(api))[-1]
+    kinds = {ChangeKind.TRANSACTION_COMPLETED, ChangeKind.TRANSACTION_CANCELLED}
+    call = api.stub.WatchTransactions(
+        pb.WatchTransactionsRequest(
+            start_revision=0,
+            kinds=[pb.CHANGE_KIND_TRANSACTION_COMPLETED, pb.CHANGE_KIND_TRANSACTION_CANCELLED],
+        )
+    )
+    expected = await log_revisions(api, WatchFilter(kinds=frozenset(kinds)))
+    assert len(expected) == len(runs)  # every scenario ends completed or cancelled, once
+    messages = await read_until(call, lambda ms: len(changes(ms)) == len(expected))
+    assert [c.revision for c in changes(messages)] == expected
+    assert expected[-1] <= head
+    team = runs[0]["deliveries"][0]["body"]["team_id"]
+    by_team = await log_revisions(api, WatchFilter(team_id=team))
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=0, team_id=team))
+    messages = await read_until(call, lambda ms: len(changes(ms)) == len(by_team))
+    assert all(c.transaction.team_id == team for c in changes(messages))
+
+
+async def test_idle_streams_get_progress_messages(channel_to: Callable[..., Any]) -> None:
+    _, stub = await channel_to(watch_progress_seconds=0.05)
+    call = stub.WatchTransactions(pb.WatchTransactionsRequest())
+    messages = await read_until(call, lambda ms: len(ms) >= 3)
+    assert [m.WhichOneof("event") for m in messages] == ["progress"] * 3
+    assert {m.progress.revision for m in messages} == {0}
+
+
+# -- exactly once, whatever the delivery order -------------------------------------------------
+
+
+async def test_redraw_completed_and_cancelled_are_each_reported_once_for_every_delivery_order(
+    api: Running,
+) -> None:
+    expected: dict[ChangeKind, set[str]] = {k: set() for k in ChangeKind}
+    for scenario in SCENARIOS:
+        n = len(scenario["deliveries"])
+        for i, order in enumerate(itertools.permutations(range(n))):
+            run = with_fresh_ids(scenario, tag=f"{scenario['scenario']}-{i}")
+            await ingest_direct(api, [run["deliveries"][j] for j in order])
+            txn = run["expect"]["transaction_id"]
+            if run["expect"]["redraw_available"]:
+                expected[ChangeKind.REDRAW_AVAILABLE].add(txn)
+            status = run["expect"]["status"].removeprefix("TRANSACTION_STATUS_")
+            expected[ChangeKind(f"transaction_{status.lower()}")].add(txn)
+    for kind, wire in [
+        (ChangeKind.REDRAW_AVAILABLE, pb.CHANGE_KIND_REDRAW_AVAILABLE),
+        (ChangeKind.TRANSACTION_COMPLETED, pb.CHANGE_KIND_TRANSACTION_COMPLETED),
+        (ChangeKind.TRANSACTION_CANCELLED, pb.CHANGE_KIND_TRANSACTION_CANCELLED),
+    ]:
+        want = expected[kind]
+        call = api.stub.WatchTransactions(
+            pb.WatchTransactionsRequest(start_revision=0, kinds=[wire])
+        )
+        count = len(want)
+        messages = await read_until(call, lambda ms, n=count: len(changes(ms)) == n)
+        reported = [c.transaction.id for c in changes(messages)]
+        # Once per transaction: no transaction twice, none missing.
+        assert sorted(reported) == sorted(want), kind
+        # And no more of them than that in the log.
+        assert len(await log_revisions(api, WatchFilter(kinds=frozenset({kind})))) == len(want)
+
+
+async def test_subscribers_that_drop_and_resume_see_every_change_once_in_order(
+    channel_to: Callable[..., Any],
+) -> None:
+    """Ingest runs concurrently while subscribers (feed and single-transaction) disconnect at
+    random points and resume from the last revision they saw."""
+    # Idle streams report progress quickly, so subscribers notice when they are done.
+    service, stub = await channel_to(watch_progress_seconds=0.05)
+    api = Running(service, stub, service.settings.db)
+    rng = random.Random(7)
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(25)]
+    deliveries = [d for r in runs for d in r["deliveries"]]
+    finished = asyncio.Event()
+
+    async def produce() -> None:
+        for k in range(0, len(deliveries), 5):
+            await ingest_direct(api, deliveries[k : k + 5])
+            await asyncio.sleep(0)
+        finished.set()
+
+    async def subscribe(make_request: Callable[[int | None], Any], watch: Any) -> list[int]:
+        seen: list[int] = []
+        last: int | None = 0
+        while True:
+            call = watch(make_request(last))
+            budget = rng.randint(1, 15)
+            try:
+                async for message in call:
+                    event = message.WhichOneof("event")
+                    if event == "change":
+                        seen.append(message.change.revision)
+                        last = message.change.revision
+                    elif event == "progress":
+                        last = max(last or 0, message.progress.revision)
+                        if finished.is_set() and last >= (await log_revisions(api))[-1]:
+                            return seen
+                    budget -= 1
+                    if budget == 0:
+                        break  # drop the connection at a random point
+            finally:
+                call.cancel()
+
+    def feed_request(start: int | None) -> pb.WatchTransactionsRequest:
+        return pb.WatchTransactionsRequest(start_revision=start)
+
+    def one_request(txn: str) -> Callable[[int | None], pb.WatchTransactionRequest]:
+        return lambda start: pb.WatchTransactionRequest(transaction_id=txn, start_revision=start)
+
+    feeds = [subscribe(feed_request, api.stub.WatchTransactions) for _ in range(4)]
+    watched = [r["expect"]["transaction_id"] for r in runs[::10]]
+    singles = [subscribe(one_request(t), api.stub.WatchTransaction) for t in watched]
+    results = await asyncio.gather(produce(), *feeds, *singles)
+    everything = await log_revisions(api)
+    for seen in results[1 : 1 + len(feeds)]:
+        assert seen == everything
+    for txn, seen in zip(watched, results[1 + len(feeds) :], strict=True):
+        assert seen == await log_revisions(api, WatchFilter(transaction_id=txn))
+
+
+async def test_a_thousand_subscribers_all_receive_every_change(api: Running) -> None:
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") for _ in range(10)]
+    stubs = [pb_grpc.TransactionServiceStub(c) for c in channels]
+    calls = [stubs[i % 10].WatchTransactions(pb.WatchTransactionsRequest()) for i in range(1000)]
+    try:
+        # Every stream has opened (its first message is progress at the head).
+        openings = await asyncio.gather(*(c.read() for c in calls))
+        assert {m.progress.revision for m in openings} == {0}
+        run = with_fresh_ids(REDRAW)
+        await ingest_direct(api, run["deliveries"])
+        expected = await log_revisions(api)
+
+        async def drain(call: Any) -> list[int]:
+            got: list[int] = []
+            while len(got) < len(expected):
+                message = await call.read()
+                if message.WhichOneof("event") == "change":
+                    got.append(message.change.revision)
+            return got
+
+        async with asyncio.timeout(120):
+            received = await asyncio.gather(*(drain(c) for c in calls))
+        assert all(got == expected for got in received)
+        assert api.service.hub.subscriber_count == 1000
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+    await wait_for(lambda: api.service.hub.subscriber_count == 0)
+
+
+# -- falling behind, compaction, cancellation, shutdown -----------------------------------------
+
+
+async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: Path) -> None:
+    """Engine level, no transport: a subscriber not read from while hundreds of changes are
+    published buffers at most `queue_size` of them, then gets every one, once, in order, from the
+    change log."""
+    service, _ = await started_service(tmp_path, watch_queue_size=8)
+    hub: ChangeHub = service.hub
+    slow = hub.watch(WatchFilter(), None)
+    try:
+        assert await anext(slow) == Progress(0)
+        peak = 0
+        for run in [with_fresh_ids(s) for s in SCENARIOS for _ in range(30)]:
+            await ingest_direct(service, run["deliveries"])
+            peak = max(peak, *(len(s.queue) for s in hub.subscriptions()))
+        assert peak <= 8
+        (subscription,) = hub.subscriptions()
+        assert subscription.behind
+        assert subscription.overflows > 0
+        expected = [c.revision for c in (await service.store.changes_after(0, 10**6)).changes]
+        got: list[int] = []
+        while len(got) < len(expected):
+            event = await anext(slow)
+            if isinstance(event, ChangeRecord):
+                got.append(event.revision)
+        assert got == expected
+        await slow.aclose()
+        assert hub.subscriber_count == 0
+    finally:
+        await service.stop()
+
+
+async def test_a_slow_subscriber_is_bounded_and_does_not_hold_up_others(
+    channel_to: Callable[..., Any],
+) -> None:
+    service, stub = await channel_to(watch_queue_size=8)
+    hub: ChangeHub = service.hub
+    # A slow client: small flow-control windows, and it does not read while changes pour in.
+    slow_channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{service.port}",
+        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)],
+    )
+    slow = pb_grpc.TransactionServiceStub(slow_channel).WatchTransactions(
+        pb.WatchTransactionsRequest(start_revision=0)
+    )
+    fast = stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=0))
+    try:
+        await wait_for(lambda: hub.subscriber_count == 2)
+        runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(100)]
+        peak = 0
+        fast_seen: list[int] = []
+
+        async def read_fast() -> None:
+            async for message in fast:
+                if message.WhichOneof("event") == "change":
+                    fast_seen.append(message.change.revision)
+
+        reader = asyncio.create_task(read_fast())
+        for run in runs:
+            await ingest_direct(service, run["deliveries"])
+            peak = max(peak, *(len(s.queue) for s in hub.subscriptions()))
+        expected = [c.revision for c in (await service.store.changes_after(0, 1_000_000)).changes]
+        await wait_for(lambda: fast_seen == expected)
+        reader.cancel()
+        # Memory per subscriber stayed bounded, and the slow one overflowed at least once.
+        assert peak <= 8
+        assert any(s.overflows for s in hub.subscriptions())
+        # Now the slow client reads: everything, once, in order, caught up from the log.
+        slow_seen = [
+            c.revision
+            for c in changes(await read_until(slow, lambda ms: len(changes(ms)) == len(expected)))
+        ]
+        assert slow_seen == expected
+    finally:
+        slow.cancel()
+        fast.cancel()
+        await slow_channel.close()
+
+
+async def test_resuming_from_a_compacted_revision_is_out_of_range_with_error_info(
+    api: Running,
+) -> None:
+    run = with_fresh_ids(REDRAW)
+    await ingest_direct(api, run["deliveries"])
+    head = (await log_revisions(api))[-1]
+    compacted = await api.service.store.trim_changes(datetime.now(UTC) + timedelta(hours=1))
+    assert compacted == head
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    error = caught.value
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert f"revision {head}" in error.details()
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "REVISION_COMPACTED"
+    assert info.metadata["compacted_revision"] == str(head)
+    assert info.metadata["last_sent_revision"] == "1"
+    # 0 means "from the oldest kept", and the head itself is still a valid resume point.
+    for from_head in (False, True):
+        start = (await api.service.store.head_revision()) if from_head else 0
+        call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=start))
+        d = with_fresh_ids(REDRAW)["deliveries"][0]
+        await ingest_direct(api, [d])
+        message = await call.read()
+        call.cancel()
+        assert message.change.event_id == d["svix_id"]
+
+
+async def test_the_change_log_is_trimmed_by_the_retention_window(
+    channel_to: Callable[..., Any],
+) -> None:
+    service, _ = await channel_to(change_retention_seconds=0.001, change_trim_interval_seconds=0.02)
+    run = with_fresh_ids(REDRAW)
+    await ingest_direct(service, run["deliveries"])
+
+    async def compacted() -> int:
+        return (await service.store.changes_after(0, 1)).compacted_revision
+
+    async with asyncio.timeout(DEADLINE):
+        while await compacted() < 1:
+            await asyncio.sleep(0.02)
+    # The transaction's state is untouched by trimming its history.
+    snapshot, _ = await service.store.get(run["expect"]["transaction_id"])
+    assert snapshot is not None
+
+
+async def test_cancelled_watches_leave_no_subscription_behind(api: Running) -> None:
+    hub = api.service.hub
+    for round_ in range(5):
+        calls = [
+            api.stub.WatchTransactions(pb.WatchTransactionsRequest())
+            if k % 2
+            else api.stub.WatchTransaction(pb.WatchTransactionRequest(order_id=f"o-{round_}-{k}"))
+            for k in range(40)
+        ]
+        await asyncio.gather(*(c.read() for c in calls))
+        assert hub.subscriber_count == 40
+        for call in calls:
+            call.cancel()
+        await wait_for(lambda: hub.subscriber_count == 0)
+
+
+async def test_shutdown_ends_open_watches_with_a_resume_point(
+    channel_to: Callable[..., Any],
+) -> None:
+    service, stub = await channel_to(shutdown_grace_seconds=30)
+    await ingest_direct(service, REDRAW["deliveries"][:2])
+    call = stub.WatchTransactions(pb.WatchTransactionsRequest())
+    opening = await call.read()
+    started = asyncio.get_running_loop().time()
+    await service.stop()
+    # Streams are ended at once, not cut off when the 30 s grace period runs out.
+    assert asyncio.get_running_loop().time() - started < 30
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "SHUTTING_DOWN"
+    assert info.metadata["last_sent_revision"] == str(opening.progress.revision)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.WatchTransactionRequest(), "lookup"),
+        (pb.WatchTransactionRequest(transaction_id=""), "transaction_id"),
+        (pb.WatchTransactionRequest(order_id="o", start_revision=-1), "start_revision"),
+    ],
+)
+async def test_watch_transaction_rejects_bad_requests(
+    api: Running, request_: pb.WatchTransactionRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.WatchTransaction(request_).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+
+
+async def test_watch_transactions_rejects_unspecified_kinds(api: Running) -> None:
+    request = pb.WatchTransactionsRequest(kinds=[pb.CHANGE_KIND_UNSPECIFIED])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.WatchTransactions(request).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kinds[0]" in caught.value.details()
