@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +29,7 @@ from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 DEADLINE = 60.0
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
 
 
@@ -529,3 +531,31 @@ async def test_watch_transactions_rejects_unspecified_kinds(api: Running) -> Non
         await api.stub.WatchTransactions(request).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "kinds[0]" in caught.value.details()
+
+
+async def test_the_readme_python_client_follows_an_order_until_it_is_done(
+    api: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/follow_order.py, started before any webhook, reports the redraw and returns
+    when the transaction completes."""
+    spec = importlib.util.spec_from_file_location("follow_order", EXAMPLES / "follow_order.py")
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    run = with_fresh_ids(REDRAW)
+    follower = asyncio.create_task(
+        asyncio.to_thread(
+            example.follow, run["expect"]["initial_order_id"], f"127.0.0.1:{api.service.port}"
+        )
+    )
+    await wait_for(lambda: api.service.hub.subscriber_count == 1)
+    for d in run["deliveries"]:
+        await ingest(api, d["svix_id"], d["body"])
+    async with asyncio.timeout(DEADLINE):
+        assert await follower == "completed"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        f"redraw available: follow order {run['expect']['redraw_order_id']}",
+        f"transaction {run['expect']['transaction_id']} completed",
+    ]
