@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -215,6 +215,182 @@ def padded_body(size: int) -> str:
     return json.dumps({"event_type": "labtest.order.updated", "padding": "x" * size})
 
 
+WATCH_TIMEOUT = 30.0
+APPLIED = "INGEST_OUTCOME_APPLIED"
+# Watch streams are ended at once on SIGTERM, so the server stops well within its 10 s grace.
+WATCH_SHUTDOWN_LIMIT = 8.0
+
+
+T = TypeVar("T")
+
+
+class Client:
+    """A long-running client process (a grpcurl stream, the watch CLI). Threads collect its
+    stdout and stderr line by line; leaving the `with` block terminates it."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._open_streams = 2
+        self._changed = threading.Condition()  # re-entrant: `wait_for` conditions read output
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+            for stream, lines in (
+                (self.process.stdout, self._out),
+                (self.process.stderr, self._err),
+            )
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            with self._changed:
+                lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._open_streams -= 1
+            self._changed.notify_all()
+
+    @property
+    def stdout(self) -> str:
+        with self._changed:
+            return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        with self._changed:
+            return "".join(self._err)
+
+    def wait_for(self, found: Callable[[], T], what: str, timeout: float = WATCH_TIMEOUT) -> T:
+        """The first truthy result of `found()`, tried whenever output arrives; fails if the
+        process closes its output or time runs out first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if result := found():
+                    return result
+                left = deadline - time.monotonic()
+                if self._open_streams == 0 or left <= 0:
+                    break
+                self._changed.wait(left)
+        pytest.fail(
+            f"{what} never came (exit code {self.process.poll()});\n"
+            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        )
+
+    def wait(self, timeout: float = WATCH_TIMEOUT) -> int:
+        """Wait for the process to exit by itself; its exit code, with all its output read."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {timeout} s; stderr:\n{self.stderr}")
+        for reader in self._readers:
+            reader.join(STOP_TIMEOUT)
+        return self.process.returncode
+
+    def stop(self) -> None:
+        """Terminate (then kill) the process if it still runs. Idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for reader in self._readers:
+            reader.join(STOP_TIMEOUT)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def grpcurl_watch(server: Server, method: str, request: dict[str, Any]) -> Client:
+    """`grpcurl -d REQUEST ADDRESS SERVICE/METHOD` for a server-streaming method, left running."""
+    return Client(
+        str(GRPCURL), "-plaintext", "-d", json.dumps(request), server.address, f"{SERVICE}/{method}"
+    )
+
+
+def grpcurl_messages(client: Client) -> list[dict[str, Any]]:
+    """The messages grpcurl printed so far: pretty JSON objects one after another. An object
+    still being printed is left out."""
+    text, decoder, messages, at = client.stdout, json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        try:
+            message, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return messages
+        messages.append(message)
+
+
+def first_grpcurl_message(client: Client) -> dict[str, Any]:
+    return client.wait_for(lambda: grpcurl_messages(client)[:1], "a first message")[0]
+
+
+def changes(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m["change"] for m in messages if "change" in m]
+
+
+def wait_for_change_of(client: Client, transaction_id: str) -> dict[str, Any]:
+    """The first change of `transaction_id` that grpcurl prints."""
+
+    def found() -> dict[str, Any] | None:
+        mine = [
+            c for c in changes(grpcurl_messages(client)) if c["transaction"]["id"] == transaction_id
+        ]
+        return mine[0] if mine else None
+
+    return client.wait_for(found, f"a change of transaction {transaction_id}")
+
+
+def revisions(messages: list[dict[str, Any]]) -> list[int]:
+    """The revisions of the changes among the messages (proto3 JSON sends int64 as strings)."""
+    return [int(change["revision"]) for change in changes(messages)]
+
+
+def ingest_all(server: Server, deliveries: list[dict[str, Any]]) -> list[int]:
+    """Ingest `deliveries` in order; the revisions of those that were applied."""
+    responses = [ingest(server, delivery) for delivery in deliveries]
+    return [int(r["revision"]) for r in responses if r["outcome"] == APPLIED]
+
+
+def cli_watch(address: str, *args: str) -> Client:
+    """`transaction-service watch --address ADDRESS ARGS`, left running."""
+    return Client(sys.executable, "-m", "transaction_service", "watch", "--address", address, *args)
+
+
+def cli_messages(client: Client) -> list[dict[str, Any]]:
+    """The CLI's output so far: one JSON object per line, each of which must parse."""
+    return [json.loads(line) for line in client.stdout.splitlines()]
+
+
+def serve_db_on_port(stack: contextlib.ExitStack, db: Path, port: int, attempts: int = 5) -> Server:
+    """A server on the database `db` and the given port, stopped when `stack` closes. Retried a
+    few times in case the port is not free yet."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return stack.enter_context(
+                running_server(db.parent, "--grpc-port", str(port), "--db", str(db))
+            )
+        except pytest.fail.Exception:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_reflection_lists_services_and_serves_proto_comments(server: Server) -> None:
     """`grpcurl list` shows our service, health and reflection; `describe` shows the docs."""
     listed = server.grpcurl("list")
@@ -361,3 +537,102 @@ def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
     assert server.stop(sig=signal.SIGINT) == 0
     assert "stopped" in server.log_text()
     assert "Traceback" not in server.log_text()
+
+
+def test_grpcurl_watch_sees_a_change_ingested_after_it_started(server: Server) -> None:
+    """A grpcurl watch of the whole feed, and one of an order no webhook has mentioned yet, each
+    open with a progress message; a webhook ingested afterwards shows up on both as the
+    transaction's creation."""
+    delivery = RICHEST["deliveries"][0]
+    transaction_id = RICHEST["expect"]["transaction_id"]
+    order_id = delivery["body"]["data"]["id"]
+
+    with (
+        grpcurl_watch(server, "WatchTransactions", {}) as feed,
+        grpcurl_watch(server, "WatchTransaction", {"order_id": order_id}) as one,
+    ):
+        for watch in (feed, one):
+            assert "progress" in first_grpcurl_message(watch)
+
+        applied = ingest(server, delivery)
+        assert applied["outcome"] == APPLIED
+
+        for watch in (feed, one):
+            change = wait_for_change_of(watch, transaction_id)
+            assert "CHANGE_KIND_TRANSACTION_CREATED" in change["kinds"]
+            assert change["revision"] == applied["revision"]
+            assert change["eventId"] == delivery["svix_id"]
+
+
+def test_grpcurl_watch_replays_from_start_revision(server: Server) -> None:
+    """Watching with start_revision 0 after the fact replays every change that was made, in
+    order, with the revisions IngestEvent reported."""
+    applied = ingest_all(server, RICHEST["deliveries"])
+    assert applied == list(range(1, len(applied) + 1))
+
+    with grpcurl_watch(server, "WatchTransactions", {"start_revision": 0}) as feed:
+        feed.wait_for(lambda: applied[-1] in revisions(grpcurl_messages(feed)), "the last change")
+        messages = grpcurl_messages(feed)
+    assert revisions(messages) == applied
+    assert {c["transaction"]["id"] for c in changes(messages)} == {
+        RICHEST["expect"]["transaction_id"]
+    }
+
+
+def test_cli_watch_prints_json_lines_and_resumes(tmp_path: Path) -> None:
+    """`transaction-service watch --from-revision 0` prints every change as a JSON line. When the
+    server restarts, it says UNAVAILABLE, reconnects by itself and carries on where it stopped:
+    changes made while it was cut off, then live ones, none missed or repeated."""
+    db = tmp_path / "x.db"
+    other = next(s for s in SCENARIOS if s is not RICHEST)
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(serve_db(db))
+        cli = stack.enter_context(cli_watch(first.address, "--from-revision", "0"))
+        before = ingest_all(first, RICHEST["deliveries"])
+        cli.wait_for(lambda: before[-1] in revisions(cli_messages(cli)), "the first changes")
+        assert revisions(cli_messages(cli)) == before
+
+        assert first.stop() == 0, first.log_text()
+        notice = "UNAVAILABLE: the server is shutting down"
+        cli.wait_for(lambda: notice in cli.stderr, "the UNAVAILABLE notice")
+        # Webhooks keep coming while nothing listens where the CLI reconnects: the CLI can only
+        # get these changes by resuming from the last revision it printed.
+        with serve_db(db) as elsewhere:
+            while_away = ingest_all(elsewhere, other["deliveries"][:-1])
+
+        second = serve_db_on_port(stack, db, first.port)
+        cli.wait_for(lambda: while_away[-1] in revisions(cli_messages(cli)), "missed changes")
+        live = ingest_all(second, other["deliveries"][-1:])
+        cli.wait_for(lambda: live[-1] in revisions(cli_messages(cli)), "live changes")
+
+        expected = before + while_away + live
+        assert expected == list(range(1, len(expected) + 1))
+        assert revisions(cli_messages(cli)) == expected
+        assert cli.process.poll() is None, "the watch gave up instead of reconnecting"
+
+
+def test_sigterm_ends_watch_streams_cleanly(server: Server) -> None:
+    """SIGTERM with watches open: the server exits 0 at once rather than waiting out its grace
+    period, and each watcher is told Unavailable (SHUTTING_DOWN) with the revision to resume
+    from."""
+    applied = ingest(server, RICHEST["deliveries"][0])
+    transaction_id = RICHEST["expect"]["transaction_id"]
+    with (
+        grpcurl_watch(server, "WatchTransactions", {}) as feed,
+        grpcurl_watch(server, "WatchTransaction", {"transaction_id": transaction_id}) as one,
+    ):
+        assert "progress" in first_grpcurl_message(feed)
+        assert "current" in first_grpcurl_message(one)
+
+        started = time.monotonic()
+        exit_code = server.stop()
+        took = time.monotonic() - started
+        assert exit_code == 0, server.log_text()
+        assert took < WATCH_SHUTDOWN_LIMIT, f"stopping took {took:.1f} s"
+
+        for watch in (feed, one):
+            assert watch.wait() != 0
+            output = watch.stdout + watch.stderr
+            assert "Code: Unavailable" in output
+            assert "SHUTTING_DOWN" in output
+            assert f'"last_sent_revision":"{applied["revision"]}"' in output
