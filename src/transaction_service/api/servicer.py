@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -61,6 +62,16 @@ _OUTCOME_TO_PB = {
 }
 
 
+async def _abort(
+    context: grpc.aio.ServicerContext, code: int, message: str, detail: Message
+) -> NoReturn:
+    """End the call with a rich status: `code`, `message`, and one google.rpc detail."""
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status = status_pb2.Status(code=code, message=message[:2000], details=[packed])
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
 async def abort_invalid(
     context: grpc.aio.ServicerContext, violations: list[FieldViolation]
 ) -> NoReturn:
@@ -68,35 +79,25 @@ async def abort_invalid(
     message = "invalid request: " + "; ".join(
         f"{v.field}: {v.description}" if v.field else v.description for v in violations
     )
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in violations
-            ]
-        )
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ]
     )
-    status = status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT, message=message[:2000], details=[detail]
-    )
-    await context.abort_with_status(rpc_status.to_status(status))
+    await _abort(context, code_pb2.INVALID_ARGUMENT, message, bad_request)
 
 
 async def abort_with_reason(
     context: grpc.aio.ServicerContext,
-    code: code_pb2.Code.ValueType,
+    code: int,
     message: str,
     reason: str,
     metadata: dict[str, str],
 ) -> NoReturn:
     """End the call with `code` and a google.rpc.ErrorInfo a client can act on."""
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
-    status = status_pb2.Status(code=code, message=message, details=[detail])
-    await context.abort_with_status(rpc_status.to_status(status))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    await _abort(context, code, message, info)
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
