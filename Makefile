@@ -44,6 +44,7 @@ format: $(DEV_INSTALLED)
 
 bench: $(DEV_INSTALLED)
 	$(BIN)/python bench/ingest_bench.py
+	$(BIN)/python bench/watch_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

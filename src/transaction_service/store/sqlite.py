@@ -12,6 +12,7 @@ not only a process crash. `NORMAL` is faster and still crash-safe, and can be ch
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -402,6 +403,9 @@ class SqliteStore:
         return row[0] if row else 0
 
 
+# Change rows never change, and watchers replaying the log read the same rows; decoding the
+# stored view is most of the cost of a replay, so decoded changes are shared.
+@functools.lru_cache(maxsize=4096)
 def _change(row: tuple[int, str, str, str | None, str, str, str]) -> ChangeRecord:
     revision, transaction_id, event_id, order_id, kinds, view, recorded_at = row
     return ChangeRecord(
