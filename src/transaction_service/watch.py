@@ -178,11 +178,11 @@ class ChangeHub:
     ) -> AsyncIterator[WatchEvent]:
         """Matching changes, in revision order, each once.
 
-        Without `start_revision` the watch starts now: with `current` (a single transaction) its
-        first event is `Current`, or `Progress` at the head revision if the transaction is not
-        known yet or for the feed. With it, changes with
-        revision > start_revision are replayed from the change log first; 0 means from the oldest
-        change kept, while any other revision older than the log raises `Compacted`.
+        Without `start_revision` the watch starts now. Its first event is `Current` for a single
+        transaction (given `current`, which reads it), or `Progress` at the head revision for the
+        feed or a transaction not known yet. With `start_revision`, changes after it are replayed
+        from the change log first; 0 means from the oldest change kept, and any other revision
+        older than the log raises `Compacted`.
         """
         if self._closed:
             raise WatchClosed(start_revision or 0)
