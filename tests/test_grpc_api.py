@@ -26,6 +26,27 @@ from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 
+async def send(api: Running, event_id: str, body: dict[str, Any], *, as_json: bool) -> Any:
+    """IngestEvent with the body as raw JSON text or as a Struct."""
+    request = pb.IngestEventRequest(event_id=event_id)
+    if as_json:
+        request.payload_json = json.dumps(body)
+    else:
+        request.payload.CopyFrom(struct(body))
+    return await api.stub.IngestEvent(request)
+
+
+async def check_served(api: Running, expect: dict[str, Any]) -> None:
+    """GetTransaction by id matches `expect`, and every order id finds the same transaction."""
+    got = await api.stub.GetTransaction(
+        pb.GetTransactionRequest(transaction_id=expect["transaction_id"])
+    )
+    check_expect(got.transaction, expect)
+    for order_id in expect["orders"]:
+        by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
+        assert by_order.transaction == got.transaction
+
+
 def check_expect(txn: pb.Transaction, expect: dict[str, Any]) -> None:
     assert txn.id == expect["transaction_id"]
     assert pb.TransactionStatus.Name(txn.status) == expect["status"]
@@ -66,25 +87,11 @@ async def test_any_delivery_order_with_duplicates_and_resends_reaches_expect(
     raw = data.draw(st.lists(st.booleans(), min_size=len(order), max_size=len(order)))
     seen: set[str] = set()
     for (event_id, body), as_json in zip(order, raw, strict=True):
-        request = pb.IngestEventRequest(event_id=event_id)
-        if as_json:
-            request.payload_json = json.dumps(body)
-        else:
-            request.payload.CopyFrom(struct(body))
-        response = await api.stub.IngestEvent(request)
-        if event_id in seen:
-            assert response.outcome == pb.INGEST_OUTCOME_DUPLICATE
-        else:
-            assert response.outcome != pb.INGEST_OUTCOME_DUPLICATE
+        response = await send(api, event_id, body, as_json=as_json)
+        assert (response.outcome == pb.INGEST_OUTCOME_DUPLICATE) == (event_id in seen)
         seen.add(event_id)
         assert response.transaction.id == run["expect"]["transaction_id"]
-    got = await api.stub.GetTransaction(
-        pb.GetTransactionRequest(transaction_id=run["expect"]["transaction_id"])
-    )
-    check_expect(got.transaction, run["expect"])
-    for order_id in run["expect"]["orders"]:
-        by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
-        assert by_order.transaction == got.transaction
+    await check_served(api, run["expect"])
 
 
 async def test_every_permutation_with_every_delivery_duplicated_reaches_expect(
@@ -99,22 +106,10 @@ async def test_every_permutation_with_every_delivery_duplicated_reaches_expect(
         twice = [d for d in once for _ in (0, 1)] if i % 2 == 0 else once + once
         seen: set[str] = set()
         for k, d in enumerate(twice):
-            request = pb.IngestEventRequest(event_id=d["svix_id"])
-            if (i + k) % 2:
-                request.payload_json = json.dumps(d["body"])
-            else:
-                request.payload.CopyFrom(struct(d["body"]))
-            response = await api.stub.IngestEvent(request)
-            retry = d["svix_id"] in seen
-            assert (response.outcome == pb.INGEST_OUTCOME_DUPLICATE) == retry
+            response = await send(api, d["svix_id"], d["body"], as_json=bool((i + k) % 2))
+            assert (response.outcome == pb.INGEST_OUTCOME_DUPLICATE) == (d["svix_id"] in seen)
             seen.add(d["svix_id"])
-        got = await api.stub.GetTransaction(
-            pb.GetTransactionRequest(transaction_id=run["expect"]["transaction_id"])
-        )
-        check_expect(got.transaction, run["expect"])
-        for order_id in run["expect"]["orders"]:
-            by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
-            assert by_order.transaction == got.transaction
+        await check_served(api, run["expect"])
 
 
 async def test_outcomes_and_revisions(api: Running) -> None:
