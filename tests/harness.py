@@ -38,3 +38,14 @@ async def ingest(api: Running, event_id: str, body: dict[str, Any]) -> pb.Ingest
     return await api.stub.IngestEvent(
         pb.IngestEventRequest(event_id=event_id, payload=struct(body))
     )
+
+
+def check_expect(txn: pb.Transaction, expect: dict[str, Any]) -> None:
+    assert txn.id == expect["transaction_id"]
+    assert pb.TransactionStatus.Name(txn.status) == expect["status"]
+    assert txn.initial_order_id == expect["initial_order_id"]
+    assert txn.redraw_order_id == expect["redraw_order_id"]
+    assert txn.current_order_id == expect["current_order_id"]
+    assert txn.redraw_available == expect["redraw_available"]
+    got = {o.id: [pb.OrderOrigin.Name(o.origin), o.low_level_status] for o in txn.orders}
+    assert got == expect["orders"]

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import BODY_LIMIT, SCENARIOS
-from tests.harness import Running, ingest, struct
+from tests.harness import Running, check_expect, ingest, struct
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
@@ -45,17 +45,6 @@ async def check_served(api: Running, expect: dict[str, Any]) -> None:
     for order_id in expect["orders"]:
         by_order = await api.stub.GetTransaction(pb.GetTransactionRequest(order_id=order_id))
         assert by_order.transaction == got.transaction
-
-
-def check_expect(txn: pb.Transaction, expect: dict[str, Any]) -> None:
-    assert txn.id == expect["transaction_id"]
-    assert pb.TransactionStatus.Name(txn.status) == expect["status"]
-    assert txn.initial_order_id == expect["initial_order_id"]
-    assert txn.redraw_order_id == expect["redraw_order_id"]
-    assert txn.current_order_id == expect["current_order_id"]
-    assert txn.redraw_available == expect["redraw_available"]
-    got = {o.id: [pb.OrderOrigin.Name(o.origin), o.low_level_status] for o in txn.orders}
-    assert got == expect["orders"]
 
 
 # -- the scenarios through IngestEvent -----------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -20,9 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 
 from tests.conftest import SCENARIOS
+from tests.harness import check_expect
+from tests.scenario_tools import with_fresh_ids
+from transactions.v1 import transactions_pb2 as pb
+from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICE = "transactions.v1.TransactionService"
@@ -636,3 +642,60 @@ def test_sigterm_ends_watch_streams_cleanly(server: Server) -> None:
             assert "Code: Unavailable" in output
             assert "SHUTTING_DOWN" in output
             assert f'"last_sent_revision":"{applied["revision"]}"' in output
+
+
+def test_no_acknowledged_event_is_lost_when_the_server_is_killed(tmp_path: Path) -> None:
+    """Senders stream deliveries in; the server is killed (SIGKILL) mid-stream. After a restart
+    on the same database every acknowledged delivery is known (its re-send is DUPLICATE), and
+    re-sending everything, as the provider's retries would, ends every transaction in its
+    expected state."""
+    db = tmp_path / "crash.db"
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(40)]
+    deliveries = [d for r in runs for d in r["deliveries"]]
+    random.Random(3).shuffle(deliveries)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def request(d: dict[str, Any]) -> pb.IngestEventRequest:
+        return pb.IngestEventRequest(event_id=d["svix_id"], payload_json=json.dumps(d["body"]))
+
+    with serve_db(db) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TransactionServiceStub(channel)
+
+        def send(chunk: list[dict[str, Any]]) -> None:
+            for d in chunk:
+                try:
+                    stub.IngestEvent(request(d), timeout=CALL_TIMEOUT)
+                except grpc.RpcError:
+                    return  # the server is gone; this sender stops
+                with lock:
+                    acknowledged.append(d["svix_id"])
+
+        senders = [
+            threading.Thread(target=send, args=(deliveries[k::8],), daemon=True) for k in range(8)
+        ]
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while len(acknowledged) < len(deliveries) // 3:
+            assert time.monotonic() < deadline, "ingest too slow to test a crash"
+            time.sleep(0.005)
+        server.process.kill()
+        for sender in senders:
+            sender.join(CALL_TIMEOUT)
+    assert 0 < len(acknowledged) < len(deliveries), "the kill did not land mid-stream"
+
+    with serve_db(db) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TransactionServiceStub(channel)
+        by_id = {d["svix_id"]: d for d in deliveries}
+        for event_id in acknowledged:
+            response = stub.IngestEvent(request(by_id[event_id]), timeout=CALL_TIMEOUT)
+            assert response.outcome == pb.INGEST_OUTCOME_DUPLICATE, event_id
+        for d in deliveries:
+            stub.IngestEvent(request(d), timeout=CALL_TIMEOUT)
+        for run in runs:
+            got = stub.GetTransaction(
+                pb.GetTransactionRequest(transaction_id=run["expect"]["transaction_id"]),
+                timeout=CALL_TIMEOUT,
+            )
+            check_expect(got.transaction, run["expect"])
