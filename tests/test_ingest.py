@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
+from transaction_service.domain.payload import PayloadError
 from transaction_service.ingest import (
     EventIdConflict,
     Ingestor,
@@ -241,3 +244,75 @@ async def test_a_failing_unit_is_rolled_back_alone_and_its_batch_commits(harness
     assert results[0].outcome == Outcome.APPLIED  # type: ignore[union-attr]
     # The failing unit's writes are gone; the others are committed.
     assert [r["event_id"] for r in harness.rows("events")] == [d.event_id for d in good]
+
+
+# -- fuzzing: no body crashes the service -----------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+    | st.sampled_from(["2026-03-01T10:00:00Z", "2026-03-01T10:00:00.123456+02:00", "", "a.b.c"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a value inside a JSON document."""
+    out = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            out += paths(child, (*prefix, i))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_bodies_are_applied_or_refused_never_crash(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """Replace values anywhere in real bodies with arbitrary JSON: each delivery is either
+    refused with field violations (before the store) or applied; nothing else happens."""
+    run = with_fresh_ids(data.draw(st.sampled_from(SCENARIOS), label="scenario"))
+    bodies = [copy.deepcopy(d["body"]) for d in run["deliveries"]]
+    for body in bodies:
+        for _ in range(data.draw(st.integers(0, 3), label="mutations")):
+            path = data.draw(st.sampled_from(paths(body)), label="path")
+            node = body
+            for key in path[:-1]:
+                node = node[key]
+            if data.draw(st.booleans(), label="delete"):
+                del node[path[-1]]
+            else:
+                node[path[-1]] = data.draw(JSON_VALUES, label="value")
+
+    async def ingest_all() -> None:
+        async with Harness(tmp_path_factory.mktemp("fuzz") / "fuzz.db") as h:
+            for i, body in enumerate(bodies):
+                as_json = data.draw(st.booleans(), label="as_json")
+                try:
+                    if as_json:
+                        delivery = decode_delivery(
+                            f"e{i}", payload_json=json.dumps(body), max_body_bytes=LIMIT
+                        )
+                    else:
+                        delivery = decode_delivery(f"e{i}", payload=body, max_body_bytes=LIMIT)
+                except PayloadError as exc:
+                    refused = exc.violations
+                else:
+                    refused = []
+                if refused:
+                    assert all(v.description for v in refused)
+                    continue
+                result = await h.ingestor.ingest(delivery)
+                assert result.outcome in (Outcome.APPLIED, Outcome.STALE, Outcome.IGNORED)
+
+    asyncio.run(ingest_all())
