@@ -14,10 +14,11 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import TypeAdapter
 
 from transaction_service.domain.payload import OrderData, OrderEvent, TransactionBlock
 
@@ -25,8 +26,9 @@ from transaction_service.domain.payload import OrderData, OrderEvent, Transactio
 NEVER = datetime.min.replace(tzinfo=UTC)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True)
+# Plain frozen dataclasses: they are built many times per event, and construction without
+# validation is several times cheaper than pydantic models. Pydantic still (de)serialises them.
+_model = dataclass(frozen=True, slots=True, kw_only=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,7 +36,8 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 
-class StatusObservation(_Model):
+@_model
+class StatusObservation:
     """An order's low-level status at a time, from its own events or from a transaction block."""
 
     reached_at: datetime = NEVER
@@ -49,7 +52,8 @@ class StatusObservation(_Model):
         return (self.reached_at, self.event_id is not None, self.event_id or 0, self.low, self.high)
 
 
-class OrderSnapshot(_Model):
+@_model
+class OrderSnapshot:
     """Fields that only an order's own webhook carries, from the newest such webhook."""
 
     updated_at: datetime = NEVER
@@ -71,7 +75,8 @@ class OrderSnapshot(_Model):
         return (self.updated_at, self.newest_event, self.digest)
 
 
-class BlockEntry(_Model):
+@_model
+class BlockEntry:
     """An order's summary inside a transaction block, from the newest block that listed it."""
 
     updated_at: datetime = NEVER
@@ -85,7 +90,8 @@ class BlockEntry(_Model):
         return (self.updated_at, self.status_at, self.digest)
 
 
-class OrderKnowledge(_Model):
+@_model
+class OrderKnowledge:
     id: str
     status: StatusObservation | None = None
     # The newest status from the order's own events; gives the high level when `status` came from
@@ -95,7 +101,8 @@ class OrderKnowledge(_Model):
     entry: BlockEntry | None = None
 
 
-class BlockStatus(_Model):
+@_model
+class BlockStatus:
     """The transaction status from the newest transaction block seen."""
 
     as_of: datetime
@@ -109,14 +116,15 @@ class BlockStatus(_Model):
 _STATUS_RANK = {"active": 0, "cancelled": 2, "completed": 3}
 
 
-class Knowledge(_Model):
+@_model
+class Knowledge:
     """Everything known about one transaction."""
 
     id: str
     # A legacy order (payload without a transaction block) stands in its own transaction, whose id
     # is the order id, until a payload with a block moves it into a real one.
     legacy: bool = False
-    orders: dict[str, OrderKnowledge] = Field(default_factory=dict)
+    orders: dict[str, OrderKnowledge] = field(default_factory=dict)
     block: BlockStatus | None = None
 
 
@@ -258,7 +266,8 @@ class OrderOrigin(enum.StrEnum):
     RECREATION = "recreation"
 
 
-class OrderView(_Model):
+@_model
+class OrderView:
     id: str
     origin: OrderOrigin = OrderOrigin.UNSPECIFIED
     low_level_status: str = ""
@@ -276,12 +285,13 @@ class OrderView(_Model):
     seen_own_event: bool = False
 
 
-class TransactionView(_Model):
+@_model
+class TransactionView:
     id: str
     status: TransactionStatus
     provider_status: str = ""
     legacy: bool = False
-    orders: list[OrderView] = Field(default_factory=list)
+    orders: list[OrderView] = field(default_factory=list)
     initial_order_id: str = ""
     redraw_order_id: str = ""
     current_order_id: str = ""
@@ -463,3 +473,27 @@ def change_kinds(before: TransactionView | None, after: TransactionView) -> list
     if not kinds:
         kinds.append(ChangeKind.DETAILS_CHANGED)
     return kinds
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON, for the store.
+# --------------------------------------------------------------------------------------------------
+
+_KNOWLEDGE = TypeAdapter(Knowledge)
+_VIEW = TypeAdapter(TransactionView)
+
+
+def knowledge_to_json(knowledge: Knowledge) -> str:
+    return _KNOWLEDGE.dump_json(knowledge).decode()
+
+
+def knowledge_from_json(text: str | bytes) -> Knowledge:
+    return _KNOWLEDGE.validate_json(text)
+
+
+def view_to_json(transaction: TransactionView) -> str:
+    return _VIEW.dump_json(transaction).decode()
+
+
+def view_from_json(text: str | bytes) -> TransactionView:
+    return _VIEW.validate_json(text)

@@ -23,7 +23,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transaction_service.domain.state import ChangeKind, Knowledge, TransactionView
+from transaction_service.domain.state import (
+    ChangeKind,
+    TransactionView,
+    knowledge_from_json,
+    knowledge_to_json,
+    view_from_json,
+    view_to_json,
+)
 from transaction_service.store.base import (
     ChangeLogPage,
     ChangeRecord,
@@ -83,8 +90,8 @@ class SqliteUnitOfWork:
         if row is None:
             return None
         return StoredTransaction(
-            knowledge=Knowledge.model_validate_json(row[0]),
-            view=TransactionView.model_validate_json(row[1]),
+            knowledge=knowledge_from_json(row[0]),
+            view=view_from_json(row[1]),
             revision=row[2],
         )
 
@@ -104,8 +111,8 @@ class SqliteUnitOfWork:
                 view.team_id,
                 view.user_id,
                 iso(view.updated_at),
-                transaction.knowledge.model_dump_json(),
-                view.model_dump_json(),
+                knowledge_to_json(transaction.knowledge),
+                view_to_json(view),
             ),
         )
         self._conn.executemany(
@@ -135,7 +142,7 @@ class SqliteUnitOfWork:
                 event_id,
                 order_id,
                 ",".join(kinds),
-                view.model_dump_json(),
+                view_to_json(view),
                 iso(recorded_at),
             ),
         )
@@ -290,9 +297,7 @@ class SqliteStore:
 
     @staticmethod
     def _snapshot(row: tuple[str, int]) -> TransactionSnapshot:
-        return TransactionSnapshot(
-            view=TransactionView.model_validate_json(row[0]), revision=row[1]
-        )
+        return TransactionSnapshot(view=view_from_json(row[0]), revision=row[1])
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
         def query(conn: sqlite3.Connection) -> tuple[TransactionSnapshot | None, int]:
@@ -414,6 +419,6 @@ def _change(row: tuple[int, str, str, str | None, str, str, str]) -> ChangeRecor
         event_id=event_id,
         order_id=order_id,
         kinds=tuple(ChangeKind(k) for k in kinds.split(",") if k),
-        view=TransactionView.model_validate_json(view),
+        view=view_from_json(view),
         recorded_at=datetime.fromisoformat(recorded_at),
     )
