@@ -69,6 +69,13 @@ class SqliteUnitOfWork:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        # A change's view is written twice (change log and current state); serialise it once.
+        self._last_view: tuple[TransactionView, str] | None = None
+
+    def _view_json(self, view: TransactionView) -> str:
+        if self._last_view is None or self._last_view[0] is not view:
+            self._last_view = (view, view_to_json(view))
+        return self._last_view[1]
 
     def find_event(self, event_id: str) -> RecordedEvent | None:
         row = self._conn.execute(
@@ -112,7 +119,7 @@ class SqliteUnitOfWork:
                 view.user_id,
                 iso(view.updated_at),
                 knowledge_to_json(transaction.knowledge),
-                view_to_json(view),
+                self._view_json(view),
             ),
         )
         self._conn.executemany(
@@ -142,7 +149,7 @@ class SqliteUnitOfWork:
                 event_id,
                 order_id,
                 ",".join(kinds),
-                view_to_json(view),
+                self._view_json(view),
                 iso(recorded_at),
             ),
         )
