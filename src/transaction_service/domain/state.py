@@ -26,9 +26,9 @@ from transaction_service.domain.payload import OrderData, OrderEvent, Transactio
 NEVER = datetime.min.replace(tzinfo=UTC)
 
 
-# Plain frozen dataclasses: they are built many times per event, and construction without
-# validation is several times cheaper than pydantic models. Pydantic still (de)serialises them.
-_model = dataclass(frozen=True, slots=True, kw_only=True)
+# Knowledge and views are plain frozen dataclasses: they are built many times per event, and
+# construction without validation is several times cheaper than pydantic models. Pydantic still
+# (de)serialises them for the store (see the end of this module).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ _model = dataclass(frozen=True, slots=True, kw_only=True)
 # --------------------------------------------------------------------------------------------------
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatusObservation:
     """An order's low-level status at a time, from its own events or from a transaction block."""
 
@@ -52,7 +52,7 @@ class StatusObservation:
         return (self.reached_at, self.event_id is not None, self.event_id or 0, self.low, self.high)
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrderSnapshot:
     """Fields that only an order's own webhook carries, from the newest such webhook."""
 
@@ -75,7 +75,7 @@ class OrderSnapshot:
         return (self.updated_at, self.newest_event, self.digest)
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockEntry:
     """An order's summary inside a transaction block, from the newest block that listed it."""
 
@@ -90,7 +90,7 @@ class BlockEntry:
         return (self.updated_at, self.status_at, self.digest)
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrderKnowledge:
     id: str
     status: StatusObservation | None = None
@@ -101,7 +101,7 @@ class OrderKnowledge:
     entry: BlockEntry | None = None
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockStatus:
     """The transaction status from the newest transaction block seen."""
 
@@ -116,7 +116,7 @@ class BlockStatus:
 _STATUS_RANK = {"active": 0, "cancelled": 2, "completed": 3}
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Knowledge:
     """Everything known about one transaction."""
 
@@ -228,7 +228,7 @@ def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> 
     orders: dict[str, OrderKnowledge] = {}
     times = [order.updated_at or NEVER]
     for item in block.orders:
-        status = item.status
+        low = item.status
         status_at = item.status_created_at or NEVER
         times += [item.updated_at or NEVER, status_at]
         entry = BlockEntry(
@@ -239,13 +239,13 @@ def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> 
             parent_id=item.parent_id or "",
             created_at=item.created_at,
         )
-        observation = StatusObservation(reached_at=status_at, low=status) if status else None
+        observation = StatusObservation(reached_at=status_at, low=low) if low else None
         known = OrderKnowledge(id=item.id, status=observation, entry=entry)
         orders[item.id] = join_order(orders[item.id], known) if item.id in orders else known
-    status = (
+    newest = (
         BlockStatus(as_of=max(times), status=block.status, digest=digest) if block.status else None
     )
-    return Knowledge(id=block.id, orders=orders, block=status)
+    return Knowledge(id=block.id, orders=orders, block=newest)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class OrderOrigin(enum.StrEnum):
     RECREATION = "recreation"
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrderView:
     id: str
     origin: OrderOrigin = OrderOrigin.UNSPECIFIED
@@ -285,7 +285,7 @@ class OrderView:
     seen_own_event: bool = False
 
 
-@_model
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TransactionView:
     id: str
     status: TransactionStatus

@@ -329,7 +329,8 @@ class SqliteStore:
     async def list(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
-        clauses, params = ["revision > ?"], [after_revision]
+        clauses: list[str] = ["revision > ?"]
+        params: list[object] = [after_revision]
         if where.status is not None:
             clauses.append("status = ?")
             params.append(where.status.value)
