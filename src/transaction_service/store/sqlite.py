@@ -302,6 +302,13 @@ class SqliteStore:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return row[0] if row else 0
 
+    @classmethod
+    def _compacted(cls, conn: sqlite3.Connection) -> int:
+        """The newest revision trimmed from the change log: just before the oldest kept, or the
+        head if none is kept (revisions are contiguous; trimming removes only the oldest)."""
+        oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
+        return cls._head(conn) if oldest is None else oldest - 1
+
     @staticmethod
     def _snapshot(row: tuple[str, int]) -> TransactionSnapshot:
         return TransactionSnapshot(view=view_from_json(row[0]), revision=row[1])
@@ -373,12 +380,10 @@ class SqliteStore:
 
         def query(conn: sqlite3.Connection) -> ChangeLogPage:
             rows = conn.execute(sql, params).fetchall()
-            head = self._head(conn)
-            oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
             return ChangeLogPage(
                 changes=[_change(row) for row in rows],
-                compacted_revision=head if oldest is None else oldest - 1,
-                head_revision=head,
+                compacted_revision=self._compacted(conn),
+                head_revision=self._head(conn),
             )
 
         return await self._read(query)
@@ -409,11 +414,7 @@ class SqliteStore:
                 raise
             if deleted < _TRIM_CHUNK:
                 break
-        oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
-        if oldest is not None:
-            return oldest - 1
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return row[0] if row else 0
+        return self._compacted(conn)
 
 
 # Change rows never change, and watchers replaying the log read the same rows; decoding the
