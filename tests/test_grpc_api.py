@@ -486,7 +486,7 @@ async def test_stopping_answers_in_flight_ingests_and_refuses_new_ones(tmp_path:
     assert {r.event_id for r in acknowledged} <= stored
 
 
-async def test_a_store_failure_is_internal_and_the_event_is_not_acknowledged(
+async def test_a_store_failure_is_unavailable_and_the_event_is_not_acknowledged(
     api: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(work: Any) -> Any:
@@ -496,8 +496,9 @@ async def test_a_store_failure_is_internal_and_the_event_is_not_acknowledged(
     d = SCENARIOS[0]["deliveries"][0]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ingest(api, d["svix_id"], d["body"])
-    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "was not stored" in caught.value.details()
+    assert "disk full" not in caught.value.details()
     monkeypatch.undo()
     # After the fault clears, the retry is applied as new.
     assert (await ingest(api, d["svix_id"], d["body"])).outcome == pb.INGEST_OUTCOME_APPLIED

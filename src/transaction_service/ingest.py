@@ -40,6 +40,7 @@ from transaction_service.domain.state import (
     view,
 )
 from transaction_service.domain.state import change_kinds as diff_kinds
+from transaction_service.errors import AlreadyExists, Unavailable, echo
 from transaction_service.store.base import (
     ChangeRecord,
     EventRecord,
@@ -83,19 +84,32 @@ class IngestResult:
         return self.change.revision if self.change else 0
 
 
-class EventIdConflict(Exception):
+class EventIdConflict(AlreadyExists):
     """The event id was ingested before with a different body."""
 
     def __init__(self, event_id: str) -> None:
         super().__init__(
-            f"event_id {event_id!r} was already ingested with a different body; "
+            f"event_id {echo(event_id)} was already ingested with a different body; "
             "event ids must identify one delivery"
         )
         self.event_id = event_id
 
 
-class IngestorStopped(Exception):
+class StoreUnavailable(Unavailable):
+    """The store could not commit; nothing of the delivery was stored."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="STORE_UNAVAILABLE")
+
+
+class IngestorStopped(Unavailable):
     """The ingestor is shutting down and takes no more deliveries."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the service is shutting down; nothing was stored: retry on another replica or later",
+            reason="SHUTTING_DOWN",
+        )
 
 
 def decode_delivery(
@@ -318,7 +332,7 @@ class Ingestor:
 
     async def ingest(self, delivery: Delivery) -> IngestResult:
         if self._stopping or self._task is None:
-            raise IngestorStopped("the service is shutting down")
+            raise IngestorStopped
         done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(delivery, done))
         # Shielded: a caller that goes away does not stop its delivery from being committed (it
@@ -351,11 +365,14 @@ class Ingestor:
         work = [partial(apply_delivery, delivery=p.delivery, now=now) for p in batch]
         try:
             results = await self._store.run_batch(work)
-        except Exception as exc:
+        except Exception:
             log.exception("commit of %d deliveries failed; none acknowledged", len(batch))
+            refusal = StoreUnavailable(
+                "the event was not stored: the database could not commit. Retry later."
+            )
             for pending in batch:
                 if not pending.done.done():
-                    pending.done.set_exception(exc)
+                    pending.done.set_exception(refusal)
             return
         changes = []
         for pending, result in zip(batch, results, strict=True):

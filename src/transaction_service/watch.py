@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from transaction_service.domain.state import ChangeKind
+from transaction_service.errors import OutOfRange, Unavailable
 from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
 
 log = logging.getLogger(__name__)
@@ -71,25 +72,32 @@ class Current:
 WatchEvent = ChangeRecord | Progress | Current
 
 
-class Compacted(Exception):
+class Compacted(OutOfRange):
     """The change log no longer holds the changes after `last_sent_revision`."""
 
     def __init__(self, compacted_revision: int, last_sent_revision: int) -> None:
         super().__init__(
             f"changes up to revision {compacted_revision} have been compacted; this watch needs "
             f"those after revision {last_sent_revision}. Re-read the state and watch from its "
-            "revision."
+            "revision.",
+            reason="REVISION_COMPACTED",
+            metadata={
+                "compacted_revision": str(compacted_revision),
+                "last_sent_revision": str(last_sent_revision),
+            },
         )
         self.compacted_revision = compacted_revision
         self.last_sent_revision = last_sent_revision
 
 
-class WatchClosed(Exception):
+class WatchClosed(Unavailable):
     """The server is shutting down; resume from `last_sent_revision` elsewhere or later."""
 
     def __init__(self, last_sent_revision: int) -> None:
         super().__init__(
-            f"the server is shutting down; resume with start_revision={last_sent_revision}"
+            f"the server is shutting down; resume with start_revision={last_sent_revision}",
+            reason="SHUTTING_DOWN",
+            metadata={"last_sent_revision": str(last_sent_revision)},
         )
         self.last_sent_revision = last_sent_revision
 

@@ -10,13 +10,9 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import NoReturn
 
 import grpc
-from google.protobuf import any_pb2, json_format
-from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf import json_format
 
 from transaction_service.api.convert import (
     change_to_pb,
@@ -25,24 +21,11 @@ from transaction_service.api.convert import (
     snapshot_to_pb,
     status_from_pb,
 )
-from transaction_service.domain.payload import FieldViolation, PayloadError
-from transaction_service.ingest import (
-    EventIdConflict,
-    Ingestor,
-    IngestorStopped,
-    Outcome,
-    decode_delivery,
-)
+from transaction_service.api.errors import grpc_errors
+from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
+from transaction_service.ingest import Ingestor, Outcome, decode_delivery
 from transaction_service.store.base import ChangeRecord, ListFilter, Store, TransactionSnapshot
-from transaction_service.watch import (
-    ChangeHub,
-    Compacted,
-    Current,
-    Progress,
-    WatchClosed,
-    WatchEvent,
-    WatchFilter,
-)
+from transaction_service.watch import ChangeHub, Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -50,7 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-ERROR_DOMAIN = "transactions.v1"
 # Converted change messages, shared by all watchers of a change.
 _CHANGE_CACHE_SIZE = 4096
 
@@ -60,44 +42,6 @@ _OUTCOME_TO_PB = {
     Outcome.STALE: pb.INGEST_OUTCOME_STALE,
     Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
 }
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext, code: int, message: str, detail: Message
-) -> NoReturn:
-    """End the call with a rich status: `code`, `message`, and one google.rpc detail."""
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    status = status_pb2.Status(code=code, message=message[:2000], details=[packed])
-    await context.abort_with_status(rpc_status.to_status(status))
-
-
-async def abort_invalid(
-    context: grpc.aio.ServicerContext, violations: list[FieldViolation]
-) -> NoReturn:
-    """End the call with INVALID_ARGUMENT and a google.rpc.BadRequest naming each field."""
-    message = "invalid request: " + "; ".join(
-        f"{v.field}: {v.description}" if v.field else v.description for v in violations
-    )
-    bad_request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations
-        ]
-    )
-    await _abort(context, code_pb2.INVALID_ARGUMENT, message, bad_request)
-
-
-async def abort_with_reason(
-    context: grpc.aio.ServicerContext,
-    code: int,
-    message: str,
-    reason: str,
-    metadata: dict[str, str],
-) -> NoReturn:
-    """End the call with `code` and a google.rpc.ErrorInfo a client can act on."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-    await _abort(context, code, message, info)
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
@@ -112,32 +56,18 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             collections.OrderedDict()
         )
 
+    @grpc_errors
     async def IngestEvent(
         self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestEventResponse:
         body = request.WhichOneof("body")
-        try:
-            delivery = decode_delivery(
-                request.event_id,
-                payload_json=request.payload_json if body == "payload_json" else None,
-                payload=json_format.MessageToDict(request.payload) if body == "payload" else None,
-                max_body_bytes=self._max_body_bytes,
-            )
-        except PayloadError as exc:
-            await abort_invalid(context, exc.violations)
-        try:
-            result = await self._ingestor.ingest(delivery)
-        except EventIdConflict as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except IngestorStopped as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except Exception as exc:
-            # The store failed (disk full, I/O error, ...): nothing of this event was committed.
-            log.exception("ingest of event %r failed", delivery.event_id)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"event {delivery.event_id!r} was not stored ({type(exc).__name__}); retry later",
-            )
+        delivery = decode_delivery(
+            request.event_id,
+            payload_json=request.payload_json if body == "payload_json" else None,
+            payload=json_format.MessageToDict(request.payload) if body == "payload" else None,
+            max_body_bytes=self._max_body_bytes,
+        )
+        result = await self._ingestor.ingest(delivery)
         return pb.IngestEventResponse(
             outcome=_OUTCOME_TO_PB[result.outcome],
             transaction=snapshot_to_pb(result.transaction),
@@ -145,27 +75,25 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             event_id=result.event_id,
         )
 
+    @grpc_errors
     async def GetTransaction(
         self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTransactionResponse:
         lookup = request.WhichOneof("lookup")
         if lookup is None:
-            await abort_invalid(
-                context, [FieldViolation("lookup", "set transaction_id or order_id")]
-            )
+            raise InvalidArgument([FieldViolation("lookup", "set transaction_id or order_id")])
         key = getattr(request, lookup)
         if not key:
-            await abort_invalid(context, [FieldViolation(lookup, "must not be empty")])
+            raise InvalidArgument([FieldViolation(lookup, "must not be empty")])
         if lookup == "transaction_id":
             snapshot, head = await self._store.get(key)
         else:
             snapshot, head = await self._store.get_by_order(key)
         if snapshot is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no transaction known for {lookup} {key!r}"
-            )
+            raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         return pb.GetTransactionResponse(transaction=snapshot_to_pb(snapshot), revision=head)
 
+    @grpc_errors
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTransactionsResponse:
@@ -192,7 +120,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             except ValueError as exc:
                 violations.append(FieldViolation("page_token", str(exc)))
         if violations:
-            await abort_invalid(context, violations)
+            raise InvalidArgument(violations)
         limit = request.page_size or DEFAULT_PAGE_SIZE
         # One extra row tells whether another page follows.
         snapshots, head = await self._store.list(where, after, limit + 1)
@@ -204,6 +132,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             revision=head,
         )
 
+    @grpc_errors
     async def WatchTransaction(
         self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchTransactionResponse]:
@@ -214,7 +143,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         elif not getattr(request, lookup):
             violations.append(FieldViolation(lookup, "must not be empty"))
         if violations:
-            await abort_invalid(context, violations)
+            raise InvalidArgument(violations)
         assert lookup is not None
         key = getattr(request, lookup)
         where = WatchFilter(**{lookup: key})
@@ -236,6 +165,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             else:
                 yield pb.WatchTransactionResponse(change=self._change_pb(event))
 
+    @grpc_errors
     async def WatchTransactions(
         self, request: pb.WatchTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchTransactionsResponse]:
@@ -247,7 +177,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             except KeyError:
                 violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
         if violations:
-            await abort_invalid(context, violations)
+            raise InvalidArgument(violations)
         where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
         async for event in self._watch(context, where, request, None):
             if isinstance(event, Progress):
@@ -265,28 +195,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         current: Callable[[], Awaitable[tuple[TransactionSnapshot | None, int]]] | None,
     ) -> AsyncIterator[WatchEvent]:
         start = request.start_revision if request.HasField("start_revision") else None
-        try:
-            async for event in self._hub.watch(where, start, current=current):
-                yield event
-        except Compacted as exc:
-            await abort_with_reason(
-                context,
-                code_pb2.OUT_OF_RANGE,
-                str(exc),
-                "REVISION_COMPACTED",
-                {
-                    "compacted_revision": str(exc.compacted_revision),
-                    "last_sent_revision": str(exc.last_sent_revision),
-                },
-            )
-        except WatchClosed as exc:
-            await abort_with_reason(
-                context,
-                code_pb2.UNAVAILABLE,
-                str(exc),
-                "SHUTTING_DOWN",
-                {"last_sent_revision": str(exc.last_sent_revision)},
-            )
+        async for event in self._hub.watch(where, start, current=current):
+            yield event
 
     def _change_pb(self, change: ChangeRecord) -> pb.TransactionChange:
         message = self._change_pbs.get(change.revision)

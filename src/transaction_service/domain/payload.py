@@ -17,23 +17,13 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from transaction_service.errors import FieldViolation, InvalidArgument
+
 ORDER_EVENT_TYPES = frozenset({"labtest.order.created", "labtest.order.updated"})
 
 
-@dataclass(frozen=True)
-class FieldViolation:
-    """One thing wrong with a body: `field` is a path such as `data.events[1].id`."""
-
-    field: str
-    description: str
-
-
-class PayloadError(ValueError):
+class PayloadError(InvalidArgument):
     """The body cannot be accepted; `violations` says why, field by field."""
-
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        self.violations = violations
-        super().__init__("; ".join(f"{v.field or 'body'}: {v.description}" for v in violations))
 
 
 def _as_utc(value: datetime) -> datetime:

@@ -1,0 +1,119 @@
+"""The one place where use-case errors become gRPC statuses.
+
+Servicer methods raise `transaction_service.errors` exceptions; `@grpc_errors` turns them into
+rich statuses (google.rpc.BadRequest for invalid arguments, google.rpc.ErrorInfo where the client
+can act on a reason). Anything else escaping a handler is a bug or an unexpected fault: the caller
+gets INTERNAL with a generic message (never Python's exception text), and the log gets the
+traceback once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from transaction_service.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ServiceError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "transactions.v1"
+MAX_MESSAGE = 2000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_for(exc: ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status a use-case error is answered with."""
+    detail: Message | None = None
+    if isinstance(exc, InvalidArgument):
+        code = code_pb2.INVALID_ARGUMENT
+        message = "invalid request: " + exc.message
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+    elif isinstance(exc, AlreadyExists):
+        code, message = code_pb2.ALREADY_EXISTS, exc.message
+    elif isinstance(exc, NotFound):
+        code, message = code_pb2.NOT_FOUND, exc.message
+    elif isinstance(exc, OutOfRange | Unavailable):
+        code = code_pb2.OUT_OF_RANGE if isinstance(exc, OutOfRange) else code_pb2.UNAVAILABLE
+        message = exc.message
+        if exc.reason:
+            detail = error_details_pb2.ErrorInfo(
+                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
+            )
+    else:  # a ServiceError subclass nobody mapped: still not the caller's fault
+        code, message = code_pb2.INTERNAL, exc.message
+    details = []
+    if detail is not None:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        details.append(packed)
+    return status_pb2.Status(code=code, message=message[:MAX_MESSAGE], details=details)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
+    await context.abort_with_status(rpc_status.to_status(status_for(exc)))
+    raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+    log.exception("unexpected error in %s", method)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "internal error; it was logged on the server. Retry later."
+    )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def grpc_errors(method: F) -> F:
+    """Map the errors a servicer method raises to statuses; works for unary and streaming."""
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except ServiceError as exc:
+                await abort(context, exc)
+            except grpc.aio.BaseError:
+                raise  # context.abort() unwinds the handler with AbortError
+            except Exception:
+                await _abort_internal(context, name)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            await abort(context, exc)
+        except grpc.aio.BaseError:
+            raise
+        except Exception:
+            await _abort_internal(context, name)
+
+    return unary  # type: ignore[return-value]

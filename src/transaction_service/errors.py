@@ -1,0 +1,82 @@
+"""The errors the use cases raise, independent of any transport.
+
+Each transport maps this hierarchy once: gRPC to a status code with a google.rpc detail
+(`api/errors.py`), HTTP to a status with a JSON body. Handlers never catch these one by one.
+
+Messages are written for the caller: they name what is wrong and what to do, and never carry a
+Python exception's text. Anything raised that is *not* a `ServiceError` is a bug or an unexpected
+fault; transports answer it with a generic INTERNAL / 500 and log it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Echoed input is cut to this many characters, so an error message cannot be used to reflect a
+# large or hostile value back at a caller (or into a log line).
+ECHO_LIMIT = 80
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`value` quoted for a message or log line: repr-escaped (no newline can forge a line) and cut
+    to `limit` characters."""
+    text = repr(value) if isinstance(value, str) else repr(str(value))
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One thing wrong with a request: `field` is a path such as `payload.data.events[1].id`."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of every error a caller is meant to see."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; `violations` names each field at fault. Nothing was stored."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__(
+            "; ".join(
+                f"{v.field}: {v.description}" if v.field else v.description for v in violations
+            )
+        )
+
+
+class AlreadyExists(ServiceError):
+    """The request conflicts with something stored before (an event id reused for another body)."""
+
+
+class NotFound(ServiceError):
+    """What the request names is not known."""
+
+
+class OutOfRange(ServiceError):
+    """A position outside what can be served; `reason` and `metadata` tell the client what to do."""
+
+    def __init__(self, message: str, reason: str, metadata: dict[str, str]) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata
+
+
+class Unavailable(ServiceError):
+    """A transient condition (shutting down, the store cannot write): retry, here or elsewhere.
+
+    `reason` and `metadata`, when set, are sent as a google.rpc.ErrorInfo."""
+
+    def __init__(
+        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata or {}
