@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from transaction_service.config import Settings
+from transaction_service.app import StartupError
+from transaction_service.config import (
+    Settings,
+    add_flags,
+    describe_errors,
+    env_name,
+    from_flags,
+    unknown_environment,
+)
+
+log = logging.getLogger("transaction_service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,16 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
-        help="run the gRPC server",
-        description="Run the gRPC server. "
-        "Every flag can also be set as TRANSACTION_SERVICE_<NAME>.",
+        help="run the service",
+        description="Run the service: gRPC, on the embedded SQLite store by default.",
     )
-    serve.add_argument("--grpc-host", help="address to listen on (default [::], all interfaces)")
-    serve.add_argument(
-        "--grpc-port", type=int, help="port to listen on (default 50051; 0 picks one)"
-    )
-    serve.add_argument("--db", help="SQLite database file (default var/transactions.db)")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add_flags(serve)
 
     watch = commands.add_parser(
         "watch",
@@ -70,23 +75,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.watch_client import run_watch
 
         return run_watch(args)
-    overrides = {
-        key: value for key, value in vars(args).items() if key != "command" and value is not None
-    }
     try:
-        settings = Settings(**overrides)
+        settings = from_flags(args)
     except ValidationError as exc:
-        print(f"transaction-service: bad setting:\n{exc}", file=sys.stderr)
+        for line in describe_errors(exc):
+            _startup_error(f"bad setting {line}")
         return 2
+    configure_logging(settings.log_level)
+    for name in unknown_environment():
+        known = [env_name(field) for field in Settings.model_fields]
+        hint = difflib.get_close_matches(name, known, n=1)
+        log.warning(
+            "environment variable %s is not a setting and is ignored%s",
+            name,
+            f" (did you mean {hint[0]}?)" if hint else "",
+        )
+    from transaction_service.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        _startup_error(str(exc))
+        return 2
+    return 0
+
+
+def _startup_error(message: str) -> None:
+    print(f"transaction-service: error: {message}", file=sys.stderr)
+
+
+def configure_logging(level: str) -> None:
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from transaction_service.server import serve
-
-    asyncio.run(serve(settings))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,43 +1,218 @@
-"""Settings: `TRANSACTION_SERVICE_*` environment variables, overridden by command-line flags."""
+"""Settings: `TRANSACTION_SERVICE_*` environment variables, overridden by command-line flags.
+
+Each setting is declared once, here, with its default and its description; the flags of
+`transaction-service serve`, their help texts and the README's settings table are all made from
+these declarations (`add_flags`, `settings_table`), so they cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+import argparse
+import os
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+ENV_PREFIX = "TRANSACTION_SERVICE_"
 MiB = 1024 * 1024
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRANSACTION_SERVICE_", extra="ignore")
+def _comma_separated(value: Any) -> Any:
+    # Lists come from the environment as "a,b,c"; flags give them as repeated options.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
-    # Address to listen on; "[::]" is every interface, IPv4 and IPv6.
-    grpc_host: str = "[::]"
-    grpc_port: int = Field(default=50051, ge=0, le=65535)
-    # SQLite database file; created with its folder if missing.
-    db: Path = Path("var/transactions.db")
-    # Largest webhook body accepted by IngestEvent; larger bodies get INVALID_ARGUMENT.
-    max_body_bytes: int = Field(default=1 * MiB, gt=0)
-    # Largest gRPC message accepted; larger ones are refused by gRPC with RESOURCE_EXHAUSTED
-    # before they reach the service. Kept above max_body_bytes so that an oversized body gets the
-    # clearer INVALID_ARGUMENT.
-    max_message_bytes: int = Field(default=4 * MiB, gt=0)
-    # FULL: an acknowledged event survives power loss. NORMAL: survives a process crash only.
-    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    # Most deliveries committed together in one transaction.
-    max_batch: int = Field(default=256, gt=0)
-    # How long SIGTERM/SIGINT waits for in-flight calls before cancelling them.
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
-    # Changes older than this are trimmed from the change log; a watch cannot resume from before.
-    change_retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)
-    # How often the change log is trimmed.
-    change_trim_interval_seconds: float = Field(default=60.0, gt=0)
-    # An idle watch stream gets a progress message this often (keeps resume points fresh and
-    # proxies from closing the stream).
-    watch_progress_seconds: float = Field(default=10.0, gt=0)
-    # Changes buffered per watcher; a watcher further behind catches up from the change log.
-    watch_queue_size: int = Field(default=1024, gt=0)
-    log_level: str = "INFO"
+
+def _path_text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
+
+
+def _flag(name: str, **extra: Any) -> dict[str, Any]:
+    """`json_schema_extra` for a setting whose flag is not simply `--<name>`."""
+    return {"flag": name, **extra}
+
+
+class Settings(BaseSettings):
+    """Every setting of `transaction-service serve`. The description of each field is its help."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    # -- listening ---------------------------------------------------------------------------------
+    grpc_host: str = Field(
+        default="[::]", description="address the gRPC server listens on; [::] is every interface"
+    )
+    grpc_port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port (0: any free port, logged)"
+    )
+
+    # -- storage -----------------------------------------------------------------------------------
+    db: Annotated[str, BeforeValidator(_path_text)] = Field(
+        default="var/transactions.db",
+        min_length=1,
+        description="the store: a SQLite file path (or sqlite:///path), created if missing",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="SQLite durability: FULL survives power loss, NORMAL only a process crash",
+    )
+    max_batch: int = Field(
+        default=256, gt=0, description="most deliveries committed together in one transaction"
+    )
+
+    # -- requests ----------------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=1 * MiB,
+        gt=0,
+        description="largest webhook body; larger ones are refused with INVALID_ARGUMENT",
+    )
+    max_message_bytes: int = Field(
+        default=4 * MiB,
+        gt=0,
+        description="largest gRPC message received or sent; larger: RESOURCE_EXHAUSTED",
+    )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="time given to calls in flight on SIGTERM"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+
+    # -- watch -------------------------------------------------------------------------------------
+    change_retention_seconds: float = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        description="how long the change log keeps changes (a watch cannot resume from before)",
+    )
+    change_trim_interval_seconds: float = Field(
+        default=60.0, gt=0, description="how often the change log is trimmed"
+    )
+    watch_progress_seconds: float = Field(
+        default=10.0, gt=0, description="progress message interval on idle watch streams"
+    )
+    watch_queue_size: int = Field(
+        default=1024,
+        gt=0,
+        description="changes buffered per watcher before it catches up from the change log",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        # Accept the log level in any case, as users type it.
+        if isinstance(values.get("log_level"), str):
+            values["log_level"] = values["log_level"].upper()
+        super().__init__(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags, help and the settings table, made from the declarations above.
+# ----------------------------------------------------------------------------------------------
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    info = Settings.model_fields[field]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return str(extra.get("flag") or "--" + field.replace("_", "-"))
+
+
+def _is_list(info: FieldInfo) -> bool:
+    return get_origin(info.annotation) is list
+
+
+def _choices(info: FieldInfo) -> tuple[Any, ...] | None:
+    return get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+
+
+def default_text(field: str) -> str:
+    info = Settings.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return "off" if not default else "on"
+    if default in (None, "", []):
+        return "none"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; its help is the setting's description, its default shown."""
+    group = parser.add_argument_group(
+        "settings", f"each flag can also be set as an environment variable {ENV_PREFIX}<NAME>"
+    )
+    for field, info in Settings.model_fields.items():
+        help_text = f"{info.description} (default {default_text(field)}; {env_name(field)})"
+        kwargs: dict[str, Any] = {"dest": field, "default": None, "help": help_text}
+        if info.annotation is bool:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+        elif _is_list(info):
+            kwargs["action"] = "append"
+            kwargs["metavar"] = field.removesuffix("s").upper()
+        else:
+            kwargs["metavar"] = field.upper() if _choices(info) is None else None
+            if (choices := _choices(info)) is not None:
+                kwargs["metavar"] = "|".join(str(c) for c in choices)
+        group.add_argument(flag_name(field), **kwargs)
+
+
+def from_flags(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    overrides = {
+        field: getattr(args, field)
+        for field in Settings.model_fields
+        if getattr(args, field, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`TRANSACTION_SERVICE_*` variables that name no setting (a typo is otherwise silent)."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(field) for field in Settings.model_fields}
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        # Read by the test suite, not by the service.
+        and not name.upper().startswith(ENV_PREFIX + "TEST_")
+    )
+
+
+def describe_errors(exc: ValidationError) -> Iterator[str]:
+    """One line per bad setting, naming its flag and variable, the problem, and the value."""
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field in Settings.model_fields:
+            where = f"{flag_name(field)} / {env_name(field)}"
+        else:
+            where = env_name(field) if field else "settings"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "not a setting"
+        got = error.get("input")
+        shown = "" if error["type"] == "extra_forbidden" or got is None else f" (got {got!r})"
+        yield f"{where}: {message}{shown}"
+
+
+def settings_table() -> str:
+    """The README's settings table, in Markdown."""
+    lines = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for field, info in Settings.model_fields.items():
+        lines.append(
+            f"| `{env_name(field)}` | `{flag_name(field)}` | `{default_text(field)}` "
+            f"| {info.description} |"
+        )
+    return "\n".join(lines)

@@ -1,4 +1,10 @@
-"""Wires the service together and runs it: store, ingestor, gRPC server, health, reflection."""
+"""The running process: the `App` and its listeners, started and stopped together.
+
+Start: open the app (store, ingest, watch, background tasks), then bind and serve gRPC. Stop
+(SIGTERM/SIGINT): health and readiness flip to NOT_SERVING so balancers drain, watch streams end
+with the revision to resume from, calls in flight get `shutdown_grace_seconds`, queued deliveries
+are committed, and the store is closed last.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from datetime import UTC, datetime, timedelta
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 
 from transaction_service.api.reflection import enable_reflection
 from transaction_service.api.servicer import TransactionServicer
+from transaction_service.app import App, StartupError
 from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
-from transaction_service.store.sqlite import SqliteStore
+from transaction_service.store.base import Store
 from transaction_service.watch import ChangeHub
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -24,12 +31,16 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransactionService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # A second process must not share the port: gRPC sets SO_REUSEPORT by default, and two
+        # servers on one port (and one database) would each take part of the traffic.
+        ("grpc.so_reuseport", 0),
         # Ping idle clients every 30 s and drop them if no answer within 10 s, so dead peers of
         # long-lived calls are noticed (the default is every 2 hours).
         ("grpc.keepalive_time_ms", 30_000),
@@ -41,47 +52,68 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-class TransactionService:
-    """The running service. `start()` binds and serves; `stop()` drains and closes everything."""
+def _check_port_free(host: str, port: int) -> None:
+    """A clear error for a port in use, before gRPC prints its own multi-line complaint."""
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # Like every server socket: a port left in TIME_WAIT by a previous run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bare, port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                "(is another transaction-service running? set --grpc-port)"
+            ) from None
 
-    def __init__(self, settings: Settings) -> None:
+
+class TransactionService:
+    """The whole running service: `start()` opens the app and binds; `stop()` drains and closes."""
+
+    def __init__(self, settings: Settings, app: App | None = None) -> None:
         self.settings = settings
-        self.store = SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
-        self.hub = ChangeHub(
-            self.store,
-            queue_size=settings.watch_queue_size,
-            progress_interval=settings.watch_progress_seconds,
-        )
-        self.ingestor = Ingestor(
-            self.store, max_batch=settings.max_batch, on_changes=self.hub.publish
-        )
-        self.health = HealthServicer()
+        self.app = app if app is not None else App(settings)
+        self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(settings))
         self.port = 0
-        self._trimmer: asyncio.Task[None] | None = None
+
+    # Shortcuts used by tests and tools.
+    @property
+    def store(self) -> Store:
+        return self.app.store
+
+    @property
+    def hub(self) -> ChangeHub:
+        return self.app.hub
+
+    @property
+    def ingestor(self) -> Ingestor:
+        return self.app.ingestor
 
     async def start(self) -> int:
-        await self.store.open()
-        self.ingestor.start()
-        pb_grpc.add_TransactionServiceServicer_to_server(
-            TransactionServicer(
-                self.ingestor,
-                self.store,
-                self.hub,
-                max_body_bytes=self.settings.max_body_bytes,
-            ),
-            self.server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection(
-            self.server, [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        )
-        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._trimmer = asyncio.create_task(self._trim_changes(), name="change-log-trimmer")
+        settings = self.settings
+        _check_port_free(settings.grpc_host, settings.grpc_port)
+        await self.app.start()
+        try:
+            pb_grpc.add_TransactionServiceServicer_to_server(
+                TransactionServicer(self.app), self.server
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            enable_reflection(self.server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
+            address = f"{settings.grpc_host}:{settings.grpc_port}"
+            try:
+                self.port = self.server.add_insecure_port(address)
+            except RuntimeError:
+                raise StartupError(f"cannot listen on {address}") from None
+            await self.server.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self.app.stop()
+            raise
         return self.port
 
     async def stop(self) -> None:
@@ -89,24 +121,9 @@ class TransactionService:
         await self.health.enter_graceful_shutdown()
         # Watch streams never end by themselves: end them now, each with the revision to resume
         # from, rather than have them cut off when the grace period runs out.
-        self.hub.close()
-        if self._trimmer is not None:
-            self._trimmer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._trimmer
+        self.app.begin_shutdown()
         await self.server.stop(self.settings.shutdown_grace_seconds)
-        await self.ingestor.stop()
-        await self.store.close()
-
-    async def _trim_changes(self) -> None:
-        retention = timedelta(seconds=self.settings.change_retention_seconds)
-        while True:
-            try:
-                compacted = await self.store.trim_changes(datetime.now(UTC) - retention)
-                log.debug("change log compacted through revision %d", compacted)
-            except Exception:
-                log.exception("trimming the change log failed; will retry")
-            await asyncio.sleep(self.settings.change_trim_interval_seconds)
+        await self.app.stop()
 
 
 async def serve(settings: Settings) -> None:
@@ -115,19 +132,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    try:
-        port = await service.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await service.stop()
-        raise
+    port = await service.start()
     log.info(
-        "transaction-service listening on %s:%d (db %s)",
-        settings.grpc_host,
-        port,
-        settings.db,
+        "transaction-service listening on %s:%d (db %s)", settings.grpc_host, port, settings.db
     )
-    await stopping.wait()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping.wait()
     log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
     await service.stop()
     log.info("stopped")

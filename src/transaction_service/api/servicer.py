@@ -22,10 +22,11 @@ from transaction_service.api.convert import (
     status_from_pb,
 )
 from transaction_service.api.errors import grpc_errors
+from transaction_service.app import App
 from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
-from transaction_service.ingest import Ingestor, Outcome, decode_delivery
-from transaction_service.store.base import ChangeRecord, ListFilter, Store, TransactionSnapshot
-from transaction_service.watch import ChangeHub, Current, Progress, WatchEvent, WatchFilter
+from transaction_service.ingest import Outcome, decode_delivery
+from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
+from transaction_service.watch import Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -45,13 +46,11 @@ _OUTCOME_TO_PB = {
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
-    def __init__(
-        self, ingestor: Ingestor, store: Store, hub: ChangeHub, *, max_body_bytes: int
-    ) -> None:
-        self._ingestor = ingestor
-        self._store = store
-        self._hub = hub
-        self._max_body_bytes = max_body_bytes
+    def __init__(self, app: App) -> None:
+        self._ingestor = app.ingestor
+        self._store = app.store
+        self._hub = app.hub
+        self._max_body_bytes = app.settings.max_body_bytes
         self._change_pbs: collections.OrderedDict[int, pb.TransactionChange] = (
             collections.OrderedDict()
         )
