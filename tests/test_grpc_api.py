@@ -489,10 +489,10 @@ async def test_stopping_answers_in_flight_ingests_and_refuses_new_ones(tmp_path:
 async def test_a_store_failure_is_unavailable_and_the_event_is_not_acknowledged(
     api: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(work: Any) -> Any:
+    async def broken(keys: Any, plan: Any) -> Any:
         raise OSError("disk full")
 
-    monkeypatch.setattr(api.service.store, "run_batch", broken)
+    monkeypatch.setattr(api.service.store, "write", broken)
     d = SCENARIOS[0]["deliveries"][0]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await ingest(api, d["svix_id"], d["body"])

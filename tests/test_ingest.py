@@ -7,8 +7,6 @@ import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from transaction_service.ingest import (
     Ingestor,
     IngestResult,
     Outcome,
-    apply_delivery,
     decode_delivery,
 )
 from transaction_service.store.sqlite import SqliteStore
@@ -225,25 +222,28 @@ async def test_a_legacy_order_alone_is_readable_by_its_order_id(harness: Harness
     assert snapshot.view.status.value == "cancelled"
 
 
-async def test_a_failing_unit_is_rolled_back_alone_and_its_batch_commits(harness: Harness) -> None:
-    scenario = SCENARIOS[0]
+async def test_a_refused_delivery_leaves_no_trace_and_its_batch_commits(
+    harness: Harness,
+) -> None:
+    """Deliveries queued together share one commit; one of them refused (an event id reused
+    with another body) is answered with its error and the rest are applied."""
+    scenario = with_fresh_ids(SCENARIOS[0])
     good = [
         decode_delivery(d["svix_id"], payload=d["body"], max_body_bytes=LIMIT)
         for d in scenario["deliveries"]
     ]
-
-    def failing(uow: Any) -> None:
-        apply_delivery(uow, good[0], datetime.now(UTC))  # writes, then fails
-        raise RuntimeError("disk on fire")
-
-    work = [partial(apply_delivery, delivery=good[0], now=datetime.now(UTC))]
-    work.append(failing)
-    work += [partial(apply_delivery, delivery=d, now=datetime.now(UTC)) for d in good[1:]]
-    results = await harness.store.run_batch(work)
-    assert isinstance(results[1], RuntimeError)
+    other_body = copy.deepcopy(scenario["deliveries"][1]["body"])
+    conflicting = decode_delivery(good[0].event_id, payload=other_body, max_body_bytes=LIMIT)
+    results = await asyncio.gather(
+        harness.ingestor.ingest(good[0]),
+        harness.ingestor.ingest(conflicting),
+        *(harness.ingestor.ingest(d) for d in good[1:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], EventIdConflict)
     assert results[0].outcome == Outcome.APPLIED  # type: ignore[union-attr]
-    # The failing unit's writes are gone; the others are committed.
     assert [r["event_id"] for r in harness.rows("events")] == [d.event_id for d in good]
+    assert harness.rows("events")[0]["digest"] == good[0].event.digest
 
 
 # -- fuzzing: no body crashes the service -----------------------------------------------------

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
-from transaction_service.store.base import Store
+from transaction_service.store.base import Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.watch import ChangeHub
 
@@ -49,7 +49,10 @@ class App:
         self.stopping = False
 
     async def start(self) -> None:
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreOpenError as exc:
+            raise StartupError(str(exc)) from None
         self.ingestor.start()
         self._background(self._trim_changes, "change-log-trimmer")
         self.started = True

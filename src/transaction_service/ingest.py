@@ -1,30 +1,25 @@
-"""The one use case that writes: ingest one webhook delivery.
+"""The one use case that writes: ingest webhook deliveries.
 
 `decode_delivery` checks and parses a body (no I/O; bad input never reaches the store).
-`apply_delivery` is the unit of work: dedupe, merge, persist, record the change, all inside one
-store transaction. `Ingestor` queues deliveries and commits them in groups: a delivery is
-acknowledged only after the commit that holds it, and all deliveries waiting at that moment share
-one commit, which is what makes durable (fsync-per-commit) ingest fast.
+`Ingestor` queues deliveries and commits them in groups: all deliveries waiting at a moment share
+one store transaction (`plan.py` decides every write of the group, the store applies it), and each
+is acknowledged only after that commit. That is what makes durable (fsync-per-commit) ingest fast.
 
-The gRPC servicer calls this; so will an HTTP webhook receiver. Neither re-implements any of it.
+The gRPC servicer and the HTTP webhook receiver both call this; neither re-implements any of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from transaction_service.domain.payload import (
     FieldViolation,
-    OrderEvent,
-    ParsedEvent,
     PayloadError,
     body_digest,
     canonical_json,
@@ -32,74 +27,38 @@ from transaction_service.domain.payload import (
     normalise_numbers,
     parse_event,
 )
-from transaction_service.domain.state import (
-    ChangeKind,
-    Knowledge,
-    join,
-    knowledge_from_event,
-    view,
+from transaction_service.errors import ServiceError, Unavailable
+from transaction_service.plan import (
+    Delivery,
+    EventIdConflict,
+    IngestResult,
+    Outcome,
+    StateLimits,
+    batch_keys,
+    plan_batch,
 )
-from transaction_service.domain.state import change_kinds as diff_kinds
-from transaction_service.errors import AlreadyExists, Unavailable, echo
 from transaction_service.store.base import (
+    BatchPlan,
+    BatchState,
     ChangeRecord,
-    EventRecord,
     Store,
-    StoredTransaction,
-    TransactionSnapshot,
-    UnitOfWork,
+    StoreUnavailable,
 )
+
+__all__ = [
+    "Delivery",
+    "EventIdConflict",
+    "IngestResult",
+    "Ingestor",
+    "IngestorStopped",
+    "Outcome",
+    "StoreUnavailable",
+    "decode_delivery",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_ID_LENGTH = 256
-
-
-class Outcome(enum.StrEnum):
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"
-    STALE = "stale"
-    IGNORED = "ignored"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A checked, parsed delivery, ready for the store."""
-
-    event_id: str
-    event: ParsedEvent
-    body_format: str  # "json": raw bytes kept as sent; "struct": canonical JSON
-    body: bytes
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    outcome: Outcome
-    event_id: str
-    transaction: TransactionSnapshot | None = None
-    change: ChangeRecord | None = None
-
-    @property
-    def revision(self) -> int:
-        return self.change.revision if self.change else 0
-
-
-class EventIdConflict(AlreadyExists):
-    """The event id was ingested before with a different body."""
-
-    def __init__(self, event_id: str) -> None:
-        super().__init__(
-            f"event_id {echo(event_id)} was already ingested with a different body; "
-            "event ids must identify one delivery"
-        )
-        self.event_id = event_id
-
-
-class StoreUnavailable(Unavailable):
-    """The store could not commit; nothing of the delivery was stored."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="STORE_UNAVAILABLE")
 
 
 class IngestorStopped(Unavailable):
@@ -118,6 +77,7 @@ def decode_delivery(
     payload_json: str | None = None,
     payload: dict[str, Any] | None = None,
     max_body_bytes: int,
+    source: str = "grpc",
 ) -> Delivery:
     """Check and parse one delivery. Raises PayloadError naming each field at fault.
 
@@ -162,6 +122,7 @@ def decode_delivery(
         event=event,
         body_format=body_format,
         body=raw,
+        source=source,
     )
 
 
@@ -175,110 +136,6 @@ def _rooted(exc: PayloadError, root: str) -> PayloadError:
             FieldViolation(f"{root}.{v.field}" if v.field else root, v.description)
             for v in exc.violations
         ]
-    )
-
-
-def apply_delivery(uow: UnitOfWork, delivery: Delivery, now: datetime) -> IngestResult:
-    """Dedupe, merge and persist one delivery inside the caller's transaction."""
-    event = delivery.event
-    seen = uow.find_event(delivery.event_id)
-    if seen is not None:
-        if seen.digest != event.digest:
-            raise EventIdConflict(delivery.event_id)
-        current = uow.load(seen.transaction_id) if seen.transaction_id else None
-        return IngestResult(Outcome.DUPLICATE, delivery.event_id, _snapshot(current))
-
-    if not isinstance(event, OrderEvent):
-        _record(uow, delivery, Outcome.IGNORED, now)
-        return IngestResult(Outcome.IGNORED, delivery.event_id)
-
-    incoming = knowledge_from_event(event)
-    order_id = event.order.id
-    target_id = incoming.id
-    if incoming.legacy:
-        # No transaction block: if the order already belongs to a transaction, it stays there.
-        target_id = uow.transaction_id_for_order(order_id) or order_id
-    stored = uow.load(target_id)
-    knowledge = join(stored.knowledge if stored else _empty(target_id, incoming), incoming)
-
-    # A payload with a block may name orders that so far stood in legacy transactions of their own:
-    # fold those in, so the order lives in one transaction whatever the delivery order was.
-    folded: list[str] = []
-    if not incoming.legacy:
-        for known_order in incoming.orders:
-            other_id = uow.transaction_id_for_order(known_order)
-            if other_id is None or other_id == target_id or other_id in folded:
-                continue
-            other = uow.load(other_id)
-            if other is not None and other.knowledge.legacy:
-                knowledge = join(knowledge, other.knowledge)
-                folded.append(other_id)
-            elif other is not None:
-                log.warning(
-                    "order %s moves from transaction %s to %s: the provider changed its mind",
-                    known_order,
-                    other_id,
-                    target_id,
-                )
-
-    before = stored.view if stored else None
-    after = view(knowledge)
-    kinds = diff_kinds(before, after)
-    if folded:
-        kinds.append(ChangeKind.LEGACY_MERGED)
-
-    if not kinds:
-        if stored is not None and knowledge != stored.knowledge:
-            # Nothing visible changed, but keep the join complete so later merges stay
-            # independent of delivery order.
-            uow.save(StoredTransaction(knowledge, after, stored.revision))
-        _record(uow, delivery, Outcome.STALE, now, transaction_id=target_id)
-        return IngestResult(Outcome.STALE, delivery.event_id, _snapshot(stored))
-
-    change = uow.append_change(target_id, delivery.event_id, order_id, kinds, after, now)
-    for other_id in folded:
-        uow.delete(other_id)
-    uow.save(StoredTransaction(knowledge, after, change.revision))
-    _record(uow, delivery, Outcome.APPLIED, now, transaction_id=target_id, change=change)
-    return IngestResult(
-        Outcome.APPLIED,
-        delivery.event_id,
-        TransactionSnapshot(after, change.revision),
-        change,
-    )
-
-
-def _empty(transaction_id: str, incoming: Knowledge) -> Knowledge:
-    return Knowledge(id=transaction_id, legacy=incoming.legacy)
-
-
-def _snapshot(stored: StoredTransaction | None) -> TransactionSnapshot | None:
-    return TransactionSnapshot(stored.view, stored.revision) if stored else None
-
-
-def _record(
-    uow: UnitOfWork,
-    delivery: Delivery,
-    outcome: Outcome,
-    now: datetime,
-    *,
-    transaction_id: str | None = None,
-    change: ChangeRecord | None = None,
-) -> None:
-    event = delivery.event
-    uow.record_event(
-        EventRecord(
-            event_id=delivery.event_id,
-            event_type=event.event_type,
-            body_format=delivery.body_format,
-            body=delivery.body,
-            digest=event.digest,
-            order_id=event.order.id if isinstance(event, OrderEvent) else None,
-            transaction_id=transaction_id,
-            outcome=outcome.value,
-            revision=change.revision if change else None,
-            received_at=now,
-        )
     )
 
 
@@ -309,11 +166,13 @@ class Ingestor:
         store: Store,
         *,
         max_batch: int = 256,
+        limits: StateLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_changes: ChangeListener | None = None,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._limits = limits or StateLimits()
         self._clock = clock
         self._on_changes = on_changes
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
@@ -362,30 +221,39 @@ class Ingestor:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         now = self._clock()
-        work = [partial(apply_delivery, delivery=p.delivery, now=now) for p in batch]
+        deliveries = [p.delivery for p in batch]
+        answers: list[Any] = []
+
+        def plan(state: BatchState) -> BatchPlan:
+            # The store may plan more than once (a retry); only the last plan is applied.
+            written, planned = plan_batch(deliveries, state, now, self._limits)
+            answers[:] = planned
+            return written
+
         try:
-            results = await self._store.run_batch(work)
-        except Exception:
-            log.exception("commit of %d deliveries failed; none acknowledged", len(batch))
-            refusal = StoreUnavailable(
-                "the event was not stored: the database could not commit. Retry later."
-            )
+            applied = await self._store.write(batch_keys(deliveries), plan)
+        except Exception as exc:
+            refusal = exc if isinstance(exc, ServiceError) else _unexpected(exc, len(batch))
             for pending in batch:
                 if not pending.done.done():
                     pending.done.set_exception(refusal)
             return
-        changes = []
-        for pending, result in zip(batch, results, strict=True):
-            if isinstance(result, IngestResult) and result.change is not None:
-                changes.append(result.change)
+        for pending, answer in zip(batch, answers, strict=True):
             if pending.done.done():
                 continue
-            if isinstance(result, Exception):
-                pending.done.set_exception(result)
+            if isinstance(answer, ServiceError):
+                pending.done.set_exception(answer)
             else:
-                pending.done.set_result(result)
-        if changes and self._on_changes is not None:
+                pending.done.set_result(answer.resolve(applied))
+        if applied.changes and self._on_changes is not None:
             try:
-                self._on_changes(changes)
+                self._on_changes(applied.changes)
             except Exception:
                 log.exception("change listener failed")
+
+
+def _unexpected(exc: Exception, size: int) -> StoreUnavailable:
+    # A bug or a fault the store did not classify: log it once with its traceback; the callers
+    # are told only that nothing was stored.
+    log.error("commit of %d deliveries failed; none acknowledged", size, exc_info=exc)
+    return StoreUnavailable("the event was not stored: the store could not commit. Retry later.")

@@ -1,18 +1,28 @@
-"""The store's interface: what the use cases need, and what a PostgreSQL store will implement.
+"""The store's contract, implemented alike by SQLite, PostgreSQL and an in-memory double.
 
-Writes happen in units of work. `Store.run_batch` runs several work functions in one database
-transaction (group commit): each gets a `UnitOfWork`, runs in its own savepoint so one failure
-does not spoil the others, and nothing is acknowledged until the shared commit succeeds. Work
-functions are synchronous and run where the store chooses (a dedicated writer thread for SQLite),
-so a whole event costs one hop from the event loop instead of one per statement.
+Writes are batch-shaped, so that a batch of deliveries costs a constant number of statements (and
+network round trips), whatever its size:
+
+1. the use case names the keys a batch touches (`BatchKeys`);
+2. the store locks them (PostgreSQL: advisory locks in sorted order; SQLite: its single writer)
+   and loads what the batch needs in three queries (`BatchState`: events by id, transactions by
+   order id, transactions by id);
+3. the use case plans the batch in pure Python (`BatchPlan`: dedupe, merge, legacy fold, change
+   kinds, limits);
+4. the store applies the plan with a few set statements and commits.
+
+Revisions are a backend-neutral contract: one counter, bumped by the number of changes as the last
+step before the commit, so revisions are contiguous and in commit order (a reader that has seen
+revision N has seen every revision below it); the compacted revision (the newest trimmed from the
+change log) is stored explicitly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from transaction_service.domain.state import (
     ChangeKind,
@@ -20,8 +30,23 @@ from transaction_service.domain.state import (
     TransactionStatus,
     TransactionView,
 )
+from transaction_service.errors import Unavailable
+from transaction_service.store.health import WriteHealth
 
-R = TypeVar("R")
+
+class StoreUnavailable(Unavailable):
+    """The store cannot write (disk full, I/O error, database file gone, server unreachable).
+    Nothing of the batch was stored; the caller may retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="STORE_UNAVAILABLE")
+
+
+class StoreOpenError(Exception):
+    """The store cannot be opened; the message is one line naming the database and the problem."""
+
+
+# -- what is stored ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -40,25 +65,14 @@ class TransactionSnapshot:
 
 
 @dataclass(frozen=True)
-class RecordedEvent:
-    event_id: str
-    digest: str
-    transaction_id: str | None
-    outcome: str
+class StoredEvent:
+    """What dedupe needs of an event recorded before, and the current state of the transaction
+    its order belongs to now (None for events of other types, or an order not indexed)."""
 
-
-@dataclass(frozen=True)
-class EventRecord:
     event_id: str
-    event_type: str
-    body_format: str  # "json" or "struct"
-    body: bytes
     digest: str
     order_id: str | None
-    transaction_id: str | None
-    outcome: str
-    revision: int | None
-    received_at: datetime
+    current: TransactionSnapshot | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,10 @@ class ChangeRecord:
     kinds: tuple[ChangeKind, ...]
     view: TransactionView
     recorded_at: datetime
+    # Legacy stand-in transactions folded into this one by this change, each with the
+    # "reported once" kinds it had already reported (so a watcher of the stand-in's order is not
+    # told them twice).
+    merged: tuple[tuple[str, frozenset[ChangeKind]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,44 +100,164 @@ class ListFilter:
     updated_since: datetime | None = None
 
 
-class UnitOfWork(Protocol):
-    """Statements inside one write transaction. Only valid during the work function's call."""
+@dataclass(frozen=True)
+class ChangeLogPage:
+    changes: list[ChangeRecord]
+    # Changes with revision <= compacted_revision have been trimmed away. The log keeps every
+    # change after it: revisions are contiguous and trimming only removes the oldest.
+    compacted_revision: int
+    head_revision: int
 
-    def find_event(self, event_id: str) -> RecordedEvent | None: ...
 
-    def transaction_id_for_order(self, order_id: str) -> str | None: ...
+# -- batch writes -------------------------------------------------------------------------------
 
-    def load(self, transaction_id: str) -> StoredTransaction | None: ...
 
-    def save(self, transaction: StoredTransaction) -> None:
-        """Insert or replace the transaction and point each of its orders at it."""
+@dataclass(frozen=True)
+class BatchKeys:
+    """Everything a batch reads and may write, known before anything is loaded."""
 
-    def delete(self, transaction_id: str) -> None: ...
+    event_ids: frozenset[str]
+    # Orders whose transaction must be known (each order named by a delivery).
+    order_ids: frozenset[str]
+    # Transactions loaded by id: those named by transaction blocks, and legacy stand-ins (whose
+    # id is their order's id).
+    transaction_ids: frozenset[str]
 
-    def append_change(
-        self,
-        transaction_id: str,
-        event_id: str,
-        order_id: str | None,
-        kinds: Sequence[ChangeKind],
-        view: TransactionView,
-        recorded_at: datetime,
-    ) -> ChangeRecord:
-        """Append to the change log; the record carries the new, strictly greater revision."""
+    def lock_names(self) -> list[str]:
+        """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
+        return sorted(
+            [f"e:{k}" for k in self.event_ids]
+            + [f"o:{k}" for k in self.order_ids]
+            + [f"t:{k}" for k in self.transaction_ids]
+        )
 
-    def record_event(self, event: EventRecord) -> None: ...
+
+@dataclass
+class BatchState:
+    """What the store loaded for a batch, read under the batch's locks."""
+
+    events: dict[str, StoredEvent] = field(default_factory=dict)
+    # Order id -> the transaction it belongs to now.
+    order_index: dict[str, str] = field(default_factory=dict)
+    transactions: dict[str, StoredTransaction] = field(default_factory=dict)
+
+    def transaction_ids_needed(self) -> set[str]:
+        """Transactions the plan will read that the keys did not name: those the order index
+        points to. A store that locks by key must lock these too (and reload them) first."""
+        return set(self.order_index.values())
+
+
+@dataclass(frozen=True)
+class EventWrite:
+    event_id: str
+    event_type: str
+    source: str
+    body_format: str  # "json": raw bytes as sent; "struct": canonical JSON
+    body: bytes
+    digest: str
+    order_id: str | None
+    transaction_id: str | None
+    outcome: str
+    # Index into BatchPlan.changes of the change this event made, if any.
+    change: int | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ChangeWrite:
+    transaction_id: str
+    event_id: str
+    order_id: str | None
+    kinds: tuple[ChangeKind, ...]
+    view: TransactionView
+    recorded_at: datetime
+    merged: tuple[tuple[str, frozenset[ChangeKind]], ...] = ()
+    # The view serialised once by the planner, for the change log and the current state alike.
+    view_json: str = ""
+
+    def record(self, revision: int) -> ChangeRecord:
+        return ChangeRecord(
+            revision=revision,
+            transaction_id=self.transaction_id,
+            event_id=self.event_id,
+            order_id=self.order_id,
+            kinds=self.kinds,
+            view=self.view,
+            recorded_at=self.recorded_at,
+            merged=self.merged,
+        )
+
+
+@dataclass(frozen=True)
+class TransactionWrite:
+    knowledge: Knowledge
+    view: TransactionView
+    # Index into BatchPlan.changes of its last change in this batch; None when only the knowledge
+    # grew (nothing visible changed), in which case `revision` is kept as it was.
+    change: int | None
+    revision: int
+    knowledge_json: str
+    view_json: str
+
+
+@dataclass
+class BatchPlan:
+    """The writes of one batch. Revisions are not known until the store applies it: a change's
+    revision is `base + index + 1`, where `base` is the head revision just before the commit."""
+
+    events: list[EventWrite] = field(default_factory=list)
+    changes: list[ChangeWrite] = field(default_factory=list)
+    # Final state of each transaction the batch changed, by id.
+    transactions: dict[str, TransactionWrite] = field(default_factory=dict)
+    # Legacy stand-ins folded into real transactions.
+    deleted: set[str] = field(default_factory=set)
+    # Orders whose transaction is new or changed.
+    order_index: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.events or self.transactions or self.deleted or self.order_index)
+
+
+Planner = Callable[[BatchState], BatchPlan]
+
+
+@dataclass(frozen=True)
+class AppliedBatch:
+    """A committed plan: its changes with their revisions."""
+
+    plan: BatchPlan
+    base_revision: int
+    changes: list[ChangeRecord]
+
+    def revision_of(self, change: int | None, otherwise: int = 0) -> int:
+        return self.base_revision + change + 1 if change is not None else otherwise
+
+
+# -- the store ----------------------------------------------------------------------------------
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    """Open before use; always close."""
+
+    # A short description for logs: the path or the URL without a password.
+    description: str
+    # Whether writes succeed; listeners hear of every flip (health checks, readiness).
+    health: WriteHealth
+
+    async def open(self) -> None:
+        """Raises StoreOpenError, with one line naming the database and the problem."""
+
+    async def probe(self) -> None:
+        """Try a tiny write; updates `health`. Used to notice recovery when no traffic comes."""
 
     async def close(self) -> None: ...
 
-    async def run_batch(self, work: Sequence[Callable[[UnitOfWork], R]]) -> list[R | Exception]:
-        """Run each function in its own savepoint of one transaction, then commit once.
+    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+        """Lock `keys`, load their state, call `plan` on it (pure, maybe more than once: it is
+        repeated if the store had to retry), apply the plan and commit.
 
-        A function that raises has its writes rolled back and its exception returned in its place.
-        If the commit itself fails, the exception propagates and nothing was written.
+        Raises StoreUnavailable if the batch could not be committed; then nothing was written.
         """
 
     # Reads return the store's head revision too, read in the same snapshot as the data, so it is
@@ -143,13 +281,11 @@ class Store(Protocol):
         `transaction_ids` if given. Read in one snapshot with the log's bounds."""
 
     async def trim_changes(self, recorded_before: datetime) -> int:
-        """Delete changes recorded before the time; return the compacted revision after it."""
+        """Delete changes recorded before the time; return the compacted revision after it.
+        With several replicas, one trims at a time; the others return at once."""
 
-
-@dataclass(frozen=True)
-class ChangeLogPage:
-    changes: list[ChangeRecord]
-    # Changes with revision <= compacted_revision have been trimmed away. The log keeps every
-    # change after it: revisions are contiguous and trimming only removes the oldest.
-    compacted_revision: int
-    head_revision: int
+    def change_notifications(self) -> AsyncIterator[None]:
+        """Yields whenever changes may have been committed by another process (and after every
+        reconnect, when notifications may have been lost). A store with a single writer process
+        never yields."""
+        ...

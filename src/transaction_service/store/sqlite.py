@@ -1,187 +1,205 @@
-"""The embedded SQLite store.
+"""The embedded SQLite store, on aiosqlite.
 
-Threads, not aiosqlite: aiosqlite hops to its thread once per statement (about 100 us each here),
-and ingesting one event takes half a dozen statements. Here every write batch runs whole on one
-dedicated writer thread (one hop per batch, one commit per batch), and reads run on a small pool of
-read-only connections, which WAL lets proceed while the writer writes.
+One writer connection and a small pool of read-only connections (WAL lets reads proceed while the
+writer writes). A batch of deliveries is a constant number of statements whatever its size (three
+loads, then one statement per table written) and one commit, so aiosqlite's thread hop per
+statement is paid per batch, not per event.
+
+One process owns a database: an exclusive OS lock on `<db>.lock`, held for the life of the
+process, keeps a second server off the file (two writers would each publish only their own changes
+to their watchers, who would silently miss the other's).
 
 Durability: WAL with `synchronous=FULL` by default, so an acknowledged event survives power loss,
 not only a process crash. `NORMAL` is faster and still crash-safe, and can be chosen in settings.
+
+Faults: before each commit the store checks that the file at the path is still the one it opened;
+a deleted or replaced file, a full disk or an I/O error fail the batch with StoreUnavailable
+(nothing acknowledged), flip `health`, and are logged once per kind with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import sqlite3
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from transaction_service.domain.state import (
-    ChangeKind,
-    TransactionView,
-    knowledge_from_json,
-    knowledge_to_json,
-    view_from_json,
-    view_to_json,
-)
+import aiosqlite
+
 from transaction_service.store.base import (
+    AppliedBatch,
+    BatchKeys,
+    BatchPlan,
+    BatchState,
     ChangeLogPage,
-    ChangeRecord,
-    EventRecord,
     ListFilter,
-    RecordedEvent,
+    Planner,
+    StoredEvent,
     StoredTransaction,
+    StoreOpenError,
+    StoreUnavailable,
     TransactionSnapshot,
+)
+from transaction_service.store.health import WriteHealth
+from transaction_service.store.rows import (
+    change_record,
+    encode_kinds,
+    encode_merged,
+    iso,
+    snapshot,
+    stored_transaction,
 )
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 _READERS = 2
 _TRIM_CHUNK = 5000
 
 
-def iso(value: datetime | None) -> str | None:
-    """UTC ISO 8601 with fixed width, so text order is time order."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("transaction_service.store") / "migrations"
+def migrations(dialect: str) -> list[tuple[int, str, str]]:
+    """(version, file name, script) of each migration of a dialect, in order."""
+    folder = resources.files("transaction_service.store") / "migrations" / dialect
     found = []
     for item in folder.iterdir():
         if item.name.endswith(".sql"):
-            found.append((int(item.name.split("_", 1)[0]), item.read_text()))
+            found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text()))
     return sorted(found)
 
 
-class SqliteUnitOfWork:
-    """The statements of one write transaction, on the writer thread's connection."""
+def sqlite_path(url: str) -> Path:
+    """A path, or a `sqlite:///relative` / `sqlite:////absolute` URL."""
+    if url.startswith("sqlite://"):
+        rest = url.removeprefix("sqlite://")
+        if not rest.startswith("/"):
+            raise ValueError(f"not a SQLite URL: {url} (use sqlite:///path/to/file.db)")
+        return Path(rest[1:])
+    return Path(url)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        # A change's view is written twice (change log and current state); serialise it once.
-        self._last_view: tuple[TransactionView, str] | None = None
 
-    def _view_json(self, view: TransactionView) -> str:
-        if self._last_view is None or self._last_view[0] is not view:
-            self._last_view = (view, view_to_json(view))
-        return self._last_view[1]
+class _FileGone(Exception):
+    pass
 
-    def find_event(self, event_id: str) -> RecordedEvent | None:
-        row = self._conn.execute(
-            "SELECT event_id, digest, transaction_id, outcome FROM events WHERE event_id = ?",
-            (event_id,),
-        ).fetchone()
-        return RecordedEvent(*row) if row else None
 
-    def transaction_id_for_order(self, order_id: str) -> str | None:
-        row = self._conn.execute(
-            "SELECT transaction_id FROM order_transactions WHERE order_id = ?", (order_id,)
-        ).fetchone()
-        return row[0] if row else None
+def _fault_kind(exc: BaseException) -> str:
+    """A short name for what went wrong with a write; no Python text in it."""
+    if isinstance(exc, _FileGone):
+        return str(exc)
+    text = str(exc).lower()
+    for needle, kind in (
+        ("disk is full", "disk full"),
+        ("disk i/o", "I/O error"),
+        ("readonly", "database is read-only"),
+        ("read-only", "database is read-only"),
+        ("locked", "database is locked"),
+        ("unable to open", "cannot open the database file"),
+        ("malformed", "database file is corrupt"),
+        ("not a database", "database file is corrupt"),
+    ):
+        if needle in text:
+            return kind
+    if isinstance(exc, OSError):
+        return exc.strerror or "I/O error"
+    return "database error"
 
-    def load(self, transaction_id: str) -> StoredTransaction | None:
-        row = self._conn.execute(
-            "SELECT knowledge, view, revision FROM transactions WHERE id = ?", (transaction_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        return StoredTransaction(
-            knowledge=knowledge_from_json(row[0]),
-            view=view_from_json(row[1]),
-            revision=row[2],
+
+_EVENTS = (
+    "SELECT e.event_id, e.digest, e.order_id, t.view, t.revision FROM events e"
+    " LEFT JOIN order_transactions o ON o.order_id = e.order_id"
+    " LEFT JOIN transactions t ON t.id = o.transaction_id"
+    " WHERE e.event_id IN (SELECT value FROM json_each(?))"
+)
+_BY_ORDER = (
+    "SELECT o.order_id, t.id, t.knowledge, t.view, t.revision FROM order_transactions o"
+    " JOIN transactions t ON t.id = o.transaction_id"
+    " WHERE o.order_id IN (SELECT value FROM json_each(?))"
+)
+_BY_ID = (
+    "SELECT id, knowledge, view, revision FROM transactions"
+    " WHERE id IN (SELECT value FROM json_each(?))"
+)
+_BUMP = "UPDATE meta SET value = value + ? WHERE key = 'head_revision' RETURNING value"
+_INSERT_CHANGE = (
+    "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
+    " merged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_TRANSACTION = (
+    "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
+    " view) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+    " revision = excluded.revision, status = excluded.status, team_id = excluded.team_id,"
+    " user_id = excluded.user_id, updated_at = excluded.updated_at,"
+    " knowledge = excluded.knowledge, view = excluded.view"
+)
+_UPSERT_ORDER = (
+    "INSERT INTO order_transactions (order_id, transaction_id) VALUES (?, ?)"
+    " ON CONFLICT (order_id) DO UPDATE SET transaction_id = excluded.transaction_id"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
+    " transaction_id, outcome, revision, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_HEAD = "(SELECT value FROM meta WHERE key = 'head_revision')"
+_COMPACTED = "(SELECT value FROM meta WHERE key = 'compacted_revision')"
+
+
+def plan_rows(batch: BatchPlan, base: int) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows each statement of a plan writes, with revisions resolved from `base`."""
+    changes = [
+        (
+            base + i + 1,
+            c.transaction_id,
+            c.event_id,
+            c.order_id,
+            encode_kinds(c.kinds),
+            c.view_json,
+            iso(c.recorded_at),
+            encode_merged(c.merged),
         )
-
-    def save(self, transaction: StoredTransaction) -> None:
-        view = transaction.view
-        self._conn.execute(
-            "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at,"
-            " knowledge, view) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET revision = excluded.revision,"
-            " status = excluded.status, team_id = excluded.team_id, user_id = excluded.user_id,"
-            " updated_at = excluded.updated_at, knowledge = excluded.knowledge,"
-            " view = excluded.view",
-            (
-                view.id,
-                transaction.revision,
-                view.status.value,
-                view.team_id,
-                view.user_id,
-                iso(view.updated_at),
-                knowledge_to_json(transaction.knowledge),
-                self._view_json(view),
-            ),
+        for i, c in enumerate(batch.changes)
+    ]
+    transactions = [
+        (
+            transaction_id,
+            base + t.change + 1 if t.change is not None else t.revision,
+            t.view.status.value,
+            t.view.team_id,
+            t.view.user_id,
+            iso(t.view.updated_at),
+            t.knowledge_json,
+            t.view_json,
         )
-        self._conn.executemany(
-            "INSERT INTO order_transactions (order_id, transaction_id) VALUES (?, ?)"
-            " ON CONFLICT (order_id) DO UPDATE SET transaction_id = excluded.transaction_id"
-            " WHERE transaction_id != excluded.transaction_id",
-            [(order_id, view.id) for order_id in transaction.knowledge.orders],
+        for transaction_id, t in batch.transactions.items()
+    ]
+    events = [
+        (
+            e.event_id,
+            e.event_type,
+            e.source,
+            e.body_format,
+            e.body,
+            e.digest,
+            e.order_id,
+            e.transaction_id,
+            e.outcome,
+            base + e.change + 1 if e.change is not None else None,
+            iso(e.received_at),
         )
-
-    def delete(self, transaction_id: str) -> None:
-        self._conn.execute("DELETE FROM transactions WHERE id = ?", (transaction_id,))
-
-    def append_change(
-        self,
-        transaction_id: str,
-        event_id: str,
-        order_id: str | None,
-        kinds: Sequence[ChangeKind],
-        view: TransactionView,
-        recorded_at: datetime,
-    ) -> ChangeRecord:
-        cursor = self._conn.execute(
-            "INSERT INTO changes (transaction_id, event_id, order_id, kinds, view, recorded_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                transaction_id,
-                event_id,
-                order_id,
-                ",".join(kinds),
-                self._view_json(view),
-                iso(recorded_at),
-            ),
-        )
-        assert cursor.lastrowid is not None
-        return ChangeRecord(
-            revision=cursor.lastrowid,
-            transaction_id=transaction_id,
-            event_id=event_id,
-            order_id=order_id,
-            kinds=tuple(kinds),
-            view=view,
-            recorded_at=recorded_at,
-        )
-
-    def record_event(self, event: EventRecord) -> None:
-        self._conn.execute(
-            "INSERT INTO events (event_id, event_type, body_format, body, digest, order_id,"
-            " transaction_id, outcome, revision, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.event_id,
-                event.event_type,
-                event.body_format,
-                event.body,
-                event.digest,
-                event.order_id,
-                event.transaction_id,
-                event.outcome,
-                event.revision,
-                iso(event.received_at),
-            ),
-        )
+        for e in batch.events
+    ]
+    return {
+        "changes": changes,
+        "transactions": transactions,
+        "deleted": [(d,) for d in sorted(batch.deleted)],
+        "orders": sorted(batch.order_index.items()),
+        "events": events,
+    }
 
 
 class SqliteStore:
@@ -189,149 +207,256 @@ class SqliteStore:
     keeps the process from exiting)."""
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
-        self.path = Path(path)
+        self.path = sqlite_path(os.fspath(path))
+        self.description = str(self.path)
+        self.health = WriteHealth(self.description)
         self._synchronous = synchronous
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-        self._readers = ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="sqlite-read")
-        self._write_conn: sqlite3.Connection | None = None
-        self._read_conns: list[sqlite3.Connection] = []
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers: list[aiosqlite.Connection] = []
+        self._write_lock = asyncio.Lock()
+        self._identity: tuple[int, int] | None = None
+        self._lock_fd: int | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._on_writer(self._open_writer)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreOpenError(
+                f"cannot create the folder of {self.path}: {exc.strerror or exc}"
+            ) from None
+        self._take_lock()
+        try:
+            await self._open_writer()
+            self._identity = self._stat()
+            for _ in range(_READERS):
+                reader = await aiosqlite.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+                )
+                self._all_readers.append(reader)
+                await reader.execute("PRAGMA busy_timeout = 5000")
+                self._readers.put_nowait(reader)
+        except BaseException:
+            await self.close()
+            raise
 
-    def _open_writer(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        self._write_conn = conn
-        self._migrate(conn)
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreOpenError(f"cannot create {lock_path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreOpenError(
+                f"{self.path} is in use by another transaction-service process (pid {holder}); "
+                "one process owns a SQLite database: stop it, or use another --db"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        current = conn.execute("PRAGMA user_version").fetchone()[0]
-        for version, script in _migrations():
+    async def _open_writer(self) -> None:
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreOpenError(f"cannot open {self.path}: {_fault_kind(exc)}") from None
+        self._writer = conn
+        try:
+            await self._check_file(conn)
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            await self._migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreOpenError(f"cannot use {self.path}: {_fault_kind(exc)}") from None
+
+    async def _check_file(self, conn: aiosqlite.Connection) -> None:
+        """The file is a healthy SQLite database of this service, of a schema it knows."""
+        try:
+            rows = await conn.execute_fetchall("PRAGMA quick_check")
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "encrypted" in str(exc):
+                raise StoreOpenError(f"{self.path} is not a SQLite database") from None
+            raise StoreOpenError(f"{self.path} is corrupt: {_fault_kind(exc)}") from None
+        problems = [row[0] for row in rows if row[0] != "ok"]
+        if problems:
+            raise StoreOpenError(
+                f"{self.path} failed its integrity check ({len(problems)} problem(s), first: "
+                f"{problems[0][:100]}); restore it from a backup"
+            )
+        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        known = migrations("sqlite")[-1][0]
+        if version > known:
+            raise StoreOpenError(
+                f"{self.path} has schema version {version}, newer than this service knows "
+                f"({known}); run a newer transaction-service"
+            )
+        if version == 0:
+            tables = (await conn.execute_fetchall("SELECT count(*) FROM sqlite_master"))[0][0]
+            if tables:
+                raise StoreOpenError(
+                    f"{self.path} is a SQLite database of something else (it has tables but no "
+                    "schema version of this service); use another --db"
+                )
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        current = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        for version, name, script in migrations("sqlite"):
             if version <= current:
                 continue
-            log.info("applying migration %04d to %s", version, self.path)
+            log.info("applying migration %s to %s", name, self.path)
             # executescript commits first; the script and the version bump then commit together.
-            conn.executescript(
+            await conn.executescript(
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;"
             )
 
     async def close(self) -> None:
-        if self._write_conn is not None:
-            await self._on_writer(self._write_conn.close)
-            self._write_conn = None
-        self._writer.shutdown(wait=True)
-        self._readers.shutdown(wait=True)
-        with self._lock:
-            for conn in self._read_conns:
-                conn.close()
-            self._read_conns.clear()
+        async with self._write_lock:
+            if self._writer is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.close()
+                self._writer = None
+        for reader in self._all_readers:
+            with contextlib.suppress(sqlite3.Error):
+                await reader.close()
+        self._all_readers.clear()
+        self._readers = asyncio.Queue()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def run_batch(
-        self, work: Sequence[Callable[[SqliteUnitOfWork], R]]
-    ) -> list[R | Exception]:
-        return await self._on_writer(self._run_batch, work)
-
-    def _run_batch(self, work: Sequence[Callable[[SqliteUnitOfWork], R]]) -> list[R | Exception]:
-        conn = self._write_conn
-        if conn is None:
-            raise RuntimeError("store is not open")
-        uow = SqliteUnitOfWork(conn)
-        results: list[R | Exception] = []
-        conn.execute("BEGIN IMMEDIATE")
+    def _stat(self) -> tuple[int, int]:
         try:
-            for fn in work:
-                conn.execute("SAVEPOINT unit")
-                try:
-                    results.append(fn(uow))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO unit")
-                    results.append(exc)
-                conn.execute("RELEASE unit")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return results
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise _FileGone("database file deleted") from None
+        return st.st_dev, st.st_ino
 
-    async def _on_writer(self, fn: Callable[..., R], *args: Any) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+    def _check_identity(self) -> None:
+        """Never acknowledge into a file that is no longer the one at the path: after a restart
+        the service would open the file at the path, and what was written here would be gone."""
+        if self._stat() != self._identity:
+            raise _FileGone("database file replaced")
+
+    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise StoreUnavailable("the store is closed")
+            try:
+                self._check_identity()
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    state = await self._load(conn, keys)
+                    batch = plan(state)
+                    applied = await self._apply(conn, batch)
+                    self._check_identity()
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError, _FileGone) as exc:
+                kind = _fault_kind(exc)
+                self.health.failed(kind)
+                raise StoreUnavailable(
+                    f"the event was not stored: the database cannot write ({kind}). Retry later."
+                ) from None
+        self.health.succeeded()
+        return applied
+
+    async def _load(self, conn: aiosqlite.Connection, keys: BatchKeys) -> BatchState:
+        state = BatchState()
+        for event_id, digest, order_id, view, revision in await conn.execute_fetchall(
+            _EVENTS, (json.dumps(list(keys.event_ids)),)
+        ):
+            current = snapshot(view, revision) if view is not None else None
+            state.events[event_id] = StoredEvent(event_id, digest, order_id, current)
+        decoded: dict[str, StoredTransaction] = {}
+        for order_id, txn_id, knowledge, view, revision in await conn.execute_fetchall(
+            _BY_ORDER, (json.dumps(list(keys.order_ids)),)
+        ):
+            state.order_index[order_id] = txn_id
+            if txn_id not in decoded:
+                decoded[txn_id] = stored_transaction(knowledge, view, revision)
+        wanted = [t for t in keys.transaction_ids if t not in decoded]
+        if wanted:
+            for txn_id, knowledge, view, revision in await conn.execute_fetchall(
+                _BY_ID, (json.dumps(wanted),)
+            ):
+                decoded[txn_id] = stored_transaction(knowledge, view, revision)
+        state.transactions = decoded
+        return state
+
+    async def _apply(self, conn: aiosqlite.Connection, batch: BatchPlan) -> AppliedBatch:
+        base = 0
+        if batch.changes:
+            (head,) = (await conn.execute_fetchall(_BUMP, (len(batch.changes),)))[0]
+            base = head - len(batch.changes)
+        rows = plan_rows(batch, base)
+        for statement, key in (
+            (_INSERT_CHANGE, "changes"),
+            (_UPSERT_TRANSACTION, "transactions"),
+            ("DELETE FROM transactions WHERE id = ?", "deleted"),
+            (_UPSERT_ORDER, "orders"),
+            (_INSERT_EVENT, "events"),
+        ):
+            if rows[key]:
+                await conn.executemany(statement, rows[key])
+        records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
+        return AppliedBatch(batch, base, records)
+
+    async def probe(self) -> None:
+        try:
+            await self.write(
+                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: BatchPlan()
+            )
+        except StoreUnavailable:
+            return
 
     # -- reads ------------------------------------------------------------------------------------
 
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA busy_timeout = 5000")
-            self._local.conn = conn
-            with self._lock:
-                self._read_conns.append(conn)
-        return conn
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], R]) -> R:
-        def run() -> R:
-            conn = self._reader()
-            # One read transaction, so the data and the head revision come from one snapshot.
-            conn.execute("BEGIN")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("COMMIT")
-
-        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
-
-    @staticmethod
-    def _head(conn: sqlite3.Connection) -> int:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return row[0] if row else 0
-
-    @classmethod
-    def _compacted(cls, conn: sqlite3.Connection) -> int:
-        """The newest revision trimmed from the change log: just before the oldest kept, or the
-        head if none is kept (revisions are contiguous; trimming removes only the oldest)."""
-        oldest = conn.execute("SELECT min(revision) FROM changes").fetchone()[0]
-        return cls._head(conn) if oldest is None else oldest - 1
-
-    @staticmethod
-    def _snapshot(row: tuple[str, int]) -> TransactionSnapshot:
-        return TransactionSnapshot(view=view_from_json(row[0]), revision=row[1])
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        # One statement is one snapshot: every read below asks for the data and the revisions it
+        # reports in a single statement, so they always agree.
+        async with self._reader() as conn:
+            return list(await conn.execute_fetchall(sql, params))
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
-        def query(conn: sqlite3.Connection) -> tuple[TransactionSnapshot | None, int]:
-            row = conn.execute(
-                "SELECT view, revision FROM transactions WHERE id = ?", (transaction_id,)
-            ).fetchone()
-            return (self._snapshot(row) if row else None), self._head(conn)
-
-        return await self._read(query)
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
+            " LEFT JOIN transactions t ON t.id = ?",
+            (transaction_id,),
+        )
+        head, view, revision = rows[0]
+        return (snapshot(view, revision) if view is not None else None), head
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
-        def query(conn: sqlite3.Connection) -> tuple[TransactionSnapshot | None, int]:
-            row = conn.execute(
-                "SELECT t.view, t.revision FROM order_transactions o"
-                " JOIN transactions t ON t.id = o.transaction_id WHERE o.order_id = ?",
-                (order_id,),
-            ).fetchone()
-            return (self._snapshot(row) if row else None), self._head(conn)
-
-        return await self._read(query)
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
+            " LEFT JOIN order_transactions o ON o.order_id = ?"
+            " LEFT JOIN transactions t ON t.id = o.transaction_id",
+            (order_id,),
+        )
+        head, view, revision = rows[0]
+        return (snapshot(view, revision) if view is not None else None), head
 
     async def list(
         self, where: ListFilter, after_revision: int, limit: int
@@ -350,84 +475,94 @@ class SqliteStore:
         if where.updated_since is not None:
             clauses.append("updated_at >= ?")
             params.append(iso(where.updated_since))
-        sql = (
-            f"SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
-            " ORDER BY revision LIMIT ?"
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) LEFT JOIN"
+            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            " ORDER BY revision LIMIT ?) t ON 1 ORDER BY t.revision",
+            (*params, limit),
         )
-
-        def query(conn: sqlite3.Connection) -> tuple[list[TransactionSnapshot], int]:
-            rows = conn.execute(sql, (*params, limit)).fetchall()
-            return [self._snapshot(r) for r in rows], self._head(conn)
-
-        return await self._read(query)
+        head = rows[0][0]
+        return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return await self._read(self._head)
+        return (await self._fetch(f"SELECT {_HEAD}", ()))[0][0]
 
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
     ) -> ChangeLogPage:
-        sql = (
-            "SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at"
-            " FROM changes WHERE revision > ?"
-        )
+        where = "revision > ?"
         params: list[object] = [after_revision]
         if transaction_ids:
-            sql += f" AND transaction_id IN ({', '.join('?' * len(transaction_ids))})"
-            params += transaction_ids
-        sql += " ORDER BY revision LIMIT ?"
-        params.append(limit)
+            where += " AND transaction_id IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(list(transaction_ids)))
+        rows = await self._fetch(
+            f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) LEFT JOIN"
+            " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
+            f" merged FROM changes WHERE {where} ORDER BY revision LIMIT ?) c ON 1"
+            " ORDER BY c.revision",
+            (*params, limit),
+        )
+        compacted, head = rows[0][0], rows[0][1]
+        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
+        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
 
-        def query(conn: sqlite3.Connection) -> ChangeLogPage:
-            rows = conn.execute(sql, params).fetchall()
-            return ChangeLogPage(
-                changes=[_change(row) for row in rows],
-                compacted_revision=self._compacted(conn),
-                head_revision=self._head(conn),
-            )
-
-        return await self._read(query)
+    # -- housekeeping -----------------------------------------------------------------------------
 
     async def trim_changes(self, recorded_before: datetime) -> int:
-        return await self._on_writer(self._trim_changes, iso(recorded_before))
-
-    def _trim_changes(self, cutoff: str | None) -> int:
-        conn = self._write_conn
-        if conn is None:
-            raise RuntimeError("store is not open")
+        cutoff = iso(recorded_before)
         # Trim up to the newest change older than the cutoff, so the log stays contiguous even if
-        # the clock stepped back; in chunks, so writers are never held up for long.
-        (through,) = conn.execute(
-            "SELECT max(revision) FROM changes WHERE recorded_at < ?", (cutoff,)
-        ).fetchone()
+        # the clock stepped back; in chunks, each its own short write, so ingest is never held up
+        # for long.
+        through = (
+            await self._fetch("SELECT max(revision) FROM changes WHERE recorded_at < ?", (cutoff,))
+        )[0][0]
         while through is not None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                deleted = conn.execute(
-                    "DELETE FROM changes WHERE revision IN (SELECT revision FROM changes"
-                    f" WHERE revision <= ? ORDER BY revision LIMIT {_TRIM_CHUNK})",
-                    (through,),
-                ).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            async with self._write_lock:
+                conn = self._writer
+                if conn is None:
+                    break
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor = await conn.execute(
+                        "DELETE FROM changes WHERE revision IN (SELECT revision FROM changes"
+                        f" WHERE revision <= ? ORDER BY revision LIMIT {_TRIM_CHUNK})",
+                        (through,),
+                    )
+                    deleted = cursor.rowcount
+                    await conn.execute(
+                        "UPDATE meta SET value = coalesce((SELECT min(revision) - 1 FROM changes),"
+                        f" {_HEAD}) WHERE key = 'compacted_revision'"
+                    )
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        await conn.execute("ROLLBACK")
+                    raise
             if deleted < _TRIM_CHUNK:
                 break
-        return self._compacted(conn)
+        return (await self._fetch(f"SELECT {_COMPACTED}", ()))[0][0]
 
+    async def erase_bodies(self, received_before: datetime) -> int:
+        """Erase the bodies of events received before the time; id, digest, outcome and revision
+        stay. Returns how many were erased."""
+        cutoff = iso(received_before)
+        erased = 0
+        while True:
+            async with self._write_lock:
+                conn = self._writer
+                if conn is None:
+                    return erased
+                cursor = await conn.execute(
+                    "UPDATE events SET body = NULL WHERE seq IN (SELECT seq FROM events"
+                    f" WHERE body IS NOT NULL AND received_at < ? LIMIT {_TRIM_CHUNK})",
+                    (cutoff,),
+                )
+                count = cursor.rowcount
+            erased += count
+            if count < _TRIM_CHUNK:
+                return erased
 
-# Change rows never change, and watchers replaying the log read the same rows; decoding the
-# stored view is most of the cost of a replay, so decoded changes are shared.
-@functools.lru_cache(maxsize=4096)
-def _change(row: tuple[int, str, str, str | None, str, str, str]) -> ChangeRecord:
-    revision, transaction_id, event_id, order_id, kinds, view, recorded_at = row
-    return ChangeRecord(
-        revision=revision,
-        transaction_id=transaction_id,
-        event_id=event_id,
-        order_id=order_id,
-        kinds=tuple(ChangeKind(k) for k in kinds.split(",") if k),
-        view=view_from_json(view),
-        recorded_at=datetime.fromisoformat(recorded_at),
-    )
+    async def change_notifications(self) -> AsyncIterator[None]:
+        # One process owns the file: every change is committed, and published, by this process.
+        await asyncio.Event().wait()
+        yield

@@ -1,0 +1,386 @@
+"""Planning a batch of deliveries: dedupe, merge, legacy fold, change kinds, limits. Pure.
+
+`batch_keys` says what a batch touches, before anything is read; the store locks and loads it
+(`BatchState`); `plan_batch` decides every write from that state alone, in delivery order, as if
+the deliveries had been applied one after the other; the store then applies the plan. Nothing
+here does I/O, so the same plan comes out whichever store ran it, and a store that must retry a
+batch can simply plan it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from transaction_service.domain.payload import OrderEvent, ParsedEvent
+from transaction_service.domain.state import (
+    ChangeKind,
+    Knowledge,
+    TransactionStatus,
+    TransactionView,
+    join,
+    knowledge_from_event,
+    knowledge_to_json,
+    view,
+    view_to_json,
+)
+from transaction_service.domain.state import change_kinds as diff_kinds
+from transaction_service.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    ServiceError,
+    echo,
+)
+from transaction_service.store.base import (
+    AppliedBatch,
+    BatchKeys,
+    BatchPlan,
+    BatchState,
+    ChangeRecord,
+    ChangeWrite,
+    EventWrite,
+    TransactionSnapshot,
+    TransactionWrite,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A checked, parsed delivery, ready for the store."""
+
+    event_id: str
+    event: ParsedEvent
+    body_format: str  # "json": raw bytes kept as sent; "struct": canonical JSON
+    body: bytes
+    # Where it came from: "grpc", "webhook" or "api" (reconciliation); kept with the event.
+    source: str = "grpc"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    event_id: str
+    transaction: TransactionSnapshot | None = None
+    change: ChangeRecord | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.change.revision if self.change else 0
+
+
+class EventIdConflict(AlreadyExists):
+    """The event id was ingested before with a different body."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(
+            f"event_id {echo(event_id)} was already ingested with a different body; "
+            "event ids must identify one delivery"
+        )
+        self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    """Bounds on one transaction's merged state, so that every transaction and every change always
+    fits in a gRPC message with room to spare, and no transaction makes writes expensive."""
+
+    max_orders_per_transaction: int = 50
+    max_view_bytes: int = 256 * 1024
+
+
+# The kinds a subscriber is told once per transaction.
+ONCE_KINDS = {
+    ChangeKind.REDRAW_AVAILABLE,
+    ChangeKind.TRANSACTION_COMPLETED,
+    ChangeKind.TRANSACTION_CANCELLED,
+}
+
+
+def reported_once_kinds(view: TransactionView) -> frozenset[ChangeKind]:
+    """The "reported once" kinds a transaction in this state has already reported."""
+    kinds = set()
+    if view.redraw_available:
+        kinds.add(ChangeKind.REDRAW_AVAILABLE)
+    if view.status == TransactionStatus.COMPLETED:
+        kinds.add(ChangeKind.TRANSACTION_COMPLETED)
+    elif view.status == TransactionStatus.CANCELLED:
+        kinds.add(ChangeKind.TRANSACTION_CANCELLED)
+    return frozenset(kinds)
+
+
+def batch_keys(deliveries: list[Delivery]) -> BatchKeys:
+    """Every key a batch reads or may write, from the deliveries alone."""
+    event_ids, order_ids, transaction_ids = set(), set(), set()
+    for delivery in deliveries:
+        event_ids.add(delivery.event_id)
+        event = delivery.event
+        if not isinstance(event, OrderEvent):
+            continue
+        order = event.order
+        order_ids.add(order.id)
+        # The order's legacy stand-in, if it has one, has the order's id.
+        transaction_ids.add(order.id)
+        block = order.order_transaction
+        if block is not None:
+            transaction_ids.add(block.id)
+            for entry in block.orders:
+                order_ids.add(entry.id)
+                transaction_ids.add(entry.id)
+    return BatchKeys(frozenset(event_ids), frozenset(order_ids), frozenset(transaction_ids))
+
+
+@dataclass
+class _Current:
+    """A transaction in the working copy: what is stored, or what this batch made of it."""
+
+    knowledge: Knowledge
+    view: TransactionView
+    revision: int
+    change: int | None = None
+    knowledge_json: str | None = None
+    view_json: str | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One delivery's answer, with revisions still relative to the batch."""
+
+    outcome: Outcome
+    event_id: str
+    transaction: _Current | None
+    snapshot: TransactionSnapshot | None = None
+    change: int | None = None
+
+    def resolve(self, applied: AppliedBatch) -> IngestResult:
+        snapshot = self.snapshot
+        if self.transaction is not None:
+            current = self.transaction
+            snapshot = TransactionSnapshot(
+                current.view, applied.revision_of(current.change, current.revision)
+            )
+        return IngestResult(
+            self.outcome,
+            self.event_id,
+            snapshot,
+            applied.changes[self.change] if self.change is not None else None,
+        )
+
+
+class _Batch:
+    def __init__(self, state: BatchState, now: datetime, limits: StateLimits) -> None:
+        self.plan = BatchPlan()
+        self.now = now
+        self.limits = limits
+        self.events = {k: (e.digest, e.order_id) for k, e in state.events.items()}
+        self.stored_events = state.events
+        self.order_index = dict(state.order_index)
+        self.transactions: dict[str, _Current] = {
+            k: _Current(t.knowledge, t.view, t.revision) for k, t in state.transactions.items()
+        }
+        self.dirty: set[str] = set()
+
+    def finish(self) -> BatchPlan:
+        for transaction_id in self.dirty:
+            current = self.transactions.get(transaction_id)
+            if current is None:
+                continue  # folded away later in the batch
+            self.plan.transactions[transaction_id] = TransactionWrite(
+                knowledge=current.knowledge,
+                view=current.view,
+                change=current.change,
+                revision=current.revision,
+                knowledge_json=current.knowledge_json or knowledge_to_json(current.knowledge),
+                view_json=current.view_json or view_to_json(current.view),
+            )
+        return self.plan
+
+    def current_of_order(self, order_id: str | None) -> _Current | None:
+        if order_id is None:
+            return None
+        transaction_id = self.order_index.get(order_id)
+        return self.transactions.get(transaction_id) if transaction_id else None
+
+    def add(self, delivery: Delivery) -> Planned:
+        event = delivery.event
+        seen = self.events.get(delivery.event_id)
+        if seen is not None:
+            digest, order_id = seen
+            if digest != event.digest:
+                raise EventIdConflict(delivery.event_id)
+            # The current state of the transaction the event's order belongs to now (it may
+            # have moved there from a legacy stand-in since).
+            current = self.current_of_order(order_id)
+            stored = self.stored_events.get(delivery.event_id)
+            if current is None and stored is not None:
+                return Planned(Outcome.DUPLICATE, delivery.event_id, None, stored.current)
+            return Planned(Outcome.DUPLICATE, delivery.event_id, current)
+
+        if not isinstance(event, OrderEvent):
+            self.record(delivery, Outcome.IGNORED)
+            return Planned(Outcome.IGNORED, delivery.event_id, None)
+
+        incoming = knowledge_from_event(event)
+        order_id = event.order.id
+        target_id = incoming.id
+        if incoming.legacy:
+            # No transaction block: if the order already belongs to a transaction, it stays there.
+            target_id = self.order_index.get(order_id) or order_id
+        stored = self.transactions.get(target_id)
+        knowledge = join(
+            stored.knowledge if stored else Knowledge(id=target_id, legacy=incoming.legacy),
+            incoming,
+        )
+
+        # A payload with a block may name orders that so far stood in legacy transactions of their
+        # own: fold those in, so each order lives in one transaction whatever the delivery order.
+        folded: list[tuple[str, _Current]] = []
+        if not incoming.legacy:
+            for known_order in incoming.orders:
+                other_id = self.order_index.get(known_order)
+                if other_id is None or other_id == target_id:
+                    continue
+                if any(other_id == f for f, _ in folded):
+                    continue
+                other = self.transactions.get(other_id)
+                if other is not None and other.knowledge.legacy:
+                    knowledge = join(knowledge, other.knowledge)
+                    folded.append((other_id, other))
+                elif other is not None:
+                    log.warning(
+                        "order %s moves from transaction %s to %s: the provider changed its mind",
+                        echo(known_order),
+                        echo(other_id),
+                        echo(target_id),
+                    )
+
+        before = stored.view if stored else None
+        after = view(knowledge)
+        kinds = diff_kinds(before, after)
+        if folded and ChangeKind.LEGACY_MERGED not in kinds:
+            kinds.append(ChangeKind.LEGACY_MERGED)
+        view_json = view_to_json(after)
+        self.check_limits(after, view_json)
+
+        if not kinds:
+            if stored is not None and knowledge != stored.knowledge:
+                # Nothing visible changed, but keep the join complete so later merges stay
+                # independent of delivery order.
+                stored.knowledge, stored.knowledge_json = knowledge, None
+                self.dirty.add(target_id)
+            self.record(delivery, Outcome.STALE, transaction_id=target_id)
+            return Planned(Outcome.STALE, delivery.event_id, stored)
+
+        index = len(self.plan.changes)
+        self.plan.changes.append(
+            ChangeWrite(
+                transaction_id=target_id,
+                event_id=delivery.event_id,
+                order_id=order_id,
+                kinds=tuple(kinds),
+                view=after,
+                recorded_at=self.now,
+                merged=tuple((f, reported_once_kinds(t.view)) for f, t in folded),
+                view_json=view_json,
+            )
+        )
+        current = _Current(
+            knowledge,
+            after,
+            revision=stored.revision if stored else 0,
+            change=index,
+            view_json=view_json,
+        )
+        self.transactions[target_id] = current
+        self.dirty.add(target_id)
+        for folded_id, _ in folded:
+            del self.transactions[folded_id]
+            self.plan.deleted.add(folded_id)
+        for known_order in incoming.orders:
+            if self.order_index.get(known_order) != target_id:
+                self.order_index[known_order] = target_id
+                self.plan.order_index[known_order] = target_id
+        self.record(delivery, Outcome.APPLIED, transaction_id=target_id, change=index)
+        return Planned(Outcome.APPLIED, delivery.event_id, current, change=index)
+
+    def check_limits(self, after: TransactionView, view_json: str) -> None:
+        limits = self.limits
+        violations = []
+        if len(after.orders) > limits.max_orders_per_transaction:
+            violations.append(
+                FieldViolation(
+                    "data.order_transaction.orders",
+                    f"the transaction would have {len(after.orders)} orders; the limit is "
+                    f"{limits.max_orders_per_transaction} (max_orders_per_transaction)",
+                )
+            )
+        size = len(view_json.encode())
+        if size > limits.max_view_bytes:
+            violations.append(
+                FieldViolation(
+                    "data",
+                    f"the transaction's state would be {size} bytes; the limit is "
+                    f"{limits.max_view_bytes} (max_view_bytes)",
+                )
+            )
+        if violations:
+            raise InvalidArgument(violations)
+
+    def record(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        *,
+        transaction_id: str | None = None,
+        change: int | None = None,
+    ) -> None:
+        event = delivery.event
+        order_id = event.order.id if isinstance(event, OrderEvent) else None
+        self.events[delivery.event_id] = (event.digest, order_id)
+        self.plan.events.append(
+            EventWrite(
+                event_id=delivery.event_id,
+                event_type=event.event_type,
+                source=delivery.source,
+                body_format=delivery.body_format,
+                body=delivery.body,
+                digest=event.digest,
+                order_id=order_id,
+                transaction_id=transaction_id,
+                outcome=outcome.value,
+                change=change,
+                received_at=self.now,
+            )
+        )
+
+
+def plan_batch(
+    deliveries: list[Delivery],
+    state: BatchState,
+    now: datetime,
+    limits: StateLimits | None = None,
+) -> tuple[BatchPlan, list[Planned | ServiceError]]:
+    """Every write of the batch, and each delivery's answer (or the error refusing it).
+
+    Deliveries are applied in order, each seeing the ones before it. A refused delivery leaves
+    no trace: its checks all run before it touches the working copy.
+    """
+    batch = _Batch(state, now, limits or StateLimits())
+    answers: list[Planned | ServiceError] = []
+    for delivery in deliveries:
+        try:
+            answers.append(batch.add(delivery))
+        except ServiceError as exc:
+            answers.append(exc)
+    return batch.finish(), answers

@@ -1,0 +1,88 @@
+"""Row encodings shared by the SQL stores: the same columns mean the same thing in SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import UTC, datetime
+
+from transaction_service.domain.state import (
+    ChangeKind,
+    knowledge_from_json,
+    view_from_json,
+)
+from transaction_service.store.base import (
+    ChangeRecord,
+    StoredTransaction,
+    TransactionSnapshot,
+)
+
+
+def iso(value: datetime | None) -> str | None:
+    """UTC ISO 8601 with fixed width, so text order is time order."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def encode_kinds(kinds: tuple[ChangeKind, ...]) -> str:
+    return ",".join(kinds)
+
+
+def decode_kinds(text: str) -> tuple[ChangeKind, ...]:
+    return tuple(ChangeKind(k) for k in text.split(",") if k)
+
+
+def encode_merged(merged: tuple[tuple[str, frozenset[ChangeKind]], ...]) -> str | None:
+    if not merged:
+        return None
+    return json.dumps({standin: sorted(kinds) for standin, kinds in merged})
+
+
+def decode_merged(text: str | None) -> tuple[tuple[str, frozenset[ChangeKind]], ...]:
+    if not text:
+        return ()
+    return tuple(
+        (standin, frozenset(ChangeKind(k) for k in kinds))
+        for standin, kinds in json.loads(text).items()
+    )
+
+
+def stored_transaction(
+    knowledge: str | bytes, view: str | bytes, revision: int
+) -> StoredTransaction:
+    return StoredTransaction(knowledge_from_json(knowledge), view_from_json(view), revision)
+
+
+def snapshot(view: str | bytes, revision: int) -> TransactionSnapshot:
+    return TransactionSnapshot(view_from_json(view), revision)
+
+
+# Change rows never change, and watchers replaying the log read the same rows; decoding the
+# stored view is most of the cost of a replay, so decoded changes are shared.
+@functools.lru_cache(maxsize=4096)
+def change_record(
+    revision: int,
+    transaction_id: str,
+    event_id: str,
+    order_id: str | None,
+    kinds: str,
+    view: str,
+    recorded_at: str | datetime,
+    merged: str | None,
+) -> ChangeRecord:
+    return ChangeRecord(
+        revision=revision,
+        transaction_id=transaction_id,
+        event_id=event_id,
+        order_id=order_id,
+        kinds=decode_kinds(kinds),
+        view=view_from_json(view),
+        recorded_at=(
+            recorded_at
+            if isinstance(recorded_at, datetime)
+            else datetime.fromisoformat(recorded_at)
+        ),
+        merged=decode_merged(merged),
+    )
