@@ -4,7 +4,8 @@ in-process server."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import grpc
 import pytest
 
 from tests.harness import Running
+from tests.pg import SETTING as PG_SETTING
+from tests.pg import fresh_database, unavailable_reason
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -34,18 +37,47 @@ def scenario(request: pytest.FixtureRequest) -> dict[str, Any]:
     return request.param
 
 
+STORES = ["sqlite", "postgres"]
+
+
+@contextmanager
+def database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of the kind: a SQLite file, or a new PostgreSQL schema."""
+    if kind == "postgres":
+        with fresh_database() as url:
+            yield url
+    else:
+        yield str(tmp_path / "api.db")
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Running]:
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        db=tmp_path / "api.db",
-        max_body_bytes=BODY_LIMIT,
-        sqlite_synchronous="NORMAL",
-        shutdown_grace_seconds=1,
-    )
-    service = TransactionService(settings)
-    port = await service.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Running(service, pb_grpc.TransactionServiceStub(channel), settings.db)
-    await service.stop()
+async def api(tmp_path: Path, store_kind: str) -> AsyncIterator[Running]:
+    """The service in process, on each store in turn, with a stub connected to it."""
+    with database(store_kind, tmp_path) as db:
+        settings = Settings(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            db=db,
+            max_body_bytes=BODY_LIMIT,
+            sqlite_synchronous="NORMAL",
+            shutdown_grace_seconds=1,
+        )
+        service = TransactionService(settings)
+        port = await service.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Running(service, pb_grpc.TransactionServiceStub(channel), settings.db)
+        await service.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly when the PostgreSQL suite did not run."""
+    if (reason := unavailable_reason()) is not None:
+        terminalreporter.write_sep("!", "PostgreSQL suite SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(
+            f"{reason}. Point {PG_SETTING} at a PostgreSQL server to run it.", red=True
+        )

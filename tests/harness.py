@@ -9,23 +9,27 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from tests.pg import table_counts
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
+
+TABLES = ("events", "transactions", "changes", "order_transactions")
 
 
 @dataclass
 class Running:
     service: TransactionService
     stub: pb_grpc.TransactionServiceStub
-    db: Path
+    # A SQLite file path or a PostgreSQL URL.
+    db: Path | str
 
     def counts(self) -> dict[str, int]:
+        """Rows per table: tests check that a refused request left nothing behind."""
+        if str(self.db).startswith("postgresql://"):
+            return table_counts(str(self.db), TABLES)
         with sqlite3.connect(self.db) as conn:
-            return {
-                t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("events", "transactions", "changes", "order_transactions")
-            }
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
 def struct(body: dict[str, Any]) -> struct_pb2.Struct:

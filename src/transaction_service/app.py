@@ -16,9 +16,11 @@ from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
 from transaction_service.store.base import Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
-from transaction_service.watch import ChangeHub
+from transaction_service.watch import ChangeFeed, ChangeHub
 
 log = logging.getLogger(__name__)
+
+STORE_PROBE_SECONDS = 2.0
 
 
 class StartupError(Exception):
@@ -26,7 +28,15 @@ class StartupError(Exception):
 
 
 def open_store(settings: Settings) -> Store:
-    return SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
+    """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL."""
+    if settings.db.startswith(("postgresql://", "postgres://")):
+        from transaction_service.store.postgres import PostgresStore
+
+        return PostgresStore(settings.db, pool_size=settings.db_pool_size)
+    try:
+        return SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 class App:
@@ -40,8 +50,9 @@ class App:
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
         )
+        self.feed = ChangeFeed(self.store, self.hub, shared=self.store.shared)
         self.ingestor = Ingestor(
-            self.store, max_batch=settings.max_batch, on_changes=self.hub.publish
+            self.store, max_batch=settings.max_batch, on_changes=self.feed.committed
         )
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []
@@ -53,8 +64,11 @@ class App:
             await self.store.open()
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from None
+        await self.feed.start()
         self.ingestor.start()
+        self._background(self.feed.run, "change-feed")
         self._background(self._trim_changes, "change-log-trimmer")
+        self._background(self._probe_store, "store-probe")
         self.started = True
 
     def _background(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
@@ -62,8 +76,8 @@ class App:
 
     @property
     def ready(self) -> bool:
-        """Taking traffic: started and not shutting down."""
-        return self.started and not self.stopping
+        """Taking traffic: started, not shutting down, and the store can write."""
+        return self.started and not self.stopping and self.store.health.healthy
 
     def begin_shutdown(self) -> None:
         """Refuse new work: end every watch stream, each with the revision to resume from."""
@@ -79,6 +93,14 @@ class App:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
         await self.store.close()
+
+    async def _probe_store(self) -> None:
+        # A store that cannot write reports NOT_SERVING, so balancers send no more traffic, and
+        # without traffic nothing would notice the fault is fixed: try a tiny write now and then.
+        while True:
+            await asyncio.sleep(STORE_PROBE_SECONDS)
+            if not self.store.health.healthy:
+                await self.store.probe()
 
     async def _trim_changes(self) -> None:
         retention = timedelta(seconds=self.settings.change_retention_seconds)

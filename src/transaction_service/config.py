@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     db: Annotated[str, BeforeValidator(_path_text)] = Field(
         default="var/transactions.db",
         min_length=1,
-        description="the store: a SQLite file path (or sqlite:///path), created if missing",
+        description="the store: a SQLite file path (or sqlite:///path), created if missing; "
+        "or a postgresql://user:password@host:port/database URL, shared by several replicas",
+    )
+    db_pool_size: int = Field(
+        default=10, gt=0, description="PostgreSQL connections per process (reads and writes)"
     )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",

@@ -79,6 +79,7 @@ class TransactionService:
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(settings))
         self.port = 0
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     # Shortcuts used by tests and tools.
     @property
@@ -109,12 +110,27 @@ class TransactionService:
             except RuntimeError:
                 raise StartupError(f"cannot listen on {address}") from None
             await self.server.start()
-            for name in ("", SERVICE_NAME):
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_health(self.app.store.health.healthy)
+            self.app.store.health.subscribe(self._store_health_changed)
         except BaseException:
             await self.app.stop()
             raise
         return self.port
+
+    def _store_health_changed(self, healthy: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._set_health(healthy))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_health(self, healthy: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        # Ignored by the servicer once shutdown began.
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self) -> None:
         # Health first, so load balancers stop sending new calls while in-flight ones finish.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,14 @@ class ChangeHub:
                     sub.offer(change)
             self.published_revision = max(self.published_revision, change.revision)
 
+    def mark_all_behind(self) -> None:
+        """Every subscriber re-reads the change log from its position (the live stream had a
+        gap this process cannot fill)."""
+        for sub in self._subscriptions:
+            sub.queue.clear()
+            sub.behind = True
+            sub.wakeup.set()
+
     def close(self) -> None:
         """End every watch (WatchClosed) and refuse new ones; for shutdown."""
         self._closed = True
@@ -257,5 +266,103 @@ class ChangeHub:
                 if where.matches(change):
                     yield change
                     after = change.revision
+            if len(page.changes) < self._page_size:
+                return
+
+
+class ChangeFeed:
+    """Publishes every committed change to the hub exactly once, in revision order, whichever
+    process committed it.
+
+    Changes this process commits are handed over at once (`committed`) when they follow the last
+    published revision. Otherwise (another replica committed revisions in between) the feed tails
+    the change log from the last published revision: on a wake-up from the store (PostgreSQL
+    LISTEN/NOTIFY), after every reconnect, and every `poll_seconds` in case a notification was
+    lost. The change log is the truth; notifications only say "look now".
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hub: ChangeHub,
+        *,
+        poll_seconds: float = 1.0,
+        page_size: int = 500,
+        shared: bool = False,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._poll_seconds = poll_seconds
+        self._page_size = page_size
+        # Whether other processes write to the store too; if not, only `committed` publishes.
+        self._shared = shared
+        self._wakeup = asyncio.Event()
+        self.published = 0
+
+    async def start(self) -> None:
+        """Publish from the store's head revision on (call before taking traffic)."""
+        self.published = await self._store.head_revision()
+        self._hub.published_revision = self.published
+
+    def committed(self, changes: Sequence[ChangeRecord]) -> None:
+        """Changes this process just committed, in revision order."""
+        fresh = [c for c in changes if c.revision > self.published]
+        if not fresh:
+            return
+        if fresh[0].revision == self.published + 1:
+            self._publish(fresh)
+        else:
+            # Another process committed the revisions in between: read them all from the log.
+            self._wakeup.set()
+
+    def _publish(self, changes: Sequence[ChangeRecord]) -> None:
+        self._hub.publish(changes)
+        self.published = changes[-1].revision
+
+    async def run(self) -> None:
+        """Tail the change log whenever there may be something new; runs until cancelled."""
+        if not self._shared:
+            return
+        listener = asyncio.create_task(self._listen(), name="change-notifications")
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._poll_seconds):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+                self._wakeup.clear()
+                try:
+                    await self.catch_up()
+                except Exception:
+                    log.exception("reading the change log failed; will retry")
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self) -> None:
+        async for _ in self._store.change_notifications():
+            self._wakeup.set()
+
+    async def catch_up(self) -> None:
+        """Publish everything committed after the last published revision."""
+        while True:
+            page = await self._store.changes_after(self.published, self._page_size)
+            if page.compacted_revision > self.published:
+                # This process fell further behind than the log keeps (it was cut off from the
+                # store for longer than the retention): its subscribers re-read what they can
+                # from the log, and those who needed trimmed changes are told so.
+                log.warning(
+                    "change log trimmed past revision %d before it was published here",
+                    self.published,
+                )
+                self._hub.mark_all_behind()
+                self.published = page.compacted_revision
+                self._hub.published_revision = max(self._hub.published_revision, self.published)
+                continue
+            fresh = [c for c in page.changes if c.revision > self.published]
+            if fresh:
+                self._publish(fresh)
             if len(page.changes) < self._page_size:
                 return

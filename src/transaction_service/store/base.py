@@ -244,6 +244,9 @@ class Store(Protocol):
     description: str
     # Whether writes succeed; listeners hear of every flip (health checks, readiness).
     health: WriteHealth
+    # Whether other processes may write to it too (replicas): then watchers must tail the shared
+    # change log instead of relying on this process's commits alone.
+    shared: bool
 
     async def open(self) -> None:
         """Raises StoreOpenError, with one line naming the database and the problem."""

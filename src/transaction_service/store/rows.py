@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from transaction_service.domain.state import (
     ChangeKind,
@@ -13,6 +15,7 @@ from transaction_service.domain.state import (
     view_from_json,
 )
 from transaction_service.store.base import (
+    BatchPlan,
     ChangeRecord,
     StoredTransaction,
     TransactionSnapshot,
@@ -86,3 +89,59 @@ def change_record(
         ),
         merged=decode_merged(merged),
     )
+
+
+def plan_rows(
+    batch: BatchPlan, base: int, time: Callable[[datetime], Any]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows each statement of a plan writes, with revisions resolved from `base` and times
+    encoded by `time` (ISO text for SQLite, datetimes for PostgreSQL)."""
+    changes = [
+        (
+            base + i + 1,
+            c.transaction_id,
+            c.event_id,
+            c.order_id,
+            encode_kinds(c.kinds),
+            c.view_json,
+            time(c.recorded_at),
+            encode_merged(c.merged),
+        )
+        for i, c in enumerate(batch.changes)
+    ]
+    transactions = [
+        (
+            transaction_id,
+            base + t.change + 1 if t.change is not None else t.revision,
+            t.view.status.value,
+            t.view.team_id,
+            t.view.user_id,
+            time(t.view.updated_at) if t.view.updated_at else None,
+            t.knowledge_json,
+            t.view_json,
+        )
+        for transaction_id, t in batch.transactions.items()
+    ]
+    events = [
+        (
+            e.event_id,
+            e.event_type,
+            e.source,
+            e.body_format,
+            e.body,
+            e.digest,
+            e.order_id,
+            e.transaction_id,
+            e.outcome,
+            base + e.change + 1 if e.change is not None else None,
+            time(e.received_at),
+        )
+        for e in batch.events
+    ]
+    return {
+        "changes": changes,
+        "transactions": transactions,
+        "deleted": [(d,) for d in sorted(batch.deleted)],
+        "orders": sorted(batch.order_index.items()),
+        "events": events,
+    }

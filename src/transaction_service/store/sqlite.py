@@ -51,9 +51,8 @@ from transaction_service.store.base import (
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
     change_record,
-    encode_kinds,
-    encode_merged,
     iso,
+    plan_rows,
     snapshot,
     stored_transaction,
 )
@@ -149,59 +148,6 @@ _HEAD = "(SELECT value FROM meta WHERE key = 'head_revision')"
 _COMPACTED = "(SELECT value FROM meta WHERE key = 'compacted_revision')"
 
 
-def plan_rows(batch: BatchPlan, base: int) -> dict[str, list[tuple[Any, ...]]]:
-    """The rows each statement of a plan writes, with revisions resolved from `base`."""
-    changes = [
-        (
-            base + i + 1,
-            c.transaction_id,
-            c.event_id,
-            c.order_id,
-            encode_kinds(c.kinds),
-            c.view_json,
-            iso(c.recorded_at),
-            encode_merged(c.merged),
-        )
-        for i, c in enumerate(batch.changes)
-    ]
-    transactions = [
-        (
-            transaction_id,
-            base + t.change + 1 if t.change is not None else t.revision,
-            t.view.status.value,
-            t.view.team_id,
-            t.view.user_id,
-            iso(t.view.updated_at),
-            t.knowledge_json,
-            t.view_json,
-        )
-        for transaction_id, t in batch.transactions.items()
-    ]
-    events = [
-        (
-            e.event_id,
-            e.event_type,
-            e.source,
-            e.body_format,
-            e.body,
-            e.digest,
-            e.order_id,
-            e.transaction_id,
-            e.outcome,
-            base + e.change + 1 if e.change is not None else None,
-            iso(e.received_at),
-        )
-        for e in batch.events
-    ]
-    return {
-        "changes": changes,
-        "transactions": transactions,
-        "deleted": [(d,) for d in sorted(batch.deleted)],
-        "orders": sorted(batch.order_index.items()),
-        "events": events,
-    }
-
-
 class SqliteStore:
     """SQLite behind the `Store` interface. Open before use; always close (an open connection
     keeps the process from exiting)."""
@@ -210,6 +156,7 @@ class SqliteStore:
         self.path = sqlite_path(os.fspath(path))
         self.description = str(self.path)
         self.health = WriteHealth(self.description)
+        self.shared = False
         self._synchronous = synchronous
         self._writer: aiosqlite.Connection | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
@@ -402,7 +349,7 @@ class SqliteStore:
         if batch.changes:
             (head,) = (await conn.execute_fetchall(_BUMP, (len(batch.changes),)))[0]
             base = head - len(batch.changes)
-        rows = plan_rows(batch, base)
+        rows = plan_rows(batch, base, iso)
         for statement, key in (
             (_INSERT_CHANGE, "changes"),
             (_UPSERT_TRANSACTION, "transactions"),

@@ -1,0 +1,147 @@
+"""An in-memory store: the contract of `store/base.py` with dictionaries, nothing durable.
+
+It proves the interface is one (the same conformance suite runs against it, SQLite and
+PostgreSQL) and makes use-case tests fast. Not for production: everything is gone at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+
+from transaction_service.domain.state import knowledge_from_json, view_from_json
+from transaction_service.store.base import (
+    AppliedBatch,
+    BatchKeys,
+    BatchState,
+    ChangeLogPage,
+    ChangeRecord,
+    ListFilter,
+    Planner,
+    StoredEvent,
+    StoredTransaction,
+    TransactionSnapshot,
+)
+from transaction_service.store.health import WriteHealth
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.description = "memory"
+        self.health = WriteHealth(self.description)
+        self.shared = False
+        self._lock = asyncio.Lock()
+        self.head = 0
+        self.compacted = 0
+        # event id -> (digest, order id, body or None)
+        self.events: dict[str, tuple[str, str | None, bytes | None, datetime]] = {}
+        self.transactions: dict[str, StoredTransaction] = {}
+        self.order_index: dict[str, str] = {}
+        self.changes: list[ChangeRecord] = []
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def probe(self) -> None:
+        self.health.succeeded()
+
+    def _snapshot(self, transaction_id: str | None) -> TransactionSnapshot | None:
+        stored = self.transactions.get(transaction_id) if transaction_id else None
+        return TransactionSnapshot(stored.view, stored.revision) if stored else None
+
+    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+        async with self._lock:
+            state = BatchState()
+            for event_id in keys.event_ids:
+                if event_id in self.events:
+                    digest, order_id, _, _ = self.events[event_id]
+                    current = self._snapshot(self.order_index.get(order_id or ""))
+                    state.events[event_id] = StoredEvent(event_id, digest, order_id, current)
+            for order_id in keys.order_ids:
+                if order_id in self.order_index:
+                    txn_id = self.order_index[order_id]
+                    state.order_index[order_id] = txn_id
+                    state.transactions[txn_id] = self.transactions[txn_id]
+            for txn_id in keys.transaction_ids:
+                if txn_id in self.transactions:
+                    state.transactions[txn_id] = self.transactions[txn_id]
+            batch = plan(state)
+            base = self.head
+            self.head += len(batch.changes)
+            records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
+            self.changes.extend(records)
+            for txn_id, write in batch.transactions.items():
+                # Round-trip through JSON, as a real store does, so tests see what it would.
+                self.transactions[txn_id] = StoredTransaction(
+                    knowledge_from_json(write.knowledge_json),
+                    view_from_json(write.view_json),
+                    base + write.change + 1 if write.change is not None else write.revision,
+                )
+            for txn_id in batch.deleted:
+                self.transactions.pop(txn_id, None)
+            self.order_index.update(batch.order_index)
+            for e in batch.events:
+                self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
+            return AppliedBatch(batch, base, records)
+
+    async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
+        return self._snapshot(transaction_id), self.head
+
+    async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
+        return self._snapshot(self.order_index.get(order_id)), self.head
+
+    async def list(
+        self, where: ListFilter, after_revision: int, limit: int
+    ) -> tuple[list[TransactionSnapshot], int]:
+        found = [
+            TransactionSnapshot(t.view, t.revision)
+            for t in self.transactions.values()
+            if t.revision > after_revision
+            and (where.status is None or t.view.status == where.status)
+            and (not where.team_id or t.view.team_id == where.team_id)
+            and (not where.user_id or t.view.user_id == where.user_id)
+            and (
+                where.updated_since is None
+                or (t.view.updated_at is not None and t.view.updated_at >= where.updated_since)
+            )
+        ]
+        found.sort(key=lambda s: s.revision)
+        return found[:limit], self.head
+
+    async def head_revision(self) -> int:
+        return self.head
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        wanted = set(transaction_ids)
+        found = [
+            c
+            for c in self.changes
+            if c.revision > after_revision and (not wanted or c.transaction_id in wanted)
+        ]
+        return ChangeLogPage(found[:limit], self.compacted, self.head)
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        through = max(
+            (c.revision for c in self.changes if c.recorded_at < recorded_before), default=0
+        )
+        self.changes = [c for c in self.changes if c.revision > through]
+        self.compacted = self.changes[0].revision - 1 if self.changes else self.head
+        return self.compacted
+
+    async def erase_bodies(self, received_before: datetime) -> int:
+        erased = 0
+        for event_id, (digest, order_id, body, received_at) in self.events.items():
+            if body is not None and received_at < received_before:
+                self.events[event_id] = (digest, order_id, None, received_at)
+                erased += 1
+        return erased
+
+    async def change_notifications(self) -> AsyncIterator[None]:
+        await asyncio.Event().wait()
+        yield

@@ -1,0 +1,518 @@
+"""The PostgreSQL store, on asyncpg: several replicas share one database.
+
+Correct with concurrent writers (every replica ingests):
+- **Keys are locked, in one global order.** A batch takes a transaction-scoped advisory lock on
+  every key it touches (event ids, order ids, transaction ids; `BatchKeys.lock_names`), sorted,
+  before it reads anything. Sorted order means two writers can never wait on each other in a
+  cycle; locking event ids means a duplicate delivered to two replicas at once is applied once (the
+  second waits, then sees the first's event). If the loaded state points at a transaction the keys
+  did not name (an order indexed to it), the batch try-locks it; if another writer holds it, the
+  batch rolls back and starts again with the larger key set, locked in order. The merge is a join,
+  so planning again is always safe.
+- **Revisions in commit order.** One counter row, bumped by the number of changes as the last
+  step before COMMIT: the row lock orders commits, so revisions are contiguous and a reader that
+  sees revision N has seen every revision below it.
+- **Watchers on every replica.** Each commit sends NOTIFY (a wake-up only: payloads are small and
+  notifications sent while a listener is disconnected are lost); every replica tails the change
+  log on each wake-up, after each reconnect and on a timer (`watch.ChangeFeed`).
+- **One trimmer at a time**, by a try-lock: the others skip their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from transaction_service.store.base import (
+    AppliedBatch,
+    BatchKeys,
+    BatchPlan,
+    BatchState,
+    ChangeLogPage,
+    ListFilter,
+    Planner,
+    StoredEvent,
+    StoredTransaction,
+    StoreOpenError,
+    StoreUnavailable,
+    TransactionSnapshot,
+)
+from transaction_service.store.health import WriteHealth
+from transaction_service.store.rows import (
+    change_record,
+    plan_rows,
+    snapshot,
+    stored_transaction,
+)
+from transaction_service.store.sqlite import migrations
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "transaction_changes"
+# Session advisory lock held while migrating, so replicas starting together do not race.
+_MIGRATION_LOCK = 0x7478_6D69_6772_6174  # "txmigrat"
+_TRIM_LOCK = 0x7478_7472_696D_0000  # "txtrim"
+_TRIM_CHUNK = 5000
+_WRITE_ATTEMPTS = 5
+_RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for a namespaced name."""
+    return int.from_bytes(
+        hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def _fault_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.DiskFullError):
+        return "disk full"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return "permission denied"
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        return "database is read-only"
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return "database unreachable"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"database error {exc.sqlstate}"
+    return "database error"
+
+
+class _MoreKeys(Exception):
+    def __init__(self, transaction_ids: set[str]) -> None:
+        self.transaction_ids = transaction_ids
+
+
+_EVENTS = (
+    "SELECT e.event_id, e.digest, e.order_id, t.view, t.revision FROM events e"
+    " LEFT JOIN order_transactions o ON o.order_id = e.order_id"
+    " LEFT JOIN transactions t ON t.id = o.transaction_id"
+    " WHERE e.event_id = ANY($1::text[])"
+)
+_BY_ORDER = (
+    "SELECT o.order_id, t.id, t.knowledge, t.view, t.revision FROM order_transactions o"
+    " JOIN transactions t ON t.id = o.transaction_id WHERE o.order_id = ANY($1::text[])"
+)
+_BY_ID = "SELECT id, knowledge, view, revision FROM transactions WHERE id = ANY($1::text[])"
+_LOCK = (
+    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(k, n)"
+)
+_TRY_LOCK = "SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
+_BUMP = "UPDATE meta SET value = value + $1 WHERE key = 'head_revision' RETURNING value"
+_INSERT_CHANGE = (
+    "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
+    " merged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+_UPSERT_TRANSACTION = (
+    "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
+    " view) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET"
+    " revision = excluded.revision, status = excluded.status, team_id = excluded.team_id,"
+    " user_id = excluded.user_id, updated_at = excluded.updated_at,"
+    " knowledge = excluded.knowledge, view = excluded.view"
+)
+_UPSERT_ORDER = (
+    "INSERT INTO order_transactions (order_id, transaction_id) VALUES ($1, $2)"
+    " ON CONFLICT (order_id) DO UPDATE SET transaction_id = excluded.transaction_id"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
+    " transaction_id, outcome, revision, received_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+_HEAD = "(SELECT value FROM meta WHERE key = 'head_revision')"
+_COMPACTED = "(SELECT value FROM meta WHERE key = 'compacted_revision')"
+
+
+def _same_time(value: datetime) -> datetime:
+    return value
+
+
+class PostgresStore:
+    """PostgreSQL behind the `Store` interface. Open before use; always close."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.description = redact(url)
+        self.health = WriteHealth(self.description)
+        self.shared = True
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self._pool_size, command_timeout=60
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise StoreOpenError(f"cannot connect to {self.description}: {_reason(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise StoreOpenError(f"cannot use {self.description}: {_reason(exc)}") from None
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        assert self._pool is not None
+        known = migrations("postgres")
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+                    " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                current = await conn.fetchval(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations"
+                )
+                if current > known[-1][0]:
+                    raise StoreOpenError(
+                        f"{self.description} has schema version {current}, newer than this "
+                        f"service knows ({known[-1][0]}); run a newer transaction-service"
+                    )
+                if current == 0:
+                    foreign = await conn.fetchval(
+                        "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+                        " AND tablename IN ('events', 'transactions', 'changes')"
+                    )
+                    if foreign:
+                        raise StoreOpenError(
+                            f"{self.description} already has tables named like this service's "
+                            "but no schema version of it; use another database or schema"
+                        )
+                for version, name, script in known:
+                    if version <= current:
+                        continue
+                    log.info("applying migration %s to %s", name, self.description)
+                    async with conn.transaction():
+                        await conn.execute(script)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            version,
+                            name,
+                        )
+            except asyncpg.PostgresError as exc:
+                raise StoreOpenError(f"cannot set up {self.description}: {_reason(exc)}") from None
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (TimeoutError, *_CONNECTION_ERRORS):
+                pool.terminate()
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the store is closed")
+        return self._pool
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire() as conn:
+                for attempt in range(_WRITE_ATTEMPTS):
+                    try:
+                        async with conn.transaction():
+                            applied = await self._write_once(conn, keys, plan)
+                        break
+                    except _MoreKeys as more:
+                        keys = BatchKeys(
+                            keys.event_ids,
+                            keys.order_ids,
+                            keys.transaction_ids | more.transaction_ids,
+                        )
+                    except (
+                        asyncpg.DeadlockDetectedError,
+                        asyncpg.SerializationError,
+                    ):
+                        if attempt == _WRITE_ATTEMPTS - 1:
+                            raise
+                else:
+                    raise StoreUnavailable("the batch could not lock its keys; retry later")
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            kind = _fault_kind(exc)
+            self.health.failed(kind)
+            raise StoreUnavailable(
+                f"the event was not stored: the database cannot write ({kind}). Retry later."
+            ) from None
+        self.health.succeeded()
+        return applied
+
+    async def _write_once(
+        self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner
+    ) -> AppliedBatch:
+        locked = {lock_key(name) for name in keys.lock_names()}
+        await conn.fetchval(_LOCK, sorted(locked))
+        state = await self._load(conn, keys)
+        needed = state.transaction_ids_needed() - keys.transaction_ids
+        if needed:
+            extra = sorted({lock_key(f"t:{t}") for t in needed} - locked)
+            if extra and not await conn.fetchval(_TRY_LOCK, extra):
+                # Another writer holds one of them: start again, locking everything in order.
+                raise _MoreKeys(needed)
+            # Locked now: read them again, as they are under the lock.
+            keys = BatchKeys(keys.event_ids, keys.order_ids, keys.transaction_ids | needed)
+            state = await self._load(conn, keys)
+        batch = plan(state)
+        return await self._apply(conn, batch)
+
+    async def _load(self, conn: asyncpg.Connection, keys: BatchKeys) -> BatchState:
+        state = BatchState()
+        for event_id, digest, order_id, view, revision in await conn.fetch(
+            _EVENTS, list(keys.event_ids)
+        ):
+            current = snapshot(view, revision) if view is not None else None
+            state.events[event_id] = StoredEvent(event_id, digest, order_id, current)
+        decoded: dict[str, StoredTransaction] = {}
+        for order_id, txn_id, knowledge, view, revision in await conn.fetch(
+            _BY_ORDER, list(keys.order_ids)
+        ):
+            state.order_index[order_id] = txn_id
+            if txn_id not in decoded:
+                decoded[txn_id] = stored_transaction(knowledge, view, revision)
+        wanted = [t for t in keys.transaction_ids if t not in decoded]
+        if wanted:
+            for txn_id, knowledge, view, revision in await conn.fetch(_BY_ID, wanted):
+                decoded[txn_id] = stored_transaction(knowledge, view, revision)
+        state.transactions = decoded
+        return state
+
+    async def _apply(self, conn: asyncpg.Connection, batch: BatchPlan) -> AppliedBatch:
+        rows = plan_rows(batch, 0, _same_time)
+        for statement, key in (
+            (_UPSERT_ORDER, "orders"),
+            ("DELETE FROM transactions WHERE id = $1", "deleted"),
+        ):
+            if rows[key]:
+                await conn.executemany(statement, rows[key])
+        base = 0
+        if batch.changes:
+            # The counter last: its row lock is held only for the few statements that need the
+            # revisions, and it orders commits.
+            head = await conn.fetchval(_BUMP, len(batch.changes))
+            base = head - len(batch.changes)
+            rows = plan_rows(batch, base, _same_time)
+        for statement, key in (
+            (_INSERT_CHANGE, "changes"),
+            (_UPSERT_TRANSACTION, "transactions"),
+            (_INSERT_EVENT, "events"),
+        ):
+            if rows[key]:
+                await conn.executemany(statement, rows[key])
+        if batch.changes:
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(base + len(batch.changes)))
+        records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
+        return AppliedBatch(batch, base, records)
+
+    async def probe(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.write(
+                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: BatchPlan()
+            )
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *params: Any) -> list[Any]:
+        # One statement is one snapshot (READ COMMITTED): each read asks for the data and the
+        # revisions it reports in a single statement, so they always agree.
+        try:
+            return list(await self._pool_or_fail().fetch(sql, *params))
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreUnavailable(
+                f"the database cannot be read ({_fault_kind(exc)}). Retry later."
+            ) from None
+
+    async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) AS one"
+            " LEFT JOIN transactions t ON t.id = $1",
+            transaction_id,
+        )
+        head, view, revision = rows[0]
+        return (snapshot(view, revision) if view is not None else None), head
+
+    async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) AS one"
+            " LEFT JOIN order_transactions o ON o.order_id = $1"
+            " LEFT JOIN transactions t ON t.id = o.transaction_id",
+            order_id,
+        )
+        head, view, revision = rows[0]
+        return (snapshot(view, revision) if view is not None else None), head
+
+    async def list(
+        self, where: ListFilter, after_revision: int, limit: int
+    ) -> tuple[list[TransactionSnapshot], int]:
+        clauses: list[str] = ["revision > $1"]
+        params: list[object] = [after_revision]
+        if where.status is not None:
+            params.append(where.status.value)
+            clauses.append(f"status = ${len(params)}")
+        if where.team_id:
+            params.append(where.team_id)
+            clauses.append(f"team_id = ${len(params)}")
+        if where.user_id:
+            params.append(where.user_id)
+            clauses.append(f"user_id = ${len(params)}")
+        if where.updated_since is not None:
+            params.append(where.updated_since)
+            clauses.append(f"updated_at >= ${len(params)}")
+        params.append(limit)
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) AS one LEFT JOIN"
+            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            f" ORDER BY revision LIMIT ${len(params)}) t ON true ORDER BY t.revision",
+            *params,
+        )
+        head = rows[0][0]
+        return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
+
+    async def head_revision(self) -> int:
+        return (await self._fetch(f"SELECT {_HEAD}"))[0][0]
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        where = "revision > $1"
+        params: list[object] = [after_revision]
+        if transaction_ids:
+            params.append(list(transaction_ids))
+            where += f" AND transaction_id = ANY(${len(params)}::text[])"
+        params.append(limit)
+        rows = await self._fetch(
+            f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) AS one LEFT JOIN"
+            " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
+            f" merged FROM changes WHERE {where} ORDER BY revision LIMIT ${len(params)}) c"
+            " ON true ORDER BY c.revision",
+            *params,
+        )
+        compacted, head = rows[0][0], rows[0][1]
+        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
+        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+
+    # -- housekeeping -----------------------------------------------------------------------------
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        pool = self._pool_or_fail()
+        through = await pool.fetchval(
+            "SELECT max(revision) FROM changes WHERE recorded_at < $1", recorded_before
+        )
+        while through is not None:
+            async with pool.acquire() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _TRIM_LOCK):
+                    break  # another replica is trimming
+                status = await conn.execute(
+                    "DELETE FROM changes WHERE revision IN (SELECT revision FROM changes"
+                    f" WHERE revision <= $1 ORDER BY revision LIMIT {_TRIM_CHUNK})",
+                    through,
+                )
+                await conn.execute(
+                    "UPDATE meta SET value = greatest(value, coalesce("
+                    f"(SELECT min(revision) - 1 FROM changes), {_HEAD}))"
+                    " WHERE key = 'compacted_revision'"
+                )
+            if int(status.split()[-1]) < _TRIM_CHUNK:
+                break
+        return await pool.fetchval(f"SELECT {_COMPACTED}")
+
+    async def erase_bodies(self, received_before: datetime) -> int:
+        pool = self._pool_or_fail()
+        erased = 0
+        while True:
+            status = await pool.execute(
+                "UPDATE events SET body = NULL WHERE seq IN (SELECT seq FROM events"
+                f" WHERE body IS NOT NULL AND received_at < $1 LIMIT {_TRIM_CHUNK})",
+                received_before,
+            )
+            count = int(status.split()[-1])
+            erased += count
+            if count < _TRIM_CHUNK:
+                return erased
+
+    async def change_notifications(self) -> AsyncIterator[None]:
+        """Yields after every (re)connect of a LISTEN connection and on every notification."""
+        failures = 0
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url)
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                await asyncio.sleep(_RECONNECT_SECONDS[min(failures, len(_RECONNECT_SECONDS) - 1)])
+                failures += 1
+                continue
+            failures = 0
+            try:
+                async for _ in _notifications(conn):
+                    yield
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+            log.warning(
+                "lost the change notification connection to %s; reconnecting", self.description
+            )
+
+
+async def _notifications(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """Once on start (anything may have been missed before), then once per notification, until
+    the connection is lost."""
+    woken = asyncio.Event()
+    lost = asyncio.Event()
+
+    def on_lost(_: object) -> None:
+        lost.set()
+        woken.set()
+
+    await conn.add_listener(CHANNEL, lambda *_: woken.set())
+    conn.add_termination_listener(on_lost)
+    yield
+    while not lost.is_set():
+        await woken.wait()
+        woken.clear()
+        if not lost.is_set():
+            yield
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for an open failure: PostgreSQL's own message, or the OS error."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc).splitlines()[0][:200]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return "connection failed"

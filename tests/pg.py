@@ -1,0 +1,105 @@
+"""PostgreSQL for the tests: a fresh schema per test on the server the setting names.
+
+`TRANSACTION_SERVICE_TEST_POSTGRES_URL` points at a database the tests may create schemas in
+(default: the local server CI machines run). Without a reachable server the PostgreSQL tests are
+skipped, and the run's summary says so loudly (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+SETTING = "TRANSACTION_SERVICE_TEST_POSTGRES_URL"
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+T = TypeVar("T")
+
+
+def base_url() -> str:
+    return os.environ.get(SETTING, DEFAULT_URL)
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coroutine))
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the server answers; else why not."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(base_url(), timeout=3)
+        await conn.close()
+
+    try:
+        run_sync(probe())
+    except Exception as exc:
+        return f"no PostgreSQL at {base_url()} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def require_postgres() -> None:
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(f"PostgreSQL suite skipped: {reason}; set {SETTING} to a server's URL")
+
+
+def with_schema(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode({"search_path": schema})) if q)
+    return urlunsplit(parts._replace(query=query))
+
+
+async def _execute(sql: str) -> None:
+    conn = await asyncpg.connect(base_url())
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A URL whose tables live in a new, empty schema; the schema is dropped afterwards."""
+    require_postgres()
+    schema = f"ts_{uuid.uuid4().hex[:16]}"
+    run_sync(_execute(f"CREATE SCHEMA {schema}"))
+    try:
+        yield with_schema(base_url(), schema)
+    finally:
+        run_sync(_execute(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def table_counts(url: str, tables: tuple[str, ...]) -> dict[str, int]:
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(url)
+        try:
+            return {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in tables}
+        finally:
+            await conn.close()
+
+    return run_sync(count())
