@@ -4,13 +4,14 @@ in-process server."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from tests.fake_junction import FakeJunction
 from tests.harness import Running
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
@@ -49,3 +50,10 @@ async def api(tmp_path: Path) -> AsyncIterator[Running]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield Running(service, pb_grpc.TransactionServiceStub(channel), settings.db)
     await service.stop()
+
+
+@pytest.fixture
+def fake_junction() -> Iterator[FakeJunction]:
+    """A fake Junction API on a free port (`.base_url`), stopped after the test; sync or async."""
+    with FakeJunction() as fake:
+        yield fake
