@@ -45,16 +45,16 @@ from transaction_service.junction.answers import (
     TransactionAnswer,
     TransactionResults,
 )
+from transaction_service.junction.endpoints import (
+    GET_ORDER,
+    GET_ORDER_TRANSACTION,
+    GET_TRANSACTION_RESULTS,
+    GET_TRANSACTION_RESULTS_PDF,
+    LIST_ORDERS,
+    RESEND_EVENTS,
+)
 
 log = logging.getLogger(__name__)
-
-# The endpoints, as templates: what errors and log lines name (ids stay out of log lines).
-GET_ORDER = "GET /v3/order/{order_id}"
-GET_ORDER_TRANSACTION = "GET /v3/order_transaction/{transaction_id}"
-GET_TRANSACTION_RESULTS = "GET /v3/order_transaction/{transaction_id}/result"
-GET_TRANSACTION_RESULTS_PDF = "GET /v3/order_transaction/{transaction_id}/result/pdf"
-LIST_ORDERS = "GET /v3/orders"
-RESEND_EVENTS = "POST /v3/order/resend_events"
 
 API_KEY_HEADER = "X-Vital-API-Key"
 # `POST /v3/order/resend_events`: "the window cannot exceed 60 days".
