@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.fake_junction import FakeJunction
 from tests.harness import Running
 from tests.pg import SETTING as PG_SETTING
 from tests.pg import fresh_database, unavailable_reason
@@ -81,3 +82,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"{reason}. Point {PG_SETTING} at a PostgreSQL server to run it.", red=True
         )
+
+
+@pytest.fixture
+def fake_junction() -> Iterator[FakeJunction]:
+    """A fake Junction API on a free port (`.base_url`), stopped after the test; sync or async."""
+    with FakeJunction() as fake:
+        yield fake
