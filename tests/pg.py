@@ -103,3 +103,14 @@ def table_counts(url: str, tables: tuple[str, ...]) -> dict[str, int]:
             await conn.close()
 
     return run_sync(count())
+
+
+def table_rows(url: str, sql: str) -> list[dict[str, Any]]:
+    async def fetch() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [dict(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return run_sync(fetch())

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SCENARIOS
+from tests.conftest import SCENARIOS, database
+from tests.pg import table_rows
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.payload import PayloadError
 from transaction_service.ingest import (
@@ -24,16 +25,23 @@ from transaction_service.ingest import (
     Outcome,
     decode_delivery,
 )
+from transaction_service.store.base import Store
+from transaction_service.store.postgres import PostgresStore
 from transaction_service.store.sqlite import SqliteStore
 
 LIMIT = 1 << 20
 
 
 class Harness:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # NORMAL: these tests are about logic, not fsync; durability has its own test.
-        self.store = SqliteStore(path, synchronous="NORMAL")
+    """The ingest use case on a real store: a SQLite file, or a PostgreSQL URL."""
+
+    def __init__(self, db: Path | str) -> None:
+        self.db = str(db)
+        if self.db.startswith("postgresql://"):
+            self.store: Store = PostgresStore(self.db, pool_size=4)
+        else:
+            # NORMAL: these tests are about logic, not fsync; durability has its own test.
+            self.store = SqliteStore(db, synchronous="NORMAL")
         self.ingestor = Ingestor(self.store)
 
     async def __aenter__(self) -> Harness:
@@ -54,16 +62,22 @@ class Harness:
             delivery = decode_delivery(event_id, payload=body, max_body_bytes=LIMIT)
         return await self.ingestor.ingest(delivery)
 
-    def rows(self, table: str) -> list[sqlite3.Row]:
-        with sqlite3.connect(self.path) as conn:
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of a table, in insertion order where the table has one."""
+        order = {"events": "seq", "changes": "revision"}.get(table)
+        sql = f"SELECT * FROM {table}" + (f" ORDER BY {order}" if order else "")
+        if self.db.startswith("postgresql://"):
+            return table_rows(self.db, sql)
+        with sqlite3.connect(self.db) as conn:
             conn.row_factory = sqlite3.Row
-            return conn.execute(f"SELECT * FROM {table}").fetchall()
+            return [dict(row) for row in conn.execute(sql)]
 
 
 @pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with Harness(tmp_path / "store.db") as h:
-        yield h
+async def harness(tmp_path: Path, store_kind: str) -> AsyncIterator[Harness]:
+    with database(store_kind, tmp_path) as db:
+        async with Harness(db) as h:
+            yield h
 
 
 async def test_revisions_increase_strictly_and_the_change_log_holds_every_change(
@@ -127,7 +141,7 @@ async def test_reusing_an_event_id_for_another_body_is_refused_and_stores_nothin
     with pytest.raises(EventIdConflict):
         await harness.send("msg_same", d1["body"])
     after = (harness.rows("events"), harness.rows("transactions"), harness.rows("changes"))
-    assert [list(map(tuple, t)) for t in before] == [list(map(tuple, t)) for t in after]
+    assert before == after
 
 
 async def test_other_event_types_are_recorded_and_ignored(harness: Harness) -> None:
@@ -163,19 +177,19 @@ async def test_concurrent_deliveries_share_commits_and_all_land(harness: Harness
     assert len(harness.rows("events")) == len(deliveries)
 
 
-async def test_state_survives_reopening_the_store(tmp_path: Path) -> None:
-    path = tmp_path / "durable.db"
+async def test_state_survives_reopening_the_store(tmp_path: Path, store_kind: str) -> None:
     scenario = SCENARIOS[-1]
-    async with Harness(path) as h:
-        for d in scenario["deliveries"]:
-            await h.send(d["svix_id"], d["body"])
-        before = await h.store.get(scenario["expect"]["transaction_id"])
-    async with Harness(path) as h:
-        assert await h.store.get(scenario["expect"]["transaction_id"]) == before
-        again = await h.send(
-            scenario["deliveries"][0]["svix_id"], scenario["deliveries"][0]["body"]
-        )
-        assert again.outcome == Outcome.DUPLICATE
+    with database(store_kind, tmp_path) as db:
+        async with Harness(db) as h:
+            for d in scenario["deliveries"]:
+                await h.send(d["svix_id"], d["body"])
+            before = await h.store.get(scenario["expect"]["transaction_id"])
+        async with Harness(db) as h:
+            assert await h.store.get(scenario["expect"]["transaction_id"]) == before
+            again = await h.send(
+                scenario["deliveries"][0]["svix_id"], scenario["deliveries"][0]["body"]
+            )
+            assert again.outcome == Outcome.DUPLICATE
 
 
 # -- legacy payloads -----------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""Planning batches: however deliveries are grouped into commits, the outcome is the same as
+applying them one at a time. Run on the in-memory store, so hypothesis can try many groupings."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import SCENARIOS
+from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
+from transaction_service.domain.state import ChangeKind
+from transaction_service.errors import ServiceError
+from transaction_service.ingest import decode_delivery
+from transaction_service.plan import (
+    Delivery,
+    IngestResult,
+    Outcome,
+    StateLimits,
+    batch_keys,
+    plan_batch,
+)
+from transaction_service.store.base import BatchPlan, BatchState
+from transaction_service.store.memory import MemoryStore
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+LIMIT = 1 << 20
+
+
+def delivery(event_id: str, body: dict[str, Any]) -> Delivery:
+    return decode_delivery(event_id, payload=body, max_body_bytes=LIMIT)
+
+
+async def commit(
+    store: MemoryStore, batch: list[Delivery], limits: StateLimits | None = None
+) -> list[IngestResult | ServiceError]:
+    answers: list[Any] = []
+
+    def plan(state: BatchState) -> BatchPlan:
+        written, planned = plan_batch(batch, state, NOW, limits)
+        answers[:] = planned
+        return written
+
+    applied = await store.write(batch_keys(batch), plan)
+    return [a if isinstance(a, ServiceError) else a.resolve(applied) for a in answers]
+
+
+def split(items: list[Any], cuts: list[int]) -> list[list[Any]]:
+    bounds = [0, *sorted({c % (len(items) + 1) for c in cuts}), len(items)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def legacy_variant(body: dict[str, Any]) -> dict[str, Any]:
+    legacy = copy.deepcopy(body)
+    del legacy["data"]["order_transaction"]
+    legacy["data"].pop("origin", None)
+    return legacy
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_grouping_into_batches_gives_the_same_state_and_outcomes(data: st.DataObject) -> None:
+    runs = [with_fresh_ids(s) for s in SCENARIOS]
+    sends = [(d["svix_id"], d["body"]) for run in runs for d in run["deliveries"]]
+    indices = st.integers(0, len(sends) - 1)
+    repeats = data.draw(st.lists(indices, max_size=8), label="repeats")
+    # Legacy copies of some bodies (no transaction block) under new ids: folded in wherever they
+    # land in the order, even inside one batch with the block that names their order.
+    legacies = data.draw(st.lists(indices, max_size=3, unique=True), label="legacy")
+    sends += [sends[i] for i in repeats] + [
+        (f"legacy-{i}", legacy_variant(sends[i][1])) for i in legacies
+    ]
+    order = data.draw(st.permutations(sends), label="order")
+    cuts = data.draw(st.lists(st.integers(0, len(order)), max_size=6), label="cuts")
+    deliveries = [delivery(event_id, body) for event_id, body in order]
+
+    async def run() -> tuple[MemoryStore, list[IngestResult | ServiceError]]:
+        store = MemoryStore()
+        results: list[IngestResult | ServiceError] = []
+        for batch in split(deliveries, cuts):
+            results += await commit(store, batch)
+        return store, results
+
+    store, results = asyncio.run(run())
+    seen: set[str] = set()
+    for d, result in zip(deliveries, results, strict=True):
+        assert isinstance(result, IngestResult), result
+        assert (result.outcome == Outcome.DUPLICATE) == (d.event_id in seen)
+        seen.add(d.event_id)
+    for r in runs:
+        snapshot = store.transactions[r["expect"]["transaction_id"]]
+        assert view_summary(snapshot.view) == expected_summary(r)
+    # The change log: contiguous revisions, each transaction's last change is its state.
+    revisions = [c.revision for c in store.changes]
+    assert revisions == list(range(1, len(revisions) + 1))
+    for txn_id, stored in store.transactions.items():
+        last = [c for c in store.changes if c.transaction_id == txn_id][-1]
+        assert (last.revision, last.view) == (stored.revision, stored.view)
+
+
+def test_a_legacy_fold_does_not_repeat_once_kinds_for_the_standins_order() -> None:
+    """The stand-in completed; folding it into its completed real transaction tells the
+    stand-in's order nothing it was told already, and tells the real transaction's watchers."""
+    scenario = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
+    run = with_fresh_ids(scenario)
+    last = run["deliveries"][-1]
+    order_id = last["body"]["data"]["id"]
+
+    async def go() -> MemoryStore:
+        store = MemoryStore()
+        await commit(store, [delivery("legacy", legacy_variant(last["body"]))])
+        await commit(store, [delivery(last["svix_id"], last["body"])])
+        return store
+
+    store = asyncio.run(go())
+    standin, fold = store.changes
+    assert standin.transaction_id == order_id
+    assert ChangeKind.TRANSACTION_COMPLETED in standin.kinds
+    assert fold.transaction_id == run["expect"]["transaction_id"]
+    assert ChangeKind.LEGACY_MERGED in fold.kinds
+    assert dict(fold.merged) == {order_id: {ChangeKind.TRANSACTION_COMPLETED}}
+    assert order_id not in store.transactions
+
+
+def test_a_delivery_over_the_limits_is_refused_alone_and_stores_nothing() -> None:
+    scenario = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
+    run = with_fresh_ids(scenario)
+    deliveries = [delivery(d["svix_id"], d["body"]) for d in run["deliveries"]]
+    other = with_fresh_ids(SCENARIOS[0])
+    small = delivery(other["deliveries"][0]["svix_id"], other["deliveries"][0]["body"])
+
+    async def go() -> tuple[MemoryStore, list[Any]]:
+        store = MemoryStore()
+        # One order per transaction allowed: the redraw scenario's two-order blocks are refused.
+        results = await commit(
+            store, [small, *deliveries], StateLimits(max_orders_per_transaction=1)
+        )
+        return store, results
+
+    store, results = asyncio.run(go())
+    assert isinstance(results[0], IngestResult)
+    refused = [r for r in results[1:] if isinstance(r, ServiceError)]
+    assert refused
+    assert all("max_orders_per_transaction" in str(r) for r in refused)
+    stored = store.transactions[run["expect"]["transaction_id"]]
+    assert len(stored.view.orders) == 1
+    accepted = {
+        d.event_id
+        for d, r in zip(deliveries, results[1:], strict=True)
+        if isinstance(r, IngestResult)
+    }
+    assert set(store.events) == {small.event_id} | accepted
