@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import itertools
 import random
@@ -450,6 +451,93 @@ async def test_resuming_from_a_compacted_revision_is_out_of_range_with_error_inf
         message = await call.read()
         call.cancel()
         assert message.change.event_id == d["svix_id"]
+
+
+@pytest.mark.parametrize("single", [False, True])
+async def test_a_start_revision_in_the_future_is_out_of_range_naming_the_head(
+    api: Running, single: bool
+) -> None:
+    """A future revision would let a watcher skip every revision up to it; etcd refuses it too."""
+    run = with_fresh_ids(REDRAW)
+    await ingest_direct(api, run["deliveries"][:2])
+    head = await api.service.store.head_revision()
+    if single:
+        call = api.stub.WatchTransaction(
+            pb.WatchTransactionRequest(order_id="any-order", start_revision=head + 1)
+        )
+    else:
+        call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=head + 1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (info.reason, info.metadata["head_revision"]) == ("REVISION_IN_FUTURE", str(head))
+    # The head itself is fine.
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=head))
+    d = run["deliveries"][2]
+    await ingest_direct(api, [d])
+    assert (await call.read()).change.event_id == d["svix_id"]
+    call.cancel()
+
+
+def legacy_variant(body: dict[str, Any]) -> dict[str, Any]:
+    legacy = copy.deepcopy(body)
+    del legacy["data"]["order_transaction"]
+    legacy["data"].pop("origin", None)
+    return legacy
+
+
+@pytest.mark.parametrize("lookup", ["transaction_id", "order_id"])
+@pytest.mark.parametrize("from_log", [False, True])
+async def test_a_legacy_standin_is_followed_into_its_real_transaction_without_repeats(
+    api: Running, lookup: str, from_log: bool
+) -> None:
+    """A stand-in watched by its transaction id (its order's id) or by the order id: after the
+    fold the watcher gets the real transaction's changes, and "completed" is not said twice."""
+    scenario = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
+    run = with_fresh_ids(scenario)
+    last = run["deliveries"][-1]
+    order_id = last["body"]["data"]["id"]
+    await ingest_direct(
+        api, [{"svix_id": "legacy-" + last["svix_id"], "body": legacy_variant(last["body"])}]
+    )
+    request = pb.WatchTransactionRequest(**{lookup: order_id})
+    if from_log:
+        request.start_revision = 0
+    call = api.stub.WatchTransaction(request)
+    first = await call.read()
+    await ingest_direct(api, [last])
+    messages = [first]
+    async with asyncio.timeout(DEADLINE):
+        while len(changes(messages)) < (2 if from_log else 1):
+            messages.append(await call.read())
+    call.cancel()
+    got = changes(messages)
+    if not from_log:
+        assert first.current.transaction.id == order_id
+        assert first.current.transaction.status == pb.TRANSACTION_STATUS_COMPLETED
+    fold = got[-1]
+    assert fold.transaction.id == run["expect"]["transaction_id"]
+    assert pb.CHANGE_KIND_LEGACY_MERGED in fold.kinds
+    # Already reported for the stand-in (in `current`, or in its first change).
+    assert pb.CHANGE_KIND_TRANSACTION_COMPLETED not in fold.kinds
+    # A watcher of the real transaction is told it completed.
+    real = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=0))
+    feed = changes(await read_until(real, lambda m: len(changes(m)) >= 2))
+    assert pb.CHANGE_KIND_TRANSACTION_COMPLETED in feed[-1].kinds
+    # After the fold, later changes of the real transaction reach the stand-in's watcher.
+    later = copy.deepcopy(last["body"])
+    later["data"]["updated_at"] = "2027-01-01T00:00:00Z"
+    later["data"]["sample_id"] = "CHANGED"
+    call = api.stub.WatchTransaction(
+        pb.WatchTransactionRequest(**{lookup: order_id}, start_revision=fold.revision)
+    )
+    await ingest_direct(api, [{"svix_id": "later-" + last["svix_id"], "body": later}])
+    (after,) = changes(await read_until(call, lambda m: len(changes(m)) >= 1))
+    assert after.transaction.id == run["expect"]["transaction_id"]
 
 
 async def test_the_change_log_is_trimmed_by_the_retention_window(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,22 +38,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WatchFilter:
-    """Which changes a watcher wants. Empty fields match everything."""
+    """Which changes a watcher wants. Empty fields match everything.
+
+    A single-transaction watch names a key: a transaction id or an order id. Either way it gets
+    the changes of the transaction with that id and of any transaction that lists an order with
+    that id. Order ids and transaction ids never collide, and a legacy stand-in transaction's id
+    is its order's id, so this one rule follows an order wherever it lives, and follows a
+    stand-in watched by its transaction id into the real transaction it is folded into.
+    """
 
     transaction_id: str = ""
-    # Changes of whichever transaction lists this order (it may move from a legacy stand-in).
     order_id: str = ""
     kinds: frozenset[ChangeKind] = frozenset()
     team_id: str = ""
 
-    def matches(self, change: ChangeRecord) -> bool:
-        if self.transaction_id and change.transaction_id != self.transaction_id:
-            return False
-        if self.order_id and not any(o.id == self.order_id for o in change.view.orders):
-            return False
+    @property
+    def key(self) -> str:
+        return self.transaction_id or self.order_id
+
+    def select(self, change: ChangeRecord) -> ChangeRecord | None:
+        """The change as this watcher is to see it, or None if it is not for this watcher."""
+        key = self.key
+        if key:
+            if change.transaction_id != key and not any(o.id == key for o in change.view.orders):
+                return None
+            # The change folds the watched stand-in into its real transaction: the stand-in's
+            # watcher was told the "reported once" kinds it already had; do not tell it again.
+            already = dict(change.merged).get(key)
+            if already:
+                kinds = tuple(k for k in change.kinds if k not in already)
+                change = dataclasses.replace(change, kinds=kinds)
         if self.kinds and self.kinds.isdisjoint(change.kinds):
-            return False
-        return not (self.team_id and change.view.team_id != self.team_id)
+            return None
+        if self.team_id and change.view.team_id != self.team_id:
+            return None
+        return change
+
+    def matches(self, change: ChangeRecord) -> bool:
+        return self.select(change) is not None
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,18 @@ class Compacted(OutOfRange):
         )
         self.compacted_revision = compacted_revision
         self.last_sent_revision = last_sent_revision
+
+
+class RevisionInFuture(OutOfRange):
+    """A watch asked to start after a revision that has not been committed yet."""
+
+    def __init__(self, start_revision: int, head_revision: int) -> None:
+        super().__init__(
+            f"start_revision {start_revision} is ahead of the newest revision, {head_revision}: "
+            "a revision comes from a message of this service; resume from one you received",
+            reason="REVISION_IN_FUTURE",
+            metadata={"head_revision": str(head_revision)},
+        )
 
 
 class WatchClosed(Unavailable):
@@ -151,6 +186,11 @@ class ChangeHub:
         self._page_size = page_size
         self._progress_interval = progress_interval
         self._subscriptions: set[Subscription] = set()
+        # Single-transaction watchers by key, so a change is offered only to those it may
+        # concern (those of its transaction id and of each of its orders' ids); feed watchers
+        # see every change.
+        self._by_key: dict[str, set[Subscription]] = {}
+        self._feeds: set[Subscription] = set()
         self._closed = False
         # The newest revision published; every change up to it has been offered to every
         # subscriber that existed when it was published.
@@ -165,11 +205,36 @@ class ChangeHub:
 
     def publish(self, changes: Sequence[ChangeRecord]) -> None:
         """Offer committed changes, in revision order, to every matching subscriber. Never waits."""
+        by_key = self._by_key
         for change in changes:
-            for sub in self._subscriptions:
-                if sub.where.matches(change):
-                    sub.offer(change)
+            candidates = set(by_key.get(change.transaction_id, ()))
+            for order in change.view.orders:
+                candidates.update(by_key.get(order.id, ()))
+            for sub in candidates:
+                if (selected := sub.where.select(change)) is not None:
+                    sub.offer(selected)
+            for sub in self._feeds:
+                if (selected := sub.where.select(change)) is not None:
+                    sub.offer(selected)
             self.published_revision = max(self.published_revision, change.revision)
+
+    def _add(self, sub: Subscription) -> None:
+        self._subscriptions.add(sub)
+        if key := sub.where.key:
+            self._by_key.setdefault(key, set()).add(sub)
+        else:
+            self._feeds.add(sub)
+
+    def _remove(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+        if key := sub.where.key:
+            subs = self._by_key.get(key)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._by_key[key]
+        else:
+            self._feeds.discard(sub)
 
     def mark_all_behind(self) -> None:
         """Every subscriber re-reads the change log from its position (the live stream had a
@@ -203,8 +268,12 @@ class ChangeHub:
         """
         if self._closed:
             raise WatchClosed(start_revision or 0)
+        if start_revision is not None:
+            head = await self._store.head_revision()
+            if start_revision > head:
+                raise RevisionInFuture(start_revision, head)
         sub = Subscription(where, self._queue_size)
-        self._subscriptions.add(sub)
+        self._add(sub)
         try:
             if start_revision is None:
                 if current is not None:
@@ -237,20 +306,18 @@ class ChangeHub:
                     yield change
                     last = change.revision
         finally:
-            self._subscriptions.discard(sub)
+            self._remove(sub)
 
     async def _replay(
         self, where: WatchFilter, after: int, lenient: bool
     ) -> AsyncIterator[ChangeRecord]:
         """Matching changes with revision > after, from the change log, up to its current end."""
         ids: tuple[str, ...] = ()
-        if where.transaction_id:
-            ids = (where.transaction_id,)
-        elif where.order_id:
-            # The order's changes are under its legacy stand-in id (the order id) and under the
-            # transaction it belongs to now.
-            snapshot, _ = await self._store.get_by_order(where.order_id)
-            ids = (where.order_id, snapshot.view.id) if snapshot else (where.order_id,)
+        if key := where.key:
+            # The key's changes are under its own id (a transaction's, or an order's legacy
+            # stand-in) and under the transaction its order belongs to now.
+            snapshot, _ = await self._store.get_by_order(key)
+            ids = (key, snapshot.view.id) if snapshot and snapshot.view.id != key else (key,)
         cursor = after
         while True:
             page = await self._store.changes_after(cursor, self._page_size, ids)
@@ -263,8 +330,8 @@ class ChangeHub:
             lenient = False
             for change in page.changes:
                 cursor = change.revision
-                if where.matches(change):
-                    yield change
+                if (selected := where.select(change)) is not None:
+                    yield selected
                     after = change.revision
             if len(page.changes) < self._page_size:
                 return

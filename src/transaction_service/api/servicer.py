@@ -23,6 +23,7 @@ from transaction_service.api.convert import (
 )
 from transaction_service.api.errors import grpc_errors
 from transaction_service.app import App
+from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
 from transaction_service.ingest import Outcome, decode_delivery
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
@@ -51,9 +52,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._store = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
-        self._change_pbs: collections.OrderedDict[int, pb.TransactionChange] = (
-            collections.OrderedDict()
-        )
+        # Keyed by revision and kinds: a watcher of a folded stand-in sees a change with fewer
+        # kinds than everyone else.
+        self._change_pbs: collections.OrderedDict[
+            tuple[int, tuple[ChangeKind, ...]], pb.TransactionChange
+        ] = collections.OrderedDict()
 
     @grpc_errors
     async def IngestEvent(
@@ -198,10 +201,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             yield event
 
     def _change_pb(self, change: ChangeRecord) -> pb.TransactionChange:
-        message = self._change_pbs.get(change.revision)
+        key = (change.revision, change.kinds)
+        message = self._change_pbs.get(key)
         if message is None:
             message = change_to_pb(change)
-            self._change_pbs[change.revision] = message
+            self._change_pbs[key] = message
             if len(self._change_pbs) > _CHANGE_CACHE_SIZE:
                 self._change_pbs.popitem(last=False)
         return message
