@@ -18,6 +18,7 @@ from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
     TransactionStatus,
+    TransactionView,
     change_kinds,
     join,
     knowledge_from_event,
@@ -195,6 +196,143 @@ def test_redraw_available_is_reported_exactly_once_whatever_the_order() -> None:
         assert reported.count(ChangeKind.REDRAW_AVAILABLE) == 1
         assert reported.count(ChangeKind.TRANSACTION_COMPLETED) == 1
         assert reported.count(ChangeKind.TRANSACTION_CREATED) == 1
+
+
+# -- lagging transaction blocks and order facts that end a transaction --------------------------
+
+
+def scenario_named(name: str) -> dict[str, Any]:
+    return next(s for s in SCENARIOS if s["scenario"] == name)
+
+
+def final_view_in_every_order(bodies: list[dict[str, Any]]) -> TransactionView:
+    """Folds every permutation of the bodies, each delivered twice; all must give one view."""
+    events = events_of({"deliveries": [{"body": b} for b in bodies]})
+    views = set()
+    for order in itertools.permutations(events):
+        views.add(view_to_json(view(fold([e for e in order for _ in (0, 1)]))))
+    assert len(views) == 1
+    return view(fold(events))
+
+
+def test_a_late_webhook_carrying_a_lagging_block_does_not_reopen_a_completed_transaction() -> None:
+    """The initial order's webhook, sent after the redraw completed (its own `updated_at` is the
+    newest time of all), carries the block as it was when the redraw order was created. The block
+    is dated by its own times, so it is older than the completed block and changes nothing."""
+    s = redraw_scenario()
+    late = body(s, 2)  # the initial order at redraw_available; its block lists both orders
+    late["data"]["updated_at"] = "2026-03-13T08:00:00Z"
+    late["data"]["interpretation"] = "abnormal"
+    final = final_view_in_every_order([body(s, 0), body(s, 4), body(s, 5), late])
+    assert final.status == TransactionStatus.COMPLETED
+    assert final.provider_status == "completed"
+    initial = next(o for o in final.orders if o.id == s["expect"]["initial_order_id"])
+    assert initial.interpretation == "abnormal"  # what only the late webhook knew still counts
+
+
+def test_a_corrected_webhook_with_a_lagging_active_block_keeps_the_transaction_completed() -> None:
+    plain = scenario_named("completed_without_redraw")
+    corrected = body(plain, 1)  # carries the block as of requisition_created: `active`
+    corrected["data"]["events"].append(
+        {
+            "id": 99999,
+            "created_at": "2026-03-09T09:00:00Z",
+            "status": "completed.walk_in_test.corrected",
+        }
+    )
+    corrected["data"]["last_event"] = corrected["data"]["events"][-1]
+    corrected["data"]["updated_at"] = "2026-03-09T09:00:00Z"
+    final = final_view_in_every_order([*(body(plain, i) for i in range(3)), corrected])
+    assert final.status == TransactionStatus.COMPLETED
+    assert final.orders[0].low_level_status == "corrected"
+
+
+@pytest.mark.parametrize(
+    ("name", "deliveries", "expected"),
+    [
+        ("redraw_completed", [0, 2, 4, 5], TransactionStatus.COMPLETED),  # the redraw completed
+        ("completed_without_redraw", [0, 1, 2], TransactionStatus.COMPLETED),  # initial, no redraw
+        ("cancelled", [0, 1], TransactionStatus.CANCELLED),  # initial cancelled, no redraw
+    ],
+)
+def test_an_order_fact_that_ends_the_transaction_beats_a_block_still_saying_active(
+    name: str, deliveries: list[int], expected: TransactionStatus
+) -> None:
+    """The provider builds the final webhook's block before it updates the transaction status:
+    every block says `active`. The documented rules end the transaction anyway."""
+    s = scenario_named(name)
+    bodies = [body(s, i) for i in deliveries]
+    for b in bodies:
+        b["data"]["order_transaction"]["status"] = "active"
+    final = final_view_in_every_order(bodies)
+    assert final.status == expected
+    assert final.provider_status == "active"
+
+
+def redraw_cancelled_bodies(*, initial_cancelled: bool) -> list[dict[str, Any]]:
+    """The redraw scenario up to the redraw's requisition, then the redraw order cancelled (and,
+    if asked, the initial order with it), under a block that still says `active`."""
+    s = redraw_scenario()
+    cancel = body(s, 5)
+    event = {
+        "id": 9021,
+        "created_at": "2026-03-10T09:00:00Z",
+        "status": "cancelled.walk_in_test.cancelled",
+    }
+    cancel["data"]["events"][-1] = cancel["data"]["last_event"] = event
+    cancel["data"]["updated_at"] = event["created_at"]
+    cancel["data"]["order_transaction"]["status"] = "active"
+    entries = cancel["data"]["order_transaction"]["orders"]
+    entries[1].update(
+        low_level_status="cancelled",
+        low_level_status_created_at=event["created_at"],
+        updated_at=event["created_at"],
+    )
+    if initial_cancelled:
+        entries[0].update(
+            low_level_status="cancelled",
+            low_level_status_created_at="2026-03-10T08:59:00Z",
+            updated_at="2026-03-10T08:59:00Z",
+        )
+    return [body(s, 0), body(s, 2), body(s, 4), cancel]
+
+
+def test_both_orders_cancelled_end_the_transaction_cancelled() -> None:
+    final = final_view_in_every_order(redraw_cancelled_bodies(initial_cancelled=True))
+    assert final.status == TransactionStatus.CANCELLED
+    assert final.current_order_id == final.redraw_order_id
+
+
+def test_a_cancelled_redraw_alone_takes_the_status_from_the_newest_block() -> None:
+    # Undocumented by the provider: no order rule applies, the block says `active`.
+    final = final_view_in_every_order(redraw_cancelled_bodies(initial_cancelled=False))
+    assert final.status == TransactionStatus.ACTIVE
+
+
+def test_a_block_newer_than_the_cancellation_reopens_the_transaction() -> None:
+    """Support reinstated the cancelled order: a later webhook's block says `active` and lists the
+    order at a newer time. A newer block wins over the order fact."""
+    s = scenario_named("cancelled")
+    reinstated = body(s, 1)
+    reinstated["data"]["updated_at"] = "2026-03-06T09:00:00Z"
+    reinstated["data"]["order_transaction"]["status"] = "active"
+    reinstated["data"]["order_transaction"]["orders"][0]["updated_at"] = "2026-03-06T09:00:00Z"
+    final = final_view_in_every_order([body(s, 0), body(s, 1), reinstated])
+    assert final.status == TransactionStatus.ACTIVE
+    assert final.orders[0].low_level_status == "cancelled"
+
+
+def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> None:
+    s = scenario_named("completed_without_redraw")
+    undated = body(s, 1)
+    undated["data"]["updated_at"] = "2026-03-20T00:00:00Z"  # the carrier's time does not date it
+    undated["data"]["order_transaction"]["orders"] = []
+    undated["data"]["order_transaction"]["status"] = "paused"
+    final = final_view_in_every_order([body(s, 0), body(s, 2), undated])
+    assert final.provider_status == "completed"
+    (alone_event,) = events_of({"deliveries": [{"body": undated}]})
+    alone = view(knowledge_from_event(alone_event))
+    assert alone.provider_status == "paused"
 
 
 # -- legacy payloads (no order_transaction block) ----------------------------------------------

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import TypeAdapter
 
-from transaction_service.domain.payload import OrderData, OrderEvent, TransactionBlock
+from transaction_service.domain.payload import OrderEvent, TransactionBlock
 
 # Sorts before every real time, so a missing time never wins.
 NEVER = datetime.min.replace(tzinfo=UTC)
@@ -103,7 +103,13 @@ class OrderKnowledge:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BlockStatus:
-    """The transaction status from the newest transaction block seen."""
+    """The transaction status from the newest transaction block seen.
+
+    `as_of` is the newest time the block states itself (its entries' `updated_at` and status
+    times), never the carrying order's `updated_at`: a webhook can carry a block that lags behind
+    the order it comes with. A block that states no time is dated NEVER, so it decides only while
+    no dated block is known; between blocks of the same date the more final status wins.
+    """
 
     as_of: datetime
     status: str
@@ -181,7 +187,7 @@ def knowledge_from_event(event: OrderEvent) -> Knowledge:
     )
     block = order.order_transaction
     if block is not None:
-        knowledge = join(knowledge, _block_knowledge(block, order, event.digest))
+        knowledge = join(knowledge, _block_knowledge(block, event.digest))
     return knowledge
 
 
@@ -224,13 +230,13 @@ def _observation_from_status(status: str, at: datetime, event_id: int) -> Status
     return StatusObservation(reached_at=at, event_id=event_id, low=low, high=high, method=method)
 
 
-def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> Knowledge:
+def _block_knowledge(block: TransactionBlock, digest: str) -> Knowledge:
     orders: dict[str, OrderKnowledge] = {}
-    times = [order.updated_at or NEVER]
+    # The block is dated by its own times only (see BlockStatus).
+    as_of = NEVER
     for item in block.orders:
         low = item.status
         status_at = item.status_created_at or NEVER
-        times += [item.updated_at or NEVER, status_at]
         entry = BlockEntry(
             updated_at=item.updated_at or NEVER,
             status_at=status_at,
@@ -239,12 +245,11 @@ def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> 
             parent_id=item.parent_id or "",
             created_at=item.created_at,
         )
+        as_of = max(as_of, entry.updated_at, status_at)
         observation = StatusObservation(reached_at=status_at, low=low) if low else None
         known = OrderKnowledge(id=item.id, status=observation, entry=entry)
         orders[item.id] = join_order(orders[item.id], known) if item.id in orders else known
-    newest = (
-        BlockStatus(as_of=max(times), status=block.status, digest=digest) if block.status else None
-    )
+    newest = BlockStatus(as_of=as_of, status=block.status, digest=digest) if block.status else None
     return Knowledge(id=block.id, orders=orders, block=newest)
 
 
@@ -303,9 +308,12 @@ class TransactionView:
 
 
 REDRAW_AVAILABLE = "redraw_available"
+CANCELLED = "cancelled"
+# Low-level statuses of an order whose lab work is done.
+_COMPLETED_STATUSES = frozenset({"completed", "corrected"})
 # Low-level statuses after which a legacy order's stand-in transaction counts as done.
-_LEGACY_COMPLETED = frozenset({"completed", "corrected"})
-_LEGACY_CANCELLED = frozenset({"cancelled"})
+_LEGACY_COMPLETED = _COMPLETED_STATUSES
+_LEGACY_CANCELLED = frozenset({CANCELLED})
 
 
 def _origin(value: str) -> OrderOrigin:
@@ -366,15 +374,19 @@ def view(knowledge: Knowledge) -> TransactionView:
     if not current and orders:
         current = orders[-1].id
 
-    if knowledge.block is not None:
-        provider_status = knowledge.block.status
+    block = knowledge.block
+    provider_status = block.status if block is not None else ""
+    # A legacy stand-in has no transaction status from the provider: its own rule decides.
+    ended = None if knowledge.legacy else _ended_by_orders(orders, initial, redraw)
+    if block is not None and (ended is None or block.as_of > ended[1]):
         try:
-            status = TransactionStatus(provider_status)
+            status = TransactionStatus(block.status)
         except ValueError:
             # A status added by the provider later: the transaction is not known to be over.
             status = TransactionStatus.ACTIVE
+    elif ended is not None:
+        status = ended[0]
     else:
-        provider_status = ""
         status = _legacy_status(orders)
 
     owner = max(
@@ -402,6 +414,48 @@ def view(knowledge: Knowledge) -> TransactionView:
         created_at=min(created, default=None),
         updated_at=max(updated, default=None),
     )
+
+
+def _ended_by_orders(
+    orders: list[OrderView], initial: str, redraw: str
+) -> tuple[TransactionStatus, datetime] | None:
+    """The status the provider's documented rules give from order facts alone, and since when.
+
+    The redraw order completed, or the initial order completed with no redraw: COMPLETED. The
+    initial order cancelled with no redraw, or both cancelled: CANCELLED. Only for a transaction
+    whose known orders are its initial order and at most a redraw order; with any other order
+    (a recreation, an order of unknown origin) the rules say nothing. A transaction block must be
+    newer than the fact to overrule it, so a block that lags behind the order does not hold the
+    transaction open, while a block written later (an order reinstated by support) still wins.
+    """
+    by_id = {o.id: o for o in orders}
+    if not by_id.keys() <= {initial, redraw}:
+        return None
+    first, second = by_id.get(initial), by_id.get(redraw)
+    if second is not None:
+        if _completed(second):
+            return TransactionStatus.COMPLETED, _reached(second)
+        if first is not None and _cancelled(first) and _cancelled(second):
+            return TransactionStatus.CANCELLED, max(_reached(first), _reached(second))
+        return None
+    if first is not None and _completed(first):
+        return TransactionStatus.COMPLETED, _reached(first)
+    if first is not None and _cancelled(first):
+        return TransactionStatus.CANCELLED, _reached(first)
+    return None
+
+
+def _completed(order: OrderView) -> bool:
+    # `corrected` follows `completed`: the order's lab work was done.
+    return order.low_level_status in _COMPLETED_STATUSES
+
+
+def _cancelled(order: OrderView) -> bool:
+    return order.low_level_status == CANCELLED or order.high_level_status == CANCELLED
+
+
+def _reached(order: OrderView) -> datetime:
+    return order.status_reached_at or NEVER
 
 
 def _legacy_status(orders: list[OrderView]) -> TransactionStatus:
