@@ -338,13 +338,15 @@ def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> Non
 # -- legacy payloads (no order_transaction block) ----------------------------------------------
 
 
-def legacy_body(status: str = "completed") -> dict[str, Any]:
+def legacy_body(
+    status: str = "completed", high: str = "completed", index: int = 2
+) -> dict[str, Any]:
     plain = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
-    b = body(plain, 2)
+    b = body(plain, index)
     del b["data"]["order_transaction"]
     del b["data"]["origin"]
-    b["data"]["last_event"]["status"] = f"completed.walk_in_test.{status}"
-    b["data"]["events"][-1]["status"] = f"completed.walk_in_test.{status}"
+    b["data"]["last_event"]["status"] = f"{high}.walk_in_test.{status}"
+    b["data"]["events"][-1]["status"] = f"{high}.walk_in_test.{status}"
     return b
 
 
@@ -362,6 +364,34 @@ def test_a_legacy_order_stands_in_a_transaction_of_its_own() -> None:
     assert view(knowledge_from_event(parse_event(legacy_body("draw_completed")))).status == (
         TransactionStatus.ACTIVE
     )
+
+
+@pytest.mark.parametrize(
+    ("high", "low"),
+    [
+        ("cancelled", "do_not_process"),  # e.g. cancelled.testkit.do_not_process
+        ("cancelled", "cancelled"),
+        ("failed", "sample_error"),
+        ("failed", "lost"),
+    ],
+)
+def test_a_legacy_order_that_was_cancelled_or_failed_ends_its_transaction_cancelled(
+    high: str, low: str
+) -> None:
+    earlier = [
+        legacy_body("ordered", "received", 0),
+        legacy_body("requisition_created", "received", 1),
+    ]
+    final = final_view_in_every_order([*earlier, legacy_body(low, high)])
+    assert final.legacy
+    assert final.status == TransactionStatus.CANCELLED
+    assert (final.orders[0].high_level_status, final.orders[0].low_level_status) == (high, low)
+
+
+def test_a_legacy_order_reinstated_after_failing_is_active_again() -> None:
+    failed = legacy_body("sample_error", "failed", 1)
+    reinstated = legacy_body("appointment_scheduled", "collecting_sample")
+    assert final_view_in_every_order([failed, reinstated]).status == TransactionStatus.ACTIVE
 
 
 # -- parsing -----------------------------------------------------------------------------------

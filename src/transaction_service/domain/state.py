@@ -311,9 +311,8 @@ REDRAW_AVAILABLE = "redraw_available"
 CANCELLED = "cancelled"
 # Low-level statuses of an order whose lab work is done.
 _COMPLETED_STATUSES = frozenset({"completed", "corrected"})
-# Low-level statuses after which a legacy order's stand-in transaction counts as done.
-_LEGACY_COMPLETED = _COMPLETED_STATUSES
-_LEGACY_CANCELLED = frozenset({CANCELLED})
+# High-level status of an order that ended without its lab work done.
+FAILED = "failed"
 
 
 def _origin(value: str) -> OrderOrigin:
@@ -459,12 +458,24 @@ def _reached(order: OrderView) -> datetime:
 
 
 def _legacy_status(orders: list[OrderView]) -> TransactionStatus:
-    statuses = {o.low_level_status for o in orders}
-    if statuses and statuses <= _LEGACY_CANCELLED:
+    """The status of a transaction Junction gave no status for (a legacy stand-in): CANCELLED once
+    every order ended without its lab work, COMPLETED once every order ended, else ACTIVE."""
+    ends = [_legacy_end(o) for o in orders]
+    if ends and all(end == TransactionStatus.CANCELLED for end in ends):
         return TransactionStatus.CANCELLED
-    if statuses and statuses <= _LEGACY_COMPLETED | _LEGACY_CANCELLED:
+    if ends and all(end is not None for end in ends):
         return TransactionStatus.COMPLETED
     return TransactionStatus.ACTIVE
+
+
+def _legacy_end(order: OrderView) -> TransactionStatus | None:
+    if _completed(order):
+        return TransactionStatus.COMPLETED
+    # A failed order (lost, sample error, ...) ended without its lab work done, like a cancelled
+    # one: no results are coming, so it is not COMPLETED.
+    if _cancelled(order) or order.high_level_status == FAILED:
+        return TransactionStatus.CANCELLED
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
