@@ -17,6 +17,7 @@ from transaction_service.domain.payload import OrderEvent, PayloadError, parse_e
 from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
+    OrderOrigin,
     TransactionStatus,
     TransactionView,
     change_kinds,
@@ -333,6 +334,43 @@ def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> Non
     (alone_event,) = events_of({"deliveries": [{"body": undated}]})
     alone = view(knowledge_from_event(alone_event))
     assert alone.provider_status == "paused"
+
+
+# -- payloads without origins ---------------------------------------------------------------------
+
+
+def without_origins(b: dict[str, Any]) -> dict[str, Any]:
+    b["data"].pop("origin", None)
+    for entry in b["data"].get("order_transaction", {}).get("orders", []):
+        entry.pop("origin", None)
+    return b
+
+
+def test_with_no_origin_anywhere_the_initial_order_is_the_oldest_order_with_no_parent() -> None:
+    s = redraw_scenario()
+    final = final_view_in_every_order([without_origins(body(s, i)) for i in (0, 2, 3, 5)])
+    assert {o.origin for o in final.orders} == {OrderOrigin.UNSPECIFIED}
+    assert final.initial_order_id == s["expect"]["initial_order_id"]
+    # Derived from the initial order, of unknown origin: not called a redraw, but followed.
+    assert final.redraw_order_id == ""
+    assert final.current_order_id == s["expect"]["redraw_order_id"]
+    assert final.status == TransactionStatus.COMPLETED  # the provider's block says so
+
+
+def test_with_no_origin_a_single_order_is_the_initial_order() -> None:
+    plain = scenario_named("completed_without_redraw")
+    final = final_view_in_every_order([without_origins(body(plain, i)) for i in range(3)])
+    assert final.initial_order_id == final.current_order_id == plain["expect"]["initial_order_id"]
+    assert final.status == TransactionStatus.COMPLETED
+
+
+def test_an_order_marked_initial_wins_over_the_oldest_order() -> None:
+    s = redraw_scenario()
+    b = without_origins(body(s, 3))
+    newer = b["data"]["order_transaction"]["orders"][1]
+    newer["origin"] = "initial"  # odd, but the provider's word
+    (event,) = events_of({"deliveries": [{"body": b}]})
+    assert view(knowledge_from_event(event)).initial_order_id == newer["id"]
 
 
 # -- legacy payloads (no order_transaction block) ----------------------------------------------

@@ -365,11 +365,19 @@ def view(knowledge: Knowledge) -> TransactionView:
         ids = [o.id for o in orders if o.origin == origin]
         return ids[-1] if ids else ""
 
-    initial = next((o.id for o in orders if o.origin == OrderOrigin.INITIAL), "")
+    # Payloads may omit `origin` (older ones always do). With no order marked initial, the order
+    # that opened the transaction is the oldest one of unknown origin not derived from another.
+    unknown = [o for o in orders if o.origin == OrderOrigin.UNSPECIFIED]
+    initial = next((o.id for o in orders if o.origin == OrderOrigin.INITIAL), "") or next(
+        (o.id for o in unknown if not o.parent_order_id), ""
+    )
     if not initial and knowledge.legacy:
         initial = knowledge.id
     redraw = newest_of(OrderOrigin.REDRAW)
-    current = redraw or newest_of(OrderOrigin.RECREATION) or initial
+    # An order of unknown origin derived from another is a redraw or a recreation: either way, the
+    # one to follow rather than the order it replaces.
+    derived = [o.id for o in unknown if o.parent_order_id and o.id != initial]
+    current = redraw or newest_of(OrderOrigin.RECREATION) or (derived[-1] if derived else initial)
     if not current and orders:
         current = orders[-1].id
 
