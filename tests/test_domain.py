@@ -199,6 +199,49 @@ def test_redraw_available_is_reported_exactly_once_whatever_the_order() -> None:
         assert reported.count(ChangeKind.TRANSACTION_CREATED) == 1
 
 
+def redraw_announced_before_the_redraw_order() -> list[dict[str, Any]]:
+    """The redraw scenario, but the initial order's `redraw_available` webhook was built before the
+    redraw order existed: its block lists the initial order only."""
+    s = redraw_scenario()
+    bodies = [body(s, i) for i in range(len(s["deliveries"]))]
+    block = bodies[2]["data"]["order_transaction"]
+    block["orders"] = block["orders"][:1]
+    return bodies
+
+
+def test_a_watcher_of_redraw_kinds_always_ends_up_with_the_redraw_order() -> None:
+    """Over every delivery order with every delivery doubled: CURRENT_ORDER_CHANGED comes exactly
+    when current_order_id of a known transaction changes, and the last change a watcher of
+    REDRAW_AVAILABLE and CURRENT_ORDER_CHANGED gets names the redraw order to follow."""
+    s = redraw_scenario()
+    events = events_of(
+        {"deliveries": [{"body": b} for b in redraw_announced_before_the_redraw_order()]}
+    )
+    watched = {ChangeKind.REDRAW_AVAILABLE, ChangeKind.CURRENT_ORDER_CHANGED}
+    announced_early = 0
+    for order in itertools.permutations(events):
+        current: Knowledge | None = None
+        seen: list[TransactionView] = []
+        for e in (e for e in order for _ in (0, 1)):
+            k = (
+                knowledge_from_event(e)
+                if current is None
+                else join(current, knowledge_from_event(e))
+            )
+            before, after = (view(current) if current else None), view(k)
+            kinds = change_kinds(before, after)
+            changed = before is not None and before.current_order_id != after.current_order_id
+            assert (ChangeKind.CURRENT_ORDER_CHANGED in kinds) == changed
+            if watched & set(kinds):
+                seen.append(after)
+            current = k
+        assert seen[-1].redraw_order_id == s["expect"]["redraw_order_id"]
+        assert seen[-1].current_order_id == s["expect"]["redraw_order_id"]
+        announced_early += seen[0].redraw_order_id == ""
+    # The case this is for happened: REDRAW_AVAILABLE first, the redraw order only later.
+    assert announced_early > 0
+
+
 # -- lagging transaction blocks and order facts that end a transaction --------------------------
 
 

@@ -46,6 +46,7 @@ class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_KIND_TRANSACTION_REOPENED: _ClassVar[ChangeKind]
     CHANGE_KIND_LEGACY_MERGED: _ClassVar[ChangeKind]
     CHANGE_KIND_DETAILS_CHANGED: _ClassVar[ChangeKind]
+    CHANGE_KIND_CURRENT_ORDER_CHANGED: _ClassVar[ChangeKind]
 INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
 INGEST_OUTCOME_APPLIED: IngestOutcome
 INGEST_OUTCOME_DUPLICATE: IngestOutcome
@@ -70,6 +71,7 @@ CHANGE_KIND_RESULTS_CORRECTED: ChangeKind
 CHANGE_KIND_TRANSACTION_REOPENED: ChangeKind
 CHANGE_KIND_LEGACY_MERGED: ChangeKind
 CHANGE_KIND_DETAILS_CHANGED: ChangeKind
+CHANGE_KIND_CURRENT_ORDER_CHANGED: ChangeKind
 
 class IngestEventRequest(_message.Message):
     __slots__ = ("event_id", "payload", "payload_json")

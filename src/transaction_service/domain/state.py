@@ -504,6 +504,8 @@ class ChangeKind(enum.StrEnum):
     LEGACY_MERGED = "legacy_merged"
     # Anything else a caller can see changed (a sample id, a timestamp, an origin).
     DETAILS_CHANGED = "details_changed"
+    # `current_order_id` changed on a known transaction: subscribers must follow another order.
+    CURRENT_ORDER_CHANGED = "current_order_changed"
 
 
 CORRECTED = "corrected"
@@ -534,6 +536,10 @@ def change_kinds(before: TransactionView | None, after: TransactionView) -> list
         kinds.append(ChangeKind.RESULTS_CORRECTED)
     if after.redraw_available and not (before and before.redraw_available):
         kinds.append(ChangeKind.REDRAW_AVAILABLE)
+    # A new transaction carries its current order; only a later switch is news. This is how a
+    # subscriber told REDRAW_AVAILABLE before the redraw order was known learns which order it is.
+    if before is not None and before.current_order_id != after.current_order_id:
+        kinds.append(ChangeKind.CURRENT_ORDER_CHANGED)
     old_status = before.status if before else TransactionStatus.ACTIVE
     if after.status != old_status:
         kinds.append(
