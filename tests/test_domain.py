@@ -416,6 +416,17 @@ def test_an_order_marked_initial_wins_over_the_oldest_order() -> None:
     assert view(knowledge_from_event(event)).initial_order_id == newer["id"]
 
 
+def test_client_user_id_comes_from_the_newest_webhook_that_carries_an_envelope() -> None:
+    s = redraw_scenario()
+    bodies = [body(s, i) for i in (0, 3, 5)]
+    # The newest webhook comes as {event_type, data} only, as some documented examples do.
+    bodies[2] = {"event_type": bodies[2]["event_type"], "data": bodies[2]["data"]}
+    bodies[1]["client_user_id"] = "patient-f6c1c8 (new)"
+    final = final_view_in_every_order(bodies)
+    assert final.client_user_id == "patient-f6c1c8 (new)"
+    assert final.status == TransactionStatus.COMPLETED
+
+
 # -- legacy payloads (no order_transaction block) ----------------------------------------------
 
 

@@ -146,6 +146,7 @@ async def test_order_fields_a_screen_needs(api: Running) -> None:
     assert redraw.interpretation == "abnormal"
     assert txn.user_id == "f6c1c89a-eb38-5f9a-a3a4-bb661a1f8c89"
     assert txn.team_id == "6353bcab-3526-4838-8c92-063fa760fb6b"
+    assert txn.client_user_id == "patient-f6c1c8"
     assert txn.created_at.ToJsonString() == "2026-03-01T10:00:00Z"
     assert txn.updated_at.ToJsonString() == "2026-03-12T09:00:00Z"
     assert txn.provider_status == "completed"

@@ -90,6 +90,7 @@ def transaction_to_pb(view: TransactionView, revision: int) -> pb.Transaction:
         revision=revision,
         provider_status=view.provider_status,
         legacy=view.legacy,
+        client_user_id=view.client_user_id,
     )
 
 

@@ -118,6 +118,8 @@ class Envelope(_Lenient):
     event_type: str = Field(min_length=1)
     user_id: str | None = None
     team_id: str | None = None
+    # The customer's own id for the user (not always a UUID); only the envelope carries it.
+    client_user_id: str | None = None
     data: Any = None
 
 
@@ -134,6 +136,7 @@ class OrderEvent:
     # Envelope user and team, used when `data` lacks its own.
     user_id: str | None
     team_id: str | None
+    client_user_id: str | None
     # Digest of the body's canonical JSON: a content-derived, order-independent tie-breaker.
     digest: str
 
@@ -230,6 +233,7 @@ def parse_event(body: dict[str, Any], digest: str | None = None) -> ParsedEvent:
         order=parsed.data,
         user_id=parsed.user_id,
         team_id=parsed.team_id,
+        client_user_id=parsed.client_user_id,
         digest=digest,
     )
 

@@ -76,6 +76,21 @@ class OrderSnapshot:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClientUserObservation:
+    """The envelope's `client_user_id`, from the newest webhook of the order that carried one.
+
+    Kept apart from OrderSnapshot: a newer webhook sent without its envelope must not erase it.
+    """
+
+    updated_at: datetime = NEVER
+    digest: str
+    client_user_id: str
+
+    def key(self) -> tuple[datetime, str, str]:
+        return (self.updated_at, self.digest, self.client_user_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockEntry:
     """An order's summary inside a transaction block, from the newest block that listed it."""
 
@@ -99,6 +114,7 @@ class OrderKnowledge:
     own_status: StatusObservation | None = None
     snapshot: OrderSnapshot | None = None
     entry: BlockEntry | None = None
+    client_user: ClientUserObservation | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,7 +150,9 @@ class Knowledge:
     block: BlockStatus | None = None
 
 
-_Observed = TypeVar("_Observed", StatusObservation, OrderSnapshot, BlockEntry, BlockStatus)
+_Observed = TypeVar(
+    "_Observed", StatusObservation, OrderSnapshot, BlockEntry, BlockStatus, ClientUserObservation
+)
 
 
 def _newest(a: _Observed | None, b: _Observed | None) -> _Observed | None:
@@ -152,6 +170,7 @@ def join_order(a: OrderKnowledge, b: OrderKnowledge) -> OrderKnowledge:
         own_status=_newest(a.own_status, b.own_status),
         snapshot=_newest(a.snapshot, b.snapshot),
         entry=_newest(a.entry, b.entry),
+        client_user=_newest(a.client_user, b.client_user),
     )
 
 
@@ -217,7 +236,18 @@ def _own_order_knowledge(event: OrderEvent) -> OrderKnowledge:
         has_missing_results=order.has_missing_results,
         interpretation=order.interpretation or "",
     )
-    return OrderKnowledge(id=order.id, status=own, own_status=own, snapshot=snapshot)
+    client_user = (
+        ClientUserObservation(
+            updated_at=snapshot.updated_at,
+            digest=event.digest,
+            client_user_id=event.client_user_id,
+        )
+        if event.client_user_id
+        else None
+    )
+    return OrderKnowledge(
+        id=order.id, status=own, own_status=own, snapshot=snapshot, client_user=client_user
+    )
 
 
 def _observation_from_status(status: str, at: datetime, event_id: int) -> StatusObservation:
@@ -303,6 +333,7 @@ class TransactionView:
     redraw_available: bool = False
     user_id: str = ""
     team_id: str = ""
+    client_user_id: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -401,6 +432,11 @@ def view(knowledge: Knowledge) -> TransactionView:
         key=OrderSnapshot.key,
         default=None,
     )
+    client = max(
+        (o.client_user for o in knowledge.orders.values() if o.client_user is not None),
+        key=ClientUserObservation.key,
+        default=None,
+    )
     created = [o.created_at for o in orders if o.created_at is not None]
     updated = [o.updated_at for o in orders if o.updated_at is not None]
     if knowledge.block is not None and knowledge.block.as_of != NEVER:
@@ -418,6 +454,7 @@ def view(knowledge: Knowledge) -> TransactionView:
         or any(o.low_level_status == REDRAW_AVAILABLE for o in orders),
         user_id=owner.user_id if owner else "",
         team_id=owner.team_id if owner else "",
+        client_user_id=client.client_user_id if client else "",
         created_at=min(created, default=None),
         updated_at=max(updated, default=None),
     )
