@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import json
+import math
 from functools import reduce
 from typing import Any
 
@@ -13,7 +16,15 @@ from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary
-from transaction_service.domain.payload import OrderEvent, PayloadError, parse_event
+from transaction_service.domain.limits import MAX_BODY_DEPTH, StateLimits
+from transaction_service.domain.payload import (
+    OrderEvent,
+    PayloadError,
+    canonical_json,
+    decode_json_body,
+    normalise_body,
+    parse_event,
+)
 from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
@@ -513,6 +524,125 @@ def test_wrong_fields_are_named(mutate: Any, field: str) -> None:
     with pytest.raises(PayloadError) as caught:
         parse_event(b)
     assert field in [v.field for v in caught.value.violations]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        (lambda b: b["data"].update(sample_id="s" * 41), "data.sample_id", "max_string_length=40"),
+        (lambda b: b.update(client_user_id="c" * 41), "client_user_id", "max_string_length=40"),
+        (lambda b: b.update(event_type="labtest.order." + "x" * 30), "event_type", "44 characters"),
+        (
+            lambda b: b["data"]["lab_test"]["lab"].update(slug="q" * 41),
+            "data.lab_test.lab.slug",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["events"][0].update(status="a.b." + "c" * 40),
+            "data.events[0].status",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["order_transaction"]["orders"][1].update(parent_id="p" * 41),
+            "data.order_transaction.orders[1].parent_id",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["order_transaction"]["orders"].append({"id": "third"}),
+            "data.order_transaction.orders",
+            "lists 3 orders; the limit is max_orders_per_transaction=2",
+        ),
+    ],
+)
+def test_strings_and_order_lists_over_the_limits_are_refused_naming_field_and_limit(
+    mutate: Any, field: str, words: str
+) -> None:
+    b = body(redraw_scenario(), 3)  # its block lists two orders
+    limits = StateLimits(max_string_length=40, max_orders_per_transaction=2, max_view_bytes=1000)
+    parse_event(b, limits=limits)  # within the limits as it is
+    mutate(b)
+    with pytest.raises(PayloadError) as caught:
+        parse_event(b, limits=limits)
+    (violation,) = caught.value.violations
+    assert violation.field == field
+    assert words in violation.description
+    parse_event(b)  # the defaults are far larger
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0001-01-01T00:00:00+01:00",  # off the calendar once converted to UTC
+        "9999-12-31T23:59:59-01:00",
+        "1899-12-31T23:59:59Z",
+        "9999-01-01T00:00:00Z",
+    ],
+)
+def test_timestamps_outside_the_supported_range_are_refused(value: str) -> None:
+    b = body(redraw_scenario(), 0)
+    b["data"]["updated_at"] = value
+    with pytest.raises(PayloadError) as caught:
+        parse_event(b)
+    assert [v.field for v in caught.value.violations] == ["data.updated_at"]
+    assert "1900-01-01" in caught.value.violations[0].description
+
+
+def test_timestamps_at_the_ends_of_the_supported_range_are_kept() -> None:
+    b = body(redraw_scenario(), 0)
+    b["data"]["created_at"] = "1900-01-01T01:00:00+01:00"
+    b["data"]["updated_at"] = "9998-12-31T23:59:59.999999Z"
+    event = parse_event(b)
+    assert isinstance(event, OrderEvent)
+    assert event.order.created_at is not None
+    assert event.order.created_at.isoformat() == "1900-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"event_type": "x", "a": ' + "[" * 5000 + "]" * 5000 + "}", "nested deeper than 32"),
+        ('{"event_type": "x", "a": ' + '{"a": ' * 40 + "{}" + "}" * 40 + "}", "deeper than 32"),
+        ('{"event_type": "x", "a": 1e400}', "out of range"),
+        ('{"event_type": "x", "a": -Infinity}', "Infinity is not a JSON value"),
+    ],
+)
+def test_json_bodies_too_deep_or_with_non_finite_numbers_are_refused(text: str, words: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        decode_json_body(text)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body_", "field", "words"),
+    [
+        ({"event_type": "x", "a": {"b": [1, 2.5, math.nan]}}, "a.b[2]", "NaN"),
+        ({"event_type": "x", "odd key\n": math.inf}, "['odd key\\n']", "Infinity"),
+        (
+            {"event_type": "x", "a": functools.reduce(lambda v, _: [v], range(40), 1)},
+            "",
+            "nested deeper than 32",
+        ),
+    ],
+)
+def test_decoded_bodies_too_deep_or_with_non_finite_numbers_are_refused(
+    body_: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(PayloadError) as caught:
+        normalise_body(body_)
+    (violation,) = caught.value.violations
+    assert (violation.field, words in violation.description) == (field, True)
+
+
+def test_a_body_nested_exactly_to_the_limit_is_accepted_and_numbers_are_normalised() -> None:
+    deep: Any = 9001.0
+    for _ in range(MAX_BODY_DEPTH - 1):
+        deep = [deep]
+    normalised = normalise_body({"event_type": "x", "a": deep, "b": 2.5})
+    assert normalised["b"] == 2.5
+    assert canonical_json(normalised) == canonical_json(
+        decode_json_body(json.dumps({"event_type": "x", "a": deep, "b": 2.5}))
+    )
+    assert "9001.0" not in canonical_json(normalised)
 
 
 def test_other_event_types_parse_without_order_data() -> None:

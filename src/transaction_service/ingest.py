@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     FieldViolation,
     OrderEvent,
@@ -29,7 +30,7 @@ from transaction_service.domain.payload import (
     body_digest,
     canonical_json,
     decode_json_body,
-    normalise_numbers,
+    normalise_body,
     parse_event,
 )
 from transaction_service.domain.state import (
@@ -118,11 +119,13 @@ def decode_delivery(
     payload_json: str | None = None,
     payload: dict[str, Any] | None = None,
     max_body_bytes: int,
+    limits: StateLimits = DEFAULT_LIMITS,
 ) -> Delivery:
     """Check and parse one delivery. Raises PayloadError naming each field at fault.
 
     Field names in violations are those of the request: `event_id`, `payload_json`, or
-    `payload.<path>` / `payload_json.<path>` for a field inside the body.
+    `payload.<path>` / `payload_json.<path>` for a field inside the body. `limits` bounds what the
+    body may add to the state (see StateLimits).
     """
     if len(event_id) > MAX_EVENT_ID_LENGTH:
         raise PayloadError(
@@ -142,19 +145,23 @@ def decode_delivery(
         try:
             body = decode_json_body(payload_json)
             digest = body_digest(body)
-            event = parse_event(body, digest)
+            event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     else:
         assert payload is not None
-        root, body, body_format = "payload", normalise_numbers(payload), "struct"
+        root, body_format = "payload", "struct"
+        try:
+            body = normalise_body(payload)
+        except PayloadError as exc:
+            raise _rooted(exc, root) from None
         # Proto strings are valid UTF-8, so the canonical form always encodes.
         raw = canonical_json(body).encode()
         if len(raw) > max_body_bytes:
             raise _too_large(root, len(raw), max_body_bytes)
         digest = hashlib.sha256(raw).hexdigest()
         try:
-            event = parse_event(body, digest)
+            event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     return Delivery(
