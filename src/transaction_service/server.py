@@ -13,13 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from transaction_service.api.reflection import enable_reflection
-from transaction_service.api.servicer import TransactionServicer
+from transaction_service.api.servicer import TransactionServicer, add_to_server
 from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.watch import ChangeHub
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class TransactionService:
     async def start(self) -> int:
         await self.store.open()
         self.ingestor.start()
-        pb_grpc.add_TransactionServiceServicer_to_server(
+        add_to_server(
             TransactionServicer(
                 self.ingestor,
                 self.store,

@@ -1,16 +1,17 @@
 """Bounds on what one transaction's state may hold, so every stored transaction and every change
 always fits in a gRPC response with room to spare.
 
-Parsing (`payload.parse_event`) refuses a body whose strings or order list exceed the limits; the
-merge planner refuses a delivery whose merged transaction would exceed them. Both take a
-`StateLimits`; `DEFAULT_LIMITS` is what the service uses unless configured otherwise.
+Parsing (`payload.parse_event`, `ingest.decode_delivery`) refuses a body whose own strings or
+order list exceed the limits. The limits on the merged state (orders per merged transaction, size
+of the serialized view) are for the merge planner to enforce, with the same `StateLimits`.
+`DEFAULT_LIMITS` is what the service uses unless configured otherwise.
 
-Why the defaults fit: a transaction's view holds about a dozen strings per order and a handful of
-its own. At 50 orders of 1,024-character strings it is about 0.5 MB in ASCII and, in the worst case
-(every character 4 bytes of UTF-8), about 2 MB: inside gRPC's default 4 MiB message limit. The
-view-size limit (1 MiB of the view's JSON, which is larger than its protobuf encoding) then caps
+Why the defaults fit: a transaction's view holds nine strings per order and eight of its own. At
+50 orders of 1,024-character strings a change is about 0.47 MB on the wire in ASCII and, in the
+worst case (every character 4 bytes of UTF-8), about 1.9 MB: inside gRPC's default 4 MiB message
+limit. The view-size limit (1 MiB of the view's JSON, which is larger than its protobuf form) caps
 even that worst case at a quarter of the message limit, leaving room for the envelope of a change
-or a response that carries more than one.
+or a response that carries more than one (tests/test_grpc_api.py measures both).
 """
 
 from __future__ import annotations
