@@ -270,14 +270,20 @@ def final_view_in_every_order(bodies: list[dict[str, Any]]) -> TransactionView:
     return view(fold(events))
 
 
-def test_a_late_webhook_carrying_a_lagging_block_does_not_reopen_a_completed_transaction() -> None:
-    """The initial order's webhook, sent after the redraw completed (its own `updated_at` is the
-    newest time of all), carries the block as it was when the redraw order was created. The block
-    is dated by its own times, so it is older than the completed block and changes nothing."""
-    s = redraw_scenario()
-    late = body(s, 2)  # the initial order at redraw_available; its block lists both orders
+def late_initial_webhook_with_lagging_block() -> dict[str, Any]:
+    """The initial order's webhook sent after the redraw completed (its `updated_at` is the newest
+    time of all), carrying the block as it was when the redraw order was created."""
+    late = body(redraw_scenario(), 2)
     late["data"]["updated_at"] = "2026-03-13T08:00:00Z"
     late["data"]["interpretation"] = "abnormal"
+    return late
+
+
+def test_a_late_webhook_carrying_a_lagging_block_does_not_reopen_a_completed_transaction() -> None:
+    """The late webhook's block is dated by its own times, so it is older than the completed
+    block and changes nothing."""
+    s = redraw_scenario()
+    late = late_initial_webhook_with_lagging_block()
     final = final_view_in_every_order([body(s, 0), body(s, 4), body(s, 5), late])
     assert final.status == TransactionStatus.COMPLETED
     assert final.provider_status == "completed"
@@ -285,9 +291,8 @@ def test_a_late_webhook_carrying_a_lagging_block_does_not_reopen_a_completed_tra
     assert initial.interpretation == "abnormal"  # what only the late webhook knew still counts
 
 
-def test_a_corrected_webhook_with_a_lagging_active_block_keeps_the_transaction_completed() -> None:
-    plain = scenario_named("completed_without_redraw")
-    corrected = body(plain, 1)  # carries the block as of requisition_created: `active`
+def corrected_webhook_with_lagging_block() -> dict[str, Any]:
+    corrected = body(scenario_named("completed_without_redraw"), 1)  # block: `active`, older
     corrected["data"]["events"].append(
         {
             "id": 99999,
@@ -297,9 +302,20 @@ def test_a_corrected_webhook_with_a_lagging_active_block_keeps_the_transaction_c
     )
     corrected["data"]["last_event"] = corrected["data"]["events"][-1]
     corrected["data"]["updated_at"] = "2026-03-09T09:00:00Z"
+    return corrected
+
+
+def test_a_corrected_webhook_with_a_lagging_active_block_keeps_the_transaction_completed() -> None:
+    plain = scenario_named("completed_without_redraw")
+    corrected = corrected_webhook_with_lagging_block()
     final = final_view_in_every_order([*(body(plain, i) for i in range(3)), corrected])
     assert final.status == TransactionStatus.COMPLETED
     assert final.orders[0].low_level_status == "corrected"
+
+
+def saying_active(b: dict[str, Any]) -> dict[str, Any]:
+    b["data"]["order_transaction"]["status"] = "active"
+    return b
 
 
 @pytest.mark.parametrize(
@@ -316,10 +332,7 @@ def test_an_order_fact_that_ends_the_transaction_beats_a_block_still_saying_acti
     """The provider builds the final webhook's block before it updates the transaction status:
     every block says `active`. The documented rules end the transaction anyway."""
     s = scenario_named(name)
-    bodies = [body(s, i) for i in deliveries]
-    for b in bodies:
-        b["data"]["order_transaction"]["status"] = "active"
-    final = final_view_in_every_order(bodies)
+    final = final_view_in_every_order([saying_active(body(s, i)) for i in deliveries])
     assert final.status == expected
     assert final.provider_status == "active"
 
@@ -364,25 +377,34 @@ def test_a_cancelled_redraw_alone_takes_the_status_from_the_newest_block() -> No
     assert final.status == TransactionStatus.ACTIVE
 
 
-def test_a_block_newer_than_the_cancellation_reopens_the_transaction() -> None:
+def reinstated_after_cancellation() -> dict[str, Any]:
     """Support reinstated the cancelled order: a later webhook's block says `active` and lists the
-    order at a newer time. A newer block wins over the order fact."""
-    s = scenario_named("cancelled")
-    reinstated = body(s, 1)
+    order, still at `cancelled`, at a newer time."""
+    reinstated = saying_active(body(scenario_named("cancelled"), 1))
     reinstated["data"]["updated_at"] = "2026-03-06T09:00:00Z"
-    reinstated["data"]["order_transaction"]["status"] = "active"
     reinstated["data"]["order_transaction"]["orders"][0]["updated_at"] = "2026-03-06T09:00:00Z"
-    final = final_view_in_every_order([body(s, 0), body(s, 1), reinstated])
+    return reinstated
+
+
+def test_a_block_newer_than_the_cancellation_reopens_the_transaction() -> None:
+    """A newer block wins over the order fact."""
+    s = scenario_named("cancelled")
+    final = final_view_in_every_order([body(s, 0), body(s, 1), reinstated_after_cancellation()])
     assert final.status == TransactionStatus.ACTIVE
     assert final.orders[0].low_level_status == "cancelled"
 
 
-def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> None:
-    s = scenario_named("completed_without_redraw")
-    undated = body(s, 1)
+def webhook_with_undated_block() -> dict[str, Any]:
+    undated = body(scenario_named("completed_without_redraw"), 1)
     undated["data"]["updated_at"] = "2026-03-20T00:00:00Z"  # the carrier's time does not date it
     undated["data"]["order_transaction"]["orders"] = []
     undated["data"]["order_transaction"]["status"] = "paused"
+    return undated
+
+
+def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> None:
+    s = scenario_named("completed_without_redraw")
+    undated = webhook_with_undated_block()
     final = final_view_in_every_order([body(s, 0), body(s, 2), undated])
     assert final.provider_status == "completed"
     (alone_event,) = events_of({"deliveries": [{"body": undated}]})
@@ -436,6 +458,58 @@ def test_client_user_id_comes_from_the_newest_webhook_that_carries_an_envelope()
     final = final_view_in_every_order(bodies)
     assert final.client_user_id == "patient-f6c1c8 (new)"
     assert final.status == TransactionStatus.COMPLETED
+
+
+# -- every edge case mixed: any multiset of deliveries, in any order ------------------------------
+
+
+def edge_case_pools() -> list[list[dict[str, Any]]]:
+    """Per transaction: the fixture's deliveries and every odd delivery built above for it."""
+    redraw, plain, cancelled = (
+        scenario_named(n) for n in ("redraw_completed", "completed_without_redraw", "cancelled")
+    )
+
+    def all_of(s: dict[str, Any]) -> list[dict[str, Any]]:
+        return [body(s, i) for i in range(len(s["deliveries"]))]
+
+    return [
+        [
+            *all_of(redraw),
+            late_initial_webhook_with_lagging_block(),
+            saying_active(body(redraw, 5)),
+            redraw_announced_before_the_redraw_order()[2],
+            *redraw_cancelled_bodies(initial_cancelled=True)[3:],
+            *redraw_cancelled_bodies(initial_cancelled=False)[3:],
+            without_origins(body(redraw, 3)),
+        ],
+        [
+            *all_of(plain),
+            corrected_webhook_with_lagging_block(),
+            saying_active(body(plain, 2)),
+            webhook_with_undated_block(),
+            without_origins(body(plain, 1)),
+        ],
+        [*all_of(cancelled), saying_active(body(cancelled, 1)), reinstated_after_cancellation()],
+    ]
+
+
+EDGE_CASE_POOLS = edge_case_pools()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_multiset_of_odd_deliveries_in_any_order_gives_the_view_of_its_set(
+    data: st.DataObject,
+) -> None:
+    """Lagging, undated and `active` blocks, cancellations, reinstatements, missing origins, mixed
+    at random: the view depends only on which deliveries were seen."""
+    pool = events_of(
+        {"deliveries": [{"body": b} for b in data.draw(st.sampled_from(EDGE_CASE_POOLS))]}
+    )
+    chosen = data.draw(st.lists(st.sampled_from(range(len(pool))), min_size=1), label="chosen")
+    sequence = data.draw(st.permutations(chosen), label="sequence")
+    distinct = sorted(set(chosen))
+    assert view(fold([pool[i] for i in sequence])) == view(fold([pool[i] for i in distinct]))
 
 
 # -- legacy payloads (no order_transaction block) ----------------------------------------------
