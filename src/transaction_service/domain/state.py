@@ -503,8 +503,9 @@ def _reached(order: OrderView) -> datetime:
 
 
 def _legacy_status(orders: list[OrderView]) -> TransactionStatus:
-    """The status of a transaction Junction gave no status for (a legacy stand-in): CANCELLED once
-    every order ended without its lab work, COMPLETED once every order ended, else ACTIVE."""
+    """The status of a transaction Junction gave no status for (a legacy stand-in, or blocks that
+    never carried one): CANCELLED once every order ended without its lab work, COMPLETED once
+    every order ended, else ACTIVE."""
     ends = [_legacy_end(o) for o in orders]
     if ends and all(end == TransactionStatus.CANCELLED for end in ends):
         return TransactionStatus.CANCELLED
