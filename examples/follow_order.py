@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/follow_order.py ORDER_ID [ADDRESS]
 
-Prints when a redraw becomes available (and which order to follow then) and exits when the
+Prints when a redraw becomes available or the order to follow changes, and exits when the
 transaction is completed or cancelled. It survives server restarts: it remembers the revision of
 the last message and resumes from it, so it misses nothing and sees nothing twice.
 """
@@ -45,6 +45,8 @@ def follow(order_id: str, address: str = "localhost:50051") -> str:
                         kinds = list(message.change.kinds)
                     if pb.CHANGE_KIND_REDRAW_AVAILABLE in kinds:
                         print(f"redraw available: follow order {transaction.current_order_id}")
+                    elif pb.CHANGE_KIND_CURRENT_ORDER_CHANGED in kinds:
+                        print(f"follow order {transaction.current_order_id}")
                     if transaction.status in DONE:
                         print(f"transaction {transaction.id} {DONE[transaction.status]}")
                         return DONE[transaction.status]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import json
+import math
 from functools import reduce
 from typing import Any
 
@@ -13,11 +16,21 @@ from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary
-from transaction_service.domain.payload import OrderEvent, PayloadError, parse_event
+from transaction_service.domain.limits import MAX_BODY_DEPTH, StateLimits
+from transaction_service.domain.payload import (
+    OrderEvent,
+    PayloadError,
+    canonical_json,
+    decode_json_body,
+    normalise_body,
+    parse_event,
+)
 from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
+    OrderOrigin,
     TransactionStatus,
+    TransactionView,
     change_kinds,
     join,
     knowledge_from_event,
@@ -197,16 +210,320 @@ def test_redraw_available_is_reported_exactly_once_whatever_the_order() -> None:
         assert reported.count(ChangeKind.TRANSACTION_CREATED) == 1
 
 
+def redraw_announced_before_the_redraw_order() -> list[dict[str, Any]]:
+    """The redraw scenario, but the initial order's `redraw_available` webhook was built before the
+    redraw order existed: its block lists the initial order only."""
+    s = redraw_scenario()
+    bodies = [body(s, i) for i in range(len(s["deliveries"]))]
+    block = bodies[2]["data"]["order_transaction"]
+    block["orders"] = block["orders"][:1]
+    return bodies
+
+
+def test_a_watcher_of_redraw_kinds_always_ends_up_with_the_redraw_order() -> None:
+    """Over every delivery order with every delivery doubled: CURRENT_ORDER_CHANGED comes exactly
+    when current_order_id of a known transaction changes, and the last change a watcher of
+    REDRAW_AVAILABLE and CURRENT_ORDER_CHANGED gets names the redraw order to follow."""
+    s = redraw_scenario()
+    events = events_of(
+        {"deliveries": [{"body": b} for b in redraw_announced_before_the_redraw_order()]}
+    )
+    watched = {ChangeKind.REDRAW_AVAILABLE, ChangeKind.CURRENT_ORDER_CHANGED}
+    announced_early = 0
+    for order in itertools.permutations(events):
+        current: Knowledge | None = None
+        seen: list[TransactionView] = []
+        for e in (e for e in order for _ in (0, 1)):
+            k = (
+                knowledge_from_event(e)
+                if current is None
+                else join(current, knowledge_from_event(e))
+            )
+            before, after = (view(current) if current else None), view(k)
+            kinds = change_kinds(before, after)
+            changed = before is not None and before.current_order_id != after.current_order_id
+            assert (ChangeKind.CURRENT_ORDER_CHANGED in kinds) == changed
+            if watched & set(kinds):
+                seen.append(after)
+            current = k
+        assert seen[-1].redraw_order_id == s["expect"]["redraw_order_id"]
+        assert seen[-1].current_order_id == s["expect"]["redraw_order_id"]
+        announced_early += seen[0].redraw_order_id == ""
+    # The case this is for happened: REDRAW_AVAILABLE first, the redraw order only later.
+    assert announced_early > 0
+
+
+# -- lagging transaction blocks and order facts that end a transaction --------------------------
+
+
+def scenario_named(name: str) -> dict[str, Any]:
+    return next(s for s in SCENARIOS if s["scenario"] == name)
+
+
+def final_view_in_every_order(bodies: list[dict[str, Any]]) -> TransactionView:
+    """Folds every permutation of the bodies, each delivered twice; all must give one view."""
+    events = events_of({"deliveries": [{"body": b} for b in bodies]})
+    views = set()
+    for order in itertools.permutations(events):
+        views.add(view_to_json(view(fold([e for e in order for _ in (0, 1)]))))
+    assert len(views) == 1
+    return view(fold(events))
+
+
+def late_initial_webhook_with_lagging_block() -> dict[str, Any]:
+    """The initial order's webhook sent after the redraw completed (its `updated_at` is the newest
+    time of all), carrying the block as it was when the redraw order was created."""
+    late = body(redraw_scenario(), 2)
+    late["data"]["updated_at"] = "2026-03-13T08:00:00Z"
+    late["data"]["interpretation"] = "abnormal"
+    return late
+
+
+def test_a_late_webhook_carrying_a_lagging_block_does_not_reopen_a_completed_transaction() -> None:
+    """The late webhook's block is dated by its own times, so it is older than the completed
+    block and changes nothing."""
+    s = redraw_scenario()
+    late = late_initial_webhook_with_lagging_block()
+    final = final_view_in_every_order([body(s, 0), body(s, 4), body(s, 5), late])
+    assert final.status == TransactionStatus.COMPLETED
+    assert final.provider_status == "completed"
+    initial = next(o for o in final.orders if o.id == s["expect"]["initial_order_id"])
+    assert initial.interpretation == "abnormal"  # what only the late webhook knew still counts
+
+
+def corrected_webhook_with_lagging_block() -> dict[str, Any]:
+    corrected = body(scenario_named("completed_without_redraw"), 1)  # block: `active`, older
+    corrected["data"]["events"].append(
+        {
+            "id": 99999,
+            "created_at": "2026-03-09T09:00:00Z",
+            "status": "completed.walk_in_test.corrected",
+        }
+    )
+    corrected["data"]["last_event"] = corrected["data"]["events"][-1]
+    corrected["data"]["updated_at"] = "2026-03-09T09:00:00Z"
+    return corrected
+
+
+def test_a_corrected_webhook_with_a_lagging_active_block_keeps_the_transaction_completed() -> None:
+    plain = scenario_named("completed_without_redraw")
+    corrected = corrected_webhook_with_lagging_block()
+    final = final_view_in_every_order([*(body(plain, i) for i in range(3)), corrected])
+    assert final.status == TransactionStatus.COMPLETED
+    assert final.orders[0].low_level_status == "corrected"
+
+
+def saying_active(b: dict[str, Any]) -> dict[str, Any]:
+    b["data"]["order_transaction"]["status"] = "active"
+    return b
+
+
+@pytest.mark.parametrize(
+    ("name", "deliveries", "expected"),
+    [
+        ("redraw_completed", [0, 2, 4, 5], TransactionStatus.COMPLETED),  # the redraw completed
+        ("completed_without_redraw", [0, 1, 2], TransactionStatus.COMPLETED),  # initial, no redraw
+        ("cancelled", [0, 1], TransactionStatus.CANCELLED),  # initial cancelled, no redraw
+    ],
+)
+def test_an_order_fact_that_ends_the_transaction_beats_a_block_still_saying_active(
+    name: str, deliveries: list[int], expected: TransactionStatus
+) -> None:
+    """The provider builds the final webhook's block before it updates the transaction status:
+    every block says `active`. The documented rules end the transaction anyway."""
+    s = scenario_named(name)
+    final = final_view_in_every_order([saying_active(body(s, i)) for i in deliveries])
+    assert final.status == expected
+    assert final.provider_status == "active"
+
+
+def redraw_cancelled_bodies(*, initial_cancelled: bool) -> list[dict[str, Any]]:
+    """The redraw scenario up to the redraw's requisition, then the redraw order cancelled (and,
+    if asked, the initial order with it), under a block that still says `active`."""
+    s = redraw_scenario()
+    cancel = body(s, 5)
+    event = {
+        "id": 9021,
+        "created_at": "2026-03-10T09:00:00Z",
+        "status": "cancelled.walk_in_test.cancelled",
+    }
+    cancel["data"]["events"][-1] = cancel["data"]["last_event"] = event
+    cancel["data"]["updated_at"] = event["created_at"]
+    cancel["data"]["order_transaction"]["status"] = "active"
+    entries = cancel["data"]["order_transaction"]["orders"]
+    entries[1].update(
+        low_level_status="cancelled",
+        low_level_status_created_at=event["created_at"],
+        updated_at=event["created_at"],
+    )
+    if initial_cancelled:
+        entries[0].update(
+            low_level_status="cancelled",
+            low_level_status_created_at="2026-03-10T08:59:00Z",
+            updated_at="2026-03-10T08:59:00Z",
+        )
+    return [body(s, 0), body(s, 2), body(s, 4), cancel]
+
+
+def test_both_orders_cancelled_end_the_transaction_cancelled() -> None:
+    final = final_view_in_every_order(redraw_cancelled_bodies(initial_cancelled=True))
+    assert final.status == TransactionStatus.CANCELLED
+    assert final.current_order_id == final.redraw_order_id
+
+
+def test_a_cancelled_redraw_alone_takes_the_status_from_the_newest_block() -> None:
+    # Undocumented by the provider: no order rule applies, the block says `active`.
+    final = final_view_in_every_order(redraw_cancelled_bodies(initial_cancelled=False))
+    assert final.status == TransactionStatus.ACTIVE
+
+
+def reinstated_after_cancellation() -> dict[str, Any]:
+    """Support reinstated the cancelled order: a later webhook's block says `active` and lists the
+    order, still at `cancelled`, at a newer time."""
+    reinstated = saying_active(body(scenario_named("cancelled"), 1))
+    reinstated["data"]["updated_at"] = "2026-03-06T09:00:00Z"
+    reinstated["data"]["order_transaction"]["orders"][0]["updated_at"] = "2026-03-06T09:00:00Z"
+    return reinstated
+
+
+def test_a_block_newer_than_the_cancellation_reopens_the_transaction() -> None:
+    """A newer block wins over the order fact."""
+    s = scenario_named("cancelled")
+    final = final_view_in_every_order([body(s, 0), body(s, 1), reinstated_after_cancellation()])
+    assert final.status == TransactionStatus.ACTIVE
+    assert final.orders[0].low_level_status == "cancelled"
+
+
+def webhook_with_undated_block() -> dict[str, Any]:
+    undated = body(scenario_named("completed_without_redraw"), 1)
+    undated["data"]["updated_at"] = "2026-03-20T00:00:00Z"  # the carrier's time does not date it
+    undated["data"]["order_transaction"]["orders"] = []
+    undated["data"]["order_transaction"]["status"] = "paused"
+    return undated
+
+
+def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> None:
+    s = scenario_named("completed_without_redraw")
+    undated = webhook_with_undated_block()
+    final = final_view_in_every_order([body(s, 0), body(s, 2), undated])
+    assert final.provider_status == "completed"
+    (alone_event,) = events_of({"deliveries": [{"body": undated}]})
+    alone = view(knowledge_from_event(alone_event))
+    assert alone.provider_status == "paused"
+
+
+# -- payloads without origins ---------------------------------------------------------------------
+
+
+def without_origins(b: dict[str, Any]) -> dict[str, Any]:
+    b["data"].pop("origin", None)
+    for entry in b["data"].get("order_transaction", {}).get("orders", []):
+        entry.pop("origin", None)
+    return b
+
+
+def test_with_no_origin_anywhere_the_initial_order_is_the_oldest_order_with_no_parent() -> None:
+    s = redraw_scenario()
+    final = final_view_in_every_order([without_origins(body(s, i)) for i in (0, 2, 3, 5)])
+    assert {o.origin for o in final.orders} == {OrderOrigin.UNSPECIFIED}
+    assert final.initial_order_id == s["expect"]["initial_order_id"]
+    # Derived from the initial order, of unknown origin: not called a redraw, but followed.
+    assert final.redraw_order_id == ""
+    assert final.current_order_id == s["expect"]["redraw_order_id"]
+    assert final.status == TransactionStatus.COMPLETED  # the provider's block says so
+
+
+def test_with_no_origin_a_single_order_is_the_initial_order() -> None:
+    plain = scenario_named("completed_without_redraw")
+    final = final_view_in_every_order([without_origins(body(plain, i)) for i in range(3)])
+    assert final.initial_order_id == final.current_order_id == plain["expect"]["initial_order_id"]
+    assert final.status == TransactionStatus.COMPLETED
+
+
+def test_an_order_marked_initial_wins_over_the_oldest_order() -> None:
+    s = redraw_scenario()
+    b = without_origins(body(s, 3))
+    newer = b["data"]["order_transaction"]["orders"][1]
+    newer["origin"] = "initial"  # odd, but the provider's word
+    (event,) = events_of({"deliveries": [{"body": b}]})
+    assert view(knowledge_from_event(event)).initial_order_id == newer["id"]
+
+
+def test_client_user_id_comes_from_the_newest_webhook_that_carries_an_envelope() -> None:
+    s = redraw_scenario()
+    bodies = [body(s, i) for i in (0, 3, 5)]
+    # The newest webhook comes as {event_type, data} only, as some documented examples do.
+    bodies[2] = {"event_type": bodies[2]["event_type"], "data": bodies[2]["data"]}
+    bodies[1]["client_user_id"] = "patient-f6c1c8 (new)"
+    final = final_view_in_every_order(bodies)
+    assert final.client_user_id == "patient-f6c1c8 (new)"
+    assert final.status == TransactionStatus.COMPLETED
+
+
+# -- every edge case mixed: any multiset of deliveries, in any order ------------------------------
+
+
+def edge_case_pools() -> list[list[dict[str, Any]]]:
+    """Per transaction: the fixture's deliveries and every odd delivery built above for it."""
+    redraw, plain, cancelled = (
+        scenario_named(n) for n in ("redraw_completed", "completed_without_redraw", "cancelled")
+    )
+
+    def all_of(s: dict[str, Any]) -> list[dict[str, Any]]:
+        return [body(s, i) for i in range(len(s["deliveries"]))]
+
+    return [
+        [
+            *all_of(redraw),
+            late_initial_webhook_with_lagging_block(),
+            saying_active(body(redraw, 5)),
+            redraw_announced_before_the_redraw_order()[2],
+            *redraw_cancelled_bodies(initial_cancelled=True)[3:],
+            *redraw_cancelled_bodies(initial_cancelled=False)[3:],
+            without_origins(body(redraw, 3)),
+        ],
+        [
+            *all_of(plain),
+            corrected_webhook_with_lagging_block(),
+            saying_active(body(plain, 2)),
+            webhook_with_undated_block(),
+            without_origins(body(plain, 1)),
+        ],
+        [*all_of(cancelled), saying_active(body(cancelled, 1)), reinstated_after_cancellation()],
+    ]
+
+
+EDGE_CASE_POOLS = edge_case_pools()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_multiset_of_odd_deliveries_in_any_order_gives_the_view_of_its_set(
+    data: st.DataObject,
+) -> None:
+    """Lagging, undated and `active` blocks, cancellations, reinstatements, missing origins, mixed
+    at random: the view depends only on which deliveries were seen."""
+    pool = events_of(
+        {"deliveries": [{"body": b} for b in data.draw(st.sampled_from(EDGE_CASE_POOLS))]}
+    )
+    chosen = data.draw(st.lists(st.sampled_from(range(len(pool))), min_size=1), label="chosen")
+    sequence = data.draw(st.permutations(chosen), label="sequence")
+    distinct = sorted(set(chosen))
+    assert view(fold([pool[i] for i in sequence])) == view(fold([pool[i] for i in distinct]))
+
+
 # -- legacy payloads (no order_transaction block) ----------------------------------------------
 
 
-def legacy_body(status: str = "completed") -> dict[str, Any]:
+def legacy_body(
+    status: str = "completed", high: str = "completed", index: int = 2
+) -> dict[str, Any]:
     plain = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
-    b = body(plain, 2)
+    b = body(plain, index)
     del b["data"]["order_transaction"]
     del b["data"]["origin"]
-    b["data"]["last_event"]["status"] = f"completed.walk_in_test.{status}"
-    b["data"]["events"][-1]["status"] = f"completed.walk_in_test.{status}"
+    b["data"]["last_event"]["status"] = f"{high}.walk_in_test.{status}"
+    b["data"]["events"][-1]["status"] = f"{high}.walk_in_test.{status}"
     return b
 
 
@@ -224,6 +541,34 @@ def test_a_legacy_order_stands_in_a_transaction_of_its_own() -> None:
     assert view(knowledge_from_event(parse_event(legacy_body("draw_completed")))).status == (
         TransactionStatus.ACTIVE
     )
+
+
+@pytest.mark.parametrize(
+    ("high", "low"),
+    [
+        ("cancelled", "do_not_process"),  # e.g. cancelled.testkit.do_not_process
+        ("cancelled", "cancelled"),
+        ("failed", "sample_error"),
+        ("failed", "lost"),
+    ],
+)
+def test_a_legacy_order_that_was_cancelled_or_failed_ends_its_transaction_cancelled(
+    high: str, low: str
+) -> None:
+    earlier = [
+        legacy_body("ordered", "received", 0),
+        legacy_body("requisition_created", "received", 1),
+    ]
+    final = final_view_in_every_order([*earlier, legacy_body(low, high)])
+    assert final.legacy
+    assert final.status == TransactionStatus.CANCELLED
+    assert (final.orders[0].high_level_status, final.orders[0].low_level_status) == (high, low)
+
+
+def test_a_legacy_order_reinstated_after_failing_is_active_again() -> None:
+    failed = legacy_body("sample_error", "failed", 1)
+    reinstated = legacy_body("appointment_scheduled", "collecting_sample")
+    assert final_view_in_every_order([failed, reinstated]).status == TransactionStatus.ACTIVE
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -253,6 +598,125 @@ def test_wrong_fields_are_named(mutate: Any, field: str) -> None:
     with pytest.raises(PayloadError) as caught:
         parse_event(b)
     assert field in [v.field for v in caught.value.violations]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        (lambda b: b["data"].update(sample_id="s" * 41), "data.sample_id", "max_string_length=40"),
+        (lambda b: b.update(client_user_id="c" * 41), "client_user_id", "max_string_length=40"),
+        (lambda b: b.update(event_type="labtest.order." + "x" * 30), "event_type", "44 characters"),
+        (
+            lambda b: b["data"]["lab_test"]["lab"].update(slug="q" * 41),
+            "data.lab_test.lab.slug",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["events"][0].update(status="a.b." + "c" * 40),
+            "data.events[0].status",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["order_transaction"]["orders"][1].update(parent_id="p" * 41),
+            "data.order_transaction.orders[1].parent_id",
+            "max_string_length",
+        ),
+        (
+            lambda b: b["data"]["order_transaction"]["orders"].append({"id": "third"}),
+            "data.order_transaction.orders",
+            "lists 3 orders; the limit is max_orders_per_transaction=2",
+        ),
+    ],
+)
+def test_strings_and_order_lists_over_the_limits_are_refused_naming_field_and_limit(
+    mutate: Any, field: str, words: str
+) -> None:
+    b = body(redraw_scenario(), 3)  # its block lists two orders
+    limits = StateLimits(max_string_length=40, max_orders_per_transaction=2, max_view_bytes=1000)
+    parse_event(b, limits=limits)  # within the limits as it is
+    mutate(b)
+    with pytest.raises(PayloadError) as caught:
+        parse_event(b, limits=limits)
+    (violation,) = caught.value.violations
+    assert violation.field == field
+    assert words in violation.description
+    parse_event(b)  # the defaults are far larger
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0001-01-01T00:00:00+01:00",  # off the calendar once converted to UTC
+        "9999-12-31T23:59:59-01:00",
+        "1899-12-31T23:59:59Z",
+        "9999-01-01T00:00:00Z",
+    ],
+)
+def test_timestamps_outside_the_supported_range_are_refused(value: str) -> None:
+    b = body(redraw_scenario(), 0)
+    b["data"]["updated_at"] = value
+    with pytest.raises(PayloadError) as caught:
+        parse_event(b)
+    assert [v.field for v in caught.value.violations] == ["data.updated_at"]
+    assert "1900-01-01" in caught.value.violations[0].description
+
+
+def test_timestamps_at_the_ends_of_the_supported_range_are_kept() -> None:
+    b = body(redraw_scenario(), 0)
+    b["data"]["created_at"] = "1900-01-01T01:00:00+01:00"
+    b["data"]["updated_at"] = "9998-12-31T23:59:59.999999Z"
+    event = parse_event(b)
+    assert isinstance(event, OrderEvent)
+    assert event.order.created_at is not None
+    assert event.order.created_at.isoformat() == "1900-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"event_type": "x", "a": ' + "[" * 5000 + "]" * 5000 + "}", "nested deeper than 32"),
+        ('{"event_type": "x", "a": ' + '{"a": ' * 40 + "{}" + "}" * 40 + "}", "deeper than 32"),
+        ('{"event_type": "x", "a": 1e400}', "out of range"),
+        ('{"event_type": "x", "a": -Infinity}', "Infinity is not a JSON value"),
+    ],
+)
+def test_json_bodies_too_deep_or_with_non_finite_numbers_are_refused(text: str, words: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        decode_json_body(text)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body_", "field", "words"),
+    [
+        ({"event_type": "x", "a": {"b": [1, 2.5, math.nan]}}, "a.b[2]", "NaN"),
+        ({"event_type": "x", "odd key\n": math.inf}, "['odd key\\n']", "Infinity"),
+        (
+            {"event_type": "x", "a": functools.reduce(lambda v, _: [v], range(40), 1)},
+            "",
+            "nested deeper than 32",
+        ),
+    ],
+)
+def test_decoded_bodies_too_deep_or_with_non_finite_numbers_are_refused(
+    body_: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(PayloadError) as caught:
+        normalise_body(body_)
+    (violation,) = caught.value.violations
+    assert (violation.field, words in violation.description) == (field, True)
+
+
+def test_a_body_nested_exactly_to_the_limit_is_accepted_and_numbers_are_normalised() -> None:
+    deep: Any = 9001.0
+    for _ in range(MAX_BODY_DEPTH - 1):
+        deep = [deep]
+    normalised = normalise_body({"event_type": "x", "a": deep, "b": 2.5})
+    assert normalised["b"] == 2.5
+    assert canonical_json(normalised) == canonical_json(
+        decode_json_body(json.dumps({"event_type": "x", "a": deep, "b": 2.5}))
+    )
+    assert "9001.0" not in canonical_json(normalised)
 
 
 def test_other_event_types_parse_without_order_data() -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +22,16 @@ from hypothesis import strategies as st
 from tests.conftest import BODY_LIMIT, SCENARIOS
 from tests.harness import Running, check_expect, ingest, struct
 from tests.scenario_tools import with_fresh_ids
+from transaction_service.api.convert import struct_to_dict, transaction_to_pb
 from transaction_service.config import Settings
+from transaction_service.domain.limits import DEFAULT_LIMITS, MAX_BODY_DEPTH
+from transaction_service.domain.state import (
+    OrderOrigin,
+    OrderView,
+    TransactionStatus,
+    TransactionView,
+    view_to_json,
+)
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -146,6 +157,7 @@ async def test_order_fields_a_screen_needs(api: Running) -> None:
     assert redraw.interpretation == "abnormal"
     assert txn.user_id == "f6c1c89a-eb38-5f9a-a3a4-bb661a1f8c89"
     assert txn.team_id == "6353bcab-3526-4838-8c92-063fa760fb6b"
+    assert txn.client_user_id == "patient-f6c1c8"
     assert txn.created_at.ToJsonString() == "2026-03-01T10:00:00Z"
     assert txn.updated_at.ToJsonString() == "2026-03-12T09:00:00Z"
     assert txn.provider_status == "completed"
@@ -167,6 +179,25 @@ def without(body: dict[str, Any], *path: str) -> dict[str, Any]:
     del node[path[-1]]
     return body
 
+
+def nested(depth: int, leaf: Any = "x") -> dict[str, Any]:
+    """An ignored event type whose body nests objects `depth` levels deep (the body is level 1)."""
+    value = leaf
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return {"event_type": "labtest.result.critical", "a": value}
+
+
+def with_transaction_orders(count: int) -> dict[str, Any]:
+    body = order_body()
+    block = body["data"]["order_transaction"]
+    # The carrying order first, as the provider lists it, then others.
+    first = block["orders"][0]
+    block["orders"] = [first] + [dict(first, id=f"order-{i}") for i in range(1, count)]
+    return body
+
+
+LONG = "x" * (DEFAULT_LIMITS.max_string_length + 1)
 
 BAD_INPUTS = [
     # (name, request, field named, words in the message)
@@ -286,6 +317,111 @@ BAD_INPUTS = [
         "event_id",
         "control characters",
     ),
+    (
+        "json nested 1000 deep",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload_json='{"event_type": "x", "a": ' + "[" * 1000 + "]" * 1000 + "}",
+        ),
+        "payload_json",
+        f"nested deeper than {MAX_BODY_DEPTH} levels",
+    ),
+    (
+        "json nested one level too deep",
+        pb.IngestEventRequest(event_id="e", payload_json=json.dumps(nested(MAX_BODY_DEPTH + 1))),
+        "payload_json",
+        f"nested deeper than {MAX_BODY_DEPTH} levels",
+    ),
+    (
+        "struct nested one level too deep",
+        pb.IngestEventRequest(event_id="e", payload=struct(nested(MAX_BODY_DEPTH + 1))),
+        "payload",
+        f"nested deeper than {MAX_BODY_DEPTH} levels",
+    ),
+    (
+        "NaN in a struct",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(price=math.nan))),
+        "payload.data.price",
+        "NaN",
+    ),
+    (
+        "Infinity in a struct list",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(markers=[1, -math.inf]))),
+        "payload.data.markers[1]",
+        "Infinity",
+    ),
+    (
+        "timestamp before the supported range",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload_json=json.dumps(order_body(created_at="0001-01-01T00:00:00+01:00")),
+        ),
+        "payload_json.data.created_at",
+        "1900-01-01",
+    ),
+    (
+        "timestamp after the supported range",
+        pb.IngestEventRequest(
+            event_id="e", payload=struct(order_body(updated_at="9999-12-31T23:59:59-01:00"))
+        ),
+        "payload.data.updated_at",
+        "9999-01-01",
+    ),
+    (
+        "whitespace-only data.id",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(id=" \t "))),
+        "payload.data.id",
+        "non-space character",
+    ),
+    (
+        "whitespace-only transaction id",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload=struct(order_body(order_transaction={"id": "  ", "status": "active"})),
+        ),
+        "payload.data.order_transaction.id",
+        "non-space character",
+    ),
+    (
+        "whitespace-only id of a transaction's order",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload_json=json.dumps(
+                order_body(order_transaction={"id": "t", "orders": [{"id": "o"}, {"id": " "}]})
+            ),
+        ),
+        "payload_json.data.order_transaction.orders[1].id",
+        "non-space character",
+    ),
+    (
+        "string longer than the state keeps",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(sample_id=LONG))),
+        "payload.data.sample_id",
+        f"max_string_length={DEFAULT_LIMITS.max_string_length}",
+    ),
+    (
+        "client_user_id longer than the state keeps",
+        pb.IngestEventRequest(
+            event_id="e", payload_json=json.dumps(dict(order_body(), client_user_id=LONG))
+        ),
+        "payload_json.client_user_id",
+        "max_string_length",
+    ),
+    (
+        "a number no double holds",
+        pb.IngestEventRequest(event_id="e", payload_json='{"event_type": "x", "a": 1e400}'),
+        "payload_json",
+        "out of range",
+    ),
+    (
+        "too many orders in one transaction block",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload=struct(with_transaction_orders(DEFAULT_LIMITS.max_orders_per_transaction + 1)),
+        ),
+        "payload.data.order_transaction.orders",
+        f"max_orders_per_transaction={DEFAULT_LIMITS.max_orders_per_transaction}",
+    ),
 ]
 
 
@@ -315,6 +451,158 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_stores_nothing
     assert field in [v.field for v in bad_request.field_violations]
     assert api.counts() == before
     assert await api.service.store.head_revision() == head
+
+
+async def test_bodies_at_the_limits_are_accepted_in_both_forms(api: Running) -> None:
+    deep = nested(MAX_BODY_DEPTH)
+    for as_json in (True, False):
+        response = await send(api, f"deep-{as_json}", deep, as_json=as_json)
+        assert response.outcome == pb.INGEST_OUTCOME_IGNORED
+    full = with_transaction_orders(DEFAULT_LIMITS.max_orders_per_transaction)
+    full["data"]["sample_id"] = LONG[:-1]
+    full["client_user_id"] = LONG[:-1]
+    response = await send(api, "full", full, as_json=False)
+    assert response.outcome == pb.INGEST_OUTCOME_APPLIED
+    assert len(response.transaction.orders) == DEFAULT_LIMITS.max_orders_per_transaction
+    assert response.transaction.client_user_id == LONG[:-1]
+
+
+def largest_view(text: str) -> TransactionView:
+    """A transaction at the limits: the most orders, every string it shows at the longest."""
+    limits = DEFAULT_LIMITS
+
+    def longest(i: int) -> str:
+        return f"{i:04d}" + text * (limits.max_string_length - 4)
+
+    when = datetime(2026, 3, 1, tzinfo=UTC)
+    orders = [
+        OrderView(
+            id=longest(i),
+            origin=OrderOrigin.RECREATION,
+            **{name: longest(i) for name in ("low_level_status", "high_level_status", "sample_id")},
+            **{name: longest(i) for name in ("collection_method", "lab", "lab_test_name")},
+            **{name: longest(i) for name in ("interpretation", "parent_order_id")},
+            status_reached_at=when,
+            created_at=when,
+            updated_at=when,
+            has_missing_results=True,
+            seen_own_event=True,
+        )
+        for i in range(limits.max_orders_per_transaction)
+    ]
+    ids = ("id", "provider_status", "initial_order_id", "redraw_order_id", "current_order_id")
+    return TransactionView(
+        status=TransactionStatus.ACTIVE,
+        orders=orders,
+        **{name: longest(9999) for name in ids},
+        **{name: longest(9999) for name in ("user_id", "team_id", "client_user_id")},
+        created_at=when,
+        updated_at=when,
+    )
+
+
+@pytest.mark.parametrize("text", ["x", "\U0001d11e"], ids=["ascii", "4-byte characters"])
+def test_the_largest_transaction_the_limits_allow_fits_a_grpc_message_with_room(text: str) -> None:
+    view = largest_view(text)
+    change = pb.TransactionChange(
+        revision=2**62,
+        kinds=list(pb.ChangeKind.values())[1:],
+        transaction=transaction_to_pb(view, 2**62),
+        order_id=view.orders[0].id,
+        event_id="e" * 256,
+    )
+    wire = pb.WatchTransactionsResponse(change=change).ByteSize()
+    # Even with every character taking 4 bytes, a change is under half of gRPC's 4 MiB default.
+    assert wire < (4 << 20) // 2
+    # The view-size limit is measured on the JSON, which is never smaller than the wire form,
+    # so a view within it is at most a quarter of the message limit.
+    assert wire < len(view_to_json(view).encode())
+    assert DEFAULT_LIMITS.max_view_bytes <= (4 << 20) // 4
+    if text == "x":  # ordinary text at the string and order limits is within the view limit too
+        assert len(view_to_json(view).encode()) < DEFAULT_LIMITS.max_view_bytes
+
+
+def test_the_struct_conversion_gives_what_json_format_gives(scenario: dict[str, Any]) -> None:
+    for d in scenario["deliveries"]:
+        message = struct(d["body"])
+        assert struct_to_dict(message) == json_format.MessageToDict(message)
+
+
+def struct_request_bytes(depth: int) -> bytes:
+    """An IngestEventRequest whose payload Struct nests `depth` levels, built on the wire: the
+    protobuf library refuses to build one deeper than it can parse."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes([*out, n])
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    value = field(3, b"x")  # Value.string_value
+    for _ in range(depth - 1):
+        value = field(5, field(1, field(1, b"a") + field(2, value)))  # Value.struct_value {a: ...}
+    body = struct({"event_type": "labtest.result.critical"}).SerializeToString()
+    return field(1, b"deep") + field(2, body + field(1, field(1, b"a") + field(2, value)))
+
+
+@pytest.mark.parametrize("depth", [MAX_BODY_DEPTH + 2, MAX_BODY_DEPTH + 3, 200, 5000])
+async def test_a_struct_nested_deeper_than_protobuf_decodes_is_invalid_argument(
+    api: Running, depth: int
+) -> None:
+    before = api.counts()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") as channel:
+        call = channel.unary_unary(
+            "/transactions.v1.TransactionService/IngestEvent",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.IngestEventResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(struct_request_bytes(depth))
+    assert_invalid_argument(caught.value, "payload", f"{MAX_BODY_DEPTH} levels")
+    assert "Error" not in caught.value.details()  # no Python exception text
+    assert api.counts() == before
+
+
+async def test_a_message_that_is_not_protobuf_is_invalid_argument(api: Running) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") as channel:
+        call = channel.unary_unary(
+            "/transactions.v1.TransactionService/GetTransaction",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.GetTransactionResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"\xff\xff\xff")
+    assert_invalid_argument(caught.value, "", "GetTransactionRequest")
+
+
+async def test_echoed_input_is_quoted_and_truncated(api: Running) -> None:
+    hostile = "line one\nline two " + "x" * 5000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.IngestEvent(
+            pb.IngestEventRequest(
+                event_id="e", payload=struct(order_body(has_missing_results=hostile))
+            )
+        )
+    details = caught.value.details()
+    assert_invalid_argument(
+        caught.value, "payload.data.has_missing_results", "'line one\\nline two x"
+    )
+    assert "\n" not in details
+    assert len(details) < 300
+
+
+def assert_invalid_argument(error: grpc.aio.AioRpcError, field: str, words: str) -> None:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in error.details()
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert field in [v.field for v in bad_request.field_violations]
 
 
 async def test_reusing_an_event_id_with_another_body_is_already_exists(api: Running) -> None:
@@ -354,6 +642,8 @@ async def test_message_over_the_grpc_limit_is_resource_exhausted(tmp_path: Path)
     [
         (pb.GetTransactionRequest(), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.GetTransactionRequest(order_id=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GetTransactionRequest(order_id=" \t"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GetTransactionRequest(transaction_id="   "), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.GetTransactionRequest(transaction_id="nope"), grpc.StatusCode.NOT_FOUND),
         (pb.GetTransactionRequest(order_id="nope"), grpc.StatusCode.NOT_FOUND),
     ],
@@ -366,6 +656,24 @@ async def test_get_errors(
     assert caught.value.code() == code
     if code == grpc.StatusCode.NOT_FOUND:
         assert "nope" in caught.value.details()
+    else:
+        lookup = request_.WhichOneof("lookup") or "lookup"
+        assert_invalid_argument(caught.value, lookup, "")
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.WatchTransactionRequest(order_id="  "),
+        pb.WatchTransactionRequest(transaction_id="\n"),
+    ],
+)
+async def test_watching_a_blank_id_is_invalid_argument(
+    api: Running, request_: pb.WatchTransactionRequest
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.WatchTransaction(request_).read()
+    assert_invalid_argument(caught.value, request_.WhichOneof("lookup") or "", "non-space")
 
 
 async def test_list_filters_and_pages_without_missing_anything(api: Running) -> None:
@@ -427,6 +735,18 @@ async def test_list_paging_sees_a_transaction_changed_while_paging(api: Running)
         (pb.ListTransactionsRequest(page_size=501), "page_size"),
         (pb.ListTransactionsRequest(page_token="garbage!"), "page_token"),
         (pb.ListTransactionsRequest(status=42), "status"),
+        (
+            pb.ListTransactionsRequest(updated_since=timestamp_pb2.Timestamp(seconds=-(10**15))),
+            "updated_since",
+        ),
+        (
+            pb.ListTransactionsRequest(updated_since=timestamp_pb2.Timestamp(seconds=10**15)),
+            "updated_since",
+        ),
+        (
+            pb.ListTransactionsRequest(updated_since=timestamp_pb2.Timestamp(nanos=-5)),
+            "updated_since",
+        ),
     ],
 )
 async def test_list_rejects_bad_arguments(
@@ -434,8 +754,7 @@ async def test_list_rejects_bad_arguments(
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.stub.ListTransactions(request_)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in caught.value.details()
+    assert_invalid_argument(caught.value, field, field)
 
 
 async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> None:

@@ -621,6 +621,29 @@ async def test_watch_transactions_rejects_unspecified_kinds(api: Running) -> Non
     assert "kinds[0]" in caught.value.details()
 
 
+async def test_a_feed_of_redraw_kinds_learns_the_redraw_order_after_the_announcement(
+    api: Running,
+) -> None:
+    """The initial order's `redraw_available` webhook comes before anything names the redraw
+    order: REDRAW_AVAILABLE says so with no redraw order yet, CURRENT_ORDER_CHANGED names it."""
+    run = with_fresh_ids(REDRAW)
+    run["deliveries"][2]["body"]["data"]["order_transaction"]["orders"].pop()
+    await ingest_direct(api, run["deliveries"])
+    call = api.stub.WatchTransactions(
+        pb.WatchTransactionsRequest(
+            start_revision=0,
+            kinds=[pb.CHANGE_KIND_REDRAW_AVAILABLE, pb.CHANGE_KIND_CURRENT_ORDER_CHANGED],
+        )
+    )
+    got = changes(await read_until(call, lambda ms: len(changes(ms)) == 2))
+    announced, named = got
+    assert pb.CHANGE_KIND_REDRAW_AVAILABLE in announced.kinds
+    assert announced.transaction.redraw_order_id == ""
+    assert list(named.kinds) == [pb.CHANGE_KIND_ORDER_ADDED, pb.CHANGE_KIND_CURRENT_ORDER_CHANGED]
+    assert named.transaction.redraw_order_id == run["expect"]["redraw_order_id"]
+    assert named.transaction.current_order_id == run["expect"]["redraw_order_id"]
+
+
 async def test_the_readme_python_client_follows_an_order_until_it_is_done(
     api: Running, capsys: pytest.CaptureFixture[str]
 ) -> None:

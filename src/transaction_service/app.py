@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from transaction_service.config import Settings
+from transaction_service.domain.limits import StateLimits
 from transaction_service.ingest import Ingestor
 from transaction_service.store.base import Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
@@ -50,9 +51,17 @@ class App:
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
         )
+        self.limits = StateLimits(
+            max_string_length=settings.max_string_length,
+            max_orders_per_transaction=settings.max_orders_per_transaction,
+            max_view_bytes=settings.max_view_bytes,
+        )
         self.feed = ChangeFeed(self.store, self.hub, shared=self.store.shared)
         self.ingestor = Ingestor(
-            self.store, max_batch=settings.max_batch, on_changes=self.feed.committed
+            self.store,
+            max_batch=settings.max_batch,
+            limits=self.limits,
+            on_changes=self.feed.committed,
         )
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []

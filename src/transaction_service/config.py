@@ -16,6 +16,8 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from transaction_service.domain.limits import DEFAULT_LIMITS
+
 ENV_PREFIX = "TRANSACTION_SERVICE_"
 MiB = 1024 * 1024
 
@@ -80,6 +82,23 @@ class Settings(BaseSettings):
         default=4 * MiB,
         gt=0,
         description="largest gRPC message received or sent; larger: RESOURCE_EXHAUSTED",
+    )
+
+    max_string_length: int = Field(
+        default=DEFAULT_LIMITS.max_string_length,
+        gt=0,
+        description="longest string kept in a transaction's state (ids, statuses, names)",
+    )
+    max_orders_per_transaction: int = Field(
+        default=DEFAULT_LIMITS.max_orders_per_transaction,
+        gt=0,
+        description="most orders in one transaction (and in one order_transaction block)",
+    )
+    max_view_bytes: int = Field(
+        default=DEFAULT_LIMITS.max_view_bytes,
+        gt=0,
+        description="largest state of one transaction, as JSON; keep it well below "
+        "max_message_bytes so every transaction and change fits in a response",
     )
 
     # -- lifecycle ---------------------------------------------------------------------------------

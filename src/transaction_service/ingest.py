@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     FieldViolation,
     PayloadError,
     body_digest,
     canonical_json,
     decode_json_body,
-    normalise_numbers,
+    normalise_body,
     parse_event,
 )
 from transaction_service.errors import ServiceError, Unavailable
@@ -33,7 +34,6 @@ from transaction_service.plan import (
     EventIdConflict,
     IngestResult,
     Outcome,
-    StateLimits,
     batch_keys,
     plan_batch,
 )
@@ -78,11 +78,13 @@ def decode_delivery(
     payload: dict[str, Any] | None = None,
     max_body_bytes: int,
     source: str = "grpc",
+    limits: StateLimits = DEFAULT_LIMITS,
 ) -> Delivery:
     """Check and parse one delivery. Raises PayloadError naming each field at fault.
 
     Field names in violations are those of the request: `event_id`, `payload_json`, or
-    `payload.<path>` / `payload_json.<path>` for a field inside the body.
+    `payload.<path>` / `payload_json.<path>` for a field inside the body. `limits` bounds what the
+    body may add to the state (see StateLimits).
     """
     if len(event_id) > MAX_EVENT_ID_LENGTH:
         raise PayloadError(
@@ -102,19 +104,23 @@ def decode_delivery(
         try:
             body = decode_json_body(payload_json)
             digest = body_digest(body)
-            event = parse_event(body, digest)
+            event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     else:
         assert payload is not None
-        root, body, body_format = "payload", normalise_numbers(payload), "struct"
+        root, body_format = "payload", "struct"
+        try:
+            body = normalise_body(payload)
+        except PayloadError as exc:
+            raise _rooted(exc, root) from None
         # Proto strings are valid UTF-8, so the canonical form always encodes.
         raw = canonical_json(body).encode()
         if len(raw) > max_body_bytes:
             raise _too_large(root, len(raw), max_body_bytes)
         digest = hashlib.sha256(raw).hexdigest()
         try:
-            event = parse_event(body, digest)
+            event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     return Delivery(

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import OrderEvent, ParsedEvent
 from transaction_service.domain.state import (
     ChangeKind,
@@ -89,15 +90,6 @@ class EventIdConflict(AlreadyExists):
             "event ids must identify one delivery"
         )
         self.event_id = event_id
-
-
-@dataclass(frozen=True)
-class StateLimits:
-    """Bounds on one transaction's merged state, so that every transaction and every change always
-    fits in a gRPC message with room to spare, and no transaction makes writes expensive."""
-
-    max_orders_per_transaction: int = 50
-    max_view_bytes: int = 256 * 1024
 
 
 # The kinds a subscriber is told once per transaction.
@@ -376,7 +368,7 @@ def plan_batch(
     Deliveries are applied in order, each seeing the ones before it. A refused delivery leaves
     no trace: its checks all run before it touches the working copy.
     """
-    batch = _Batch(state, now, limits or StateLimits())
+    batch = _Batch(state, now, limits or DEFAULT_LIMITS)
     answers: list[Planned | ServiceError] = []
     for delivery in deliveries:
         try:

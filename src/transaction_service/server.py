@@ -19,14 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from transaction_service.api.reflection import enable_reflection
-from transaction_service.api.servicer import TransactionServicer
+from transaction_service.api.servicer import TransactionServicer, add_to_server
 from transaction_service.app import App, StartupError
 from transaction_service.config import Settings
 from transaction_service.ingest import Ingestor
 from transaction_service.store.base import Store
 from transaction_service.watch import ChangeHub
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +98,7 @@ class TransactionService:
         _check_port_free(settings.grpc_host, settings.grpc_port)
         await self.app.start()
         try:
-            pb_grpc.add_TransactionServiceServicer_to_server(
-                TransactionServicer(self.app), self.server
-            )
+            add_to_server(TransactionServicer(self.app), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             enable_reflection(self.server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
             address = f"{settings.grpc_host}:{settings.grpc_port}"

@@ -46,6 +46,7 @@ class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_KIND_TRANSACTION_REOPENED: _ClassVar[ChangeKind]
     CHANGE_KIND_LEGACY_MERGED: _ClassVar[ChangeKind]
     CHANGE_KIND_DETAILS_CHANGED: _ClassVar[ChangeKind]
+    CHANGE_KIND_CURRENT_ORDER_CHANGED: _ClassVar[ChangeKind]
 INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
 INGEST_OUTCOME_APPLIED: IngestOutcome
 INGEST_OUTCOME_DUPLICATE: IngestOutcome
@@ -70,6 +71,7 @@ CHANGE_KIND_RESULTS_CORRECTED: ChangeKind
 CHANGE_KIND_TRANSACTION_REOPENED: ChangeKind
 CHANGE_KIND_LEGACY_MERGED: ChangeKind
 CHANGE_KIND_DETAILS_CHANGED: ChangeKind
+CHANGE_KIND_CURRENT_ORDER_CHANGED: ChangeKind
 
 class IngestEventRequest(_message.Message):
     __slots__ = ("event_id", "payload", "payload_json")
@@ -136,7 +138,7 @@ class ListTransactionsResponse(_message.Message):
     def __init__(self, transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Transaction(_message.Message):
-    __slots__ = ("id", "status", "orders", "initial_order_id", "redraw_order_id", "current_order_id", "redraw_available", "user_id", "team_id", "created_at", "updated_at", "revision", "provider_status", "legacy")
+    __slots__ = ("id", "status", "orders", "initial_order_id", "redraw_order_id", "current_order_id", "redraw_available", "user_id", "team_id", "created_at", "updated_at", "revision", "provider_status", "legacy", "client_user_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ORDERS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,7 @@ class Transaction(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_STATUS_FIELD_NUMBER: _ClassVar[int]
     LEGACY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_USER_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: TransactionStatus
     orders: _containers.RepeatedCompositeFieldContainer[Order]
@@ -165,7 +168,8 @@ class Transaction(_message.Message):
     revision: int
     provider_status: str
     legacy: bool
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[TransactionStatus, str]] = ..., orders: _Optional[_Iterable[_Union[Order, _Mapping]]] = ..., initial_order_id: _Optional[str] = ..., redraw_order_id: _Optional[str] = ..., current_order_id: _Optional[str] = ..., redraw_available: _Optional[bool] = ..., user_id: _Optional[str] = ..., team_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., provider_status: _Optional[str] = ..., legacy: _Optional[bool] = ...) -> None: ...
+    client_user_id: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[TransactionStatus, str]] = ..., orders: _Optional[_Iterable[_Union[Order, _Mapping]]] = ..., initial_order_id: _Optional[str] = ..., redraw_order_id: _Optional[str] = ..., current_order_id: _Optional[str] = ..., redraw_available: _Optional[bool] = ..., user_id: _Optional[str] = ..., team_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., provider_status: _Optional[str] = ..., legacy: _Optional[bool] = ..., client_user_id: _Optional[str] = ...) -> None: ...
 
 class Order(_message.Message):
     __slots__ = ("id", "origin", "low_level_status", "high_level_status", "collection_method", "status_reached_at", "created_at", "updated_at", "sample_id", "lab", "lab_test_name", "has_missing_results", "interpretation", "parent_order_id", "seen_own_event")

@@ -72,7 +72,17 @@ class TransactionServiceServicer:
         again is harmless (outcome DUPLICATE). Errors:
         INVALID_ARGUMENT  the body is not a JSON object, has no event_type, is an order event without
         data.id or with a field of the wrong type, or is larger than the configured
-        limit; details carry a google.rpc.BadRequest naming each field at fault.
+        limit; it nests objects and arrays deeper than 32 levels, holds NaN,
+        Infinity or a number no double holds, or a timestamp outside
+        [1900-01-01T00:00:00Z, 9999-01-01T00:00:00Z); an id (data.id,
+        data.order_transaction.id, order_transaction.orders[].id) has no
+        non-space character; a string the state keeps (ids, statuses, event_type,
+        sample id, lab, lab test name, interpretation, user, team and client user
+        ids) is longer than 1,024 characters (max_string_length), or the
+        transaction block lists more than 50 orders (max_orders_per_transaction);
+        or the request is not a protobuf message this service can decode. Details
+        carry a google.rpc.BadRequest naming each field at fault (and the limit,
+        if one was exceeded). Input echoed in messages is quoted and cut short.
         Nothing is stored.
         ALREADY_EXISTS    the event id was ingested before with a different body. Nothing is stored.
         UNAVAILABLE       the server is shutting down; retry on another replica or later.
@@ -83,7 +93,8 @@ class TransactionServiceServicer:
 
     def GetTransaction(self, request, context):
         """GetTransaction returns the current state of one transaction, found by its own id or by the id of
-        any of its orders. NOT_FOUND if no webhook has mentioned it yet.
+        any of its orders. NOT_FOUND if no webhook has mentioned it yet; INVALID_ARGUMENT if no lookup
+        is set or its id has no non-space character.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +103,9 @@ class TransactionServiceServicer:
     def ListTransactions(self, request, context):
         """ListTransactions pages through transactions, oldest change first (ordered by revision). A
         transaction that changes while you page moves to the end of the list, so a full pass never
-        misses one (it may show it twice).
+        misses one (it may show it twice). INVALID_ARGUMENT, naming the field, for an unknown status,
+        a page_size out of range, a page_token not issued for these filters, or an updated_since that
+        is not a valid Timestamp (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +131,8 @@ class TransactionServiceServicer:
         `last_sent_revision`. Re-read with GetTransaction, then watch from its revision.
         UNAVAILABLE   the server is shutting down. ErrorInfo reason SHUTTING_DOWN carries
         `last_sent_revision`; resume from it, on this server or another.
-        INVALID_ARGUMENT  no lookup, an empty id, or a negative start_revision.
+        INVALID_ARGUMENT  no lookup, an id with no non-space character, or a negative
+        start_revision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

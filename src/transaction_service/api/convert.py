@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from transaction_service.domain.state import (
@@ -42,7 +44,51 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def from_timestamp(value: Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
+    """ValueError, with a message for the caller, when `value` is not a valid Timestamp."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise ValueError(
+            "must be a valid Timestamp: from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z, "
+            "nanos from 0 to 999999999"
+        ) from None
+
+
+def struct_to_dict(struct: Struct) -> dict[str, Any]:
+    """A Struct as plain Python values; never raises.
+
+    Unlike json_format.MessageToDict, NaN and Infinity stay floats and any depth converts (without
+    recursion), so the use case can refuse them with a violation naming the field.
+    """
+    root: dict[str, Any] = {}
+    pending: list[tuple[Struct | ListValue, dict[str, Any] | list[Any]]] = [(struct, root)]
+    while pending:
+        source, target = pending.pop()
+        if isinstance(target, dict):
+            assert isinstance(source, Struct)
+            for key, value in source.fields.items():
+                target[key] = _plain(value, pending)
+        else:
+            assert isinstance(source, ListValue)
+            target.extend(_plain(value, pending) for value in source.values)
+    return root
+
+
+def _plain(
+    value: Value, pending: list[tuple[Struct | ListValue, dict[str, Any] | list[Any]]]
+) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        obj: dict[str, Any] = {}
+        pending.append((value.struct_value, obj))
+        return obj
+    if kind == "list_value":
+        items: list[Any] = []
+        pending.append((value.list_value, items))
+        return items
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
 
 
 def status_from_pb(value: int) -> TransactionStatus | None:
@@ -90,6 +136,7 @@ def transaction_to_pb(view: TransactionView, revision: int) -> pb.Transaction:
         revision=revision,
         provider_status=view.provider_status,
         legacy=view.legacy,
+        client_user_id=view.client_user_id,
     )
 
 

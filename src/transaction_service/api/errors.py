@@ -16,13 +16,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf import any_pb2, struct_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from transaction_service.domain.limits import MAX_BODY_DEPTH
 from transaction_service.errors import (
     AlreadyExists,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -86,13 +88,66 @@ async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoR
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class UndecodableRequest:
+    """Stands in for a request message protobuf could not decode.
+
+    gRPC would answer a deserializer's exception with UNKNOWN and the parser's text; handed this
+    instead, `@grpc_errors` answers INVALID_ARGUMENT naming the field.
+    """
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def tolerant_deserializer(
+    message_type: type[Message],
+) -> Callable[[bytes], Message | UndecodableRequest]:
+    """`message_type.FromString`, but a message that does not decode becomes UndecodableRequest.
+
+    Protobuf decodes at most 100 nested messages; a Struct body takes three per level of JSON, so
+    one nested much deeper than MAX_BODY_DEPTH fails here rather than in the use case's own check.
+    """
+    descriptor = message_type.DESCRIPTOR
+    # The field whose content can nest without bound is the one to blame for a decoding failure.
+    nesting = next(
+        (
+            f.name
+            for f in descriptor.fields
+            if f.message_type is not None
+            and f.message_type.full_name == struct_pb2.Struct.DESCRIPTOR.full_name
+        ),
+        "",
+    )
+    if nesting:
+        description = (
+            f"could not be decoded: nested deeper than protobuf decodes (a body may nest objects "
+            f"and arrays at most {MAX_BODY_DEPTH} levels), or not a valid {descriptor.name} message"
+        )
+    else:
+        description = f"could not be decoded: not a valid {descriptor.name} message"
+    refusal = UndecodableRequest(InvalidArgument([FieldViolation(nesting, description)]))
+
+    def deserialize(raw: bytes) -> Message | UndecodableRequest:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return refusal
+
+    return deserialize
+
+
 def grpc_errors(method: F) -> F:
-    """Map the errors a servicer method raises to statuses; works for unary and streaming."""
+    """Map the errors a servicer method raises to statuses; works for unary and streaming.
+
+    A request that did not decode (see `tolerant_deserializer`) is refused before the method runs.
+    """
     name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, UndecodableRequest):
+                await abort(context, request.error)
             try:
                 async for response in method(self, request, context):
                     yield response
@@ -107,6 +162,8 @@ def grpc_errors(method: F) -> F:
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
+        if isinstance(request, UndecodableRequest):
+            await abort(context, request.error)
         try:
             return await method(self, request, context)
         except ServiceError as exc:

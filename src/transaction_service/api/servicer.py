@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import grpc
-from google.protobuf import json_format
 
 from transaction_service.api.convert import (
     change_to_pb,
@@ -20,8 +19,9 @@ from transaction_service.api.convert import (
     kind_from_pb,
     snapshot_to_pb,
     status_from_pb,
+    struct_to_dict,
 )
-from transaction_service.api.errors import grpc_errors
+from transaction_service.api.errors import grpc_errors, tolerant_deserializer
 from transaction_service.app import App
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
@@ -52,6 +52,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._store = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
+        self._limits = app.limits
         # Keyed by revision and kinds: a watcher of a folded stand-in sees a change with fewer
         # kinds than everyone else.
         self._change_pbs: collections.OrderedDict[
@@ -66,8 +67,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         delivery = decode_delivery(
             request.event_id,
             payload_json=request.payload_json if body == "payload_json" else None,
-            payload=json_format.MessageToDict(request.payload) if body == "payload" else None,
+            payload=struct_to_dict(request.payload) if body == "payload" else None,
             max_body_bytes=self._max_body_bytes,
+            limits=self._limits,
         )
         result = await self._ingestor.ingest(delivery)
         return pb.IngestEventResponse(
@@ -82,11 +84,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTransactionResponse:
         lookup = request.WhichOneof("lookup")
-        if lookup is None:
-            raise InvalidArgument([FieldViolation("lookup", "set transaction_id or order_id")])
+        violations = _lookup_violations(request)
+        if violations:
+            raise InvalidArgument(violations)
+        assert lookup is not None
         key = getattr(request, lookup)
-        if not key:
-            raise InvalidArgument([FieldViolation(lookup, "must not be empty")])
         if lookup == "transaction_id":
             snapshot, head = await self._store.get(key)
         else:
@@ -107,13 +109,17 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             violations.append(FieldViolation("status", f"unknown status {request.status}"))
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             violations.append(FieldViolation("page_size", f"must be 0 to {MAX_PAGE_SIZE}"))
+        updated_since = None
+        if request.HasField("updated_since"):
+            try:
+                updated_since = from_timestamp(request.updated_since)
+            except ValueError as exc:
+                violations.append(FieldViolation("updated_since", str(exc)))
         where = ListFilter(
             status=status,
             team_id=request.team_id,
             user_id=request.user_id,
-            updated_since=(
-                from_timestamp(request.updated_since) if request.HasField("updated_since") else None
-            ),
+            updated_since=updated_since,
         )
         after = 0
         if request.page_token:
@@ -139,11 +145,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchTransactionResponse]:
         lookup = request.WhichOneof("lookup")
-        violations = _start_revision_violations(request)
-        if lookup is None:
-            violations.append(FieldViolation("lookup", "set transaction_id or order_id"))
-        elif not getattr(request, lookup):
-            violations.append(FieldViolation(lookup, "must not be empty"))
+        violations = _start_revision_violations(request) + _lookup_violations(request)
         if violations:
             raise InvalidArgument(violations)
         assert lookup is not None
@@ -211,6 +213,17 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         return message
 
 
+def _lookup_violations(
+    request: pb.GetTransactionRequest | pb.WatchTransactionRequest,
+) -> list[FieldViolation]:
+    lookup = request.WhichOneof("lookup")
+    if lookup is None:
+        return [FieldViolation("lookup", "set transaction_id or order_id")]
+    if not getattr(request, lookup).strip():
+        return [FieldViolation(lookup, "must contain a non-space character")]
+    return []
+
+
 def _start_revision_violations(
     request: pb.WatchTransactionRequest | pb.WatchTransactionsRequest,
 ) -> list[FieldViolation]:
@@ -240,3 +253,28 @@ def _decode_page_token(token: str, where: ListFilter) -> int:
     if fingerprint != _filter_fingerprint(where):
         raise ValueError("the token was issued for other filters; repeat the same filters")
     return after
+
+
+def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer, like the generated `add_TransactionServiceServicer_to_server`, but
+    with deserializers that turn an undecodable request into INVALID_ARGUMENT (see
+    `api.errors.tolerant_deserializer`) instead of gRPC's UNKNOWN with the parser's text."""
+    service = pb.DESCRIPTOR.services_by_name["TransactionService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

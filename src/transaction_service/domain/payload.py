@@ -5,21 +5,43 @@ fields may be missing, timestamps come as `...Z` or `...+00:00`), strict where a
 corrupt state (an order id that is not a string, an event id that is not an integer).
 Every problem is reported as a `FieldViolation` naming the field, so callers can answer with a
 `google.rpc.BadRequest`.
+
+Bounded: a body may nest at most `MAX_BODY_DEPTH` levels, every string the state keeps is at most
+`StateLimits.max_string_length` characters, a transaction block lists at most
+`StateLimits.max_orders_per_transaction` orders, and timestamps lie in [EARLIEST_TIME, LATEST_TIME).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import PydanticCustomError
 
-from transaction_service.errors import FieldViolation, InvalidArgument
+from transaction_service.domain.limits import DEFAULT_LIMITS, MAX_BODY_DEPTH, StateLimits
+from transaction_service.errors import FieldViolation, InvalidArgument, echo
 
 ORDER_EVENT_TYPES = frozenset({"labtest.order.created", "labtest.order.updated"})
+
+# The supported range of timestamps (UTC; the upper end excluded). Every accepted time converts
+# to UTC and to a protobuf Timestamp without overflow, and none can equal the "never" sentinel
+# (the first instant of year 1) that the state sorts missing times by.
+EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class PayloadError(InvalidArgument):
@@ -27,11 +49,58 @@ class PayloadError(InvalidArgument):
 
 
 def _as_utc(value: datetime) -> datetime:
-    # The provider sends offsets; a naive time is taken as UTC rather than as local time.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        # The provider sends offsets; a naive time is taken as UTC rather than as local time.
+        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # an offset that moves the time off the calendar (year 0 or 10000)
+        utc = None
+    if utc is None or not EARLIEST_TIME <= utc < LATEST_TIME:
+        raise PydanticCustomError(
+            "timestamp_out_of_range",
+            "must be from 1900-01-01T00:00:00Z up to, not including, 9999-01-01T00:00:00Z",
+        )
+    return utc
+
+
+def _limits(info: ValidationInfo) -> StateLimits:
+    context = info.context
+    return context["limits"] if context else DEFAULT_LIMITS
+
+
+def _bounded(value: str, info: ValidationInfo) -> str:
+    limit = _limits(info).max_string_length
+    if len(value) > limit:
+        raise PydanticCustomError(
+            "string_over_limit",
+            "is {length} characters long; the limit is max_string_length={limit}",
+            {"length": len(value), "limit": limit},
+        )
+    return value
+
+
+def _id(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank_id", "must contain a non-space character")
+    return _bounded(value, info)
+
+
+def _order_count(value: Any, info: ValidationInfo) -> Any:
+    # Before validation: a block listing 50,000 orders is refused without validating each one.
+    limit = _limits(info).max_orders_per_transaction
+    if isinstance(value, list) and len(value) > limit:
+        raise PydanticCustomError(
+            "too_many_orders",
+            "lists {count} orders; the limit is max_orders_per_transaction={limit}",
+            {"count": len(value), "limit": limit},
+        )
+    return value
 
 
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
+# A string the state keeps: at most `max_string_length` characters.
+Text = Annotated[str, AfterValidator(_bounded)]
+# An id: kept, and with at least one non-space character.
+Id = Annotated[str, AfterValidator(_id)]
 
 
 class _Lenient(BaseModel):
@@ -45,20 +114,20 @@ class StatusEvent(_Lenient):
     id: int
     created_at: Timestamp
     # "HIGH.METHOD.LOW", e.g. "collecting_sample.walk_in_test.redraw_available".
-    status: str
+    status: Text
 
 
 class TransactionOrderEntry(_Lenient):
     """An entry of `order_transaction.orders`: another order's summary, as of the payload's time."""
 
-    id: str = Field(min_length=1)
-    low_level_status: str | None = None
+    id: Id
+    low_level_status: Text | None = None
     low_level_status_created_at: Timestamp | None = None
     # The transaction endpoint names the status fields `last_status` / `last_status_created_at`.
-    last_status: str | None = None
+    last_status: Text | None = None
     last_status_created_at: Timestamp | None = None
-    origin: str | None = None
-    parent_id: str | None = None
+    origin: Text | None = None
+    parent_id: Text | None = None
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
 
@@ -74,50 +143,54 @@ class TransactionOrderEntry(_Lenient):
 class TransactionBlock(_Lenient):
     """`data.order_transaction`: the transaction as Junction saw it when it built the payload."""
 
-    id: str = Field(min_length=1)
-    status: str | None = None
-    orders: list[TransactionOrderEntry] = Field(default_factory=list)
+    id: Id
+    status: Text | None = None
+    orders: Annotated[list[TransactionOrderEntry], BeforeValidator(_order_count)] = Field(
+        default_factory=list
+    )
 
 
 class Lab(_Lenient):
-    slug: str | None = None
+    slug: Text | None = None
 
 
 class LabTest(_Lenient):
-    name: str | None = None
-    method: str | None = None
+    name: Text | None = None
+    method: Text | None = None
     lab: Lab | None = None
 
 
 class OrderDetails(_Lenient):
-    type: str | None = None
+    type: Text | None = None
 
 
 class OrderData(_Lenient):
     """`data` of a `labtest.order.*` webhook: the whole order at one moment."""
 
-    id: str = Field(min_length=1)
-    user_id: str | None = None
-    team_id: str | None = None
-    origin: str | None = None
-    # Deprecated high-level status.
+    id: Id
+    user_id: Text | None = None
+    team_id: Text | None = None
+    origin: Text | None = None
+    # Deprecated high-level status (not kept: the events say more).
     status: str | None = None
     events: list[StatusEvent] | None = None
     last_event: StatusEvent | None = None
     details: OrderDetails | None = None
     lab_test: LabTest | None = None
-    sample_id: str | None = None
+    sample_id: Text | None = None
     has_missing_results: bool | None = None
-    interpretation: str | None = None
+    interpretation: Text | None = None
     created_at: Timestamp | None = None
     updated_at: Timestamp | None = None
     order_transaction: TransactionBlock | None = None
 
 
 class Envelope(_Lenient):
-    event_type: str = Field(min_length=1)
-    user_id: str | None = None
-    team_id: str | None = None
+    event_type: Text = Field(min_length=1)
+    user_id: Text | None = None
+    team_id: Text | None = None
+    # The customer's own id for the user (not always a UUID); only the envelope carries it.
+    client_user_id: Text | None = None
     data: Any = None
 
 
@@ -134,6 +207,7 @@ class OrderEvent:
     # Envelope user and team, used when `data` lacks its own.
     user_id: str | None
     team_id: str | None
+    client_user_id: str | None
     # Digest of the body's canonical JSON: a content-derived, order-independent tie-breaker.
     digest: str
 
@@ -153,24 +227,97 @@ def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no spaces.
 
     Numbers must already be normalised (integral floats as ints): `decode_json_body` does it while
-    decoding, `normalise_numbers` does it for a body that came as a protobuf Struct.
+    decoding, `normalise_body` does it for a body that came as a protobuf Struct.
     """
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def normalise_numbers(value: Any) -> Any:
-    """Integral floats become ints, recursively.
+def normalise_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Check and normalise a body decoded elsewhere (from a protobuf Struct); raise PayloadError.
 
-    A protobuf Struct carries every number as a double, so 9001 and 9001.0 must come out alike for
-    the two request forms to give the same digest.
+    It must nest at most MAX_BODY_DEPTH levels and hold only finite numbers (JSON has no NaN or
+    Infinity). Integral floats become ints: a Struct carries every number as a double, so 9001 and
+    9001.0 must come out alike for the two request forms to give the same digest.
     """
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if _deeper_than(body, MAX_BODY_DEPTH):
+        raise PayloadError([_too_deep()])
+    try:
+        return _normalised(body)  # type: ignore[no-any-return]
+    except _NotFinite:
+        path, value = _first_non_finite(body)
+        name = "NaN" if math.isnan(value) else "Infinity"
+        raise PayloadError([FieldViolation(path, f"{name} is not a JSON number")]) from None
+
+
+class _NotFinite(Exception):
+    pass
+
+
+def _normalised(value: Any) -> Any:
+    # Recursive, but only over a body already known to nest at most MAX_BODY_DEPTH levels.
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        if math.isfinite(value):
+            return value
+        raise _NotFinite
     if isinstance(value, dict):
-        return {k: normalise_numbers(v) for k, v in value.items()}
+        return {k: _normalised(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [normalise_numbers(v) for v in value]
+        return [_normalised(v) for v in value]
     return value
+
+
+def _first_non_finite(body: dict[str, Any]) -> tuple[str, float]:
+    # Only on the error path: find where the bad number is, to name the field.
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return path, node
+        if isinstance(node, dict):
+            stack.extend((_key_path(path, k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+    raise AssertionError("no non-finite number in the body")
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _key_path(path: str, key: str) -> str:
+    # Keys come from the caller: anything but a short plain name is quoted and truncated.
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{echo(key, 40)}]"
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (the body itself is level 1).
+
+    Level by level, without recursion: the bodies this refuses would overflow a recursive walk.
+    """
+    level: list[Any] = [body]
+    depth = 1
+    while True:
+        children = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not children:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = children
+
+
+def _too_deep() -> FieldViolation:
+    return FieldViolation(
+        "", f"nested deeper than {MAX_BODY_DEPTH} levels of objects and arrays (the limit)"
+    )
 
 
 def body_digest(body: dict[str, Any]) -> str:
@@ -192,13 +339,18 @@ def _parse_float(text: str) -> float | int:
     # Integral floats become ints while decoding, so a decoded body is already canonical as far as
     # numbers go and canonical_json need not walk it.
     value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON syntax, but no finite double
+        raise ValueError(f"number {echo(text, 40)} is out of range")
     return int(value) if value.is_integer() else value
 
 
 def decode_json_body(text: str) -> dict[str, Any]:
-    """Decode a raw body; it must be a JSON object (strict JSON: no NaN or Infinity)."""
+    """Decode a raw body; it must be a JSON object (strict JSON: no NaN or Infinity), nested at
+    most MAX_BODY_DEPTH levels."""
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+    except RecursionError:
+        raise PayloadError([_too_deep()]) from None
     except ValueError as exc:
         raise PayloadError([FieldViolation("", f"body is not valid JSON: {exc}")]) from None
     if not isinstance(value, dict):
@@ -206,6 +358,8 @@ def decode_json_body(text: str) -> dict[str, Any]:
         raise PayloadError(
             [FieldViolation("", f"body must be a JSON object, got {_json_kind(kind)}")]
         )
+    if _deeper_than(value, MAX_BODY_DEPTH):
+        raise PayloadError([_too_deep()])
     return value
 
 
@@ -215,14 +369,20 @@ def _json_kind(python_kind: str) -> str:
     )
 
 
-def parse_event(body: dict[str, Any], digest: str | None = None) -> ParsedEvent:
-    """Turn a decoded body into a typed event, or raise PayloadError naming every bad field."""
+def parse_event(
+    body: dict[str, Any], digest: str | None = None, *, limits: StateLimits = DEFAULT_LIMITS
+) -> ParsedEvent:
+    """Turn a decoded body into a typed event, or raise PayloadError naming every bad field.
+
+    `limits` bounds the strings and the transaction block's order list (see StateLimits).
+    """
     digest = digest or body_digest(body)
+    context = {"limits": limits}
     try:
-        envelope = Envelope.model_validate(body)
+        envelope = Envelope.model_validate(body, context=context)
         if envelope.event_type not in ORDER_EVENT_TYPES:
             return OtherEvent(event_type=envelope.event_type, digest=digest)
-        parsed = OrderEnvelope.model_validate(body)
+        parsed = OrderEnvelope.model_validate(body, context=context)
     except ValidationError as exc:
         raise PayloadError(_violations(exc)) from None
     return OrderEvent(
@@ -230,6 +390,7 @@ def parse_event(body: dict[str, Any], digest: str | None = None) -> ParsedEvent:
         order=parsed.data,
         user_id=parsed.user_id,
         team_id=parsed.team_id,
+        client_user_id=parsed.client_user_id,
         digest=digest,
     )
 
@@ -248,5 +409,13 @@ def _violations(exc: ValidationError) -> list[FieldViolation]:
 
 
 def _describe_input(value: Any) -> str:
+    # Input is echoed only quoted and truncated, so a message cannot reflect a large or hostile
+    # value (or forge a log line).
+    if isinstance(value, str):
+        return echo(value)
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."

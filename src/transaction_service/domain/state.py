@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import TypeAdapter
 
-from transaction_service.domain.payload import OrderData, OrderEvent, TransactionBlock
+from transaction_service.domain.payload import OrderEvent, TransactionBlock
 
 # Sorts before every real time, so a missing time never wins.
 NEVER = datetime.min.replace(tzinfo=UTC)
@@ -76,6 +76,21 @@ class OrderSnapshot:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClientUserObservation:
+    """The envelope's `client_user_id`, from the newest webhook of the order that carried one.
+
+    Kept apart from OrderSnapshot: a newer webhook sent without its envelope must not erase it.
+    """
+
+    updated_at: datetime = NEVER
+    digest: str
+    client_user_id: str
+
+    def key(self) -> tuple[datetime, str, str]:
+        return (self.updated_at, self.digest, self.client_user_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockEntry:
     """An order's summary inside a transaction block, from the newest block that listed it."""
 
@@ -99,11 +114,18 @@ class OrderKnowledge:
     own_status: StatusObservation | None = None
     snapshot: OrderSnapshot | None = None
     entry: BlockEntry | None = None
+    client_user: ClientUserObservation | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BlockStatus:
-    """The transaction status from the newest transaction block seen."""
+    """The transaction status from the newest transaction block seen.
+
+    `as_of` is the newest time the block states itself (its entries' `updated_at` and status
+    times), never the carrying order's `updated_at`: a webhook can carry a block that lags behind
+    the order it comes with. A block that states no time is dated NEVER, so it decides only while
+    no dated block is known; between blocks of the same date the more final status wins.
+    """
 
     as_of: datetime
     status: str
@@ -128,7 +150,9 @@ class Knowledge:
     block: BlockStatus | None = None
 
 
-_Observed = TypeVar("_Observed", StatusObservation, OrderSnapshot, BlockEntry, BlockStatus)
+_Observed = TypeVar(
+    "_Observed", StatusObservation, OrderSnapshot, BlockEntry, BlockStatus, ClientUserObservation
+)
 
 
 def _newest(a: _Observed | None, b: _Observed | None) -> _Observed | None:
@@ -146,6 +170,7 @@ def join_order(a: OrderKnowledge, b: OrderKnowledge) -> OrderKnowledge:
         own_status=_newest(a.own_status, b.own_status),
         snapshot=_newest(a.snapshot, b.snapshot),
         entry=_newest(a.entry, b.entry),
+        client_user=_newest(a.client_user, b.client_user),
     )
 
 
@@ -181,7 +206,7 @@ def knowledge_from_event(event: OrderEvent) -> Knowledge:
     )
     block = order.order_transaction
     if block is not None:
-        knowledge = join(knowledge, _block_knowledge(block, order, event.digest))
+        knowledge = join(knowledge, _block_knowledge(block, event.digest))
     return knowledge
 
 
@@ -211,7 +236,18 @@ def _own_order_knowledge(event: OrderEvent) -> OrderKnowledge:
         has_missing_results=order.has_missing_results,
         interpretation=order.interpretation or "",
     )
-    return OrderKnowledge(id=order.id, status=own, own_status=own, snapshot=snapshot)
+    client_user = (
+        ClientUserObservation(
+            updated_at=snapshot.updated_at,
+            digest=event.digest,
+            client_user_id=event.client_user_id,
+        )
+        if event.client_user_id
+        else None
+    )
+    return OrderKnowledge(
+        id=order.id, status=own, own_status=own, snapshot=snapshot, client_user=client_user
+    )
 
 
 def _observation_from_status(status: str, at: datetime, event_id: int) -> StatusObservation:
@@ -224,13 +260,13 @@ def _observation_from_status(status: str, at: datetime, event_id: int) -> Status
     return StatusObservation(reached_at=at, event_id=event_id, low=low, high=high, method=method)
 
 
-def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> Knowledge:
+def _block_knowledge(block: TransactionBlock, digest: str) -> Knowledge:
     orders: dict[str, OrderKnowledge] = {}
-    times = [order.updated_at or NEVER]
+    # The block is dated by its own times only (see BlockStatus).
+    as_of = NEVER
     for item in block.orders:
         low = item.status
         status_at = item.status_created_at or NEVER
-        times += [item.updated_at or NEVER, status_at]
         entry = BlockEntry(
             updated_at=item.updated_at or NEVER,
             status_at=status_at,
@@ -239,12 +275,11 @@ def _block_knowledge(block: TransactionBlock, order: OrderData, digest: str) -> 
             parent_id=item.parent_id or "",
             created_at=item.created_at,
         )
+        as_of = max(as_of, entry.updated_at, status_at)
         observation = StatusObservation(reached_at=status_at, low=low) if low else None
         known = OrderKnowledge(id=item.id, status=observation, entry=entry)
         orders[item.id] = join_order(orders[item.id], known) if item.id in orders else known
-    newest = (
-        BlockStatus(as_of=max(times), status=block.status, digest=digest) if block.status else None
-    )
+    newest = BlockStatus(as_of=as_of, status=block.status, digest=digest) if block.status else None
     return Knowledge(id=block.id, orders=orders, block=newest)
 
 
@@ -298,14 +333,17 @@ class TransactionView:
     redraw_available: bool = False
     user_id: str = ""
     team_id: str = ""
+    client_user_id: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
 
 REDRAW_AVAILABLE = "redraw_available"
-# Low-level statuses after which a legacy order's stand-in transaction counts as done.
-_LEGACY_COMPLETED = frozenset({"completed", "corrected"})
-_LEGACY_CANCELLED = frozenset({"cancelled"})
+CANCELLED = "cancelled"
+# Low-level statuses of an order whose lab work is done.
+_COMPLETED_STATUSES = frozenset({"completed", "corrected"})
+# High-level status of an order that ended without its lab work done.
+FAILED = "failed"
 
 
 def _origin(value: str) -> OrderOrigin:
@@ -358,28 +396,45 @@ def view(knowledge: Knowledge) -> TransactionView:
         ids = [o.id for o in orders if o.origin == origin]
         return ids[-1] if ids else ""
 
-    initial = next((o.id for o in orders if o.origin == OrderOrigin.INITIAL), "")
+    # Payloads may omit `origin` (older ones always do). With no order marked initial, the order
+    # that opened the transaction is the oldest one of unknown origin not derived from another.
+    unknown = [o for o in orders if o.origin == OrderOrigin.UNSPECIFIED]
+    initial = next((o.id for o in orders if o.origin == OrderOrigin.INITIAL), "") or next(
+        (o.id for o in unknown if not o.parent_order_id), ""
+    )
     if not initial and knowledge.legacy:
         initial = knowledge.id
     redraw = newest_of(OrderOrigin.REDRAW)
-    current = redraw or newest_of(OrderOrigin.RECREATION) or initial
+    # An order of unknown origin derived from another is a redraw or a recreation: either way, the
+    # one to follow rather than the order it replaces.
+    derived = [o.id for o in unknown if o.parent_order_id and o.id != initial]
+    current = redraw or newest_of(OrderOrigin.RECREATION) or (derived[-1] if derived else initial)
     if not current and orders:
         current = orders[-1].id
 
-    if knowledge.block is not None:
-        provider_status = knowledge.block.status
+    block = knowledge.block
+    provider_status = block.status if block is not None else ""
+    # A legacy stand-in has no transaction status from the provider: its own rule decides.
+    ended = None if knowledge.legacy else _ended_by_orders(orders, initial, redraw)
+    if block is not None and (ended is None or block.as_of > ended[1]):
         try:
-            status = TransactionStatus(provider_status)
+            status = TransactionStatus(block.status)
         except ValueError:
             # A status added by the provider later: the transaction is not known to be over.
             status = TransactionStatus.ACTIVE
+    elif ended is not None:
+        status = ended[0]
     else:
-        provider_status = ""
         status = _legacy_status(orders)
 
     owner = max(
         (o.snapshot for o in knowledge.orders.values() if o.snapshot is not None),
         key=OrderSnapshot.key,
+        default=None,
+    )
+    client = max(
+        (o.client_user for o in knowledge.orders.values() if o.client_user is not None),
+        key=ClientUserObservation.key,
         default=None,
     )
     created = [o.created_at for o in orders if o.created_at is not None]
@@ -399,18 +454,74 @@ def view(knowledge: Knowledge) -> TransactionView:
         or any(o.low_level_status == REDRAW_AVAILABLE for o in orders),
         user_id=owner.user_id if owner else "",
         team_id=owner.team_id if owner else "",
+        client_user_id=client.client_user_id if client else "",
         created_at=min(created, default=None),
         updated_at=max(updated, default=None),
     )
 
 
+def _ended_by_orders(
+    orders: list[OrderView], initial: str, redraw: str
+) -> tuple[TransactionStatus, datetime] | None:
+    """The status the provider's documented rules give from order facts alone, and since when.
+
+    The redraw order completed, or the initial order completed with no redraw: COMPLETED. The
+    initial order cancelled with no redraw, or both cancelled: CANCELLED. Only for a transaction
+    whose known orders are its initial order and at most a redraw order; with any other order
+    (a recreation, an order of unknown origin) the rules say nothing. A transaction block must be
+    newer than the fact to overrule it, so a block that lags behind the order does not hold the
+    transaction open, while a block written later (an order reinstated by support) still wins.
+    """
+    by_id = {o.id: o for o in orders}
+    if not by_id.keys() <= {initial, redraw}:
+        return None
+    first, second = by_id.get(initial), by_id.get(redraw)
+    if second is not None:
+        if _completed(second):
+            return TransactionStatus.COMPLETED, _reached(second)
+        if first is not None and _cancelled(first) and _cancelled(second):
+            return TransactionStatus.CANCELLED, max(_reached(first), _reached(second))
+        return None
+    if first is not None and _completed(first):
+        return TransactionStatus.COMPLETED, _reached(first)
+    if first is not None and _cancelled(first):
+        return TransactionStatus.CANCELLED, _reached(first)
+    return None
+
+
+def _completed(order: OrderView) -> bool:
+    # `corrected` follows `completed`: the order's lab work was done.
+    return order.low_level_status in _COMPLETED_STATUSES
+
+
+def _cancelled(order: OrderView) -> bool:
+    return order.low_level_status == CANCELLED or order.high_level_status == CANCELLED
+
+
+def _reached(order: OrderView) -> datetime:
+    return order.status_reached_at or NEVER
+
+
 def _legacy_status(orders: list[OrderView]) -> TransactionStatus:
-    statuses = {o.low_level_status for o in orders}
-    if statuses and statuses <= _LEGACY_CANCELLED:
+    """The status of a transaction Junction gave no status for (a legacy stand-in, or blocks that
+    never carried one): CANCELLED once every order ended without its lab work, COMPLETED once
+    every order ended, else ACTIVE."""
+    ends = [_legacy_end(o) for o in orders]
+    if ends and all(end == TransactionStatus.CANCELLED for end in ends):
         return TransactionStatus.CANCELLED
-    if statuses and statuses <= _LEGACY_COMPLETED | _LEGACY_CANCELLED:
+    if ends and all(end is not None for end in ends):
         return TransactionStatus.COMPLETED
     return TransactionStatus.ACTIVE
+
+
+def _legacy_end(order: OrderView) -> TransactionStatus | None:
+    if _completed(order):
+        return TransactionStatus.COMPLETED
+    # A failed order (lost, sample error, ...) ended without its lab work done, like a cancelled
+    # one: no results are coming, so it is not COMPLETED.
+    if _cancelled(order) or order.high_level_status == FAILED:
+        return TransactionStatus.CANCELLED
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,6 +542,8 @@ class ChangeKind(enum.StrEnum):
     LEGACY_MERGED = "legacy_merged"
     # Anything else a caller can see changed (a sample id, a timestamp, an origin).
     DETAILS_CHANGED = "details_changed"
+    # `current_order_id` changed on a known transaction: subscribers must follow another order.
+    CURRENT_ORDER_CHANGED = "current_order_changed"
 
 
 CORRECTED = "corrected"
@@ -461,6 +574,10 @@ def change_kinds(before: TransactionView | None, after: TransactionView) -> list
         kinds.append(ChangeKind.RESULTS_CORRECTED)
     if after.redraw_available and not (before and before.redraw_available):
         kinds.append(ChangeKind.REDRAW_AVAILABLE)
+    # A new transaction carries its current order; only a later switch is news. This is how a
+    # subscriber told REDRAW_AVAILABLE before the redraw order was known learns which order it is.
+    if before is not None and before.current_order_id != after.current_order_id:
+        kinds.append(ChangeKind.CURRENT_ORDER_CHANGED)
     old_status = before.status if before else TransactionStatus.ACTIVE
     if after.status != old_status:
         kinds.append(

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from transaction_service.domain.payload import body_digest, canonical_json, normalise_numbers
+from transaction_service.domain.payload import body_digest, canonical_json, normalise_body
 from transaction_service.domain.state import OrderOrigin
 from transaction_service.junction.answers import OrderAnswer, TransactionAnswer
 from transaction_service.junction.endpoints import GET_ORDER, GET_ORDER_TRANSACTION
@@ -62,7 +62,7 @@ class ApiEvent:
 
 def api_event_id(body: dict[str, Any]) -> str:
     """The id of a synthesized body: a digest of its canonical JSON (numbers normalised)."""
-    return EVENT_ID_PREFIX + body_digest(normalise_numbers(body))
+    return EVENT_ID_PREFIX + body_digest(normalise_body(body))
 
 
 def order_event(answer: OrderAnswer) -> ApiEvent:
@@ -114,6 +114,6 @@ def _body(data: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
     # Numbers normalised as the webhook decoder does, so the id is the digest ingest computes.
     return {
         "event_type": API_EVENT_TYPE,
-        "data": normalise_numbers(data),
+        "data": normalise_body(data),
         SOURCE_FIELD: {"source": "api", "endpoint": endpoint},
     }
