@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from transaction_service.config import Settings
-from transaction_service.ingest import Ingestor
-from transaction_service.store.base import Store
+from transaction_service.domain.payload import OrderEvent
+from transaction_service.errors import AlreadyExists, Unavailable
+from transaction_service.ingest import Delivery, Ingestor, IngestResult
+from transaction_service.metrics import Metrics
+from transaction_service.store.base import ChangeRecord, Store
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.watch import ChangeHub
 
 log = logging.getLogger(__name__)
+# One line per ingested event, whichever transport it came by.
+event_log = logging.getLogger("transaction_service.events")
 
 
 class StartupError(Exception):
@@ -35,14 +41,20 @@ class App:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else open_store(settings)
+        self.metrics = Metrics()
         self.hub = ChangeHub(
             self.store,
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
+            metrics=self.metrics,
         )
         self.ingestor = Ingestor(
-            self.store, max_batch=settings.max_batch, on_changes=self.hub.publish
+            self.store,
+            max_batch=settings.max_batch,
+            on_changes=self._changes_committed,
+            metrics=self.metrics,
         )
+        self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []
         self.started = False
@@ -50,9 +62,43 @@ class App:
 
     async def start(self) -> None:
         await self.store.open()
+        self.metrics.revision_committed(await self.store.head_revision())
         self.ingestor.start()
         self._background(self._trim_changes, "change-log-trimmer")
         self.started = True
+
+    async def ingest(self, delivery: Delivery, *, source: str) -> IngestResult:
+        """Ingest a decoded delivery (`source`: "grpc" or "webhook"); answered after the commit.
+
+        What both transports call: the ingestor's use case, counted and logged once here.
+        """
+        started = time.perf_counter()
+        try:
+            result = await self.ingestor.ingest(delivery)
+        except AlreadyExists:
+            self.metrics.ingest_refused(source, "conflict")
+            raise
+        except Unavailable:
+            self.metrics.ingest_refused(source, "unavailable")
+            raise
+        seconds = time.perf_counter() - started
+        self.metrics.ingested(source, result.outcome.value, seconds)
+        event = delivery.event
+        fields = {
+            "event_id": result.event_id,
+            "order_id": event.order.id if isinstance(event, OrderEvent) else None,
+            "transaction_id": result.transaction.view.id if result.transaction else None,
+            "outcome": result.outcome.value,
+            "revision": result.revision,
+            "source": source,
+            "ms": round(seconds * 1000, 2),
+        }
+        event_log.info("ingested", extra={"fields": fields})
+        return result
+
+    def _changes_committed(self, changes: Sequence[ChangeRecord]) -> None:
+        self.hub.publish(changes)
+        self.metrics.revision_committed(max(change.revision for change in changes))
 
     def _background(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
         self._loops.append(asyncio.create_task(loop(), name=name))

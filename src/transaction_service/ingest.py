@@ -41,6 +41,7 @@ from transaction_service.domain.state import (
 )
 from transaction_service.domain.state import change_kinds as diff_kinds
 from transaction_service.errors import AlreadyExists, Unavailable, echo
+from transaction_service.metrics import Metrics
 from transaction_service.store.base import (
     ChangeRecord,
     EventRecord,
@@ -311,7 +312,9 @@ class Ingestor:
         max_batch: int = 256,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_changes: ChangeListener | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._max_batch = max_batch
         self._clock = clock
@@ -374,6 +377,7 @@ class Ingestor:
                 if not pending.done.done():
                     pending.done.set_exception(refusal)
             return
+        self._metrics.batch_committed(len(batch))
         changes = []
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, IngestResult) and result.change is not None:

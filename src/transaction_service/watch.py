@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import OutOfRange, Unavailable
+from transaction_service.metrics import Metrics
 from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,14 @@ class Subscription:
     overflows: int = 0
     closed: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    on_overflow: Callable[[], None] = lambda: None
 
     def offer(self, change: ChangeRecord) -> None:
         if len(self.queue) >= self.limit:
             self.queue.clear()
             self.behind = True
             self.overflows += 1
+            self.on_overflow()
         else:
             self.queue.append(change)
         self.wakeup.set()
@@ -144,7 +147,9 @@ class ChangeHub:
         queue_size: int = 1024,
         page_size: int = 500,
         progress_interval: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._queue_size = queue_size
         self._page_size = page_size
@@ -194,7 +199,7 @@ class ChangeHub:
         """
         if self._closed:
             raise WatchClosed(start_revision or 0)
-        sub = Subscription(where, self._queue_size)
+        sub = Subscription(where, self._queue_size, on_overflow=self._metrics.watch_overflowed)
         self._subscriptions.add(sub)
         try:
             if start_revision is None:
@@ -212,6 +217,8 @@ class ChangeHub:
                 if sub.closed:
                     raise WatchClosed(last)
                 if replay_needed or sub.behind:
+                    if sub.behind:
+                        self._metrics.watch_caught_up()
                     sub.behind = False
                     async for change in self._replay(where, last, lenient):
                         yield change

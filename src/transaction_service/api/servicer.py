@@ -47,7 +47,7 @@ _OUTCOME_TO_PB = {
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
     def __init__(self, app: App) -> None:
-        self._ingestor = app.ingestor
+        self._app = app
         self._store = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
@@ -66,7 +66,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             payload=json_format.MessageToDict(request.payload) if body == "payload" else None,
             max_body_bytes=self._max_body_bytes,
         )
-        result = await self._ingestor.ingest(delivery)
+        result = await self._app.ingest(delivery, source="grpc")
         return pb.IngestEventResponse(
             outcome=_OUTCOME_TO_PB[result.outcome],
             transaction=snapshot_to_pb(result.transaction),
