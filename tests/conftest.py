@@ -39,6 +39,8 @@ async def api(tmp_path: Path) -> AsyncIterator[Running]:
     settings = Settings(
         grpc_host="127.0.0.1",
         grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
         db=tmp_path / "api.db",
         max_body_bytes=BODY_LIMIT,
         sqlite_synchronous="NORMAL",

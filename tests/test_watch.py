@@ -79,6 +79,8 @@ async def started_service(tmp_path: Path, **overrides: Any) -> tuple[Transaction
     values: dict[str, Any] = {
         "grpc_host": "127.0.0.1",
         "grpc_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
         "db": tmp_path / "watch.db",
         "sqlite_synchronous": "NORMAL",
         "shutdown_grace_seconds": 5,
