@@ -1,6 +1,5 @@
 """Security of the gRPC API, in process: TLS, mutual TLS and bearer tokens per role, with a CA and
-certificates the tests make (trustme). Also the HTTP side of tokens (/metrics) and a store that
-cannot commit."""
+certificates the tests make (trustme). Also the HTTP side of tokens (/metrics)."""
 
 from __future__ import annotations
 
@@ -19,13 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import SCENARIOS
-from tests.webhook_tools import SECRET, WEBHOOK_PATH, body_of, signed_headers
 from transaction_service.api.auth import READ_METHODS, role_needed
 from transaction_service.app import App, StartupError
 from transaction_service.auth import Role
 from transaction_service.config import Settings
 from transaction_service.server import SERVICE_NAME, TransactionService
-from transaction_service.store.sqlite import SqliteStore
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -304,44 +301,3 @@ async def test_metrics_need_a_token_when_tokens_are_configured(
         for probe in ("/healthz", "/readyz"):
             async with session.get(f"{base}{probe}") as response:
                 assert response.status == 200
-
-
-# -- a store that cannot commit ------------------------------------------------------------------
-
-
-class FlakyStore(SqliteStore):
-    """SQLite, except that commits fail while `failing` is set (a full disk, a lost database)."""
-
-    failing = False
-
-    async def run_batch(self, work: Any) -> Any:
-        if self.failing:
-            raise sqlite3.OperationalError("disk I/O error")
-        return await super().run_batch(work)
-
-
-async def test_webhook_gets_503_when_the_store_cannot_commit(tmp_path: Path, started: Any) -> None:
-    """A commit failure is 503 (Svix retries), stores nothing and says no Python text; the
-    retry after the store recovers is applied."""
-    settings = settings_for(tmp_path, webhook_secrets=[SECRET])
-    store = FlakyStore(settings.db, synchronous="NORMAL")
-    service = await started(settings, App(settings, store=store))
-    body = body_of(DELIVERY)
-    url = f"http://127.0.0.1:{service.http_port}{WEBHOOK_PATH}"
-    async with aiohttp.ClientSession() as session:
-        store.failing = True
-        headers = signed_headers(SECRET, DELIVERY["svix_id"], body)
-        async with session.post(url, data=body, headers=headers) as response:
-            assert response.status == 503
-            error = (await response.json())["error"]
-            assert error["reason"] == "STORE_UNAVAILABLE"
-            assert "disk I/O" not in error["message"]
-        assert stored_events(settings.db) == 0
-
-        store.failing = False
-        headers = signed_headers(SECRET, DELIVERY["svix_id"], body)
-        async with session.post(url, data=body, headers=headers) as response:
-            assert response.status == 200
-            assert (await response.json())["outcome"] == "applied"
-    metrics = service.app.metrics.exposition().decode()
-    assert 'transaction_service_webhooks_refused_total{reason="store_unavailable"} 1.0' in metrics
