@@ -3,8 +3,10 @@ certificates the tests make (trustme). Also the HTTP side of tokens (/metrics)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,3 +303,34 @@ async def test_metrics_need_a_token_when_tokens_are_configured(
         for probe in ("/healthz", "/readyz"):
             async with session.get(f"{base}{probe}") as response:
                 assert response.status == 200
+
+
+async def test_watch_cli_sends_its_token(tmp_path: Path, started: Any) -> None:
+    """`transaction-service watch` without a token is told UNAUTHENTICATED and exits; with
+    `--token` it streams."""
+    service = await started(settings_for(tmp_path, read_tokens=[READ_TOKEN]))
+
+    async def watch(*args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "transaction_service", "watch", "--address", f"127.0.0.1:{service.port}"),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    refused = await watch("--no-reconnect")
+    async with asyncio.timeout(30):
+        _, stderr = await refused.communicate()
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in stderr.decode()
+
+    allowed = await watch("--token", READ_TOKEN)
+    try:
+        assert allowed.stdout is not None
+        async with asyncio.timeout(30):
+            first = json.loads(await allowed.stdout.readline())
+        assert "progress" in first
+    finally:
+        allowed.terminate()
+        await allowed.wait()

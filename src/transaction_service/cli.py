@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the service",
-        description="Run the service: gRPC, on the embedded SQLite store by default.",
+        description="Run the service: gRPC, and HTTP for webhooks, metrics and probes; on the "
+        "embedded SQLite store by default.",
     )
     add_flags(serve)
 
