@@ -472,8 +472,13 @@ def test_http_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
 
 
 def test_unknown_paths_and_methods_get_json(server: Server) -> None:
+    """The router's own refusals are JSON like the rest, and no answer names the HTTP library or
+    the Python version."""
     port = server.http_port
-    assert request(port, "GET", "/nope").status == 404
+    missing = request(port, "GET", "/nope")
+    assert missing.status == 404
+    assert missing.json()["error"]["code"] == "NOT_FOUND"
+    assert missing.headers["Server"] == "transaction-service"
     wrong = request(port, "GET", WEBHOOK_PATH)
     assert wrong.status == 405
     assert wrong.json()["error"]["code"] == "METHOD_NOT_ALLOWED"

@@ -158,7 +158,12 @@ def build_http_app(app: App) -> web.Application:
         }
         log.info("webhook refused", extra={"fields": fields})
 
+    async def anonymous_server_header(request: web.Request, response: web.StreamResponse) -> None:
+        # The port faces the internet: do not advertise library and Python versions.
+        response.headers["Server"] = "transaction-service"
+
     http[REFUSAL_LISTENER] = refused
+    http.on_response_prepare.append(anonymous_server_header)
     return http
 
 
