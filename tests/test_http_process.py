@@ -148,6 +148,7 @@ def test_refused_webhooks_get_their_status_store_nothing_and_are_counted(
             401,
             "bad_signature",
         ),
+        ("timestamp not a number", body, good | {"svix-timestamp": "nan"}, 401, "bad_timestamp"),
         ("no svix-id", body, without("svix-id"), 401, "missing_signature"),
         ("no svix-timestamp", body, without("svix-timestamp"), 401, "missing_signature"),
         ("no svix-signature", body, without("svix-signature"), 401, "missing_signature"),
