@@ -1,6 +1,8 @@
-# transaction-service: gRPC on 50051, state in the /data volume.
+# transaction-service: gRPC on 50051, HTTP (Junction webhooks, /metrics, /healthz, /readyz) on
+# 8080, state in the /data volume.
 #   docker build -t transaction-service .
-#   docker run -p 50051:50051 -v txdata:/data transaction-service
+#   docker run -p 50051:50051 -p 8080:8080 -v txdata:/data \
+#     -e TRANSACTION_SERVICE_WEBHOOK_SECRETS=whsec_... transaction-service
 # On SIGTERM the service drains in-flight calls for TRANSACTION_SERVICE_SHUTDOWN_GRACE_SECONDS,
 # set to 8 s here so it finishes inside `docker stop`'s default 10 s before SIGKILL.
 
@@ -39,10 +41,12 @@ USER app
 WORKDIR /data
 # Declared after the chown, so a new named volume starts out owned by the app user.
 VOLUME /data
-EXPOSE 50051
+EXPOSE 50051 8080
 
-# No grpc_health_probe in the image: ask the standard health service with the grpc already installed.
+# Asks the gRPC health service on localhost:$TRANSACTION_SERVICE_GRPC_PORT (default 50051). With
+# TLS on, override it to pass the CA (and a client certificate under mTLS):
+#   --health-cmd 'transaction-service health --ca /certs/ca.pem'
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('TRANSACTION_SERVICE_GRPC_PORT', '50051'); r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD ["transaction-service", "health", "--timeout", "3"]
 
 CMD ["transaction-service", "serve"]

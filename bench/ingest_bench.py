@@ -529,6 +529,8 @@ async def run(args: argparse.Namespace, folder: Path) -> int:
     settings = Settings(
         grpc_host="127.0.0.1",
         grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
         db=folder / "grpc.db",
         sqlite_synchronous=args.synchronous,
         log_level="WARNING",

@@ -690,6 +690,8 @@ async def run(args: argparse.Namespace, folder: Path) -> int:
     settings = Settings(
         grpc_host="127.0.0.1",
         grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
         db=folder / "watch.db",
         sqlite_synchronous="NORMAL",
         log_level="WARNING",

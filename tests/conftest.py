@@ -63,6 +63,8 @@ async def api(tmp_path: Path, store_kind: str) -> AsyncIterator[Running]:
         settings = Settings(
             grpc_host="127.0.0.1",
             grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
             db=db,
             max_body_bytes=BODY_LIMIT,
             sqlite_synchronous="NORMAL",

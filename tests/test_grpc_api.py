@@ -618,7 +618,12 @@ async def test_reusing_an_event_id_with_another_body_is_already_exists(api: Runn
 
 async def test_message_over_the_grpc_limit_is_resource_exhausted(tmp_path: Path) -> None:
     settings = Settings(
-        grpc_host="127.0.0.1", grpc_port=0, db=tmp_path / "x.db", max_message_bytes=100_000
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        db=tmp_path / "x.db",
+        max_message_bytes=100_000,
     )
     service = TransactionService(settings)
     port = await service.start()
@@ -774,7 +779,12 @@ async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> Non
 
 async def test_stopping_answers_in_flight_ingests_and_refuses_new_ones(tmp_path: Path) -> None:
     settings = Settings(
-        grpc_host="127.0.0.1", grpc_port=0, db=tmp_path / "x.db", shutdown_grace_seconds=5
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        db=tmp_path / "x.db",
+        shutdown_grace_seconds=5,
     )
     service = TransactionService(settings)
     port = await service.start()

@@ -33,6 +33,8 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICE = "transactions.v1.TransactionService"
 LISTENING = re.compile(r"transaction-service listening on \[::\]:(\d+)")
+# Logged before LISTENING: once that is there, so is this.
+HTTP_LISTENING = re.compile(r"http listening on \S+:(\d+)")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 CALL_TIMEOUT = 60.0
@@ -48,6 +50,7 @@ class Server:
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
         self.port = 0
+        self.http_port = 0
         self.log: list[str] = []
         self._eof = False
         self._changed = threading.Condition()
@@ -133,9 +136,10 @@ class Server:
 
 
 def server_env(**settings: str) -> dict[str, str]:
-    """This environment without any TRANSACTION_SERVICE_* setting, plus `settings`."""
+    """This environment without any TRANSACTION_SERVICE_* setting, plus an HTTP listener on any
+    free port (so that servers never compete for 8080), plus `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSACTION_SERVICE_")}
-    return env | settings
+    return env | {"TRANSACTION_SERVICE_HTTP_PORT": "0"} | settings
 
 
 @contextmanager
@@ -155,6 +159,7 @@ def running_server(
     server = Server(process)
     try:
         server.port = int(server.wait_for_log(LISTENING).group(1))
+        server.http_port = int(server.wait_for_log(HTTP_LISTENING).group(1))
         yield server
     finally:
         server.stop()

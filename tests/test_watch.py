@@ -80,6 +80,8 @@ async def started_service(tmp_path: Path, **overrides: Any) -> tuple[Transaction
     values: dict[str, Any] = {
         "grpc_host": "127.0.0.1",
         "grpc_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
         "db": tmp_path / "watch.db",
         "sqlite_synchronous": "NORMAL",
         "shutdown_grace_seconds": 5,
@@ -361,6 +363,10 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
         (subscription,) = hub.subscriptions()
         assert subscription.behind
         assert subscription.overflows > 0
+        metric = service.app.metrics.registry.get_sample_value
+        assert metric("transaction_service_watch_overflows_total") == subscription.overflows
+        assert metric("transaction_service_watch_catch_ups_total") == 0
+        assert metric("transaction_service_watch_streams") == 1
         expected = [c.revision for c in (await service.store.changes_after(0, 10**6)).changes]
         got: list[int] = []
         while len(got) < len(expected):
@@ -368,8 +374,11 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
             if isinstance(event, ChangeRecord):
                 got.append(event.revision)
         assert got == expected
+        # The overflows and the catch-up from the log are counted for /metrics.
+        assert metric("transaction_service_watch_catch_ups_total") >= 1
         await slow.aclose()
         assert hub.subscriber_count == 0
+        assert metric("transaction_service_watch_streams") == 0
     finally:
         await service.stop()
 

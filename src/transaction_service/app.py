@@ -8,18 +8,25 @@ piece of it on their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from transaction_service.config import Settings
 from transaction_service.domain.limits import StateLimits
-from transaction_service.ingest import Ingestor
-from transaction_service.store.base import Store, StoreOpenError
+from transaction_service.domain.payload import OrderEvent
+from transaction_service.errors import AlreadyExists, Unavailable
+from transaction_service.ingest import Delivery, Ingestor, IngestResult
+from transaction_service.metrics import Metrics
+from transaction_service.store.base import ChangeRecord, Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.watch import ChangeFeed, ChangeHub
 
 log = logging.getLogger(__name__)
+# One line per ingested event, whichever transport it came by.
+event_log = logging.getLogger("transaction_service.events")
 
 STORE_PROBE_SECONDS = 2.0
 
@@ -46,10 +53,12 @@ class App:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.store = store if store is not None else open_store(settings)
+        self.metrics = Metrics()
         self.hub = ChangeHub(
             self.store,
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
+            metrics=self.metrics,
         )
         self.limits = StateLimits(
             max_string_length=settings.max_string_length,
@@ -61,8 +70,10 @@ class App:
             self.store,
             max_batch=settings.max_batch,
             limits=self.limits,
-            on_changes=self.feed.committed,
+            on_changes=self._changes_committed,
+            metrics=self.metrics,
         )
+        self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []
         self.started = False
@@ -74,11 +85,47 @@ class App:
         except StoreOpenError as exc:
             raise StartupError(str(exc)) from None
         await self.feed.start()
+        self.metrics.revision_committed(self.feed.published)
         self.ingestor.start()
         self._background(self.feed.run, "change-feed")
         self._background(self._trim_changes, "change-log-trimmer")
         self._background(self._probe_store, "store-probe")
         self.started = True
+
+    async def ingest(self, delivery: Delivery, *, source: str) -> IngestResult:
+        """Ingest a decoded delivery (`source`: "grpc" or "webhook"); answered after the commit.
+
+        What both transports call: the ingestor's use case, counted and logged once here.
+        """
+        if delivery.source != source:
+            delivery = dataclasses.replace(delivery, source=source)
+        started = time.perf_counter()
+        try:
+            result = await self.ingestor.ingest(delivery)
+        except AlreadyExists:
+            self.metrics.ingest_refused(source, "conflict")
+            raise
+        except Unavailable:
+            self.metrics.ingest_refused(source, "unavailable")
+            raise
+        seconds = time.perf_counter() - started
+        self.metrics.ingested(source, result.outcome.value, seconds)
+        event = delivery.event
+        fields = {
+            "event_id": result.event_id,
+            "order_id": event.order.id if isinstance(event, OrderEvent) else None,
+            "transaction_id": result.transaction.view.id if result.transaction else None,
+            "outcome": result.outcome.value,
+            "revision": result.revision,
+            "source": source,
+            "ms": round(seconds * 1000, 2),
+        }
+        event_log.info("ingested", extra={"fields": fields})
+        return result
+
+    def _changes_committed(self, changes: Sequence[ChangeRecord]) -> None:
+        self.feed.committed(changes)
+        self.metrics.revision_committed(max(change.revision for change in changes))
 
     def _background(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
         self._loops.append(asyncio.create_task(loop(), name=name))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from transaction_service.app import StartupError
+from transaction_service.client import add_connection_flags
 from transaction_service.config import (
     Settings,
     add_flags,
@@ -20,6 +21,7 @@ from transaction_service.config import (
     from_flags,
     unknown_environment,
 )
+from transaction_service.logs import formatter
 
 log = logging.getLogger("transaction_service")
 
@@ -33,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the service",
-        description="Run the service: gRPC, on the embedded SQLite store by default.",
+        description="Run the service: gRPC, and HTTP for webhooks, metrics and probes; on the "
+        "embedded SQLite store by default.",
     )
     add_flags(serve)
 
@@ -44,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transaction (--transaction-id or --order-id), or of all of them. Reconnects by itself "
         "and resumes from the last revision it printed, so nothing is missed or repeated.",
     )
-    watch.add_argument(
-        "--address", default="localhost:50051", help="server address (default localhost:50051)"
-    )
+    add_connection_flags(watch, token=True)
     target = watch.add_mutually_exclusive_group()
     target.add_argument("--transaction-id", help="watch this transaction only")
     target.add_argument("--order-id", help="watch the transaction of this order only")
@@ -66,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--no-reconnect", action="store_true", help="exit when the stream ends instead of resuming"
     )
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if a server's gRPC health check says SERVING",
+        description="Ask a running server's gRPC health service (for container probes). Exits "
+        "0 on SERVING; otherwise prints one line saying why and exits 1.",
+    )
+    add_connection_flags(health, token=False)
+    health.add_argument(
+        "--service",
+        default="",
+        help="service to ask about (default: the whole server; e.g. "
+        "transactions.v1.TransactionService)",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
     return parser
 
 
@@ -75,13 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.watch_client import run_watch
 
         return run_watch(args)
+    if args.command == "health":
+        from transaction_service.health_client import run_health
+
+        return run_health(args)
     try:
         settings = from_flags(args)
     except ValidationError as exc:
         for line in describe_errors(exc):
             _startup_error(f"bad setting {line}")
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     for name in unknown_environment():
         known = [env_name(field) for field in Settings.model_fields]
         hint = difflib.get_close_matches(name, known, n=1)
@@ -104,12 +126,11 @@ def _startup_error(message: str) -> None:
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Every log record to stderr, as text lines or JSON lines (`logs.py`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ these declarations (`add_flags`, `settings_table`), so they cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -41,6 +44,14 @@ def _flag(name: str, **extra: Any) -> dict[str, Any]:
     return {"flag": name, **extra}
 
 
+# `json_schema_extra` marking a setting whose values are secrets: errors never show them.
+_SECRET = {"secret": True}
+PathText = Annotated[str, BeforeValidator(_path_text)]
+# RFC 6750's b64token: what can follow "Bearer " in an authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
 class Settings(BaseSettings):
     """Every setting of `transaction-service serve`. The description of each field is its help."""
 
@@ -52,6 +63,48 @@ class Settings(BaseSettings):
     )
     grpc_port: int = Field(
         default=50051, ge=0, le=65535, description="gRPC port (0: any free port, logged)"
+    )
+    http_host: str = Field(
+        default="[::]",
+        description="address the HTTP listener (webhooks, metrics, probes) listens on",
+    )
+    http_port: int = Field(
+        default=8080, ge=0, le=65535, description="HTTP port (0: any free port, logged)"
+    )
+
+    # -- security ----------------------------------------------------------------------------------
+    webhook_secrets: StrList = Field(
+        default_factory=list,
+        repr=False,
+        description="Svix signing secret of the Junction webhook endpoint (whsec_...); several "
+        "during a rotation. Without one, POST /webhooks/junction is off",
+        json_schema_extra=_flag("--webhook-secret", **_SECRET),
+    )
+    webhook_allow_unsigned: bool = Field(
+        default=False,
+        description="accept webhooks without a signature when no secret is set: local "
+        "development only",
+    )
+    tls_cert: PathText = Field(
+        default="", description="PEM certificate (chain) for gRPC over TLS; off: plaintext"
+    )
+    tls_key: PathText = Field(default="", description="PEM private key of --tls-cert")
+    tls_client_ca: PathText = Field(
+        default="",
+        description="PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)",
+    )
+    ingest_tokens: StrList = Field(
+        default_factory=list,
+        repr=False,
+        description="bearer token that may ingest and read over gRPC; once any token is set, "
+        "every TransactionService call needs one",
+        json_schema_extra=_flag("--ingest-token", **_SECRET),
+    )
+    read_tokens: StrList = Field(
+        default_factory=list,
+        repr=False,
+        description="bearer token that may only read (get, list, watch; and GET /metrics)",
+        json_schema_extra=_flag("--read-token", **_SECRET),
     )
 
     # -- storage -----------------------------------------------------------------------------------
@@ -76,7 +129,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1 * MiB,
         gt=0,
-        description="largest webhook body; larger ones are refused with INVALID_ARGUMENT",
+        description="largest webhook body; larger: INVALID_ARGUMENT over gRPC, 413 over HTTP",
     )
     max_message_bytes: int = Field(
         default=4 * MiB,
@@ -105,8 +158,17 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="time given to calls in flight on SIGTERM"
     )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="on SIGTERM, time spent reporting not ready (health, /readyz) before the "
+        "listeners close, so balancers stop routing first; a second signal cuts it short",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text lines, or one JSON object per line"
     )
 
     # -- watch -------------------------------------------------------------------------------------
@@ -133,6 +195,59 @@ class Settings(BaseSettings):
             values["log_level"] = values["log_level"].upper()
         super().__init__(**values)
 
+    # Messages of these validators never include the value: they are secrets.
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _webhook_secrets_form(cls, secrets: list[str]) -> list[str]:
+        for number, secret in enumerate(secrets, start=1):
+            if not webhook_secret_key(secret):
+                raise ValueError(
+                    f"secret #{number} is not of the form {WEBHOOK_SECRET_PREFIX}<base64>: "
+                    "copy the endpoint's signing secret whole"
+                )
+        return secrets
+
+    @field_validator("ingest_tokens", "read_tokens")
+    @classmethod
+    def _tokens_form(cls, tokens: list[str]) -> list[str]:
+        for number, token in enumerate(tokens, start=1):
+            if not _BEARER_TOKEN.fullmatch(token):
+                raise ValueError(
+                    f"token #{number} has characters a bearer token cannot have "
+                    "(letters, digits and -._~+/ then optional =)"
+                )
+        return tokens
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.webhook_allow_unsigned and self.webhook_secrets:
+            raise ValueError(
+                "--webhook-allow-unsigned and --webhook-secret exclude each other: with a "
+                "secret every webhook must be signed"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
+        return self
+
+    @property
+    def tokens_required(self) -> bool:
+        return bool(self.ingest_tokens or self.read_tokens)
+
+
+def webhook_secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret; empty if the secret is not of that form."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return b""
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    try:
+        # Strictly (unlike a lenient decoder, which skips stray characters): a secret with a
+        # typo must fail here, at start, rather than fail every signature later.
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        return b""
+
 
 # ----------------------------------------------------------------------------------------------
 # Flags, help and the settings table, made from the declarations above.
@@ -147,6 +262,12 @@ def flag_name(field: str) -> str:
     info = Settings.model_fields[field]
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     return str(extra.get("flag") or "--" + field.replace("_", "-"))
+
+
+def _is_secret(field: str) -> bool:
+    info = Settings.model_fields.get(field)
+    extra = info.json_schema_extra if info and isinstance(info.json_schema_extra, dict) else {}
+    return bool(extra.get("secret"))
 
 
 def _is_list(info: FieldInfo) -> bool:
@@ -222,11 +343,14 @@ def describe_errors(exc: ValidationError) -> Iterator[str]:
             where = f"{flag_name(field)} / {env_name(field)}"
         else:
             where = env_name(field) if field else "settings"
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "not a setting"
         got = error.get("input")
-        shown = "" if error["type"] == "extra_forbidden" or got is None else f" (got {got!r})"
+        # The value is shown only for a named, non-secret setting (a whole-settings error's
+        # input is every setting, secrets included).
+        hidden = error["type"] == "extra_forbidden" or not field or _is_secret(field)
+        shown = "" if hidden or got is None else f" (got {got!r})"
         yield f"{where}: {message}{shown}"
 
 

@@ -56,6 +56,24 @@ class AlreadyExists(ServiceError):
     """The request conflicts with something stored before (an event id reused for another body)."""
 
 
+class Unauthenticated(ServiceError):
+    """The caller did not prove who it is (no or an unknown token, no valid signature).
+
+    `reason` (e.g. `BAD_SIGNATURE`) says which check failed, never with the secret involved."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known but its role may not do this (a read token calling IngestEvent)."""
+
+
+class TooLarge(ServiceError):
+    """The request is larger than the service accepts; nothing of it was stored."""
+
+
 class NotFound(ServiceError):
     """What the request names is not known."""
 

@@ -29,6 +29,7 @@ from transaction_service.domain.payload import (
     parse_event,
 )
 from transaction_service.errors import ServiceError, Unavailable
+from transaction_service.metrics import Metrics
 from transaction_service.plan import (
     Delivery,
     EventIdConflict,
@@ -175,7 +176,9 @@ class Ingestor:
         limits: StateLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_changes: ChangeListener | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._max_batch = max_batch
         self._limits = limits or StateLimits()
@@ -244,6 +247,7 @@ class Ingestor:
                 if not pending.done.done():
                     pending.done.set_exception(refusal)
             return
+        self._metrics.batch_committed(len(batch))
         for pending, answer in zip(batch, answers, strict=True):
             if pending.done.done():
                 continue

@@ -1,9 +1,12 @@
-"""The running process: the `App` and its listeners, started and stopped together.
+"""The running process: the `App` and its two listeners, gRPC and HTTP, started and stopped
+together in one event loop.
 
-Start: open the app (store, ingest, watch, background tasks), then bind and serve gRPC. Stop
-(SIGTERM/SIGINT): health and readiness flip to NOT_SERVING so balancers drain, watch streams end
-with the revision to resume from, calls in flight get `shutdown_grace_seconds`, queued deliveries
-are committed, and the store is closed last.
+Start: check the settings that need files or ports (TLS files, both ports), open the app (store,
+ingest, watch, background tasks), then serve gRPC and HTTP. Stop (SIGTERM/SIGINT): gRPC health and
+HTTP readiness flip to not serving and new webhooks are refused with 503, so balancers and Svix go
+elsewhere; watch streams end with the revision to resume from; after `shutdown_delay_seconds` both
+listeners drain (calls and requests in flight get `shutdown_grace_seconds`); then queued deliveries
+are committed and the store is closed last.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from transaction_service.api.auth import BearerTokenInterceptor
 from transaction_service.api.reflection import enable_reflection
 from transaction_service.api.servicer import TransactionServicer, add_to_server
+from transaction_service.api.tls import server_credentials, transport_mode
 from transaction_service.app import App, StartupError
+from transaction_service.auth import BearerTokens
 from transaction_service.config import Settings
+from transaction_service.http import HttpListener, webhook_mode
 from transaction_service.ingest import Ingestor
 from transaction_service.store.base import Store
 from transaction_service.watch import ChangeHub
@@ -76,9 +83,18 @@ class TransactionService:
         self.settings = settings
         self.app = app if app is not None else App(settings)
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=grpc_options(settings))
+        tokens = BearerTokens(settings.ingest_tokens, settings.read_tokens)
+        self.server = grpc.aio.server(
+            options=grpc_options(settings),
+            interceptors=[BearerTokenInterceptor(tokens)] if tokens.required else None,
+        )
+        self.http = HttpListener(self.app)
         self.port = 0
         self._health_updates: set[asyncio.Task[None]] = set()
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
 
     # Shortcuts used by tests and tools.
     @property
@@ -94,22 +110,36 @@ class TransactionService:
         return self.app.ingestor
 
     async def start(self) -> int:
+        """Open the app and serve both listeners; the gRPC port. Raises StartupError (nothing
+        is left open then)."""
         settings = self.settings
         _check_port_free(settings.grpc_host, settings.grpc_port)
-        await self.app.start()
+        credentials = server_credentials(settings)
+        self.http.bind()
+        try:
+            await self.app.start()
+        except BaseException:
+            await self.http.stop()
+            raise
         try:
             add_to_server(TransactionServicer(self.app), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
             enable_reflection(self.server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
             address = f"{settings.grpc_host}:{settings.grpc_port}"
             try:
-                self.port = self.server.add_insecure_port(address)
+                if credentials is None:
+                    self.port = self.server.add_insecure_port(address)
+                else:
+                    self.port = self.server.add_secure_port(address, credentials)
             except RuntimeError:
                 raise StartupError(f"cannot listen on {address}") from None
             await self.server.start()
+            await self.http.start()
             await self._set_health(self.app.store.health.healthy)
             self.app.store.health.subscribe(self._store_health_changed)
         except BaseException:
+            await self.server.stop(0)
+            await self.http.stop()
             await self.app.stop()
             raise
         return self.port
@@ -129,28 +159,75 @@ class TransactionService:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self) -> None:
-        # Health first, so load balancers stop sending new calls while in-flight ones finish.
+    async def begin_shutdown(self) -> None:
+        """Stop taking new work while still listening: gRPC health says NOT_SERVING, /readyz
+        503, new webhooks 503, and watch streams end with the revision to resume from."""
         await self.health.enter_graceful_shutdown()
-        # Watch streams never end by themselves: end them now, each with the revision to resume
-        # from, rather than have them cut off when the grace period runs out.
         self.app.begin_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_seconds)
+
+    async def stop(self) -> None:
+        # Health and readiness first, so balancers stop sending new work while in-flight calls
+        # finish. Watch streams never end by themselves: they are ended here too, rather than
+        # cut off when the grace period runs out.
+        await self.begin_shutdown()
+        grace = self.settings.shutdown_grace_seconds
+        await asyncio.gather(self.server.stop(grace), self.http.stop())
+        # Then commit what is queued and close the store.
         await self.app.stop()
+
+
+def log_security(settings: Settings) -> None:
+    """State at start how each door is guarded; loudly where it is open."""
+    tokens = (len(settings.ingest_tokens), len(settings.read_tokens))
+    if any(tokens):
+        guard = f"bearer tokens required ({tokens[0]} ingest, {tokens[1]} read)"
+    else:
+        guard = "no tokens configured: every caller may ingest and read"
+    log.info("grpc: %s; %s", transport_mode(settings), guard)
+    mode = webhook_mode(settings)
+    if mode == "signed":
+        log.info(
+            "webhooks: POST /webhooks/junction verifies Svix signatures (%d secret%s)",
+            len(settings.webhook_secrets),
+            "" if len(settings.webhook_secrets) == 1 else "s",
+        )
+    elif mode == "unsigned":
+        log.warning(
+            "webhooks: UNSIGNED WEBHOOKS ACCEPTED (--webhook-allow-unsigned): anyone who reaches "
+            "the HTTP port can write transactions. For local development only."
+        )
+    else:
+        log.warning(
+            "webhooks: POST /webhooks/junction is off (answers 503): no webhook secret "
+            "configured; set TRANSACTION_SERVICE_WEBHOOK_SECRETS"
+        )
 
 
 async def serve(settings: Settings) -> None:
     service = TransactionService(settings)
-    stopping = asyncio.Event()
+    signals = asyncio.Queue[signal.Signals]()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     port = await service.start()
+    log_security(settings)
+    # The HTTP line first: once the gRPC line is there, both ports are known.
+    log.info("http listening on %s:%d", settings.http_host, service.http_port)
     log.info(
-        "transaction-service listening on %s:%d (db %s)", settings.grpc_host, port, settings.db
+        "transaction-service listening on %s:%d (%s, db %s)",
+        settings.grpc_host,
+        port,
+        transport_mode(settings),
+        service.store.description,
     )
     with contextlib.suppress(asyncio.CancelledError):
-        await stopping.wait()
+        await signals.get()
+    await service.begin_shutdown()
+    delay = settings.shutdown_delay_seconds
+    if delay > 0:
+        log.info("not ready; closing the listeners in %.1fs (signal again to skip)", delay)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(signals.get(), delay)
     log.info("shutting down (grace %.1fs)", settings.shutdown_grace_seconds)
     await service.stop()
     log.info("stopped")

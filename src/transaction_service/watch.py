@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import OutOfRange, Unavailable
+from transaction_service.metrics import Metrics
 from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,14 @@ class Subscription:
     overflows: int = 0
     closed: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    on_overflow: Callable[[], None] = lambda: None
 
     def offer(self, change: ChangeRecord) -> None:
         if len(self.queue) >= self.limit:
             self.queue.clear()
             self.behind = True
             self.overflows += 1
+            self.on_overflow()
         else:
             self.queue.append(change)
         self.wakeup.set()
@@ -180,7 +183,9 @@ class ChangeHub:
         queue_size: int = 1024,
         page_size: int = 500,
         progress_interval: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
         self._queue_size = queue_size
         self._page_size = page_size
@@ -272,7 +277,7 @@ class ChangeHub:
             head = await self._store.head_revision()
             if start_revision > head:
                 raise RevisionInFuture(start_revision, head)
-        sub = Subscription(where, self._queue_size)
+        sub = Subscription(where, self._queue_size, on_overflow=self._metrics.watch_overflowed)
         self._add(sub)
         try:
             if start_revision is None:
@@ -290,6 +295,8 @@ class ChangeHub:
                 if sub.closed:
                     raise WatchClosed(last)
                 if replay_needed or sub.behind:
+                    if sub.behind:
+                        self._metrics.watch_caught_up()
                     sub.behind = False
                     async for change in self._replay(where, last, lenient):
                         yield change

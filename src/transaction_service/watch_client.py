@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
+from transaction_service.client import ClientSetupError, call_metadata, open_channel
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -37,20 +38,21 @@ def revision_of(response: pb.WatchTransactionResponse | pb.WatchTransactionsResp
 def _open(
     stub: pb_grpc.TransactionServiceStub, args: argparse.Namespace, start: int | None
 ) -> Iterator[pb.WatchTransactionResponse | pb.WatchTransactionsResponse]:
+    metadata = call_metadata(args)
     if args.transaction_id or args.order_id:
         request = pb.WatchTransactionRequest(
             transaction_id=args.transaction_id or None, order_id=args.order_id or None
         )
         if start is not None:
             request.start_revision = start
-        return stub.WatchTransaction(request)
+        return stub.WatchTransaction(request, metadata=metadata)
     feed = pb.WatchTransactionsRequest(
         kinds=[pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind],
         team_id=args.team_id or "",
     )
     if start is not None:
         feed.start_revision = start
-    return stub.WatchTransactions(feed)
+    return stub.WatchTransactions(feed, metadata=metadata)
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -61,30 +63,35 @@ def run_watch(args: argparse.Namespace) -> int:
         print(f"transaction-service watch: {exc}", file=sys.stderr)
         return 2
     try:
-        return _watch_forever(args)
+        channel = open_channel(args)
+    except ClientSetupError as exc:
+        print(f"transaction-service watch: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with channel:
+            return _watch_forever(args, channel)
     except KeyboardInterrupt:
         return 130
 
 
-def _watch_forever(args: argparse.Namespace) -> int:
+def _watch_forever(args: argparse.Namespace, channel: grpc.Channel) -> int:
     start: int | None = args.from_revision
     failures = 0
-    with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.TransactionServiceStub(channel)
-        while True:
-            try:
-                for response in _open(stub, args, start):
-                    failures = 0
-                    start = revision_of(response)
-                    line = json_format.MessageToDict(response, preserving_proto_field_name=True)
-                    print(json.dumps(line), flush=True)
-            except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-                print(f"transaction-service watch: {code.name}: {details}", file=sys.stderr)
-                if args.no_reconnect or code not in _RETRYABLE:
-                    return 1
-                time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
-                failures += 1
-                continue
-            if args.no_reconnect:
-                return 0
+    stub = pb_grpc.TransactionServiceStub(channel)
+    while True:
+        try:
+            for response in _open(stub, args, start):
+                failures = 0
+                start = revision_of(response)
+                line = json_format.MessageToDict(response, preserving_proto_field_name=True)
+                print(json.dumps(line), flush=True)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            print(f"transaction-service watch: {code.name}: {details}", file=sys.stderr)
+            if args.no_reconnect or code not in _RETRYABLE:
+                return 1
+            time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+            failures += 1
+            continue
+        if args.no_reconnect:
+            return 0

@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class TransactionServiceStub:
     """TransactionService ingests Junction webhooks and serves the order transactions they describe.
+
+    Authentication: when the server is configured with bearer tokens, every call of this service
+    (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
+    one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
+    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     def __init__(self, channel):
@@ -64,6 +70,12 @@ class TransactionServiceStub:
 
 class TransactionServiceServicer:
     """TransactionService ingests Junction webhooks and serves the order transactions they describe.
+
+    Authentication: when the server is configured with bearer tokens, every call of this service
+    (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
+    one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
+    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     def IngestEvent(self, request, context):
@@ -187,6 +199,12 @@ def add_TransactionServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TransactionService:
     """TransactionService ingests Junction webhooks and serves the order transactions they describe.
+
+    Authentication: when the server is configured with bearer tokens, every call of this service
+    (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
+    one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
+    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     @staticmethod

@@ -28,7 +28,10 @@ from transaction_service.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ServiceError,
+    TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -58,6 +61,13 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         code, message = code_pb2.ALREADY_EXISTS, exc.message
     elif isinstance(exc, NotFound):
         code, message = code_pb2.NOT_FOUND, exc.message
+    elif isinstance(exc, Unauthenticated):
+        code, message = code_pb2.UNAUTHENTICATED, exc.message
+        detail = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
+    elif isinstance(exc, PermissionDenied):
+        code, message = code_pb2.PERMISSION_DENIED, exc.message
+    elif isinstance(exc, TooLarge):
+        code, message = code_pb2.RESOURCE_EXHAUSTED, exc.message
     elif isinstance(exc, OutOfRange | Unavailable):
         code = code_pb2.OUT_OF_RANGE if isinstance(exc, OutOfRange) else code_pb2.UNAVAILABLE
         message = exc.message

@@ -48,7 +48,7 @@ _OUTCOME_TO_PB = {
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
     def __init__(self, app: App) -> None:
-        self._ingestor = app.ingestor
+        self._app = app
         self._store = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
@@ -71,7 +71,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             max_body_bytes=self._max_body_bytes,
             limits=self._limits,
         )
-        result = await self._ingestor.ingest(delivery)
+        result = await self._app.ingest(delivery, source="grpc")
         return pb.IngestEventResponse(
             outcome=_OUTCOME_TO_PB[result.outcome],
             transaction=snapshot_to_pb(result.transaction),

@@ -1,0 +1,84 @@
+"""The gRPC side of bearer tokens: one server interceptor guards every TransactionService call.
+
+Unary and streaming calls alike: a refused call is answered by a handler of the same shape that
+aborts with UNAUTHENTICATED or PERMISSION_DENIED before the real handler runs. Health and
+reflection are not guarded, so probes and `grpcurl list` / `describe` keep working.
+
+Reads are listed by name; every other method of the service needs an ingest token, so a write
+method added later is closed to read tokens until someone decides otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from transaction_service.api.errors import abort
+from transaction_service.auth import BearerTokens, Role
+from transaction_service.errors import ServiceError
+from transactions.v1 import transactions_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransactionService"].full_name
+READ_METHODS = frozenset(
+    {"GetTransaction", "ListTransactions", "WatchTransaction", "WatchTransactions"}
+)
+
+
+def role_needed(method: str) -> Role | None:
+    """The role a full method name (`/package.Service/Method`) needs; None if unguarded."""
+    service, _, name = method.lstrip("/").partition("/")
+    if service != SERVICE_NAME:
+        return None
+    return Role.READ if name in READ_METHODS else Role.INGEST
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: BearerTokens) -> None:
+        self._tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        needed = role_needed(handler_call_details.method)
+        if handler is None or needed is None:
+            return handler
+        authorization = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else None
+                break
+        try:
+            self._tokens.authorize(authorization, needed)
+        except ServiceError as refusal:
+            return _refusing(handler, refusal)
+        return handler
+
+
+def _refusing(handler: grpc.RpcMethodHandler, refusal: ServiceError) -> grpc.RpcMethodHandler:
+    """A handler shaped like `handler` that answers every call with `refusal`."""
+
+    async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort(context, refusal)
+
+    async def stream_response(
+        request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        await abort(context, refusal)
+        yield  # pragma: no cover (abort raises; the yield makes this a generator)
+
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream_response, **codecs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary_response, **codecs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(stream_response, **codecs)
+    return grpc.unary_unary_rpc_method_handler(unary_response, **codecs)

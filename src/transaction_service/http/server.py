@@ -1,0 +1,229 @@
+"""The HTTP listener: Junction's webhooks, Prometheus metrics and the probes.
+
+It runs on aiohttp in the event loop of the gRPC server, takes the same `App`, and hands webhooks
+to the same use case as `IngestEvent` (`decode_delivery`, then `App.ingest`). Routes:
+
+- `POST /webhooks/junction`: a Svix-signed webhook; 200 with the outcome after the commit.
+- `GET /metrics`: Prometheus text format (needs a token when tokens are configured).
+- `GET /healthz`: the process is alive. `GET /readyz`: started and not shutting down.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from transaction_service.app import App, StartupError
+from transaction_service.auth import BearerTokens, Role
+from transaction_service.config import Settings
+from transaction_service.domain.payload import PayloadError
+from transaction_service.errors import FieldViolation, InvalidArgument, ServiceError, TooLarge
+from transaction_service.errors import Unavailable as ServiceUnavailable
+from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
+from transaction_service.http.webhooks import WebhookVerifier, event_id_header
+from transaction_service.ingest import IngestorStopped, decode_delivery
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/junction"
+WEBHOOK_ROUTE = "webhook"
+# Field names of a bad body: decode_delivery names them after IngestEvent's field.
+_GRPC_BODY_FIELD = "payload_json"
+_HTTP_BODY_FIELD = "body"
+_READ_CHUNK = 64 * 1024
+
+
+class WebhookReceiver:
+    """`POST /webhooks/junction`: check size and signature, then ingest like IngestEvent."""
+
+    def __init__(self, app: App) -> None:
+        settings = app.settings
+        self._app = app
+        self._limit = settings.max_body_bytes
+        self._allow_unsigned = settings.webhook_allow_unsigned
+        self._verifier = (
+            WebhookVerifier(settings.webhook_secrets) if settings.webhook_secrets else None
+        )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self._app.stopping:
+            raise IngestorStopped
+        if self._verifier is None and not self._allow_unsigned:
+            # 503, not 404: the URL is right and Svix keeps retrying, so nothing is lost while
+            # an operator adds the secret.
+            raise ServiceUnavailable(
+                "the webhook endpoint is off: no webhook secret is configured on this server",
+                reason="WEBHOOKS_DISABLED",
+            )
+        if request.content_length is not None and request.content_length > self._limit:
+            raise _too_large(self._limit)
+        signed = self._verifier.check_headers(request.headers) if self._verifier else None
+        body = await _read_body(request, self._limit)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                [FieldViolation(_HTTP_BODY_FIELD, "not UTF-8 text; a webhook body is JSON")]
+            ) from None
+        if self._verifier is not None and signed is not None:
+            self._verifier.verify(signed, text)
+            event_id = signed.id
+        else:
+            event_id = event_id_header(request.headers)
+        try:
+            delivery = decode_delivery(event_id, payload_json=text, max_body_bytes=self._limit)
+        except PayloadError as exc:
+            raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
+        result = await self._app.ingest(delivery, source="webhook")
+        return web.json_response(
+            {
+                "outcome": result.outcome.value,
+                "event_id": result.event_id,
+                "revision": result.revision,
+                "transaction_id": result.transaction.view.id if result.transaction else None,
+            }
+        )
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the body is larger than {limit} bytes, the limit of this server")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused as soon as it passes `limit` (a chunked body has no length)."""
+    chunks, size = [], 0
+    while chunk := await request.content.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _http_field(violation: FieldViolation) -> FieldViolation:
+    """`payload_json.data.id` -> `body.data.id`: the field as an HTTP caller knows it."""
+    field = violation.field
+    if field == _GRPC_BODY_FIELD or field.startswith(_GRPC_BODY_FIELD + "."):
+        field = _HTTP_BODY_FIELD + field.removeprefix(_GRPC_BODY_FIELD)
+    return FieldViolation(field, violation.description)
+
+
+class Operations:
+    """`/metrics`, `/healthz` and `/readyz`."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+        self._tokens = BearerTokens(app.settings.ingest_tokens, app.settings.read_tokens)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # The HTTP port faces the internet for webhooks: with tokens configured, metrics (volumes,
+        # refusals) are a read like any other and need a read or ingest token.
+        self._tokens.authorize(request.headers.get("Authorization"), Role.READ)
+        response = web.Response(body=self._app.metrics.exposition())
+        response.headers["Content-Type"] = self._app.metrics.content_type
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self._app.ready:
+            return web.json_response({"status": "ready"})
+        why = "shutting down" if self._app.stopping else "starting"
+        return web.json_response({"status": "not ready", "reason": why}, status=503)
+
+
+def build_http_app(app: App) -> web.Application:
+    """The aiohttp application for `app`: routes, error mapping, refusal accounting."""
+    http = web.Application(middlewares=[json_errors], client_max_size=app.settings.max_body_bytes)
+    receiver = WebhookReceiver(app)
+    operations = Operations(app)
+    http.router.add_post(WEBHOOK_PATH, receiver.handle, name=WEBHOOK_ROUTE)
+    http.router.add_get("/metrics", operations.metrics)
+    http.router.add_get("/healthz", operations.healthz)
+    http.router.add_get("/readyz", operations.readyz)
+
+    def refused(request: web.Request, refusal: ServiceError) -> None:
+        if request.match_info.route.name != WEBHOOK_ROUTE:
+            return
+        reason = reason_of(refusal)
+        app.metrics.webhook_refused(reason)
+        fields: dict[str, Any] = {
+            "status": status_for(refusal)[0],
+            "reason": reason,
+            "event_id": event_id_header(request.headers) or None,
+        }
+        log.info("webhook refused", extra={"fields": fields})
+
+    async def anonymous_server_header(request: web.Request, response: web.StreamResponse) -> None:
+        # The port faces the internet: do not advertise library and Python versions.
+        response.headers["Server"] = "transaction-service"
+
+    http[REFUSAL_LISTENER] = refused
+    http.on_response_prepare.append(anonymous_server_header)
+    return http
+
+
+def webhook_mode(settings: Settings) -> str:
+    """`signed`, `unsigned` (local development) or `off`: how `POST /webhooks/junction` works."""
+    if settings.webhook_secrets:
+        return "signed"
+    return "unsigned" if settings.webhook_allow_unsigned else "off"
+
+
+class HttpListener:
+    """Binds the HTTP port (`bind`, before the app starts, so a port in use stops the start
+    early), serves (`start`) and drains (`stop`)."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+        self._socket: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def bind(self) -> int:
+        settings = self._app.settings
+        host = settings.http_host.strip("[]")
+        address = f"{settings.http_host}:{settings.http_port}"
+        try:
+            if ":" in host:
+                # Like gRPC's [::]: one socket for IPv6 and IPv4 (asyncio would make two, which
+                # with port 0 get two different ports).
+                self._socket = socket.create_server(
+                    (host, settings.http_port),
+                    family=socket.AF_INET6,
+                    dualstack_ipv6=host == "::",
+                )
+            else:
+                self._socket = socket.create_server((host, settings.http_port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {address} for HTTP: {exc.strerror or exc} "
+                "(is another transaction-service running? set --http-port)"
+            ) from None
+        self.port = self._socket.getsockname()[1]
+        return self.port
+
+    async def start(self) -> None:
+        assert self._socket is not None, "bind() first"
+        self._runner = web.AppRunner(
+            build_http_app(self._app),
+            handle_signals=False,
+            # Webhook outcomes are logged one line each; an access log would repeat them.
+            access_log=None,
+            shutdown_timeout=self._app.settings.shutdown_grace_seconds,
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._socket).start()
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the grace period), close."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,129 @@
+"""Prometheus metrics: every metric object of the service, and the small functions that count.
+
+Each `App` owns one `Metrics`, with a registry of its own (not prometheus-client's global one),
+so several servers in one process (tests, benchmarks) count separately. The ingest and watch code
+call the methods below; `GET /metrics` serves `exposition()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# No `*_created` series next to every counter: they double the output and no query here uses them.
+disable_created_metrics()
+
+PREFIX = "transaction_service"
+SOURCES = ("grpc", "webhook")
+# Outcomes of an ingest: the four answers, and the two refusals that happen after decoding.
+OUTCOMES = ("applied", "duplicate", "stale", "ignored", "conflict", "unavailable")
+# Group commit takes up to `max_batch` (default 256) deliveries at once.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.events = Counter(
+            f"{PREFIX}_events",
+            "Deliveries ingested, by where they came from and what became of them.",
+            ["source", "outcome"],
+            registry=registry,
+        )
+        self.ingest_seconds = Histogram(
+            f"{PREFIX}_ingest_seconds",
+            "Time from handing a decoded delivery to the ingestor until its commit was answered.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_commit_batch_size",
+            "Deliveries committed together in one database transaction (group commit).",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.watch_streams = Gauge(
+            f"{PREFIX}_watch_streams", "Watch streams open now.", registry=registry
+        )
+        self.watch_overflows = Counter(
+            f"{PREFIX}_watch_overflows",
+            "Times a slow watcher's buffer was full and dropped (it then reads the change log).",
+            registry=registry,
+        )
+        self.watch_catch_ups = Counter(
+            f"{PREFIX}_watch_catch_ups",
+            "Times a watcher that had fallen behind caught up by reading the change log.",
+            registry=registry,
+        )
+        self.head_revision = Gauge(
+            f"{PREFIX}_head_revision",
+            "The newest revision committed to the change log.",
+            registry=registry,
+        )
+        self.webhooks_refused = Counter(
+            f"{PREFIX}_webhooks_refused",
+            "Webhook requests answered with an error, by reason (e.g. bad_signature).",
+            ["reason"],
+            registry=registry,
+        )
+        # Every source/outcome pair from the start, so rates work before the first event.
+        for source in SOURCES:
+            self.ingest_seconds.labels(source)
+            for outcome in OUTCOMES:
+                self.events.labels(source, outcome)
+
+    # -- ingest ------------------------------------------------------------------------------------
+
+    def ingested(self, source: str, outcome: str, seconds: float) -> None:
+        self.events.labels(source, outcome).inc()
+        self.ingest_seconds.labels(source).observe(seconds)
+
+    def ingest_refused(self, source: str, outcome: str) -> None:
+        """A decoded delivery the ingestor refused (`conflict`, `unavailable`)."""
+        self.events.labels(source, outcome).inc()
+
+    def batch_committed(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def revision_committed(self, revision: int) -> None:
+        self.head_revision.set(revision)
+
+    # -- watch -------------------------------------------------------------------------------------
+
+    def count_watch_streams(self, count: Callable[[], int]) -> None:
+        """Read the number of open watch streams from `count` at every scrape."""
+        self.watch_streams.set_function(count)
+
+    def watch_overflowed(self) -> None:
+        self.watch_overflows.inc()
+
+    def watch_caught_up(self) -> None:
+        self.watch_catch_ups.inc()
+
+    # -- webhooks ----------------------------------------------------------------------------------
+
+    def webhook_refused(self, reason: str) -> None:
+        self.webhooks_refused.labels(reason).inc()
+
+    # -- exposition --------------------------------------------------------------------------------
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def exposition(self) -> bytes:
+        """Everything, in the Prometheus text format."""
+        return generate_latest(self.registry)
