@@ -7,6 +7,7 @@ import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +331,34 @@ def test_mutated_bodies_are_applied_or_refused_never_crash(
                 assert result.outcome in (Outcome.APPLIED, Outcome.STALE, Outcome.IGNORED)
 
     asyncio.run(ingest_all())
+
+
+# -- body retention ------------------------------------------------------------------------------
+
+
+async def test_erased_bodies_keep_dedupe_and_the_audit_trail(harness: Harness) -> None:
+    """After the body retention, bodies are gone but each event's id, digest, outcome and
+    revision stay: a retry is still a DUPLICATE and a reused id still a conflict."""
+    run = with_fresh_ids(SCENARIOS[0])
+    d0, d1 = run["deliveries"][:2]
+    first = await harness.send(d0["svix_id"], d0["body"])
+    erased = await harness.store.erase_bodies(datetime.now(UTC) + timedelta(hours=1))
+    assert erased == 1
+    (row,) = harness.rows("events")
+    assert row["body"] is None
+    assert (row["outcome"], row["revision"], row["digest"]) == (
+        "applied",
+        first.revision,
+        first_digest(d0["body"]),
+    )
+    assert (await harness.send(d0["svix_id"], d0["body"])).outcome == Outcome.DUPLICATE
+    with pytest.raises(EventIdConflict):
+        await harness.send(d0["svix_id"], d1["body"])
+    # Nothing newer than the cutoff is touched.
+    await harness.send(d1["svix_id"], d1["body"])
+    assert await harness.store.erase_bodies(datetime.now(UTC) - timedelta(hours=1)) == 0
+    assert [r["body"] is None for r in harness.rows("events")] == [True, False]
+
+
+def first_digest(body: dict[str, Any]) -> str:
+    return decode_delivery("x", payload=body, max_body_bytes=LIMIT).event.digest

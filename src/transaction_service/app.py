@@ -88,7 +88,7 @@ class App:
         self.metrics.revision_committed(self.feed.published)
         self.ingestor.start()
         self._background(self.feed.run, "change-feed")
-        self._background(self._trim_changes, "change-log-trimmer")
+        self._background(self._housekeeping, "housekeeping")
         self._background(self._probe_store, "store-probe")
         self.started = True
 
@@ -158,12 +158,17 @@ class App:
             if not self.store.health.healthy:
                 await self.store.probe()
 
-    async def _trim_changes(self) -> None:
-        retention = timedelta(seconds=self.settings.change_retention_seconds)
+    async def _housekeeping(self) -> None:
+        """Trim the change log and erase expired bodies, now and then."""
+        changes = timedelta(seconds=self.settings.change_retention_seconds)
+        bodies = timedelta(seconds=self.settings.body_retention_seconds)
         while True:
+            now = datetime.now(UTC)
             try:
-                compacted = await self.store.trim_changes(datetime.now(UTC) - retention)
+                compacted = await self.store.trim_changes(now - changes)
                 log.debug("change log compacted through revision %d", compacted)
+                if erased := await self.store.erase_bodies(now - bodies):
+                    log.info("erased %d webhook bodies older than the body retention", erased)
             except Exception:
-                log.exception("trimming the change log failed; will retry")
+                log.exception("housekeeping failed; will retry")
             await asyncio.sleep(self.settings.change_trim_interval_seconds)

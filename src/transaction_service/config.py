@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default="FULL",
         description="SQLite durability: FULL survives power loss, NORMAL only a process crash",
     )
+    body_retention_seconds: float = Field(
+        default=30 * 24 * 3600,
+        gt=0,
+        description="how long webhook bodies (patient names, birth dates, addresses) are kept; "
+        "then erased, keeping each event's id, digest, outcome and revision for dedupe and audit",
+    )
     max_batch: int = Field(
         default=256, gt=0, description="most deliveries committed together in one transaction"
     )
@@ -178,7 +184,9 @@ class Settings(BaseSettings):
         description="how long the change log keeps changes (a watch cannot resume from before)",
     )
     change_trim_interval_seconds: float = Field(
-        default=60.0, gt=0, description="how often the change log is trimmed"
+        default=60.0,
+        gt=0,
+        description="how often the change log is trimmed and expired bodies are erased",
     )
     watch_progress_seconds: float = Field(
         default=10.0, gt=0, description="progress message interval on idle watch streams"

@@ -287,6 +287,10 @@ class Store(Protocol):
         """Delete changes recorded before the time; return the compacted revision after it.
         With several replicas, one trims at a time; the others return at once."""
 
+    async def erase_bodies(self, received_before: datetime) -> int:
+        """Erase the bodies of events received before the time (privacy); their id, digest,
+        outcome and revision stay, for dedupe and audit. Returns how many were erased."""
+
     def change_notifications(self) -> AsyncIterator[None]:
         """Yields whenever changes may have been committed by another process (and after every
         reconnect, when notifications may have been lost). A store with a single writer process
