@@ -188,6 +188,17 @@ class Settings(BaseSettings):
         gt=0,
         description="how often the change log is trimmed and expired bodies are erased",
     )
+    keepalive_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        description="gRPC keepalive: ping each client connection this often",
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=10.0,
+        ge=1,
+        description="gRPC keepalive: drop a connection whose ping is not answered in this time "
+        "(a dead or frozen watcher is gone within keepalive + this)",
+    )
     watch_progress_seconds: float = Field(
         default=10.0, gt=0, description="progress message interval on idle watch streams"
     )

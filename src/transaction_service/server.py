@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from transaction_service.api.auth import BearerTokenInterceptor
+from transaction_service.api.drain import CallArrivals
 from transaction_service.api.reflection import enable_reflection
 from transaction_service.api.servicer import TransactionServicer, add_to_server
 from transaction_service.api.tls import server_credentials, transport_mode
@@ -47,11 +48,20 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # A second process must not share the port: gRPC sets SO_REUSEPORT by default, and two
         # servers on one port (and one database) would each take part of the traffic.
         ("grpc.so_reuseport", 0),
-        # Ping idle clients every 30 s and drop them if no answer within 10 s, so dead peers of
-        # long-lived calls are noticed (the default is every 2 hours).
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Ping clients every keepalive_seconds and drop them if no answer within
+        # keepalive_timeout_seconds, so dead or frozen peers of long-lived watch streams are
+        # noticed and their subscriptions released (gRPC's default is every 2 hours).
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        # gRPC core times out an unanswered keepalive ping by this (default 60 s), not only by
+        # keepalive_timeout_ms: without it a frozen client kept its streams for over a minute.
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC cancels calls the server has not picked up yet once more than 1,000 are pending
+        # (and refuses at once past 3,000). Every client reopens its watches at once after a
+        # restart or a failover; thousands of simultaneous calls must wait their turn, not fail.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
         # Let clients ping as often as every 10 s without being sent GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
@@ -84,10 +94,11 @@ class TransactionService:
         self.app = app if app is not None else App(settings)
         self.health = health_aio.HealthServicer()
         tokens = BearerTokens(settings.ingest_tokens, settings.read_tokens)
-        self.server = grpc.aio.server(
-            options=grpc_options(settings),
-            interceptors=[BearerTokenInterceptor(tokens)] if tokens.required else None,
-        )
+        self.arrivals = CallArrivals()
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
+        if tokens.required:
+            interceptors.append(BearerTokenInterceptor(tokens))
+        self.server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
         self.http = HttpListener(self.app)
         self.port = 0
         self._health_updates: set[asyncio.Task[None]] = set()
@@ -170,7 +181,10 @@ class TransactionService:
         # finish. Watch streams never end by themselves: they are ended here too, rather than
         # cut off when the grace period runs out.
         await self.begin_shutdown()
+        # Calls still arriving are answered UNAVAILABLE by the app; stop only when they stopped
+        # coming, so gRPC does not cancel calls it received but nobody picked up yet.
         grace = self.settings.shutdown_grace_seconds
+        await self.arrivals.quiet(limit=grace)
         await asyncio.gather(self.server.stop(grace), self.http.stop())
         # Then commit what is queued and close the store.
         await self.app.stop()
