@@ -230,7 +230,9 @@ class SqliteStore:
         except sqlite3.DatabaseError as exc:
             if "not a database" in str(exc) or "encrypted" in str(exc):
                 raise StoreOpenError(f"{self.path} is not a SQLite database") from None
-            raise StoreOpenError(f"{self.path} is corrupt: {_fault_kind(exc)}") from None
+            raise StoreOpenError(
+                f"{self.path} is corrupt and cannot be used; restore it from a backup"
+            ) from None
         problems = [row[0] for row in rows if row[0] != "ok"]
         if problems:
             raise StoreOpenError(
