@@ -679,3 +679,48 @@ async def test_the_readme_python_client_follows_an_order_until_it_is_done(
         f"redraw available: follow order {run['expect']['redraw_order_id']}",
         f"transaction {run['expect']['transaction_id']} completed",
     ]
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+def flatten(messages: Sequence[Any]) -> list[pb.TransactionChange]:
+    """Every change a stream carried, single or batched, in the order received."""
+    out: list[pb.TransactionChange] = []
+    for m in messages:
+        event = m.WhichOneof("event")
+        if event == "change":
+            out.append(m.change)
+        elif event == "changes":
+            out.extend(m.changes.changes)
+    return out
+
+
+async def test_a_batched_feed_gets_every_change_once_in_order_in_fewer_messages(
+    channel_to: Callable[..., Any],
+) -> None:
+    """Replay and live changes arrive in `changes` batches when the client asks for them; a
+    client that does not ask never sees the field it may not know."""
+    service, stub = await channel_to(watch_batch_interval_seconds=0.05)
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(10)]
+    first_half = [d for run in runs[:15] for d in run["deliveries"]]
+    second_half = [d for run in runs[15:] for d in run["deliveries"]]
+    await asyncio.gather(*(ingest_direct(service, [d]) for d in first_half))
+    batched = stub.WatchTransactions(
+        pb.WatchTransactionsRequest(start_revision=0, batch_changes=True)
+    )
+    plain = stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=0))
+    await asyncio.gather(*(ingest_direct(service, [d]) for d in second_half))
+    head = await service.store.head_revision()
+
+    def done(messages: list[Any]) -> bool:
+        got = flatten(messages)
+        return bool(got) and got[-1].revision >= head
+
+    batched_messages = await read_until(batched, done)
+    plain_messages = await read_until(plain, done)
+    for messages in (batched_messages, plain_messages):
+        assert [c.revision for c in flatten(messages)] == list(range(1, head + 1))
+    assert any(m.WhichOneof("event") == "changes" for m in batched_messages)
+    assert len(batched_messages) < head / 4
+    assert all(m.WhichOneof("event") != "changes" for m in plain_messages)

@@ -58,6 +58,7 @@ class App:
             self.store,
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
+            batch_interval=settings.watch_batch_interval_seconds,
             metrics=self.metrics,
         )
         self.limits = StateLimits(

@@ -202,6 +202,12 @@ class Settings(BaseSettings):
     watch_progress_seconds: float = Field(
         default=10.0, gt=0, description="progress message interval on idle watch streams"
     )
+    watch_batch_interval_seconds: float = Field(
+        default=0.05,
+        ge=0,
+        description="a watch stream that asked for batches (batch_changes) gets at most one "
+        "message per this interval while changes keep coming",
+    )
     watch_queue_size: int = Field(
         default=1024,
         gt=0,

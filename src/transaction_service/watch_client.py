@@ -30,6 +30,8 @@ def revision_of(response: pb.WatchTransactionResponse | pb.WatchTransactionsResp
     event = response.WhichOneof("event")
     if event == "change":
         return response.change.revision
+    if event == "changes":
+        return response.changes.changes[-1].revision
     if event == "progress":
         return response.progress.revision
     return response.current.progress_revision
@@ -41,7 +43,9 @@ def _open(
     metadata = call_metadata(args)
     if args.transaction_id or args.order_id:
         request = pb.WatchTransactionRequest(
-            transaction_id=args.transaction_id or None, order_id=args.order_id or None
+            transaction_id=args.transaction_id or None,
+            order_id=args.order_id or None,
+            batch_changes=True,
         )
         if start is not None:
             request.start_revision = start
@@ -49,10 +53,23 @@ def _open(
     feed = pb.WatchTransactionsRequest(
         kinds=[pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind],
         team_id=args.team_id or "",
+        batch_changes=True,
     )
     if start is not None:
         feed.start_revision = start
     return stub.WatchTransactions(feed, metadata=metadata)
+
+
+def _lines(
+    response: pb.WatchTransactionResponse | pb.WatchTransactionsResponse,
+) -> Iterator[dict[str, object]]:
+    """One JSON object per message; a batch (the CLI asks for them, they are cheaper for the
+    server) is printed as one `change` line per change, as if each had come alone."""
+    if response.WhichOneof("event") == "changes":
+        for change in response.changes.changes:
+            yield {"change": json_format.MessageToDict(change, preserving_proto_field_name=True)}
+        return
+    yield json_format.MessageToDict(response, preserving_proto_field_name=True)
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -83,8 +100,8 @@ def _watch_forever(args: argparse.Namespace, channel: grpc.Channel) -> int:
             for response in _open(stub, args, start):
                 failures = 0
                 start = revision_of(response)
-                line = json_format.MessageToDict(response, preserving_proto_field_name=True)
-                print(json.dumps(line), flush=True)
+                for line in _lines(response):
+                    print(json.dumps(line), flush=True)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
             print(f"transaction-service watch: {code.name}: {details}", file=sys.stderr)

@@ -206,58 +206,74 @@ class Order(_message.Message):
     def __init__(self, id: _Optional[str] = ..., origin: _Optional[_Union[OrderOrigin, str]] = ..., low_level_status: _Optional[str] = ..., high_level_status: _Optional[str] = ..., collection_method: _Optional[str] = ..., status_reached_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sample_id: _Optional[str] = ..., lab: _Optional[str] = ..., lab_test_name: _Optional[str] = ..., has_missing_results: _Optional[bool] = ..., interpretation: _Optional[str] = ..., parent_order_id: _Optional[str] = ..., seen_own_event: _Optional[bool] = ...) -> None: ...
 
 class WatchTransactionRequest(_message.Message):
-    __slots__ = ("transaction_id", "order_id", "start_revision")
+    __slots__ = ("transaction_id", "order_id", "start_revision", "batch_changes")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CHANGES_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     order_id: str
     start_revision: int
-    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+    batch_changes: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ..., start_revision: _Optional[int] = ..., batch_changes: _Optional[bool] = ...) -> None: ...
 
 class WatchTransactionResponse(_message.Message):
-    __slots__ = ("change", "current", "progress")
+    __slots__ = ("change", "current", "progress", "changes")
     CHANGE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     change: TransactionChange
     current: TransactionSnapshot
     progress: WatchProgress
-    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., current: _Optional[_Union[TransactionSnapshot, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ...) -> None: ...
+    changes: ChangeBatch
+    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., current: _Optional[_Union[TransactionSnapshot, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ..., changes: _Optional[_Union[ChangeBatch, _Mapping]] = ...) -> None: ...
 
 class WatchTransactionsRequest(_message.Message):
-    __slots__ = ("kinds", "team_id", "start_revision")
+    __slots__ = ("kinds", "team_id", "start_revision", "batch_changes")
     KINDS_FIELD_NUMBER: _ClassVar[int]
     TEAM_ID_FIELD_NUMBER: _ClassVar[int]
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CHANGES_FIELD_NUMBER: _ClassVar[int]
     kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
     team_id: str
     start_revision: int
-    def __init__(self, kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., team_id: _Optional[str] = ..., start_revision: _Optional[int] = ...) -> None: ...
+    batch_changes: bool
+    def __init__(self, kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., team_id: _Optional[str] = ..., start_revision: _Optional[int] = ..., batch_changes: _Optional[bool] = ...) -> None: ...
 
 class WatchTransactionsResponse(_message.Message):
-    __slots__ = ("change", "progress")
+    __slots__ = ("change", "progress", "changes")
     CHANGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     change: TransactionChange
     progress: WatchProgress
-    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ...) -> None: ...
+    changes: ChangeBatch
+    def __init__(self, change: _Optional[_Union[TransactionChange, _Mapping]] = ..., progress: _Optional[_Union[WatchProgress, _Mapping]] = ..., changes: _Optional[_Union[ChangeBatch, _Mapping]] = ...) -> None: ...
+
+class ChangeBatch(_message.Message):
+    __slots__ = ("changes",)
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[TransactionChange]
+    def __init__(self, changes: _Optional[_Iterable[_Union[TransactionChange, _Mapping]]] = ...) -> None: ...
 
 class TransactionChange(_message.Message):
-    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at")
+    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at", "merged_transaction_ids")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FIELD_NUMBER: _ClassVar[int]
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    MERGED_TRANSACTION_IDS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
     transaction: Transaction
     order_id: str
     event_id: str
     recorded_at: _timestamp_pb2.Timestamp
-    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    merged_transaction_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_transaction_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TransactionSnapshot(_message.Message):
     __slots__ = ("transaction", "progress_revision")

@@ -157,4 +157,5 @@ def change_to_pb(change: ChangeRecord) -> pb.TransactionChange:
         order_id=change.order_id or "",
         event_id=change.event_id,
         recorded_at=timestamp(change.recorded_at),
+        merged_transaction_ids=[standin for standin, _ in change.merged],
     )

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 
 import grpc
 
 from transaction_service.api.convert import (
-    change_to_pb,
     from_timestamp,
     kind_from_pb,
     snapshot_to_pb,
@@ -22,12 +20,12 @@ from transaction_service.api.convert import (
     struct_to_dict,
 )
 from transaction_service.api.errors import grpc_errors, tolerant_deserializer
+from transaction_service.api.wire import ChangeEncoder, passthrough_serializer
 from transaction_service.app import App
-from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
 from transaction_service.ingest import Outcome, decode_delivery
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
-from transaction_service.watch import Current, Progress, WatchEvent, WatchFilter
+from transaction_service.watch import Batch, Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -35,8 +33,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Converted change messages, shared by all watchers of a change.
-_CHANGE_CACHE_SIZE = 4096
+# Field numbers in the watch responses: `change` in both, the ChangeBatch `changes` in each.
+_CHANGE_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["change"].number
+_FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["changes"].number
+_ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
 
 _OUTCOME_TO_PB = {
     Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
@@ -53,11 +53,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
-        # Keyed by revision and kinds: a watcher of a folded stand-in sees a change with fewer
-        # kinds than everyone else.
-        self._change_pbs: collections.OrderedDict[
-            tuple[int, tuple[ChangeKind, ...]], pb.TransactionChange
-        ] = collections.OrderedDict()
+        self._encoder = ChangeEncoder()
+        # A batch message stays well inside the largest message gRPC may send.
+        self._batch_bytes = app.settings.max_message_bytes // 2
 
     @grpc_errors
     async def IngestEvent(
@@ -154,7 +152,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
             self._store.get if lookup == "transaction_id" else self._store.get_by_order
         )
-        async for event in self._watch(context, where, request, partial(read, key)):
+        async for event in self._watch(where, request, partial(read, key)):
             if isinstance(event, Current):
                 yield pb.WatchTransactionResponse(
                     current=pb.TransactionSnapshot(
@@ -167,7 +165,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     progress=pb.WatchProgress(revision=event.revision)
                 )
             else:
-                yield pb.WatchTransactionResponse(change=self._change_pb(event))
+                for message in self._changes(event, _CHANGE_FIELD, _ONE_BATCH_FIELD):
+                    yield message
 
     @grpc_errors
     async def WatchTransactions(
@@ -183,34 +182,30 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
-        async for event in self._watch(context, where, request, None):
+        async for event in self._watch(where, request, None):
             if isinstance(event, Progress):
                 yield pb.WatchTransactionsResponse(
                     progress=pb.WatchProgress(revision=event.revision)
                 )
-            elif isinstance(event, ChangeRecord):
-                yield pb.WatchTransactionsResponse(change=self._change_pb(event))
+            elif isinstance(event, ChangeRecord | Batch):
+                for message in self._changes(event, _CHANGE_FIELD, _FEED_BATCH_FIELD):
+                    yield message
 
-    async def _watch(
+    def _watch(
         self,
-        context: grpc.aio.ServicerContext,
         where: WatchFilter,
         request: pb.WatchTransactionRequest | pb.WatchTransactionsRequest,
         current: Callable[[], Awaitable[tuple[TransactionSnapshot | None, int]]] | None,
     ) -> AsyncIterator[WatchEvent]:
         start = request.start_revision if request.HasField("start_revision") else None
-        async for event in self._hub.watch(where, start, current=current):
-            yield event
+        return self._hub.watch(where, start, current=current, batch=request.batch_changes)
 
-    def _change_pb(self, change: ChangeRecord) -> pb.TransactionChange:
-        key = (change.revision, change.kinds)
-        message = self._change_pbs.get(key)
-        if message is None:
-            message = change_to_pb(change)
-            self._change_pbs[key] = message
-            if len(self._change_pbs) > _CHANGE_CACHE_SIZE:
-                self._change_pbs.popitem(last=False)
-        return message
+    def _changes(self, event: ChangeRecord | Batch, single: int, batch: int) -> Iterator[bytes]:
+        """The response messages, pre-built from bytes shared by every watcher (api/wire.py)."""
+        if isinstance(event, Batch):
+            yield from self._encoder.batches(event.changes, batch, self._batch_bytes)
+        else:
+            yield self._encoder.single(event, single)
 
 
 def _lookup_violations(
@@ -263,7 +258,6 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
         make_handler = (
             grpc.unary_stream_rpc_method_handler
             if method.server_streaming
@@ -272,7 +266,8 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_deserializer(request_type),
-            response_serializer=response_type.SerializeToString,
+            # Watch streams send pre-built bytes (api/wire.py); everything else is a message.
+            response_serializer=passthrough_serializer,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)

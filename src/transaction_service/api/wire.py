@@ -1,0 +1,86 @@
+"""Watch messages built from bytes: each change is serialized once, however many watchers get it.
+
+Protobuf's wire format lets a message be assembled from already-serialized parts: a field is its
+tag, its length and its bytes, and a repeated field is that, once per element. So a change's
+`TransactionChange` is serialized once (and cached), and each watcher's `change` message, or
+`changes` batch, is a few bytes of framing around those shared bytes. The servicer yields these
+bytes; `passthrough_serializer` hands them to gRPC unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Sequence
+
+from google.protobuf.message import Message
+
+from transaction_service.api.convert import change_to_pb
+from transaction_service.domain.state import ChangeKind
+from transaction_service.store.base import ChangeRecord
+
+_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (a message, bytes or string) on the wire."""
+    return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+
+
+def passthrough_serializer(message: Message | bytes) -> bytes:
+    """gRPC response serializer that sends pre-built bytes as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class ChangeEncoder:
+    """Serialized `TransactionChange`s, shared by every watcher of a change (a bounded cache:
+    watchers read the same recent changes at nearly the same time)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._cache: collections.OrderedDict[tuple[int, tuple[ChangeKind, ...]], bytes] = (
+            collections.OrderedDict()
+        )
+
+    def encode(self, change: ChangeRecord) -> bytes:
+        # Keyed by kinds too: a watcher of a folded stand-in sees fewer kinds than others.
+        key = (change.revision, change.kinds)
+        encoded = self._cache.get(key)
+        if encoded is None:
+            encoded = change_to_pb(change).SerializeToString()
+            self._cache[key] = encoded
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return encoded
+
+    def single(self, change: ChangeRecord, field_number: int) -> bytes:
+        """A response whose `change` field (number `field_number`) holds the change."""
+        return field(field_number, self.encode(change))
+
+    def batches(
+        self, changes: Sequence[ChangeRecord], field_number: int, max_bytes: int
+    ) -> Iterator[bytes]:
+        """Responses whose ChangeBatch field (`field_number`) holds the changes in order, each
+        response kept under `max_bytes`."""
+        parts: list[bytes] = []
+        size = 0
+        for change in changes:
+            element = field(1, self.encode(change))  # ChangeBatch.changes
+            if parts and size + len(element) > max_bytes:
+                yield field(field_number, b"".join(parts))
+                parts, size = [], 0
+            parts.append(element)
+            size += len(element)
+        if parts:
+            yield field(field_number, b"".join(parts))
+
+
+ResponseFactory = Callable[[ChangeRecord], bytes]
