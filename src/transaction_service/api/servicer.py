@@ -20,7 +20,14 @@ from transaction_service.api.convert import (
     struct_to_dict,
 )
 from transaction_service.api.errors import grpc_errors, tolerant_deserializer
-from transaction_service.api.wire import ChangeEncoder, passthrough_serializer
+from transaction_service.api.wire import (
+    ChangeEncoder,
+    TransactionEncoder,
+    field,
+    passthrough_serializer,
+    string_field,
+    varint_field,
+)
 from transaction_service.app import App
 from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
 from transaction_service.ingest import Outcome, decode_delivery
@@ -54,6 +61,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
         self._encoder = ChangeEncoder()
+        self._transactions = TransactionEncoder()
         # A batch message stays well inside the largest message gRPC may send.
         self._batch_bytes = app.settings.max_message_bytes // 2
 
@@ -70,11 +78,13 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             limits=self._limits,
         )
         result = await self._app.ingest(delivery, source="grpc")
-        return pb.IngestEventResponse(
-            outcome=_OUTCOME_TO_PB[result.outcome],
-            transaction=snapshot_to_pb(result.transaction),
-            revision=result.revision,
-            event_id=result.event_id,
+        # IngestEventResponse, built from the transaction's cached bytes (api/wire.py).
+        transaction = result.transaction
+        return (  # type: ignore[return-value]
+            varint_field(1, _OUTCOME_TO_PB[result.outcome])
+            + (field(2, self._transactions.encode(transaction)) if transaction else b"")
+            + varint_field(3, result.revision)
+            + string_field(4, result.event_id)
         )
 
     @grpc_errors
@@ -93,7 +103,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             snapshot, head = await self._store.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
-        return pb.GetTransactionResponse(transaction=snapshot_to_pb(snapshot), revision=head)
+        # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py).
+        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)  # type: ignore[return-value]
 
     @grpc_errors
     async def ListTransactions(
@@ -132,10 +143,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         snapshots, head = await self._store.list(where, after, limit + 1)
         page = snapshots[:limit]
         next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
-        return pb.ListTransactionsResponse(
-            transactions=[snapshot_to_pb(s) for s in page],
-            next_page_token=next_token,
-            revision=head,
+        # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
+        return (  # type: ignore[return-value]
+            b"".join(field(1, self._transactions.encode(s)) for s in page)
+            + string_field(2, next_token)
+            + varint_field(3, head)
         )
 
     @grpc_errors

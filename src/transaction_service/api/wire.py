@@ -10,13 +10,13 @@ bytes; `passthrough_serializer` hands them to gRPC unchanged.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from google.protobuf.message import Message
 
-from transaction_service.api.convert import change_to_pb
+from transaction_service.api.convert import change_to_pb, transaction_to_pb
 from transaction_service.domain.state import ChangeKind
-from transaction_service.store.base import ChangeRecord
+from transaction_service.store.base import ChangeRecord, TransactionSnapshot
 
 _LENGTH_DELIMITED = 2
 
@@ -33,6 +33,15 @@ def _varint(value: int) -> bytes:
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (a message, bytes or string) on the wire."""
     return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+
+
+def varint_field(number: int, value: int) -> bytes:
+    """A non-negative integer or enum field; empty for 0, as proto3 leaves defaults out."""
+    return _varint(number << 3) + _varint(value) if value else b""
+
+
+def string_field(number: int, value: str) -> bytes:
+    return field(number, value.encode()) if value else b""
 
 
 def passthrough_serializer(message: Message | bytes) -> bytes:
@@ -83,4 +92,22 @@ class ChangeEncoder:
             yield field(field_number, b"".join(parts))
 
 
-ResponseFactory = Callable[[ChangeRecord], bytes]
+class TransactionEncoder:
+    """Serialized `Transaction`s by revision. A revision names one state of one transaction (it is
+    the revision of that transaction's last change), so a cached entry never goes stale: a read
+    of an unchanged transaction skips decoding the stored view and converting it to protobuf."""
+
+    def __init__(self, size: int = 16384) -> None:
+        self._size = size
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def encode(self, snapshot: TransactionSnapshot) -> bytes:
+        encoded = self._cache.get(snapshot.revision)
+        if encoded is None:
+            encoded = transaction_to_pb(snapshot.view, snapshot.revision).SerializeToString()
+            self._cache[snapshot.revision] = encoded
+            if len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(snapshot.revision)
+        return encoded

@@ -29,6 +29,7 @@ from transaction_service.domain.state import (
     Knowledge,
     TransactionStatus,
     TransactionView,
+    view_from_json,
 )
 from transaction_service.errors import Unavailable
 from transaction_service.store.health import WriteHealth
@@ -56,12 +57,46 @@ class StoredTransaction:
     revision: int
 
 
-@dataclass(frozen=True)
 class TransactionSnapshot:
-    """A transaction as reads see it: the view and the revision of its last change."""
+    """A transaction as reads see it: the view and the revision of its last change.
 
-    view: TransactionView
-    revision: int
+    A snapshot read from a store may hold the view's JSON and decode it only when `view` is
+    first used: a read answered from a cache of serialized responses (keyed by revision, which
+    names one state of one transaction) never needs it.
+    """
+
+    __slots__ = ("_view", "_view_json", "revision")
+
+    def __init__(
+        self,
+        view: TransactionView | None = None,
+        revision: int = 0,
+        *,
+        view_json: str | bytes | None = None,
+    ) -> None:
+        if (view is None) == (view_json is None):
+            raise ValueError("give either the view or its JSON")
+        self._view = view
+        self._view_json = view_json
+        self.revision = revision
+
+    @property
+    def view(self) -> TransactionView:
+        if self._view is None:
+            assert self._view_json is not None
+            self._view = view_from_json(self._view_json)
+        return self._view
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TransactionSnapshot):
+            return NotImplemented
+        return (self.revision, self.view) == (other.revision, other.view)
+
+    def __hash__(self) -> int:
+        return hash(self.revision)
+
+    def __repr__(self) -> str:
+        return f"TransactionSnapshot(revision={self.revision}, view={self.view!r})"
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def stored_transaction(
 
 
 def snapshot(view: str | bytes, revision: int) -> TransactionSnapshot:
-    return TransactionSnapshot(view_from_json(view), revision)
+    return TransactionSnapshot(revision=revision, view_json=view)
 
 
 # Change rows never change, and watchers replaying the log read the same rows; decoding the

@@ -161,6 +161,9 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
+        # Point reads (one row by key) run on the event loop's thread: a primary-key lookup takes
+        # SQLite a few microseconds, less than the thread hop aiosqlite pays for it.
+        self._point: sqlite3.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._identity: tuple[int, int] | None = None
         self._lock_fd: int | None = None
@@ -185,6 +188,11 @@ class SqliteStore:
                 self._all_readers.append(reader)
                 await reader.execute("PRAGMA busy_timeout = 5000")
                 self._readers.put_nowait(reader)
+            self._point = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+            # Never wait on the loop's thread: a busy database sends the read to the pool.
+            self._point.execute("PRAGMA busy_timeout = 0")
         except BaseException:
             await self.close()
             raise
@@ -276,6 +284,9 @@ class SqliteStore:
                 await reader.close()
         self._all_readers.clear()
         self._readers = asyncio.Queue()
+        if self._point is not None:
+            self._point.close()
+            self._point = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -382,6 +393,16 @@ class SqliteStore:
         finally:
             self._readers.put_nowait(conn)
 
+    async def _fetch_point(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """A read of a row or two by key: on the loop's thread (see `_point`), or through the
+        pool if the database is busy just now."""
+        if self._point is not None:
+            try:
+                return self._point.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                pass
+        return await self._fetch(sql, params)
+
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
         # One statement is one snapshot: every read below asks for the data and the revisions it
         # reports in a single statement, so they always agree.
@@ -389,7 +410,7 @@ class SqliteStore:
             return list(await conn.execute_fetchall(sql, params))
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
-        rows = await self._fetch(
+        rows = await self._fetch_point(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
             " LEFT JOIN transactions t ON t.id = ?",
             (transaction_id,),
@@ -398,7 +419,7 @@ class SqliteStore:
         return (snapshot(view, revision) if view is not None else None), head
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
-        rows = await self._fetch(
+        rows = await self._fetch_point(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
             " LEFT JOIN order_transactions o ON o.order_id = ?"
             " LEFT JOIN transactions t ON t.id = o.transaction_id",
@@ -434,7 +455,7 @@ class SqliteStore:
         return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return (await self._fetch(f"SELECT {_HEAD}", ()))[0][0]
+        return (await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0]
 
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
