@@ -92,12 +92,18 @@ class TransactionServiceServicer:
         sample id, lab, lab test name, interpretation, user, team and client user
         ids) is longer than 1,024 characters (max_string_length), or the
         transaction block lists more than 50 orders (max_orders_per_transaction);
+        or the merged transaction would hold more than max_orders_per_transaction
+        orders or a state larger than max_view_bytes (1 MiB of JSON);
         or the request is not a protobuf message this service can decode. Details
         carry a google.rpc.BadRequest naming each field at fault (and the limit,
         if one was exceeded). Input echoed in messages is quoted and cut short.
         Nothing is stored.
         ALREADY_EXISTS    the event id was ingested before with a different body. Nothing is stored.
-        UNAVAILABLE       the server is shutting down; retry on another replica or later.
+        UNAVAILABLE       nothing was stored; retry on another replica or later. ErrorInfo reason
+        SHUTTING_DOWN: the server is stopping. STORE_UNAVAILABLE: the store
+        cannot write just now (disk full, I/O error, database file deleted or
+        replaced, database unreachable); health reports NOT_SERVING until a write
+        succeeds again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +131,10 @@ class TransactionServiceServicer:
 
     def WatchTransaction(self, request, context):
         """WatchTransaction streams the changes of one transaction, found by its id or by one of its
-        order ids; the transaction need not exist yet.
+        order ids; the transaction need not exist yet. Either way the stream carries the changes of
+        the transaction with that id and of any transaction listing an order with that id: watching a
+        legacy stand-in (see Transaction.legacy) by its id follows it into the real transaction it is
+        folded into, and "reported once" kinds it already reported are not reported again there.
 
         Without start_revision: the first message is the transaction's current state (`current`), or
         a `progress` message if no webhook has mentioned it yet; then every later change, live.
@@ -141,6 +150,9 @@ class TransactionServiceServicer:
         older than the change log keeps. A google.rpc.ErrorInfo with reason
         REVISION_COMPACTED carries `compacted_revision` (changes up to it are gone) and
         `last_sent_revision`. Re-read with GetTransaction, then watch from its revision.
+        Or start_revision is newer than any revision committed: ErrorInfo reason
+        REVISION_IN_FUTURE carries `head_revision` (a watcher starting there would
+        silently skip every revision up to it).
         UNAVAILABLE   the server is shutting down. ErrorInfo reason SHUTTING_DOWN carries
         `last_sent_revision`; resume from it, on this server or another.
         INVALID_ARGUMENT  no lookup, an id with no non-space character, or a negative
