@@ -428,3 +428,18 @@ def test_the_largest_allowed_transaction_is_read_listed_watched_and_replayed(
         refused = server.call_error(f"{SERVICE}/IngestEvent", {"event_id": "over", "payload": over})
         assert "InvalidArgument" in refused
         assert "50" in refused
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_a_mistyped_setting_variable_is_warned_about_with_the_closest_name(tmp_path: Path) -> None:
+    env = server_env(TRANSACTION_SERVICE_WEBHOOK_SECRET="whsec_x", TRANSACTION_SERVICE_FOO="1")
+    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db"), env=env) as s:
+        log = s.log_text()
+    assert (
+        "TRANSACTION_SERVICE_WEBHOOK_SECRET is not a setting and is ignored "
+        "(did you mean TRANSACTION_SERVICE_WEBHOOK_SECRETS?)"
+    ) in log
+    assert "TRANSACTION_SERVICE_FOO is not a setting" in log
+    assert "whsec_x" not in log
