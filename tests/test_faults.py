@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,14 @@ def wait_until(condition: Any, what: str, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout} s")
         time.sleep(0.1)
+
+
+def readyz(server: Server) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz") as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def try_ingest(server: Server, delivery: dict[str, Any]) -> tuple[str, str]:
@@ -236,9 +245,13 @@ def test_a_database_moved_away_and_back_recovers_by_itself(tmp_path: Path) -> No
         db.rename(aside)
         assert try_ingest(server, second)[0] == UNAVAILABLE
         wait_until(lambda: health(server) == "NOT_SERVING", "health NOT_SERVING")
+        status, ready = readyz(server)
+        assert status == 503
+        assert ready["reason"] == "the store cannot write (database file deleted)"
         aside.rename(db)
         # Nothing is sent meanwhile: the service notices by itself that it can write again.
         wait_until(lambda: health(server) == "SERVING", "health SERVING again")
+        assert readyz(server)[0] == 200
         assert try_ingest(server, second) == ("ok", "INGEST_OUTCOME_APPLIED")
         assert try_ingest(server, third)[0] == "ok"
         assert "writes again after database file deleted" in server.log_text()

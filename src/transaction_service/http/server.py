@@ -5,7 +5,8 @@ to the same use case as `IngestEvent` (`decode_delivery`, then `App.ingest`). Ro
 
 - `POST /webhooks/junction`: a Svix-signed webhook; 200 with the outcome after the commit.
 - `GET /metrics`: Prometheus text format (needs a token when tokens are configured).
-- `GET /healthz`: the process is alive. `GET /readyz`: started and not shutting down.
+- `GET /healthz`: the process is alive. `GET /readyz`: started, not shutting down, and the store
+  can write.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ class WebhookReceiver:
         else:
             event_id = event_id_header(request.headers)
         try:
-            delivery = decode_delivery(event_id, payload_json=text, max_body_bytes=self._limit)
+            delivery = decode_delivery(
+                event_id,
+                payload_json=text,
+                max_body_bytes=self._limit,
+                limits=self._app.limits,
+            )
         except PayloadError as exc:
             raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
         result = await self._app.ingest(delivery, source="webhook")
@@ -132,7 +138,13 @@ class Operations:
     async def readyz(self, request: web.Request) -> web.Response:
         if self._app.ready:
             return web.json_response({"status": "ready"})
-        why = "shutting down" if self._app.stopping else "starting"
+        if self._app.stopping:
+            why = "shutting down"
+        elif not self._app.started:
+            why = "starting"
+        else:
+            failing = ", ".join(self._app.store.health.failing)
+            why = f"the store cannot write ({failing})"
         return web.json_response({"status": "not ready", "reason": why}, status=503)
 
 
