@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -430,3 +432,74 @@ async def test_stores_read_many_in_one_snapshot(tmp_path: Path, store_kind: str)
             assert await service.store.get_many([], []) == ({}, {}, head)
         finally:
             await service.stop()
+
+
+# -- `transaction-service ingest` against a server process ------------------------------------
+
+
+def test_ingest_command_feeds_files_and_summarises(tmp_path: Path) -> None:
+    """Fixture files and JSON lines (envelopes, raw bodies, a broken line) through a real server
+    process: the summary counts each outcome and lists each refusal with its file and line; the
+    exit status says whether anything was refused. Sent again: all duplicates, exit 0."""
+    from tests.test_server_process import assert_served_as_expected, serve_db
+
+    runs = [with_fresh_ids(s) for s in SCENARIOS]
+    fixtures = []
+    for r in runs:
+        path = tmp_path / f"{r['scenario']}.json"
+        path.write_text(json.dumps(r, indent=2))
+        fixtures.append(path)
+    extra = with_fresh_ids(SCENARIOS[0])
+    first, *rest = extra["deliveries"]
+    lines = [
+        json.dumps({"event_id": first["svix_id"], "body": first["body"]}),
+        "",
+        "{this is not json",
+        *(json.dumps(d["body"]) for d in rest),  # raw bodies: ids derived from them
+    ]
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    total = sum(len(r["deliveries"]) for r in runs) + len(extra["deliveries"]) + 1
+
+    with serve_db(tmp_path / "x.db") as server:
+
+        def ingest(*files: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "transaction_service",
+                    "ingest",
+                    "--address",
+                    server.address,
+                    *map(str, files),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        result = ingest(*fixtures, jsonl)
+        assert result.returncode == 1, result.stderr
+        summary, *details = result.stdout.splitlines()
+        assert summary.startswith(f"ingested {total} deliveries: ")
+        assert summary.endswith(", 1 refused")
+        assert details[0] == "refused:"
+        assert details[1].startswith(
+            f"  {jsonl}:3: INVALID_ARGUMENT: invalid request: payload_json"
+        )
+        for r in runs:
+            assert_served_as_expected(server, r)
+
+        again = ingest(*fixtures)
+        assert again.returncode == 0, again.stdout + again.stderr
+        count = sum(len(r["deliveries"]) for r in runs)
+        assert again.stdout.splitlines() == [
+            f"ingested {count} deliveries: 0 applied, {count} duplicate, 0 stale, 0 ignored, "
+            "0 refused"
+        ]
+        missing = ingest(tmp_path / "missing.jsonl")
+        assert missing.returncode == 2
+        assert "missing.jsonl: cannot read it" in missing.stderr
+        assert "Traceback" not in missing.stderr
