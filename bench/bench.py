@@ -555,6 +555,10 @@ async def run_watchers(spec_path: str) -> None:
         await ch.close()
 
 
+# Calls of `offered` that failed, by status code name (reported with the fan-out rows).
+offered_failures: list[str] = []
+
+
 async def offered(
     stub: Any, requests: list[pb.IngestEventRequest], rate: float
 ) -> tuple[float, list[float], list[Any]]:
@@ -566,7 +570,12 @@ async def offered(
 
     async def send(i: int) -> None:
         began = time.perf_counter()
-        responses[i] = await stub.IngestEvent(requests[i])
+        try:
+            responses[i] = await stub.IngestEvent(requests[i])
+        except grpc.aio.AioRpcError as exc:
+            # Counted, not fatal: an overloaded server's failures are part of the figure.
+            offered_failures.append(exc.code().name)
+            return
         latencies.append(time.perf_counter() - began)
 
     tasks = []
@@ -617,11 +626,13 @@ async def fanout(
                 figures["server_memory_per_watch_bytes"] = (process.rss_bytes() - rss_before) / (
                     size.single_watchers + feeds
                 )
+                offered_failures.clear()
                 rate, latencies, responses = await offered(stub, measured, size.offered_rate)
+                figures["failed_calls"] = len(offered_failures)
                 by_txn: dict[str, list[int]] = {}
                 applied = []
                 for response in responses:
-                    if response.outcome == pb.INGEST_OUTCOME_APPLIED:
+                    if response is not None and response.outcome == pb.INGEST_OUTCOME_APPLIED:
                         by_txn.setdefault(response.transaction.id, []).append(response.revision)
                         applied.append(response.revision)
                 assert watchers.process.stdin is not None
@@ -764,7 +775,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{label}: {f['watchers']}, {f['offered_per_s']:.0f}/s offered",
                 f"ingest {f['ingest_per_s']:.0f}/s (p99 {f['ingest_p99_ms']:.0f} ms); lag p50"
                 f" {f['lag_p50_ms']:.0f} ms, p99 {f['lag_p99_ms']:.0f} ms; missed {f['missed']}"
-                f" of {f['deliveries']}",
+                f" of {f['deliveries']}"
+                + (f"; {f['failed_calls']} ingest calls failed" if f.get("failed_calls") else ""),
                 f"{f['ingest_per_s'] / base:.2f} x no watchers ({base:.0f}/s)" if base else "",
             )
         )
@@ -870,6 +882,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"bench: {name} took {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True
         )
+        # What is measured so far survives a later stage's failure.
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
