@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 
-.PHONY: run test proto lint format bench clean
+.PHONY: run test proto lint format bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,13 @@ format: $(DEV_INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Servers in processes of their own, the load from another; prints a table and writes
+# bench/results.json. About 10 minutes; bench-quick about 3.
 bench: $(DEV_INSTALLED)
-	$(BIN)/python bench/ingest_bench.py
-	$(BIN)/python bench/watch_bench.py
+	$(BIN)/python bench/bench.py
+
+bench-quick: $(DEV_INSTALLED)
+	$(BIN)/python bench/bench.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -160,3 +160,17 @@ def test_dockerfile_health_check_runs_the_health_command(tmp_path: Path) -> None
             argv, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
         )
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
+
+
+def test_readme_bulk_examples_work_as_written(tmp_path: Path) -> None:
+    """The bulk section's ingest and BatchGetTransactions lines, as written, against a server:
+    the fixtures go in, and the batch read finds the one order and marks the other lookup not
+    found. (Its rebuild line is run by test_rebuild.py's command test.)"""
+    ingest_block, rebuild_block = sh_blocks("## Bulk: back-fills, replays, many lookups")
+    assert "transaction-service rebuild --db" in rebuild_block
+    with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db") as server:
+        for command in commands(ingest_block):
+            result = run_bash(for_server(command, server))
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.count('"found": true') == 1, result.stdout
+    assert "654d24d7-3252-5d9c-ac4c-723a3def2ebf" in result.stdout

@@ -21,7 +21,9 @@ from transaction_service.config import (
     from_flags,
     unknown_environment,
 )
+from transaction_service.ingest_client import add_arguments as add_ingest_arguments
 from transaction_service.logs import formatter
+from transaction_service.rebuild_cli import add_arguments as add_rebuild_arguments
 
 log = logging.getLogger("transaction_service")
 
@@ -68,6 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reconnect", action="store_true", help="exit when the stream ends instead of resuming"
     )
 
+    ingest = commands.add_parser(
+        "ingest",
+        help="send stored deliveries to a running server in bulk (IngestEvents)",
+        description="Feed deliveries from files through one IngestEvents stream, with a "
+        "progress bar, then print a summary of outcomes and refusals. Files: JSON lines "
+        '({"event_id", "body"} or raw webhook bodies), fixture files ({"deliveries": '
+        '[{"svix_id", "body"}]}), or one webhook body per file. Exits 1 if any delivery was '
+        "refused.",
+    )
+    add_connection_flags(ingest, token=True)
+    add_ingest_arguments(ingest)
+
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="re-derive every transaction from its stored events (after a merge-rule change)",
+        description="Replay each transaction's stored webhooks with this version's merge rule "
+        "and write the differences as ordinary changes (new revisions that watchers see). "
+        "Online on PostgreSQL: run it while the replicas serve. On SQLite stop the service "
+        "first (one process owns the file). Transactions with webhook bodies erased by the "
+        "body retention keep their state and are counted.",
+    )
+    add_rebuild_arguments(rebuild)
+
     health = commands.add_parser(
         "health",
         help="exit 0 if a server's gRPC health check says SERVING",
@@ -93,6 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.watch_client import run_watch
 
         return run_watch(args)
+    if args.command == "ingest":
+        from transaction_service.ingest_client import run_ingest
+
+        return run_ingest(args)
+    if args.command == "rebuild":
+        from transaction_service.rebuild_cli import run_rebuild
+
+        configure_logging("WARNING")
+        return run_rebuild(args)
     if args.command == "health":
         from transaction_service.health_client import run_health
 

@@ -1,4 +1,5 @@
-"""How the command-line clients (`health`, `watch`) reach a server: address, TLS, token."""
+"""How the command-line clients (`health`, `watch`, `ingest`) reach a server: address, TLS,
+token."""
 
 from __future__ import annotations
 
@@ -47,8 +48,25 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, token: bool) -> Non
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to `args.address`, over TLS if any TLS option was given."""
-    if not (args.ca or args.tls or args.cert or args.key):
+    credentials, options = _security(args)
+    if credentials is None:
         return grpc.insecure_channel(args.address)
+    return grpc.secure_channel(args.address, credentials, options=options)
+
+
+def open_aio_channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """`open_channel` for asyncio clients (`ingest`); call inside a running event loop."""
+    credentials, options = _security(args)
+    if credentials is None:
+        return grpc.aio.insecure_channel(args.address)
+    return grpc.aio.secure_channel(args.address, credentials, options=options)
+
+
+def _security(
+    args: argparse.Namespace,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    if not (args.ca or args.tls or args.cert or args.key):
+        return None, []
     if bool(args.cert) != bool(args.key):
         raise ClientSetupError("--cert and --key go together")
     credentials = grpc.ssl_channel_credentials(
@@ -57,7 +75,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
         certificate_chain=_read("--cert", args.cert),
     )
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-    return grpc.secure_channel(args.address, credentials, options=options)
+    return credentials, options
 
 
 def call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -142,6 +142,18 @@ class Settings(BaseSettings):
         gt=0,
         description="largest gRPC message received or sent; larger: RESOURCE_EXHAUSTED",
     )
+    ingest_stream_window: int = Field(
+        default=512,
+        gt=0,
+        description="requests of one IngestEvents stream read ahead of their answers; while "
+        "this many wait for their commit the stream is not read (HTTP/2 pushes back)",
+    )
+    ingest_stream_window_bytes: int = Field(
+        default=16 * MiB,
+        gt=0,
+        description="bodies of one IngestEvents stream read ahead of their answers, in bytes; "
+        "bounds a stream's memory like ingest_stream_window",
+    )
 
     max_string_length: int = Field(
         default=DEFAULT_LIMITS.max_string_length,

@@ -70,6 +70,12 @@ class Metrics:
             "Times a watcher that had fallen behind caught up by reading the change log.",
             registry=registry,
         )
+        self.ingest_stream_in_flight = Gauge(
+            f"{PREFIX}_ingest_stream_requests_in_flight",
+            "Requests read from IngestEvents streams and not yet answered (bounded per stream "
+            "by the ingest stream window).",
+            registry=registry,
+        )
         self.head_revision = Gauge(
             f"{PREFIX}_head_revision",
             "The newest revision committed to the change log.",
@@ -99,6 +105,10 @@ class Metrics:
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def ingest_stream_read(self, count: int) -> None:
+        """`count` requests of an IngestEvents stream were read (positive) or answered."""
+        self.ingest_stream_in_flight.inc(count)
 
     def revision_committed(self, revision: int) -> None:
         self.head_revision.set(revision)

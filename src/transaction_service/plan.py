@@ -5,6 +5,9 @@
 the deliveries had been applied one after the other; the store then applies the plan. Nothing
 here does I/O, so the same plan comes out whichever store ran it, and a store that must retry a
 batch can simply plan it again.
+
+`plan_rebuild` plans the other kind of batch, a rebuild: transactions re-derived from their
+stored events after a merge-rule change (see `rebuild.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
-from transaction_service.domain.payload import OrderEvent, ParsedEvent
+from transaction_service.domain.payload import (
+    OrderEvent,
+    ParsedEvent,
+    PayloadError,
+    decode_json_body,
+    parse_event,
+)
 from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
@@ -43,6 +52,7 @@ from transaction_service.store.base import (
     ChangeRecord,
     ChangeWrite,
     EventWrite,
+    StoredEventBody,
     TransactionSnapshot,
     TransactionWrite,
 )
@@ -376,3 +386,110 @@ def plan_batch(
         except ServiceError as exc:
             answers.append(exc)
     return batch.finish(), answers
+
+
+# -- rebuild ------------------------------------------------------------------------------------
+
+
+class RebuildOutcome(enum.StrEnum):
+    """What a rebuild did to one transaction."""
+
+    # The view changed: a new revision and a change in the log, as for any ingested change.
+    CHANGED = "changed"
+    # Only the knowledge behind the view changed (nothing a caller sees); no new revision.
+    KNOWLEDGE_ONLY = "knowledge_only"
+    UNCHANGED = "unchanged"
+    # Some of its events can no longer be replayed (bodies erased by the body retention, or a
+    # body the current rules cannot read): its current state is kept as it is.
+    INCOMPLETE = "incomplete"
+    # It no longer exists (folded into another transaction since it was listed).
+    GONE = "gone"
+
+
+REBUILD_EVENT_PREFIX = "rebuild:"
+
+
+def replayed_knowledge(
+    transaction_id: str, legacy: bool, events: list[StoredEventBody], limits: StateLimits
+) -> Knowledge | None:
+    """The knowledge the current merge rule derives from a transaction's stored events, or None
+    if one of them cannot be replayed (its body was erased, or does not parse any more)."""
+    knowledge = Knowledge(id=transaction_id, legacy=legacy)
+    for stored in events:
+        if stored.body is None:
+            return None
+        try:
+            body = decode_json_body(stored.body.decode())
+            event = parse_event(body, stored.digest, limits=limits)
+        except (PayloadError, UnicodeDecodeError):
+            return None
+        if isinstance(event, OrderEvent):
+            # As ingest does: the transaction's id names the result, whichever block (or none)
+            # the event carried.
+            knowledge = join(knowledge, knowledge_from_event(event))
+    return knowledge
+
+
+def plan_rebuild(
+    transaction_ids: list[str],
+    state: BatchState,
+    now: datetime,
+    limits: StateLimits | None = None,
+) -> tuple[BatchPlan, dict[str, RebuildOutcome]]:
+    """Re-derive each transaction from its stored events (`state.replay_events`), replacing the
+    stored knowledge rather than joining it: after a merge-rule change the stored knowledge is
+    what is wrong. The change kinds come from the difference between the stored view and the
+    re-derived one, exactly as for an ingested event, so watchers get ordinary changes. A
+    transaction with any event that cannot be replayed keeps its state (INCOMPLETE). The
+    assignment of orders to transactions is kept as stored.
+    """
+    limits = limits or DEFAULT_LIMITS
+    plan = BatchPlan()
+    outcomes: dict[str, RebuildOutcome] = {}
+    event_id = REBUILD_EVENT_PREFIX + now.isoformat(timespec="seconds")
+    for transaction_id in transaction_ids:
+        stored = state.transactions.get(transaction_id)
+        if stored is None:
+            outcomes[transaction_id] = RebuildOutcome.GONE
+            continue
+        events = state.replay_events.get(transaction_id, [])
+        knowledge = (
+            replayed_knowledge(transaction_id, stored.knowledge.legacy, events, limits)
+            if events
+            else None
+        )
+        if knowledge is None:
+            outcomes[transaction_id] = RebuildOutcome.INCOMPLETE
+            continue
+        if knowledge == stored.knowledge:
+            outcomes[transaction_id] = RebuildOutcome.UNCHANGED
+            continue
+        after = view(knowledge)
+        kinds = diff_kinds(stored.view, after)
+        view_json = view_to_json(after)
+        change = None
+        if kinds:
+            change = len(plan.changes)
+            plan.changes.append(
+                ChangeWrite(
+                    transaction_id=transaction_id,
+                    event_id=event_id,
+                    order_id=None,
+                    kinds=tuple(kinds),
+                    view=after,
+                    recorded_at=now,
+                    view_json=view_json,
+                )
+            )
+        plan.transactions[transaction_id] = TransactionWrite(
+            knowledge=knowledge,
+            view=after,
+            change=change,
+            revision=stored.revision,
+            knowledge_json=knowledge_to_json(knowledge),
+            view_json=view_json,
+        )
+        outcomes[transaction_id] = (
+            RebuildOutcome.CHANGED if kinds else RebuildOutcome.KNOWLEDGE_ONLY
+        )
+    return plan, outcomes

@@ -84,16 +84,18 @@ class IngestEventRequest(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., payload_json: _Optional[str] = ...) -> None: ...
 
 class IngestEventResponse(_message.Message):
-    __slots__ = ("outcome", "transaction", "revision", "event_id")
+    __slots__ = ("outcome", "transaction", "revision", "event_id", "error")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     outcome: IngestOutcome
     transaction: Transaction
     revision: int
     event_id: str
-    def __init__(self, outcome: _Optional[_Union[IngestOutcome, str]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., revision: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+    error: IngestError
+    def __init__(self, outcome: _Optional[_Union[IngestOutcome, str]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., revision: _Optional[int] = ..., event_id: _Optional[str] = ..., error: _Optional[_Union[IngestError, _Mapping]] = ...) -> None: ...
 
 class GetTransactionRequest(_message.Message):
     __slots__ = ("transaction_id", "order_id")
@@ -288,3 +290,44 @@ class WatchProgress(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: int
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class IngestError(_message.Message):
+    __slots__ = ("code", "message", "reason", "field_violations")
+    class FieldViolation(_message.Message):
+        __slots__ = ("field", "description")
+        FIELD_FIELD_NUMBER: _ClassVar[int]
+        DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+        field: str
+        description: str
+        def __init__(self, field: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIELD_VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    reason: str
+    field_violations: _containers.RepeatedCompositeFieldContainer[IngestError.FieldViolation]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., field_violations: _Optional[_Iterable[_Union[IngestError.FieldViolation, _Mapping]]] = ...) -> None: ...
+
+class BatchGetTransactionsRequest(_message.Message):
+    __slots__ = ("lookups",)
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    lookups: _containers.RepeatedCompositeFieldContainer[GetTransactionRequest]
+    def __init__(self, lookups: _Optional[_Iterable[_Union[GetTransactionRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchGetTransactionsResponse(_message.Message):
+    __slots__ = ("results", "revision")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchGetTransactionsResult]
+    revision: int
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchGetTransactionsResult, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class BatchGetTransactionsResult(_message.Message):
+    __slots__ = ("found", "transaction")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    transaction: Transaction
+    def __init__(self, found: _Optional[bool] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ...) -> None: ...

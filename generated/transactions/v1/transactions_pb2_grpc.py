@@ -66,6 +66,16 @@ class TransactionServiceStub:
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
                 response_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
                 _registered_method=True)
+        self.IngestEvents = channel.stream_stream(
+                '/transactions.v1.TransactionService/IngestEvents',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.IngestEventRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.IngestEventResponse.FromString,
+                _registered_method=True)
+        self.BatchGetTransactions = channel.unary_unary(
+                '/transactions.v1.TransactionService/BatchGetTransactions',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.FromString,
+                _registered_method=True)
 
 
 class TransactionServiceServicer:
@@ -104,6 +114,8 @@ class TransactionServiceServicer:
         cannot write just now (disk full, I/O error, database file deleted or
         replaced, database unreachable); health reports NOT_SERVING until a write
         succeeds again.
+        (IngestEvents, below, takes the same messages; hence the lint exception.)
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +185,56 @@ class TransactionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestEvents(self, request_iterator, context):
+        """IngestEvents is IngestEvent in bulk, for back-fills and replays: a stream of deliveries in,
+        exactly one IngestEventResponse out per request, in request order. Each response is sent only
+        after its event is committed, as for IngestEvent; deliveries of one stream may share commits
+        with each other and with other callers'. Needs an ingest token when tokens are configured.
+
+        Per-event errors do not end the stream: the response of a refused request has `error` set
+        (code INVALID_ARGUMENT, ALREADY_EXISTS or UNAVAILABLE with the same message and field
+        violations IngestEvent would have ended with), `outcome` UNSPECIFIED, and nothing of it is
+        stored; the requests after it go on. A request that is not a protobuf message the service can
+        decode is refused the same way (INVALID_ARGUMENT).
+
+        Flow control: the server reads at most a window of requests ahead of the responses it has
+        sent (`ingest_stream_window` requests, or `ingest_stream_window_bytes` of bodies, whichever
+        comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
+        client's writes wait: a fast producer cannot make the server buffer without bound. A client
+        that stops reading responses stops the stream the same way.
+
+        The stream ends with:
+        OK            after the client half-closed and every request was answered.
+        UNAVAILABLE   the server is shutting down (ErrorInfo reason SHUTTING_DOWN): requests read
+        before were answered; send those without a response again (retries of an
+        event id are harmless), on another replica or later.
+        UNAUTHENTICATED / PERMISSION_DENIED  as for IngestEvent, before any request is read.
+
+        The messages are IngestEvent's on purpose, so a forwarder moves to the stream by changing the
+        call alone (hence the lint exceptions below).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetTransactions(self, request, context):
+        """BatchGetTransactions looks up many transactions at once, each by its own id or by one of its
+        order ids (at most 500 lookups per call), all read in one snapshot of the store. Results come
+        in request order, one per lookup; a lookup with no transaction is answered with `found`
+        false rather than failing the call. The same lookup may appear several times. A read: a read
+        token suffices. Errors:
+        INVALID_ARGUMENT    no lookups, more than 500, or a lookup without an id or whose id has no
+        non-space character (the BadRequest names it, e.g. lookups[3].order_id).
+        RESOURCE_EXHAUSTED  the transactions found would not fit in one response
+        (max_message_bytes); ask for fewer at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransactionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +262,16 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     servicer.WatchTransactions,
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.FromString,
                     response_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.SerializeToString,
+            ),
+            'IngestEvents': grpc.stream_stream_rpc_method_handler(
+                    servicer.IngestEvents,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.IngestEventRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.IngestEventResponse.SerializeToString,
+            ),
+            'BatchGetTransactions': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetTransactions,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +416,60 @@ class TransactionService:
             '/transactions.v1.TransactionService/WatchTransactions',
             transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
             transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/transactions.v1.TransactionService/IngestEvents',
+            transactions_dot_v1_dot_transactions__pb2.IngestEventRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.IngestEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transactions.v1.TransactionService/BatchGetTransactions',
+            transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,7 @@ from transaction_service.errors import (
     Unauthenticated,
     Unavailable,
 )
+from transactions.v1 import transactions_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,22 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         packed.Pack(detail)
         details.append(packed)
     return status_pb2.Status(code=code, message=message[:MAX_MESSAGE], details=details)
+
+
+def ingest_error(exc: ServiceError) -> pb.IngestError:
+    """An `IngestError` for one refused request of an IngestEvents stream: the code, message,
+    reason and field violations the same request to IngestEvent would have ended with."""
+    status = status_for(exc)
+    violations = exc.violations if isinstance(exc, InvalidArgument) else []
+    return pb.IngestError(
+        code=status.code,
+        message=status.message,
+        reason=getattr(exc, "reason", "") or "",
+        field_violations=[
+            pb.IngestError.FieldViolation(field=v.field, description=v.description)
+            for v in violations
+        ],
+    )
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:

@@ -19,7 +19,12 @@ from transaction_service.api.convert import (
     status_from_pb,
     struct_to_dict,
 )
-from transaction_service.api.errors import grpc_errors, tolerant_deserializer
+from transaction_service.api.errors import (
+    UndecodableRequest,
+    grpc_errors,
+    ingest_error,
+    tolerant_deserializer,
+)
 from transaction_service.api.wire import (
     ChangeEncoder,
     TransactionEncoder,
@@ -29,10 +34,19 @@ from transaction_service.api.wire import (
     varint_field,
 )
 from transaction_service.app import App
-from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
-from transaction_service.ingest import Outcome, decode_delivery
+from transaction_service.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unavailable,
+    echo,
+)
+from transaction_service.ingest import Delivery, IngestResult, Outcome, decode_delivery
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
 from transaction_service.watch import Batch, Current, Progress, WatchEvent, WatchFilter
+from transaction_service.window import OrderedWindow
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -44,6 +58,8 @@ MAX_PAGE_SIZE = 500
 _CHANGE_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["change"].number
 _FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["changes"].number
 _ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
+# Lookups in one BatchGetTransactions call (documented in the proto).
+MAX_BATCH_LOOKUPS = 500
 
 _OUTCOME_TO_PB = {
     Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
@@ -69,22 +85,27 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def IngestEvent(
         self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestEventResponse:
+        result = await self._app.ingest(self._decode(request), source="grpc")
+        return self._ingest_response(result)  # type: ignore[return-value]
+
+    def _ingest_response(self, result: IngestResult) -> bytes:
+        """IngestEventResponse, built from the transaction's cached bytes (api/wire.py)."""
+        transaction = result.transaction
+        return (
+            varint_field(1, _OUTCOME_TO_PB[result.outcome])
+            + (field(2, self._transactions.encode(transaction)) if transaction else b"")
+            + varint_field(3, result.revision)
+            + string_field(4, result.event_id)
+        )
+
+    def _decode(self, request: pb.IngestEventRequest) -> Delivery:
         body = request.WhichOneof("body")
-        delivery = decode_delivery(
+        return decode_delivery(
             request.event_id,
             payload_json=request.payload_json if body == "payload_json" else None,
             payload=struct_to_dict(request.payload) if body == "payload" else None,
             max_body_bytes=self._max_body_bytes,
             limits=self._limits,
-        )
-        result = await self._app.ingest(delivery, source="grpc")
-        # IngestEventResponse, built from the transaction's cached bytes (api/wire.py).
-        transaction = result.transaction
-        return (  # type: ignore[return-value]
-            varint_field(1, _OUTCOME_TO_PB[result.outcome])
-            + (field(2, self._transactions.encode(transaction)) if transaction else b"")
-            + varint_field(3, result.revision)
-            + string_field(4, result.event_id)
         )
 
     @grpc_errors
@@ -203,6 +224,111 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 for message in self._changes(event, _CHANGE_FIELD, _FEED_BATCH_FIELD):
                     yield message
 
+    @grpc_errors
+    async def IngestEvents(
+        self,
+        requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.IngestEventResponse]:
+        settings = self._app.settings
+        window = OrderedWindow(
+            requests,
+            self._ingest_one,
+            max_requests=settings.ingest_stream_window,
+            max_bytes=settings.ingest_stream_window_bytes,
+            size=_body_size,
+            # On shutdown: stop reading, answer what was read, then end the stream.
+            keep_reading=lambda: not self._app.stopping,
+            on_read=self._app.metrics.ingest_stream_read,
+        )
+        answered = 0
+        async for response in window.answers():
+            yield response
+            answered += 1
+        if window.stopped_early:
+            raise Unavailable(
+                f"the server is shutting down; the first {answered} requests of this stream "
+                "were answered: send the others again, on another replica or later",
+                reason="SHUTTING_DOWN",
+                metadata={"answered": str(answered)},
+            )
+
+    async def _ingest_one(
+        self, request: pb.IngestEventRequest | UndecodableRequest
+    ) -> pb.IngestEventResponse:
+        """One request of an IngestEvents stream: its response, or its error in the response."""
+        if isinstance(request, UndecodableRequest):
+            return pb.IngestEventResponse(error=ingest_error(request.error))
+        event_id = request.event_id
+        try:
+            delivery = self._decode(request)
+            event_id = delivery.event_id
+            result = await self._app.ingest(delivery, source="grpc")
+        except ServiceError as exc:
+            return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
+        except Exception:
+            # A bug: logged with its traceback; the caller learns only that it was not stored.
+            log.exception("unexpected error ingesting a request of IngestEvents")
+            return pb.IngestEventResponse(
+                event_id=event_id,
+                error=pb.IngestError(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message="internal error; it was logged on the server. Retry later.",
+                ),
+            )
+        return self._ingest_response(result)  # type: ignore[return-value]
+
+    @grpc_errors
+    async def BatchGetTransactions(
+        self, request: pb.BatchGetTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetTransactionsResponse:
+        lookups = request.lookups
+        violations = []
+        if not 1 <= len(lookups) <= MAX_BATCH_LOOKUPS:
+            violations.append(
+                FieldViolation(
+                    "lookups", f"give 1 to {MAX_BATCH_LOOKUPS} lookups, got {len(lookups)}"
+                )
+            )
+        keys: list[tuple[str, str]] = []
+        for i, lookup in enumerate(lookups[:MAX_BATCH_LOOKUPS]):
+            for violation in _lookup_violations(lookup):
+                field = violation.field if violation.field != "lookup" else ""
+                violations.append(
+                    FieldViolation(
+                        f"lookups[{i}]" + (f".{field}" if field else ""), violation.description
+                    )
+                )
+            kind = lookup.WhichOneof("lookup")
+            keys.append((kind or "", getattr(lookup, kind) if kind else ""))
+        if violations:
+            raise InvalidArgument(violations)
+        by_id, by_order, head = await self._store.get_many(
+            [key for kind, key in keys if kind == "transaction_id"],
+            [key for kind, key in keys if kind == "order_id"],
+        )
+        # Each transaction converted once, however many lookups found it.
+        converted: dict[int, pb.Transaction] = {}
+        results = []
+        for kind, key in keys:
+            found = (by_id if kind == "transaction_id" else by_order).get(key)
+            if found is None:
+                results.append(pb.BatchGetTransactionsResult(found=False))
+                continue
+            message = converted.get(id(found))
+            if message is None:
+                message = converted[id(found)] = snapshot_to_pb(found)
+            results.append(pb.BatchGetTransactionsResult(found=True, transaction=message))
+        response = pb.BatchGetTransactionsResponse(results=results, revision=head)
+        size = response.ByteSize()
+        if size > self._app.settings.max_message_bytes:
+            raise TooLarge(
+                f"the {len(by_id) + len(by_order)} transactions found are {size} bytes, more "
+                f"than one response may carry ({self._app.settings.max_message_bytes}, "
+                "max_message_bytes); ask for fewer at a time"
+            )
+        return response
+
     def _watch(
         self,
         where: WatchFilter,
@@ -218,6 +344,15 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             yield from self._encoder.batches(event.changes, batch, self._batch_bytes)
         else:
             yield self._encoder.single(event, single)
+
+
+def _body_size(request: pb.IngestEventRequest | UndecodableRequest) -> int:
+    """About what a request holds in memory, for the stream's byte window."""
+    if isinstance(request, UndecodableRequest):
+        return 0
+    if request.WhichOneof("body") == "payload_json":
+        return len(request.payload_json)
+    return request.ByteSize()
 
 
 def _lookup_violations(
@@ -270,11 +405,12 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
-        make_handler = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make_handler = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
         handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_deserializer(request_type),

@@ -128,6 +128,20 @@ class ChangeRecord:
 
 
 @dataclass(frozen=True)
+class StoredEventBody:
+    """An event as stored, for replaying it (`transaction-service rebuild`). `body` is None once
+    the body retention erased it: such an event can no longer be replayed."""
+
+    event_id: str
+    event_type: str
+    source: str
+    body_format: str  # "json": raw bytes as sent; "struct": canonical JSON
+    body: bytes | None
+    digest: str
+    order_id: str | None
+
+
+@dataclass(frozen=True)
 class ListFilter:
     status: TransactionStatus | None = None
     team_id: str = ""
@@ -157,6 +171,9 @@ class BatchKeys:
     # Transactions loaded by id: those named by transaction blocks, and legacy stand-ins (whose
     # id is their order's id).
     transaction_ids: frozenset[str]
+    # Transactions whose stored events the batch replays (a rebuild): their events are loaded
+    # under the batch's locks into `BatchState.replay_events`. Each is in transaction_ids too.
+    replay: frozenset[str] = frozenset()
 
     def lock_names(self) -> list[str]:
         """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
@@ -175,6 +192,8 @@ class BatchState:
     # Order id -> the transaction it belongs to now.
     order_index: dict[str, str] = field(default_factory=dict)
     transactions: dict[str, StoredTransaction] = field(default_factory=dict)
+    # For each transaction of `BatchKeys.replay`: the events of its orders, oldest first.
+    replay_events: dict[str, list[StoredEventBody]] = field(default_factory=dict)
 
     def transaction_ids_needed(self) -> set[str]:
         """Transactions the plan will read that the keys did not name: those the order index
@@ -310,6 +329,12 @@ class Store(Protocol):
     ) -> tuple[list[TransactionSnapshot], int]:
         """Transactions matching `where` with revision > after_revision, by revision."""
 
+    async def get_many(
+        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+    ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+        """Transactions by id and by order id, all read in one snapshot: (found by transaction
+        id, found by order id, head revision). Ids not known are absent from the dicts."""
+
     async def head_revision(self) -> int: ...
 
     async def changes_after(
@@ -325,6 +350,18 @@ class Store(Protocol):
     async def erase_bodies(self, received_before: datetime) -> int:
         """Erase the bodies of events received before the time (privacy); their id, digest,
         outcome and revision stay, for dedupe and audit. Returns how many were erased."""
+
+    async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
+        """Up to `limit` transaction ids greater than `after_id`, in id order: a stable walk over
+        every transaction, however their revisions change meanwhile."""
+
+    async def count_transactions(self) -> int: ...
+
+    async def replay_events(
+        self, transaction_ids: Sequence[str]
+    ) -> dict[str, list[StoredEventBody]]:
+        """The stored events of each transaction's orders, oldest first. `write` loads the same
+        under its locks for the transactions of `BatchKeys.replay`."""
 
     def change_notifications(self) -> AsyncIterator[None]:
         """Yields whenever changes may have been committed by another process (and after every

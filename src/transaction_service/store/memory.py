@@ -7,7 +7,7 @@ PostgreSQL) and makes use-case tests fast. Not for production: everything is gon
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from transaction_service.domain.state import knowledge_from_json, view_from_json
@@ -17,9 +17,11 @@ from transaction_service.store.base import (
     BatchState,
     ChangeLogPage,
     ChangeRecord,
+    EventWrite,
     ListFilter,
     Planner,
     StoredEvent,
+    StoredEventBody,
     StoredTransaction,
     TransactionSnapshot,
 )
@@ -39,6 +41,8 @@ class MemoryStore:
         self.transactions: dict[str, StoredTransaction] = {}
         self.order_index: dict[str, str] = {}
         self.changes: list[ChangeRecord] = []
+        # What else is stored of each event (type, source, format), for replays.
+        self.event_writes: dict[str, EventWrite] = {}
 
     async def open(self) -> None:
         return None
@@ -69,6 +73,8 @@ class MemoryStore:
             for txn_id in keys.transaction_ids:
                 if txn_id in self.transactions:
                     state.transactions[txn_id] = self.transactions[txn_id]
+            if keys.replay:
+                state.replay_events = self._replay_events(keys.replay)
             batch = plan(state)
             base = self.head
             self.head += len(batch.changes)
@@ -86,6 +92,7 @@ class MemoryStore:
             self.order_index.update(batch.order_index)
             for e in batch.events:
                 self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
+                self.event_writes[e.event_id] = e
             return AppliedBatch(batch, base, records)
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
@@ -114,6 +121,48 @@ class MemoryStore:
 
     async def head_revision(self) -> int:
         return self.head
+
+    async def get_many(
+        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+    ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+        by_id = {t: s for t in transaction_ids if (s := self._snapshot(t)) is not None}
+        by_order = {
+            o: s for o in order_ids if (s := self._snapshot(self.order_index.get(o))) is not None
+        }
+        return by_id, by_order, self.head
+
+    async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
+        return sorted(t for t in self.transactions if t > after_id)[:limit]
+
+    async def count_transactions(self) -> int:
+        return len(self.transactions)
+
+    async def replay_events(
+        self, transaction_ids: Sequence[str]
+    ) -> dict[str, list[StoredEventBody]]:
+        return self._replay_events(transaction_ids)
+
+    def _replay_events(self, transaction_ids: Iterable[str]) -> dict[str, list[StoredEventBody]]:
+        wanted = set(transaction_ids)
+        found: dict[str, list[StoredEventBody]] = {}
+        # Dicts keep insertion order: the events in arrival order.
+        for event_id, (digest, order_id, body, _) in self.events.items():
+            txn_id = self.order_index.get(order_id) if order_id else None
+            if txn_id not in wanted:
+                continue
+            written = self.event_writes[event_id]
+            found.setdefault(txn_id, []).append(
+                StoredEventBody(
+                    event_id=event_id,
+                    event_type=written.event_type,
+                    source=written.source,
+                    body_format=written.body_format,
+                    body=body,
+                    digest=digest,
+                    order_id=order_id,
+                )
+            )
+        return found
 
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()

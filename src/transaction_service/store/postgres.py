@@ -40,6 +40,7 @@ from transaction_service.store.base import (
     ListFilter,
     Planner,
     StoredEvent,
+    StoredEventBody,
     StoredTransaction,
     StoreOpenError,
     StoreUnavailable,
@@ -48,7 +49,9 @@ from transaction_service.store.base import (
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
     change_record,
+    found_from_rows,
     plan_rows,
+    replay_events_from_rows,
     snapshot,
     stored_transaction,
 )
@@ -119,6 +122,11 @@ _BY_ORDER = (
     " JOIN transactions t ON t.id = o.transaction_id WHERE o.order_id = ANY($1::text[])"
 )
 _BY_ID = "SELECT id, knowledge, view, revision FROM transactions WHERE id = ANY($1::text[])"
+_REPLAY = (
+    "SELECT o.transaction_id, e.event_id, e.event_type, e.source, e.body_format, e.body,"
+    " e.digest, e.order_id FROM order_transactions o JOIN events e ON e.order_id = o.order_id"
+    " WHERE o.transaction_id = ANY($1::text[]) ORDER BY e.seq"
+)
 _LOCK = (
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(k, n)"
 )
@@ -308,6 +316,9 @@ class PostgresStore:
             for txn_id, knowledge, view, revision in await conn.fetch(_BY_ID, wanted):
                 decoded[txn_id] = stored_transaction(knowledge, view, revision)
         state.transactions = decoded
+        if keys.replay:
+            rows = await conn.fetch(_REPLAY, list(keys.replay))
+            state.replay_events = replay_events_from_rows(rows)
         return state
 
     async def _apply(self, conn: asyncpg.Connection, batch: BatchPlan) -> AppliedBatch:
@@ -403,6 +414,36 @@ class PostgresStore:
 
     async def head_revision(self) -> int:
         return (await self._fetch(f"SELECT {_HEAD}"))[0][0]
+
+    async def get_many(
+        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+    ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+        # One statement, so one snapshot; the last row carries the head when nothing is found.
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, 't', id, id, view, revision FROM transactions"
+            " WHERE id = ANY($1::text[])"
+            f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, t.view, t.revision"
+            " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
+            " WHERE o.order_id = ANY($2::text[])"
+            f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL, NULL",
+            list(set(transaction_ids)),
+            list(set(order_ids)),
+        )
+        return found_from_rows(rows)
+
+    async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
+        rows = await self._fetch(
+            "SELECT id FROM transactions WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit
+        )
+        return [row[0] for row in rows]
+
+    async def count_transactions(self) -> int:
+        return (await self._fetch("SELECT count(*) FROM transactions"))[0][0]
+
+    async def replay_events(
+        self, transaction_ids: Sequence[str]
+    ) -> dict[str, list[StoredEventBody]]:
+        return replay_events_from_rows(await self._fetch(_REPLAY, list(transaction_ids)))
 
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()

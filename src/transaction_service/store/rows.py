@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from transaction_service.domain.state import (
 from transaction_service.store.base import (
     BatchPlan,
     ChangeRecord,
+    StoredEventBody,
     StoredTransaction,
     TransactionSnapshot,
 )
@@ -145,3 +146,39 @@ def plan_rows(
         "orders": sorted(batch.order_index.items()),
         "events": events,
     }
+
+
+def replay_events_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, list[StoredEventBody]]:
+    found: dict[str, list[StoredEventBody]] = {}
+    for txn_id, event_id, event_type, source, body_format, body, digest, order_id in rows:
+        found.setdefault(txn_id, []).append(
+            StoredEventBody(
+                event_id=event_id,
+                event_type=event_type,
+                source=source,
+                body_format=body_format,
+                body=bytes(body) if body is not None else None,
+                digest=digest,
+                order_id=order_id,
+            )
+        )
+    return found
+
+
+def found_from_rows(
+    rows: Sequence[Sequence[Any]],
+) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+    """`Store.get_many`'s rows (head, 't' or 'o', key, transaction id, view, revision) as its
+    answer; each transaction's view is decoded once, however many lookups found it."""
+    head = rows[0][0] if rows else 0
+    decoded: dict[str, TransactionSnapshot] = {}
+    by_id: dict[str, TransactionSnapshot] = {}
+    by_order: dict[str, TransactionSnapshot] = {}
+    for _, kind, key, txn_id, view, revision in rows:
+        if kind is None:
+            continue
+        found = decoded.get(txn_id)
+        if found is None:
+            found = decoded[txn_id] = snapshot(view, revision)
+        (by_id if kind == "t" else by_order)[key] = found
+    return by_id, by_order, head

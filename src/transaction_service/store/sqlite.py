@@ -43,6 +43,7 @@ from transaction_service.store.base import (
     ListFilter,
     Planner,
     StoredEvent,
+    StoredEventBody,
     StoredTransaction,
     StoreOpenError,
     StoreUnavailable,
@@ -51,8 +52,10 @@ from transaction_service.store.base import (
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
     change_record,
+    found_from_rows,
     iso,
     plan_rows,
+    replay_events_from_rows,
     snapshot,
     stored_transaction,
 )
@@ -123,6 +126,11 @@ _BY_ORDER = (
 _BY_ID = (
     "SELECT id, knowledge, view, revision FROM transactions"
     " WHERE id IN (SELECT value FROM json_each(?))"
+)
+_REPLAY = (
+    "SELECT o.transaction_id, e.event_id, e.event_type, e.source, e.body_format, e.body,"
+    " e.digest, e.order_id FROM order_transactions o JOIN events e ON e.order_id = o.order_id"
+    " WHERE o.transaction_id IN (SELECT value FROM json_each(?)) ORDER BY e.seq"
 )
 _BUMP = "UPDATE meta SET value = value + ? WHERE key = 'head_revision' RETURNING value"
 _INSERT_CHANGE = (
@@ -355,6 +363,9 @@ class SqliteStore:
             ):
                 decoded[txn_id] = stored_transaction(knowledge, view, revision)
         state.transactions = decoded
+        if keys.replay:
+            rows = await conn.execute_fetchall(_REPLAY, (json.dumps(list(keys.replay)),))
+            state.replay_events = replay_events_from_rows(rows)
         return state
 
     async def _apply(self, conn: aiosqlite.Connection, batch: BatchPlan) -> AppliedBatch:
@@ -456,6 +467,38 @@ class SqliteStore:
 
     async def head_revision(self) -> int:
         return (await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0]
+
+    async def get_many(
+        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+    ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+        # One statement, so one snapshot; the last row is there to carry the head revision when
+        # nothing is found.
+        rows = await self._fetch(
+            f"SELECT {_HEAD}, 't', id, id, view, revision FROM transactions"
+            " WHERE id IN (SELECT value FROM json_each(?))"
+            f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, t.view, t.revision"
+            " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
+            " WHERE o.order_id IN (SELECT value FROM json_each(?))"
+            f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL, NULL",
+            (json.dumps(list(set(transaction_ids))), json.dumps(list(set(order_ids)))),
+        )
+        return found_from_rows(rows)
+
+    async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
+        rows = await self._fetch(
+            "SELECT id FROM transactions WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        )
+        return [row[0] for row in rows]
+
+    async def count_transactions(self) -> int:
+        return (await self._fetch("SELECT count(*) FROM transactions", ()))[0][0]
+
+    async def replay_events(
+        self, transaction_ids: Sequence[str]
+    ) -> dict[str, list[StoredEventBody]]:
+        return replay_events_from_rows(
+            await self._fetch(_REPLAY, (json.dumps(list(transaction_ids)),))
+        )
 
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()

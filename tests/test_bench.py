@@ -1,0 +1,36 @@
+"""The benchmark runs (in its smallest mode, so it does not rot); its figures are not checked:
+speed is never asserted by a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cores shared by the servers and the clients" in result.stdout
+    results = json.loads(out.read_text())
+    for key in (
+        "echo_ingest_rps",
+        "ingest_event_ratio",
+        "get_ratio",
+        "ingest_events_ratio",
+        "bytes_per_transaction",
+    ):
+        assert results[key] > 0, key
+    # Correctness is checked even in the smallest run: no watcher missed a change.
+    assert results["fanout"]["missed"] == 0
+    assert results["fanout_many_feeds"]["missed"] == 0
