@@ -22,7 +22,14 @@ from transactions.v1 import transactions_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransactionService"].full_name
 READ_METHODS = frozenset(
-    {"GetTransaction", "ListTransactions", "WatchTransaction", "WatchTransactions"}
+    {
+        "GetTransaction",
+        "ListTransactions",
+        "WatchTransaction",
+        "WatchTransactions",
+        "GetTransactionResults",
+        "GetTransactionResultsPdf",
+    }
 )
 
 

@@ -14,9 +14,13 @@ from functools import partial
 import grpc
 
 from transaction_service.api.convert import (
+    OUTCOME_TO_PB,
+    backfill_progress_to_pb,
     change_to_pb,
     from_timestamp,
     kind_from_pb,
+    reconciled_to_pb,
+    results_to_pb,
     snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
@@ -24,8 +28,15 @@ from transaction_service.api.convert import (
 from transaction_service.api.errors import grpc_errors, tolerant_deserializer
 from transaction_service.app import App
 from transaction_service.domain.state import ChangeKind
-from transaction_service.errors import FieldViolation, InvalidArgument, NotFound, echo
-from transaction_service.ingest import Outcome, decode_delivery
+from transaction_service.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    echo,
+)
+from transaction_service.ingest import decode_delivery
+from transaction_service.results import results_pdf, stored_results
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
 from transaction_service.watch import Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
@@ -37,13 +48,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # Converted change messages, shared by all watchers of a change.
 _CHANGE_CACHE_SIZE = 4096
-
-_OUTCOME_TO_PB = {
-    Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
-    Outcome.DUPLICATE: pb.INGEST_OUTCOME_DUPLICATE,
-    Outcome.STALE: pb.INGEST_OUTCOME_STALE,
-    Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
-}
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
@@ -73,7 +77,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
         result = await self._app.ingest(delivery, source="grpc")
         return pb.IngestEventResponse(
-            outcome=_OUTCOME_TO_PB[result.outcome],
+            outcome=OUTCOME_TO_PB[result.outcome],
             transaction=snapshot_to_pb(result.transaction),
             revision=result.revision,
             event_id=result.event_id,
@@ -191,6 +195,74 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             elif isinstance(event, ChangeRecord):
                 yield pb.WatchTransactionsResponse(change=self._change_pb(event))
 
+    @grpc_errors
+    async def ReconcileTransaction(
+        self, request: pb.ReconcileTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReconcileTransactionResponse:
+        key, lookup = _lookup(request)
+        reconciled = await self._app.reconciler.reconcile(**{lookup: key}, trigger="rpc")
+        return reconciled_to_pb(reconciled)
+
+    @grpc_errors
+    async def BackfillTransactions(
+        self, request: pb.BackfillTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BackfillTransactionsResponse]:
+        violations = []
+        since = until = None
+        if not request.HasField("since"):
+            violations.append(FieldViolation("since", "required: the start of the window"))
+        for name in ("since", "until"):
+            if request.HasField(name):
+                try:
+                    value = from_timestamp(getattr(request, name))
+                except ValueError as exc:
+                    violations.append(FieldViolation(name, str(exc)))
+                    continue
+                since, until = (value, until) if name == "since" else (since, value)
+        if since is not None and until is not None and until < since:
+            violations.append(FieldViolation("until", "must not be before since"))
+        if violations:
+            raise InvalidArgument(violations)
+        assert since is not None
+        if request.resend:
+            resent = await self._app.reconciler.resend(since, until)
+            yield pb.BackfillTransactionsResponse(orders_resent=resent, done=True)
+            return
+        async for progress in self._app.reconciler.backfill(since, until):
+            if self._app.stopping:
+                raise Unavailable(
+                    "the server is shutting down; run the back-fill again (what it took in is "
+                    "kept, and taking it in again changes nothing)",
+                    reason="SHUTTING_DOWN",
+                )
+            yield backfill_progress_to_pb(progress)
+
+    @grpc_errors
+    async def GetTransactionResults(
+        self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTransactionResultsResponse:
+        snapshot = await self._find(request)
+        return results_to_pb(await stored_results(self._store, snapshot.view))
+
+    @grpc_errors
+    async def GetTransactionResultsPdf(
+        self, request: pb.GetTransactionResultsPdfRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
+        snapshot = await self._find(request)
+        async for chunk in results_pdf(self._app.junction, snapshot.view):
+            yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+
+    async def _find(self, request: _LookupRequest) -> TransactionSnapshot:
+        """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
+        key, lookup = _lookup(request)
+        if lookup == "transaction_id":
+            snapshot, _ = await self._store.get(key)
+        else:
+            snapshot, _ = await self._store.get_by_order(key)
+        if snapshot is None:
+            raise NotFound(f"no transaction known for {lookup} {echo(key)}")
+        return snapshot
+
     async def _watch(
         self,
         context: grpc.aio.ServicerContext,
@@ -213,9 +285,26 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         return message
 
 
-def _lookup_violations(
-    request: pb.GetTransactionRequest | pb.WatchTransactionRequest,
-) -> list[FieldViolation]:
+_LookupRequest = (
+    pb.GetTransactionRequest
+    | pb.WatchTransactionRequest
+    | pb.ReconcileTransactionRequest
+    | pb.GetTransactionResultsRequest
+    | pb.GetTransactionResultsPdfRequest
+)
+
+
+def _lookup(request: _LookupRequest) -> tuple[str, str]:
+    """(id, "transaction_id" or "order_id") of a request's lookup; InvalidArgument if unusable."""
+    violations = _lookup_violations(request)
+    if violations:
+        raise InvalidArgument(violations)
+    lookup = request.WhichOneof("lookup")
+    assert lookup is not None
+    return getattr(request, lookup), lookup
+
+
+def _lookup_violations(request: _LookupRequest) -> list[FieldViolation]:
     lookup = request.WhichOneof("lookup")
     if lookup is None:
         return [FieldViolation("lookup", "set transaction_id or order_id")]
