@@ -5,6 +5,7 @@ RESULTS_READY revision live)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,10 +26,17 @@ from tests.pg import table_rows
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
 from transaction_service.domain.state import TransactionStatus
+from transaction_service.ingest import Delivery, decode_delivery
 from transaction_service.junction.answers import TransactionResults
+from transaction_service.plan import batch_keys, plan_batch
 from transaction_service.results import ResultsFetcher, plan_fetched
 from transaction_service.server import TransactionService
-from transaction_service.store.base import BatchState, PendingResults, StoredTransaction
+from transaction_service.store.base import (
+    BatchPlan,
+    BatchState,
+    PendingResults,
+    StoredTransaction,
+)
 from transaction_service.store.memory import MemoryStore
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -270,9 +278,97 @@ async def test_reconcile_errors_are_honest_status_codes(
             assert len(fake_junction.requests_to("order_transaction")) == before + 1
 
 
+async def test_a_legacy_stand_in_is_reconciled_through_its_order(
+    start: Services, fake_junction: FakeJunction
+) -> None:
+    """A legacy order (no transaction block) stands in a transaction of its own whose id is the
+    order's: reconciling that id asks Junction about the order, not about a transaction."""
+    api = await start(fake_junction)
+    body = copy.deepcopy(REDRAW["deliveries"][0]["body"])
+    del body["data"]["order_transaction"]
+    order_id = body["data"]["id"]
+    await ingest(api, "msg-legacy-1", body)
+    later = copy.deepcopy(body["data"])
+    later["status"] = "cancelled"
+    later["updated_at"] = "2026-03-20T00:00:00Z"
+    later["events"].append(
+        {
+            "id": 99999,
+            "created_at": "2026-03-20T00:00:00Z",
+            "status": "cancelled.walk_in_test.cancelled",
+        }
+    )
+    later["last_event"] = later["events"][-1]
+    fake_junction.add_order(later)
+
+    reconciled = await api.stub.ReconcileTransaction(
+        pb.ReconcileTransactionRequest(transaction_id=order_id)
+    )
+
+    assert reconciled.transaction.legacy
+    assert reconciled.transaction.status == pb.TRANSACTION_STATUS_CANCELLED
+    assert [a.endpoint for a in reconciled.answers] == ["GET /v3/order/{order_id}"]
+    assert fake_junction.requests_to("order_transaction") == []
+
+
 # --------------------------------------------------------------------------------------------------
 # Combined results
 # --------------------------------------------------------------------------------------------------
+
+
+def _corrected(body: dict[str, Any]) -> dict[str, Any]:
+    """The redraw order's completion, corrected two days later."""
+    corrected = copy.deepcopy(body)
+    data = corrected["data"]
+    data["updated_at"] = "2026-03-14T09:00:00Z"
+    data["events"].append(
+        {"id": 9030, "created_at": data["updated_at"], "status": "completed.walk_in_test.corrected"}
+    )
+    data["last_event"] = data["events"][-1]
+    for entry in data["order_transaction"]["orders"]:
+        if entry["id"] == data["id"]:
+            entry["low_level_status"] = "corrected"
+            entry["low_level_status_created_at"] = entry["updated_at"] = data["updated_at"]
+    return corrected
+
+
+async def _commit(store: MemoryStore, deliveries: list[Delivery], want: bool) -> int:
+    """Commit in one batch; the revision of the last change."""
+
+    def plan(state: BatchState) -> BatchPlan:
+        return plan_batch(deliveries, state, datetime.now(UTC), want_results=want)[0]
+
+    applied = await store.write(batch_keys(deliveries), plan)
+    return applied.changes[-1].revision if applied.changes else 0
+
+
+async def test_completion_and_correction_mark_results_in_their_own_commit_and_legacy_never() -> (
+    None
+):
+    def delivery(event_id: str, body: dict[str, Any]) -> Delivery:
+        return decode_delivery(event_id, payload=body, max_body_bytes=1 << 20)
+
+    transaction_id = REDRAW["expect"]["transaction_id"]
+    *before, completing = REDRAW["deliveries"]
+    store = MemoryStore()
+    await _commit(store, [delivery(d["svix_id"], d["body"]) for d in before], want=True)
+    assert store.results_pending == {}
+
+    completed_at = await _commit(store, [delivery("done", completing["body"])], want=True)
+    assert store.results_pending[transaction_id].requested_revision == completed_at
+    corrected_at = await _commit(
+        store, [delivery("fix", _corrected(completing["body"]))], want=True
+    )
+    assert corrected_at > completed_at
+    assert store.results_pending[transaction_id].requested_revision == corrected_at
+
+    # Without Junction's API configured, or for a legacy order, nothing is marked.
+    bare = MemoryStore()
+    await _commit(bare, [delivery(d["svix_id"], d["body"]) for d in REDRAW["deliveries"]], False)
+    legacy = copy.deepcopy(completing["body"])
+    del legacy["data"]["order_transaction"]
+    await _commit(bare, [delivery("legacy", legacy)], want=True)
+    assert bare.results_pending == {}
 
 
 async def test_completion_fetches_results_once_and_reports_results_ready(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -277,10 +278,8 @@ class PostgresStore:
                             applied = await self._write_once(conn, keys, plan)
                         break
                     except _MoreKeys as more:
-                        keys = BatchKeys(
-                            keys.event_ids,
-                            keys.order_ids,
-                            keys.transaction_ids | more.transaction_ids,
+                        keys = dataclasses.replace(
+                            keys, transaction_ids=keys.transaction_ids | more.transaction_ids
                         )
                     except (
                         asyncpg.DeadlockDetectedError,
@@ -312,7 +311,7 @@ class PostgresStore:
                 # Another writer holds one of them: start again, locking everything in order.
                 raise _MoreKeys(needed)
             # Locked now: read them again, as they are under the lock.
-            keys = BatchKeys(keys.event_ids, keys.order_ids, keys.transaction_ids | needed)
+            keys = dataclasses.replace(keys, transaction_ids=keys.transaction_ids | needed)
             state = await self._load(conn, keys)
         batch = plan(state)
         return await self._apply(conn, batch)
