@@ -25,7 +25,7 @@ from tests.harness import Running, check_expect, ingest
 from tests.pg import table_rows
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
-from transaction_service.domain.state import TransactionStatus
+from transaction_service.domain.state import Knowledge, TransactionStatus, TransactionView
 from transaction_service.ingest import Delivery, decode_delivery
 from transaction_service.junction.answers import TransactionResults
 from transaction_service.plan import batch_keys, plan_batch
@@ -572,8 +572,6 @@ async def test_a_request_made_while_fetching_is_not_cleared_by_the_older_fetch()
 
 def _seed(store: MemoryStore, transaction_id: str, now: datetime) -> None:
     """A completed transaction with a results marker due `now`."""
-    from transaction_service.domain.state import Knowledge, TransactionView
-
     view = TransactionView(id=transaction_id, status=TransactionStatus.COMPLETED)
     store.head = 7
     store.transactions[transaction_id] = StoredTransaction(Knowledge(id=transaction_id), view, 7)
