@@ -204,6 +204,11 @@ class FakeJunction:
         with self._lock:
             self._results[transaction_id] = raw
 
+    def remove_results(self, transaction_id: str) -> bytes | None:
+        """Serve 404 for the transaction's results again (not ready yet); what was served."""
+        with self._lock:
+            return self._results.pop(transaction_id, None)
+
     def set_pdf(self, transaction_id: str, pdf: bytes) -> None:
         with self._lock:
             self._pdfs[transaction_id] = pdf

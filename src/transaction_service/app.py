@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,11 @@ from transaction_service.domain.limits import StateLimits
 from transaction_service.domain.payload import OrderEvent
 from transaction_service.errors import AlreadyExists, Unavailable
 from transaction_service.ingest import Delivery, Ingestor, IngestResult
+from transaction_service.junction.client import JunctionClient, junction_base_url
 from transaction_service.metrics import Metrics
+from transaction_service.plan import RESULTS_KINDS
+from transaction_service.reconcile import Reconciler
+from transaction_service.results import ResultsFetcher
 from transaction_service.store.base import ChangeRecord, Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.watch import ChangeFeed, ChangeHub
@@ -47,6 +52,23 @@ def open_store(settings: Settings) -> Store:
         raise StartupError(str(exc)) from None
 
 
+def junction_client(settings: Settings) -> JunctionClient | None:
+    """The client of Junction's API the settings describe; None without an API key."""
+    if not settings.junction_api_key:
+        return None
+    base_url = junction_base_url(
+        settings.junction_region,
+        settings.junction_environment,
+        explicit=settings.junction_base_url or None,
+    )
+    return JunctionClient(
+        base_url=base_url,
+        api_key=settings.junction_api_key,
+        timeout=settings.junction_timeout_seconds,
+        max_concurrency=settings.junction_max_concurrency,
+    )
+
+
 class App:
     """Everything the service is, but the listeners."""
 
@@ -67,12 +89,35 @@ class App:
             max_view_bytes=settings.max_view_bytes,
         )
         self.feed = ChangeFeed(self.store, self.hub, shared=self.store.shared)
+        # Junction's API, when an API key is configured: reconcile, sweep, combined results.
+        self.junction = junction_client(settings)
         self.ingestor = Ingestor(
             self.store,
             max_batch=settings.max_batch,
             limits=self.limits,
             on_changes=self._changes_committed,
             metrics=self.metrics,
+            want_results=self.junction is not None,
+        )
+        self.reconciler = Reconciler(
+            self.store,
+            self.junction,
+            ingest=functools.partial(self.ingest, source="api"),
+            max_body_bytes=settings.max_body_bytes,
+            limits=self.limits,
+            concurrency=settings.junction_max_concurrency,
+            metrics=self.metrics,
+        )
+        self.results = (
+            ResultsFetcher(
+                self.store,
+                self.junction,
+                on_changes=self._changes_committed,
+                retention=timedelta(seconds=settings.body_retention_seconds),
+                metrics=self.metrics,
+            )
+            if self.junction is not None
+            else None
         )
         self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
         # Background loops; each catches and logs its own failures and keeps going.
@@ -91,10 +136,36 @@ class App:
         self._background(self.feed.run, "change-feed")
         self._background(self._housekeeping, "housekeeping")
         self._background(self._probe_store, "store-probe")
+        if self.results is not None:
+            self._background(self.results.run, "results-fetcher")
+        if self.settings.reconcile_interval_seconds:
+            self._background(self._sweep, "reconcile-sweep")
+        self._log_junction()
         self.started = True
 
+    def _log_junction(self) -> None:
+        if self.junction is None:
+            log.info(
+                "junction api: not configured (no TRANSACTION_SERVICE_JUNCTION_API_KEY): no "
+                "reconcile, sweep or combined results"
+            )
+            return
+        interval = self.settings.reconcile_interval_seconds
+        sweep = (
+            f"sweep every {interval:g} s of transactions silent for "
+            f"{self.settings.reconcile_after_seconds:g} s"
+            if interval
+            else "no sweep"
+        )
+        log.info(
+            "junction api: %s; combined results fetched on completion; %s",
+            self.junction.base_url,
+            sweep,
+        )
+
     async def ingest(self, delivery: Delivery, *, source: str) -> IngestResult:
-        """Ingest a decoded delivery (`source`: "grpc" or "webhook"); answered after the commit.
+        """Ingest a decoded delivery (`source`: "grpc", "webhook" or "api"); answered after the
+        commit.
 
         What both transports call: the ingestor's use case, counted and logged once here.
         """
@@ -127,6 +198,8 @@ class App:
     def _changes_committed(self, changes: Sequence[ChangeRecord]) -> None:
         self.feed.committed(changes)
         self.metrics.revision_committed(max(change.revision for change in changes))
+        if self.results is not None and any(RESULTS_KINDS.intersection(c.kinds) for c in changes):
+            self.results.wake()  # its results marker was committed with the change
 
     def _background(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
         self._loops.append(asyncio.create_task(loop(), name=name))
@@ -149,6 +222,8 @@ class App:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
+        if self.junction is not None:
+            await self.junction.aclose()
         await self.store.close()
 
     async def _probe_store(self) -> None:
@@ -170,6 +245,32 @@ class App:
                 log.debug("change log compacted through revision %d", compacted)
                 if erased := await self.store.erase_bodies(now - bodies):
                     log.info("erased %d webhook bodies older than the body retention", erased)
+                if erased := await self.store.erase_results(now - bodies):
+                    log.info("erased %d combined results older than the body retention", erased)
             except Exception:
                 log.exception("housekeeping failed; will retry")
             await asyncio.sleep(self.settings.change_trim_interval_seconds)
+
+    async def _sweep(self) -> None:
+        """Reconcile silent ACTIVE transactions now and then; one replica at a time (the others
+        find the job lock taken and skip their turn)."""
+        silence = timedelta(seconds=self.settings.reconcile_after_seconds)
+        while True:
+            try:
+                async with self.store.exclusive("reconcile-sweep") as mine:
+                    if mine:
+                        report = await self.reconciler.sweep(datetime.now(UTC) - silence)
+                        if report.checked or report.failed or report.interrupted:
+                            log.info(
+                                "sweep: %d silent transaction(s) reconciled, %d changed, "
+                                "%d failed%s",
+                                report.checked,
+                                report.changed,
+                                report.failed,
+                                "; stopped early: Junction is unavailable"
+                                if report.interrupted
+                                else "",
+                            )
+            except Exception:
+                log.exception("the reconcile sweep failed; will retry")
+            await asyncio.sleep(self.settings.reconcile_interval_seconds)

@@ -1,4 +1,5 @@
-"""`transaction-service serve`: the command line."""
+"""The command line: `transaction-service serve`, and the clients of a running server (`watch`,
+`health`, `reconcile`, `backfill`)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
+
+    from transaction_service.reconcile_client import add_backfill_flags, add_reconcile_flags
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="reconcile one transaction with Junction's API",
+        description="Ask a running server to read one transaction and its orders from "
+        "Junction's API and take in what they say (events with source api, merged like "
+        "webhooks). Prints the response as JSON: the state afterwards and what each answer did. "
+        "The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
+    )
+    add_connection_flags(reconcile, token=True)
+    add_reconcile_flags(reconcile)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="reconcile every transaction Junction updated in a time window",
+        description="After an outage: ask a running server to page through the orders Junction "
+        "updated in the window and reconcile each of their transactions, with a progress bar, "
+        "then print a summary of outcomes. With --resend, ask Junction to re-send their latest "
+        "webhooks instead. The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
+    )
+    add_connection_flags(backfill, token=True)
+    add_backfill_flags(backfill)
     return parser
 
 
@@ -131,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.health_client import run_health
 
         return run_health(args)
+    if args.command in ("reconcile", "backfill"):
+        from transaction_service.reconcile_client import run_backfill, run_reconcile
+
+        return run_reconcile(args) if args.command == "reconcile" else run_backfill(args)
     try:
         settings = from_flags(args)
     except ValidationError as exc:

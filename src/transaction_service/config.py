@@ -226,6 +226,44 @@ class Settings(BaseSettings):
         description="changes buffered per watcher before it catches up from the change log",
     )
 
+    # -- Junction's API (reconcile, sweep, back-fill, combined results) ----------------------------
+    junction_api_key: str = Field(
+        default="",
+        repr=False,
+        description="Junction API key (sent as X-Vital-API-Key): turns on reconcile, the sweep, "
+        "back-fill and fetching combined results. Give it in the environment",
+        json_schema_extra=_SECRET,
+    )
+    junction_region: Literal["us", "eu"] = Field(
+        default="us", description="the Junction region the API key belongs to"
+    )
+    junction_environment: Literal["production", "sandbox"] = Field(
+        default="production", description="the Junction environment the API key belongs to"
+    )
+    junction_base_url: str = Field(
+        default="",
+        description="Junction API base URL, instead of the one for the region and environment "
+        "(a proxy, or a fake in tests)",
+    )
+    junction_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="timeout of each request to Junction's API (retried)"
+    )
+    junction_max_concurrency: int = Field(
+        default=4, gt=0, description="most requests to Junction's API in flight at once"
+    )
+    reconcile_interval_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="how often the sweep looks for active transactions that went silent and "
+        "reconciles them with Junction's API; 0: no sweep",
+    )
+    reconcile_after_seconds: float = Field(
+        default=6 * 3600,
+        gt=0,
+        description="a transaction is silent, and swept, when it is active and neither Junction "
+        "nor a reconcile has told anything new of it for this long",
+    )
+
     def __init__(self, **values: Any) -> None:
         # Accept the log level in any case, as users type it.
         if isinstance(values.get("log_level"), str):
@@ -266,6 +304,15 @@ class Settings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: set both or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS)")
+        if self.reconcile_interval_seconds and not self.junction_api_key:
+            raise ValueError(
+                f"--reconcile-interval-seconds needs Junction's API: set {ENV_PREFIX}"
+                "JUNCTION_API_KEY, or leave the interval at 0"
+            )
+        if self.junction_base_url and not self.junction_base_url.startswith(
+            ("https://", "http://")
+        ):
+            raise ValueError("--junction-base-url must start with https:// (or http://)")
         return self
 
     @property

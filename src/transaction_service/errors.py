@@ -78,6 +78,19 @@ class NotFound(ServiceError):
     """What the request names is not known."""
 
 
+class FailedPrecondition(ServiceError):
+    """The request is well formed, but the service is not in a state to do it (a setting missing,
+    the provider refusing for good, results not fetched yet). `reason` and `metadata`, when set,
+    are sent as a google.rpc.ErrorInfo."""
+
+    def __init__(
+        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata or {}
+
+
 class OutOfRange(ServiceError):
     """A position outside what can be served; `reason` and `metadata` tell the client what to do."""
 

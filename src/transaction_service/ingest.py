@@ -177,6 +177,7 @@ class Ingestor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_changes: ChangeListener | None = None,
         metrics: Metrics | None = None,
+        want_results: bool = False,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
         self._store = store
@@ -184,6 +185,8 @@ class Ingestor:
         self._limits = limits or StateLimits()
         self._clock = clock
         self._on_changes = on_changes
+        # Whether completions mark combined results to fetch (Junction's API is configured).
+        self._want_results = want_results
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -235,7 +238,9 @@ class Ingestor:
 
         def plan(state: BatchState) -> BatchPlan:
             # The store may plan more than once (a retry); only the last plan is applied.
-            written, planned = plan_batch(deliveries, state, now, self._limits)
+            written, planned = plan_batch(
+                deliveries, state, now, self._limits, want_results=self._want_results
+            )
             answers[:] = planned
             return written
 

@@ -23,7 +23,11 @@ from prometheus_client import (
 disable_created_metrics()
 
 PREFIX = "transaction_service"
-SOURCES = ("grpc", "webhook")
+SOURCES = ("grpc", "webhook", "api")
+# What started a reconcile with Junction's API, and what it did.
+RECONCILE_TRIGGERS = ("rpc", "sweep", "backfill")
+RECONCILE_OUTCOMES = ("changed", "unchanged", "failed")
+RESULTS_OUTCOMES = ("ready", "unchanged", "partial", "failed", "gave_up")
 # Outcomes of an ingest: the four answers, and the two refusals that happen after decoding.
 OUTCOMES = ("applied", "duplicate", "stale", "ignored", "conflict", "unavailable")
 # Group commit takes up to `max_batch` (default 256) deliveries at once.
@@ -87,6 +91,25 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.reconciles = Counter(
+            f"{PREFIX}_reconciles",
+            "Transactions reconciled with Junction's API, by trigger (rpc, sweep, backfill) and "
+            "outcome (changed, unchanged, failed).",
+            ["trigger", "outcome"],
+            registry=registry,
+        )
+        self.results_fetches = Counter(
+            f"{PREFIX}_results_fetches",
+            "Fetches of combined results from Junction's API, by outcome (ready: new results "
+            "reported; unchanged; partial; failed: retried later; gave_up).",
+            ["outcome"],
+            registry=registry,
+        )
+        for trigger in RECONCILE_TRIGGERS:
+            for outcome in RECONCILE_OUTCOMES:
+                self.reconciles.labels(trigger, outcome)
+        for outcome in RESULTS_OUTCOMES:
+            self.results_fetches.labels(outcome)
         # Every source/outcome pair from the start, so rates work before the first event.
         for source in SOURCES:
             self.ingest_seconds.labels(source)
@@ -124,6 +147,14 @@ class Metrics:
 
     def watch_caught_up(self) -> None:
         self.watch_catch_ups.inc()
+
+    # -- Junction's API ----------------------------------------------------------------------------
+
+    def reconciled(self, trigger: str, outcome: str) -> None:
+        self.reconciles.labels(trigger, outcome).inc()
+
+    def results_fetched(self, outcome: str) -> None:
+        self.results_fetches.labels(outcome).inc()
 
     # -- webhooks ----------------------------------------------------------------------------------
 

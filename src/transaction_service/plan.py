@@ -52,6 +52,7 @@ from transaction_service.store.base import (
     ChangeRecord,
     ChangeWrite,
     EventWrite,
+    PendingResultsWrite,
     StoredEventBody,
     TransactionSnapshot,
     TransactionWrite,
@@ -122,6 +123,10 @@ def reported_once_kinds(view: TransactionView) -> frozenset[ChangeKind]:
     return frozenset(kinds)
 
 
+# The kinds after which a transaction's combined results are (re)fetched from Junction.
+RESULTS_KINDS = {ChangeKind.TRANSACTION_COMPLETED, ChangeKind.RESULTS_CORRECTED}
+
+
 def batch_keys(deliveries: list[Delivery]) -> BatchKeys:
     """Every key a batch reads or may write, from the deliveries alone."""
     event_ids, order_ids, transaction_ids = set(), set(), set()
@@ -181,10 +186,13 @@ class Planned:
 
 
 class _Batch:
-    def __init__(self, state: BatchState, now: datetime, limits: StateLimits) -> None:
+    def __init__(
+        self, state: BatchState, now: datetime, limits: StateLimits, want_results: bool
+    ) -> None:
         self.plan = BatchPlan()
         self.now = now
         self.limits = limits
+        self.want_results = want_results
         self.events = {k: (e.digest, e.order_id) for k, e in state.events.items()}
         self.stored_events = state.events
         self.order_index = dict(state.order_index)
@@ -313,6 +321,18 @@ class _Batch:
             if self.order_index.get(known_order) != target_id:
                 self.order_index[known_order] = target_id
                 self.plan.order_index[known_order] = target_id
+        if self.want_results and not after.legacy and RESULTS_KINDS.intersection(kinds):
+            # In the same commit as the change, so a restart still knows to fetch them; the
+            # results use case clears it once it has stored them. Legacy orders have no
+            # transaction at Junction to ask about.
+            self.plan.results_pending[target_id] = PendingResultsWrite(
+                transaction_id=target_id,
+                change=index,
+                requested_revision=0,
+                requested_at=self.now,
+                attempts=0,
+                due_at=self.now,
+            )
         self.record(delivery, Outcome.APPLIED, transaction_id=target_id, change=index)
         return Planned(Outcome.APPLIED, delivery.event_id, current, change=index)
 
@@ -372,13 +392,17 @@ def plan_batch(
     state: BatchState,
     now: datetime,
     limits: StateLimits | None = None,
+    *,
+    want_results: bool = False,
 ) -> tuple[BatchPlan, list[Planned | ServiceError]]:
     """Every write of the batch, and each delivery's answer (or the error refusing it).
 
     Deliveries are applied in order, each seeing the ones before it. A refused delivery leaves
-    no trace: its checks all run before it touches the working copy.
+    no trace: its checks all run before it touches the working copy. With `want_results`, a
+    change that completes a transaction or corrects its results also marks its combined results
+    to be fetched (`BatchPlan.results_pending`).
     """
-    batch = _Batch(state, now, limits or DEFAULT_LIMITS)
+    batch = _Batch(state, now, limits or DEFAULT_LIMITS, want_results)
     answers: list[Planned | ServiceError] = []
     for delivery in deliveries:
         try:

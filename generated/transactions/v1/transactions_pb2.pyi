@@ -47,6 +47,14 @@ class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_KIND_LEGACY_MERGED: _ClassVar[ChangeKind]
     CHANGE_KIND_DETAILS_CHANGED: _ClassVar[ChangeKind]
     CHANGE_KIND_CURRENT_ORDER_CHANGED: _ClassVar[ChangeKind]
+    CHANGE_KIND_RESULTS_READY: _ClassVar[ChangeKind]
+
+class ReconcileOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECONCILE_OUTCOME_UNSPECIFIED: _ClassVar[ReconcileOutcome]
+    RECONCILE_OUTCOME_CHANGED: _ClassVar[ReconcileOutcome]
+    RECONCILE_OUTCOME_UNCHANGED: _ClassVar[ReconcileOutcome]
+    RECONCILE_OUTCOME_FAILED: _ClassVar[ReconcileOutcome]
 INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
 INGEST_OUTCOME_APPLIED: IngestOutcome
 INGEST_OUTCOME_DUPLICATE: IngestOutcome
@@ -72,6 +80,11 @@ CHANGE_KIND_TRANSACTION_REOPENED: ChangeKind
 CHANGE_KIND_LEGACY_MERGED: ChangeKind
 CHANGE_KIND_DETAILS_CHANGED: ChangeKind
 CHANGE_KIND_CURRENT_ORDER_CHANGED: ChangeKind
+CHANGE_KIND_RESULTS_READY: ChangeKind
+RECONCILE_OUTCOME_UNSPECIFIED: ReconcileOutcome
+RECONCILE_OUTCOME_CHANGED: ReconcileOutcome
+RECONCILE_OUTCOME_UNCHANGED: ReconcileOutcome
+RECONCILE_OUTCOME_FAILED: ReconcileOutcome
 
 class IngestEventRequest(_message.Message):
     __slots__ = ("event_id", "payload", "payload_json")
@@ -290,6 +303,110 @@ class WatchProgress(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: int
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class ReconcileTransactionRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ...) -> None: ...
+
+class ReconcileTransactionResponse(_message.Message):
+    __slots__ = ("transaction", "answers", "changed", "revision")
+    TRANSACTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction: Transaction
+    answers: _containers.RepeatedCompositeFieldContainer[ReconciledAnswer]
+    changed: bool
+    revision: int
+    def __init__(self, transaction: _Optional[_Union[Transaction, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[ReconciledAnswer, _Mapping]]] = ..., changed: _Optional[bool] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ReconciledAnswer(_message.Message):
+    __slots__ = ("event_id", "endpoint", "order_id", "outcome", "revision")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    endpoint: str
+    order_id: str
+    outcome: IngestOutcome
+    revision: int
+    def __init__(self, event_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., order_id: _Optional[str] = ..., outcome: _Optional[_Union[IngestOutcome, str]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class BackfillTransactionsRequest(_message.Message):
+    __slots__ = ("since", "until", "resend")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    RESEND_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    resend: bool
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resend: _Optional[bool] = ...) -> None: ...
+
+class BackfillTransactionsResponse(_message.Message):
+    __slots__ = ("transaction_id", "outcome", "error", "orders_total", "orders_read", "transactions_changed", "transactions_unchanged", "transactions_failed", "orders_resent", "done")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_READ_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTIONS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTIONS_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTIONS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_RESENT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    outcome: ReconcileOutcome
+    error: str
+    orders_total: int
+    orders_read: int
+    transactions_changed: int
+    transactions_unchanged: int
+    transactions_failed: int
+    orders_resent: int
+    done: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., outcome: _Optional[_Union[ReconcileOutcome, str]] = ..., error: _Optional[str] = ..., orders_total: _Optional[int] = ..., orders_read: _Optional[int] = ..., transactions_changed: _Optional[int] = ..., transactions_unchanged: _Optional[int] = ..., transactions_failed: _Optional[int] = ..., orders_resent: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class GetTransactionResultsRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ...) -> None: ...
+
+class GetTransactionResultsResponse(_message.Message):
+    __slots__ = ("transaction_id", "status", "results_json", "fetched_at", "revision")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    status: str
+    results_json: str
+    fetched_at: _timestamp_pb2.Timestamp
+    revision: int
+    def __init__(self, transaction_id: _Optional[str] = ..., status: _Optional[str] = ..., results_json: _Optional[str] = ..., fetched_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class GetTransactionResultsPdfRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ...) -> None: ...
+
+class GetTransactionResultsPdfResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
 
 class IngestError(_message.Message):
     __slots__ = ("code", "message", "reason", "field_violations")

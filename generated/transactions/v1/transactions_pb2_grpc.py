@@ -31,8 +31,10 @@ class TransactionServiceStub:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
-    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
+    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
+    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
+    and reflection need none.
     """
 
     def __init__(self, channel):
@@ -76,6 +78,26 @@ class TransactionServiceStub:
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.SerializeToString,
                 response_deserializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.FromString,
                 _registered_method=True)
+        self.ReconcileTransaction = channel.unary_unary(
+                '/transactions.v1.TransactionService/ReconcileTransaction',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionResponse.FromString,
+                _registered_method=True)
+        self.BackfillTransactions = channel.unary_stream(
+                '/transactions.v1.TransactionService/BackfillTransactions',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsResponse.FromString,
+                _registered_method=True)
+        self.GetTransactionResults = channel.unary_unary(
+                '/transactions.v1.TransactionService/GetTransactionResults',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsResponse.FromString,
+                _registered_method=True)
+        self.GetTransactionResultsPdf = channel.unary_stream(
+                '/transactions.v1.TransactionService/GetTransactionResultsPdf',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.FromString,
+                _registered_method=True)
 
 
 class TransactionServiceServicer:
@@ -84,8 +106,10 @@ class TransactionServiceServicer:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
-    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
+    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
+    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
+    and reflection need none.
     """
 
     def IngestEvent(self, request, context):
@@ -235,6 +259,79 @@ class TransactionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReconcileTransaction(self, request, context):
+        """ReconcileTransaction asks Junction's API what it knows of one transaction (found by its id or
+        by one of its order ids) and takes it in exactly as if the webhooks had said it: the
+        transaction (`GET /v3/order_transaction/{id}`) and each of its orders (`GET /v3/order/{id}`)
+        become events with source `api`, merged by the same rules, recorded with their outcome, and
+        reported on the change log and to watchers like any change. Old news is STALE; asking again
+        about something unchanged is DUPLICATE. It returns the state afterwards and what each answer
+        did. A webhook that arrives after a reconcile is STALE or DUPLICATE: nothing changes twice.
+        Lookup by order id works for orders the service has never heard of. Errors:
+        INVALID_ARGUMENT     no lookup, or an id with no non-space character.
+        NOT_FOUND            Junction does not know the transaction or order.
+        FAILED_PRECONDITION  Junction's API is not configured on the server (ErrorInfo reason
+        JUNCTION_NOT_CONFIGURED; set TRANSACTION_SERVICE_JUNCTION_API_KEY), or
+        Junction refused the request for good, e.g. a wrong API key
+        (JUNCTION_REFUSED, with the provider's message, cut short), or one of
+        its answers is beyond the limits a webhook body must keep to.
+        UNAVAILABLE          Junction could not be reached or kept failing after retries
+        (JUNCTION_UNAVAILABLE, metadata `retry_after_seconds` when it said so),
+        or the server is shutting down; retry later.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackfillTransactions(self, request, context):
+        """BackfillTransactions reconciles every transaction with an order Junction updated in a time
+        window, after an outage: it pages through `GET /v3/orders?updated_start_date=...`, takes each
+        listed order in, and reconciles each of their transactions once (as ReconcileTransaction).
+        It streams one message per transaction done, with running counts, so a client can show
+        progress; the last message has `done` set. Stopping the call stops the back-fill; running it
+        again is harmless (what is already known is STALE or DUPLICATE).
+
+        With `resend`, it instead asks Junction to re-send the latest webhook of every order updated
+        in the window (`POST /v3/order/resend_events`; at most 60 days back): one message with
+        `orders_resent` and `done`. The webhooks then arrive at the webhook endpoint.
+
+        Errors: INVALID_ARGUMENT for a missing or invalid `since`, an `until` before it, or (with
+        `resend`) a window over 60 days; FAILED_PRECONDITION and UNAVAILABLE as for
+        ReconcileTransaction (a transaction that fails for good is counted and reported, and the
+        back-fill goes on; Junction unavailable ends it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransactionResults(self, request, context):
+        """GetTransactionResults returns a transaction's combined results (initial and redraw orders),
+        found by the transaction's id or one of its order ids. The service fetches them from
+        Junction's API (`GET /v3/order_transaction/{id}/result`) when the transaction becomes
+        COMPLETED and again when results are corrected, retrying until it succeeds, and reports each
+        new version with a RESULTS_READY change. Results are health data: they are kept for the body
+        retention period (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS) and never logged. Errors:
+        NOT_FOUND            no webhook has mentioned the transaction or order.
+        FAILED_PRECONDITION  no results stored: ErrorInfo reason RESULTS_NOT_READY (not completed
+        yet, or still being fetched: watch for RESULTS_READY) or
+        RESULTS_ERASED (older than the body retention period).
+        INVALID_ARGUMENT     no lookup, or an id with no non-space character.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransactionResultsPdf(self, request, context):
+        """GetTransactionResultsPdf streams the PDF of a transaction's combined results, as Junction
+        serves it (`GET /v3/order_transaction/{id}/result/pdf`), in chunks; nothing of it is stored.
+        Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
+        PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
+        for GetTransactionResults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransactionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +370,26 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.FromString,
                     response_serializer=transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.SerializeToString,
             ),
+            'ReconcileTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileTransaction,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionResponse.SerializeToString,
+            ),
+            'BackfillTransactions': grpc.unary_stream_rpc_method_handler(
+                    servicer.BackfillTransactions,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsResponse.SerializeToString,
+            ),
+            'GetTransactionResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransactionResults,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsResponse.SerializeToString,
+            ),
+            'GetTransactionResultsPdf': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTransactionResultsPdf,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'transactions.v1.TransactionService', rpc_method_handlers)
@@ -287,8 +404,10 @@ class TransactionService:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods; IngestEvent needs an
-    ingest token (which may also read), else PERMISSION_DENIED. Health and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
+    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
+    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
+    and reflection need none.
     """
 
     @staticmethod
@@ -470,6 +589,114 @@ class TransactionService:
             '/transactions.v1.TransactionService/BatchGetTransactions',
             transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsRequest.SerializeToString,
             transactions_dot_v1_dot_transactions__pb2.BatchGetTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transactions.v1.TransactionService/ReconcileTransaction',
+            transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.ReconcileTransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackfillTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/transactions.v1.TransactionService/BackfillTransactions',
+            transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.BackfillTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransactionResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transactions.v1.TransactionService/GetTransactionResults',
+            transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransactionResultsPdf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/transactions.v1.TransactionService/GetTransactionResultsPdf',
+            transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,8 @@ READ_METHODS = frozenset(
         "WatchTransaction",
         "WatchTransactions",
         "BatchGetTransactions",
+        "GetTransactionResults",
+        "GetTransactionResultsPdf",
     }
 )
 

@@ -15,7 +15,9 @@ from transaction_service.domain.state import (
     TransactionStatus,
     TransactionView,
 )
-from transaction_service.store.base import ChangeRecord, TransactionSnapshot
+from transaction_service.ingest import Outcome
+from transaction_service.reconcile import BackfillProgress, Reconciled
+from transaction_service.store.base import ChangeRecord, StoredResults, TransactionSnapshot
 from transactions.v1 import transactions_pb2 as pb
 
 _STATUS_TO_PB = {
@@ -158,4 +160,62 @@ def change_to_pb(change: ChangeRecord) -> pb.TransactionChange:
         event_id=change.event_id,
         recorded_at=timestamp(change.recorded_at),
         merged_transaction_ids=[standin for standin, _ in change.merged],
+    )
+
+
+OUTCOME_TO_PB = {
+    Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
+    Outcome.DUPLICATE: pb.INGEST_OUTCOME_DUPLICATE,
+    Outcome.STALE: pb.INGEST_OUTCOME_STALE,
+    Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
+}
+_RECONCILE_OUTCOME_TO_PB = {
+    "": pb.RECONCILE_OUTCOME_UNSPECIFIED,
+    "changed": pb.RECONCILE_OUTCOME_CHANGED,
+    "unchanged": pb.RECONCILE_OUTCOME_UNCHANGED,
+    "failed": pb.RECONCILE_OUTCOME_FAILED,
+}
+
+
+def reconciled_to_pb(reconciled: Reconciled) -> pb.ReconcileTransactionResponse:
+    return pb.ReconcileTransactionResponse(
+        transaction=snapshot_to_pb(reconciled.transaction),
+        answers=[
+            pb.ReconciledAnswer(
+                event_id=a.result.event_id,
+                endpoint=a.endpoint,
+                order_id=a.order_id,
+                outcome=OUTCOME_TO_PB[a.result.outcome],
+                revision=a.result.revision,
+            )
+            for a in reconciled.answers
+        ],
+        changed=reconciled.changed,
+        revision=reconciled.head_revision,
+    )
+
+
+def backfill_progress_to_pb(progress: BackfillProgress) -> pb.BackfillTransactionsResponse:
+    return pb.BackfillTransactionsResponse(
+        transaction_id=progress.transaction_id,
+        outcome=_RECONCILE_OUTCOME_TO_PB[progress.outcome],
+        error=progress.error,
+        orders_total=progress.orders_total,
+        orders_read=progress.orders_read,
+        transactions_changed=progress.changed,
+        transactions_unchanged=progress.unchanged,
+        transactions_failed=progress.failed,
+        done=progress.done,
+    )
+
+
+def results_to_pb(results: StoredResults) -> pb.GetTransactionResultsResponse:
+    assert results.body is not None
+    return pb.GetTransactionResultsResponse(
+        transaction_id=results.transaction_id,
+        status=results.status,
+        # The provider's JSON is UTF-8; a stray byte must not make the answer unserialisable.
+        results_json=results.body.decode("utf-8", "replace"),
+        fetched_at=timestamp(results.fetched_at),
+        revision=results.revision,
     )

@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 from transaction_service.domain.limits import MAX_BODY_DEPTH
 from transaction_service.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -69,8 +70,13 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         code, message = code_pb2.PERMISSION_DENIED, exc.message
     elif isinstance(exc, TooLarge):
         code, message = code_pb2.RESOURCE_EXHAUSTED, exc.message
-    elif isinstance(exc, OutOfRange | Unavailable):
-        code = code_pb2.OUT_OF_RANGE if isinstance(exc, OutOfRange) else code_pb2.UNAVAILABLE
+    elif isinstance(exc, OutOfRange | Unavailable | FailedPrecondition):
+        if isinstance(exc, OutOfRange):
+            code = code_pb2.OUT_OF_RANGE
+        elif isinstance(exc, Unavailable):
+            code = code_pb2.UNAVAILABLE
+        else:
+            code = code_pb2.FAILED_PRECONDITION
         message = exc.message
         if exc.reason:
             detail = error_details_pb2.ErrorInfo(

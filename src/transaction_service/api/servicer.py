@@ -13,8 +13,12 @@ from functools import partial
 import grpc
 
 from transaction_service.api.convert import (
+    OUTCOME_TO_PB,
+    backfill_progress_to_pb,
     from_timestamp,
     kind_from_pb,
+    reconciled_to_pb,
+    results_to_pb,
     snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
@@ -43,7 +47,8 @@ from transaction_service.errors import (
     Unavailable,
     echo,
 )
-from transaction_service.ingest import Delivery, IngestResult, Outcome, decode_delivery
+from transaction_service.ingest import Delivery, IngestResult, decode_delivery
+from transaction_service.results import results_pdf, stored_results
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
 from transaction_service.watch import Batch, Current, Progress, WatchEvent, WatchFilter
 from transaction_service.window import OrderedWindow
@@ -60,13 +65,6 @@ _FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["chan
 _ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
 # Lookups in one BatchGetTransactions call (documented in the proto).
 MAX_BATCH_LOOKUPS = 500
-
-_OUTCOME_TO_PB = {
-    Outcome.APPLIED: pb.INGEST_OUTCOME_APPLIED,
-    Outcome.DUPLICATE: pb.INGEST_OUTCOME_DUPLICATE,
-    Outcome.STALE: pb.INGEST_OUTCOME_STALE,
-    Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
-}
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
@@ -92,7 +90,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         """IngestEventResponse, built from the transaction's cached bytes (api/wire.py)."""
         transaction = result.transaction
         return (
-            varint_field(1, _OUTCOME_TO_PB[result.outcome])
+            varint_field(1, OUTCOME_TO_PB[result.outcome])
             + (field(2, self._transactions.encode(transaction)) if transaction else b"")
             + varint_field(3, result.revision)
             + string_field(4, result.event_id)
@@ -225,6 +223,74 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     yield message
 
     @grpc_errors
+    async def ReconcileTransaction(
+        self, request: pb.ReconcileTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReconcileTransactionResponse:
+        key, lookup = _lookup(request)
+        reconciled = await self._app.reconciler.reconcile(**{lookup: key}, trigger="rpc")
+        return reconciled_to_pb(reconciled)
+
+    @grpc_errors
+    async def BackfillTransactions(
+        self, request: pb.BackfillTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BackfillTransactionsResponse]:
+        violations = []
+        since = until = None
+        if not request.HasField("since"):
+            violations.append(FieldViolation("since", "required: the start of the window"))
+        for name in ("since", "until"):
+            if request.HasField(name):
+                try:
+                    value = from_timestamp(getattr(request, name))
+                except ValueError as exc:
+                    violations.append(FieldViolation(name, str(exc)))
+                    continue
+                since, until = (value, until) if name == "since" else (since, value)
+        if since is not None and until is not None and until < since:
+            violations.append(FieldViolation("until", "must not be before since"))
+        if violations:
+            raise InvalidArgument(violations)
+        assert since is not None
+        if request.resend:
+            resent = await self._app.reconciler.resend(since, until)
+            yield pb.BackfillTransactionsResponse(orders_resent=resent, done=True)
+            return
+        async for progress in self._app.reconciler.backfill(since, until):
+            if self._app.stopping:
+                raise Unavailable(
+                    "the server is shutting down; run the back-fill again (what it took in is "
+                    "kept, and taking it in again changes nothing)",
+                    reason="SHUTTING_DOWN",
+                )
+            yield backfill_progress_to_pb(progress)
+
+    @grpc_errors
+    async def GetTransactionResults(
+        self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTransactionResultsResponse:
+        snapshot = await self._find(request)
+        return results_to_pb(await stored_results(self._store, snapshot.view))
+
+    @grpc_errors
+    async def GetTransactionResultsPdf(
+        self, request: pb.GetTransactionResultsPdfRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
+        snapshot = await self._find(request)
+        async for chunk in results_pdf(self._app.junction, snapshot.view):
+            yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+
+    async def _find(self, request: _LookupRequest) -> TransactionSnapshot:
+        """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
+        key, lookup = _lookup(request)
+        if lookup == "transaction_id":
+            snapshot, _ = await self._store.get(key)
+        else:
+            snapshot, _ = await self._store.get_by_order(key)
+        if snapshot is None:
+            raise NotFound(f"no transaction known for {lookup} {echo(key)}")
+        return snapshot
+
+    @grpc_errors
     async def IngestEvents(
         self,
         requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
@@ -355,9 +421,26 @@ def _body_size(request: pb.IngestEventRequest | UndecodableRequest) -> int:
     return request.ByteSize()
 
 
-def _lookup_violations(
-    request: pb.GetTransactionRequest | pb.WatchTransactionRequest,
-) -> list[FieldViolation]:
+_LookupRequest = (
+    pb.GetTransactionRequest
+    | pb.WatchTransactionRequest
+    | pb.ReconcileTransactionRequest
+    | pb.GetTransactionResultsRequest
+    | pb.GetTransactionResultsPdfRequest
+)
+
+
+def _lookup(request: _LookupRequest) -> tuple[str, str]:
+    """(id, "transaction_id" or "order_id") of a request's lookup; InvalidArgument if unusable."""
+    violations = _lookup_violations(request)
+    if violations:
+        raise InvalidArgument(violations)
+    lookup = request.WhichOneof("lookup")
+    assert lookup is not None
+    return getattr(request, lookup), lookup
+
+
+def _lookup_violations(request: _LookupRequest) -> list[FieldViolation]:
     lookup = request.WhichOneof("lookup")
     if lookup is None:
         return [FieldViolation("lookup", "set transaction_id or order_id")]

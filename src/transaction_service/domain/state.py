@@ -544,6 +544,9 @@ class ChangeKind(enum.StrEnum):
     DETAILS_CHANGED = "details_changed"
     # `current_order_id` changed on a known transaction: subscribers must follow another order.
     CURRENT_ORDER_CHANGED = "current_order_changed"
+    # The transaction's combined results were fetched from Junction's API and stored. Not a
+    # change of the view: `change_kinds` never reports it; the results use case does.
+    RESULTS_READY = "results_ready"
 
 
 CORRECTED = "corrected"

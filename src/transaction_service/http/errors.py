@@ -16,6 +16,7 @@ from aiohttp import web
 
 from transaction_service.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -36,6 +37,7 @@ STATUSES: tuple[tuple[type[ServiceError], int, str], ...] = (
     (PermissionDenied, 403, "PERMISSION_DENIED"),
     (NotFound, 404, "NOT_FOUND"),
     (AlreadyExists, 409, "ALREADY_EXISTS"),
+    (FailedPrecondition, 400, "FAILED_PRECONDITION"),
     (TooLarge, 413, "TOO_LARGE"),
     (Unavailable, 503, "UNAVAILABLE"),
 )

@@ -20,6 +20,7 @@ change log) is stored explicitly.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -142,6 +143,39 @@ class StoredEventBody:
 
 
 @dataclass(frozen=True)
+class PendingResults:
+    """A transaction whose combined results are still to be fetched from Junction. Written in the
+    commit of the change that asked for them, so a restart picks the fetch up again."""
+
+    transaction_id: str
+    # The revision of the change that asked (completed, results corrected). A newer request
+    # replaces the marker, so a fetch that began before it cannot clear it.
+    requested_revision: int
+    requested_at: datetime
+    # Failed (or partial) fetches so far, and when to try next.
+    attempts: int
+    due_at: datetime
+    # Why the last attempt failed: a status line, never a body.
+    last_failure: str = ""
+
+
+@dataclass(frozen=True)
+class StoredResults:
+    """A transaction's combined results, as Junction answered them. Health data."""
+
+    transaction_id: str
+    # `metadata.status`: "partial" or "final".
+    status: str
+    # sha256 of the body, kept after the body is erased.
+    digest: str
+    # The provider's JSON byte for byte; None once erased by the body retention.
+    body: bytes | None
+    fetched_at: datetime
+    # The revision of the RESULTS_READY change that reported them.
+    revision: int
+
+
+@dataclass(frozen=True)
 class ListFilter:
     status: TransactionStatus | None = None
     team_id: str = ""
@@ -174,6 +208,9 @@ class BatchKeys:
     # Transactions whose stored events the batch replays (a rebuild): their events are loaded
     # under the batch's locks into `BatchState.replay_events`. Each is in transaction_ids too.
     replay: frozenset[str] = frozenset()
+    # Transactions whose combined results and results marker the plan reads (they must be among
+    # `transaction_ids`, whose locks cover them). Ingest reads none.
+    results_of: frozenset[str] = frozenset()
 
     def lock_names(self) -> list[str]:
         """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
@@ -194,6 +231,10 @@ class BatchState:
     transactions: dict[str, StoredTransaction] = field(default_factory=dict)
     # For each transaction of `BatchKeys.replay`: the events of its orders, oldest first.
     replay_events: dict[str, list[StoredEventBody]] = field(default_factory=dict)
+    # For `BatchKeys.results_of`: the digest of stored results whose body is still kept, and the
+    # results markers.
+    results_kept: dict[str, str] = field(default_factory=dict)
+    results_pending: dict[str, PendingResults] = field(default_factory=dict)
 
     def transaction_ids_needed(self) -> set[str]:
         """Transactions the plan will read that the keys did not name: those the order index
@@ -254,6 +295,33 @@ class TransactionWrite:
     view_json: str
 
 
+@dataclass(frozen=True)
+class ResultsWrite:
+    """Combined results to store (replacing earlier ones), with the change reporting them."""
+
+    transaction_id: str
+    status: str
+    digest: str
+    body: bytes
+    fetched_at: datetime
+    # Index into BatchPlan.changes of its RESULTS_READY change.
+    change: int
+
+
+@dataclass(frozen=True)
+class PendingResultsWrite:
+    """A results marker to write (or overwrite)."""
+
+    transaction_id: str
+    # Index into BatchPlan.changes of the change asking for results; None: `requested_revision`.
+    change: int | None
+    requested_revision: int
+    requested_at: datetime
+    attempts: int
+    due_at: datetime
+    last_failure: str = ""
+
+
 @dataclass
 class BatchPlan:
     """The writes of one batch. Revisions are not known until the store applies it: a change's
@@ -267,10 +335,22 @@ class BatchPlan:
     deleted: set[str] = field(default_factory=set)
     # Orders whose transaction is new or changed.
     order_index: dict[str, str] = field(default_factory=dict)
+    # Combined results fetched, results markers written, and markers cleared (fetch done).
+    results: list[ResultsWrite] = field(default_factory=list)
+    results_pending: dict[str, PendingResultsWrite] = field(default_factory=dict)
+    results_done: set[str] = field(default_factory=set)
 
     @property
     def empty(self) -> bool:
-        return not (self.events or self.transactions or self.deleted or self.order_index)
+        return not (
+            self.events
+            or self.transactions
+            or self.deleted
+            or self.order_index
+            or self.results
+            or self.results_pending
+            or self.results_done
+        )
 
 
 Planner = Callable[[BatchState], BatchPlan]
@@ -367,4 +447,33 @@ class Store(Protocol):
         """Yields whenever changes may have been committed by another process (and after every
         reconnect, when notifications may have been lost). A store with a single writer process
         never yields."""
+        ...
+
+    # -- combined results and reconciliation --------------------------------------------------
+
+    async def get_results(
+        self, transaction_id: str
+    ) -> tuple[StoredResults | None, PendingResults | None]:
+        """A transaction's stored combined results, and its results marker, if any."""
+
+    async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
+        """Up to `limit` results markers due at `now`, the longest due first."""
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        """Erase the bodies of combined results fetched before the time (privacy); status,
+        digest, time and revision stay. Returns how many were erased."""
+
+    async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
+        """Up to `limit` ids of ACTIVE transactions with no provider time and no reconcile check
+        after `silent_before`, the longest silent first."""
+
+    async def record_reconcile_checks(
+        self, transaction_ids: Sequence[str], checked_at: datetime
+    ) -> None:
+        """Remember that these transactions were reconciled at `checked_at`."""
+
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Enter to take the job lock `name` if no other process holds it: yields whether this
+        process got it (then it holds it until exit). A store with a single writer process
+        always gets it."""
         ...

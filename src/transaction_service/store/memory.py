@@ -7,10 +7,16 @@ PostgreSQL) and makes use-case tests fast. Not for production: everything is gon
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
-from transaction_service.domain.state import knowledge_from_json, view_from_json
+from transaction_service.domain.state import (
+    TransactionStatus,
+    knowledge_from_json,
+    view_from_json,
+)
 from transaction_service.store.base import (
     AppliedBatch,
     BatchKeys,
@@ -19,9 +25,11 @@ from transaction_service.store.base import (
     ChangeRecord,
     EventWrite,
     ListFilter,
+    PendingResults,
     Planner,
     StoredEvent,
     StoredEventBody,
+    StoredResults,
     StoredTransaction,
     TransactionSnapshot,
 )
@@ -43,6 +51,9 @@ class MemoryStore:
         self.changes: list[ChangeRecord] = []
         # What else is stored of each event (type, source, format), for replays.
         self.event_writes: dict[str, EventWrite] = {}
+        self.results: dict[str, StoredResults] = {}
+        self.results_pending: dict[str, PendingResults] = {}
+        self.reconcile_checks: dict[str, datetime] = {}
 
     async def open(self) -> None:
         return None
@@ -75,6 +86,12 @@ class MemoryStore:
                     state.transactions[txn_id] = self.transactions[txn_id]
             if keys.replay:
                 state.replay_events = self._replay_events(keys.replay)
+            for txn_id in keys.results_of:
+                kept = self.results.get(txn_id)
+                if kept is not None and kept.body is not None:
+                    state.results_kept[txn_id] = kept.digest
+                if txn_id in self.results_pending:
+                    state.results_pending[txn_id] = self.results_pending[txn_id]
             batch = plan(state)
             base = self.head
             self.head += len(batch.changes)
@@ -93,6 +110,22 @@ class MemoryStore:
             for e in batch.events:
                 self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
                 self.event_writes[e.event_id] = e
+            for r in batch.results:
+                self.results[r.transaction_id] = StoredResults(
+                    r.transaction_id, r.status, r.digest, r.body, r.fetched_at, base + r.change + 1
+                )
+            for txn_id in batch.results_done:
+                self.results_pending.pop(txn_id, None)
+            for p in batch.results_pending.values():
+                revision = base + p.change + 1 if p.change is not None else p.requested_revision
+                self.results_pending[p.transaction_id] = PendingResults(
+                    p.transaction_id,
+                    revision,
+                    p.requested_at,
+                    p.attempts,
+                    p.due_at,
+                    p.last_failure,
+                )
             return AppliedBatch(batch, base, records)
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
@@ -194,3 +227,46 @@ class MemoryStore:
     async def change_notifications(self) -> AsyncIterator[None]:
         await asyncio.Event().wait()
         yield
+
+    async def get_results(
+        self, transaction_id: str
+    ) -> tuple[StoredResults | None, PendingResults | None]:
+        return self.results.get(transaction_id), self.results_pending.get(transaction_id)
+
+    async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
+        due = sorted(
+            (p for p in self.results_pending.values() if p.due_at <= now), key=lambda p: p.due_at
+        )
+        return due[:limit]
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        erased = 0
+        for txn_id, stored in self.results.items():
+            if stored.body is not None and stored.fetched_at < fetched_before:
+                self.results[txn_id] = dataclasses.replace(stored, body=None)
+                erased += 1
+        return erased
+
+    async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
+        def silent(txn_id: str, stored: StoredTransaction) -> bool:
+            updated = stored.view.updated_at
+            checked = self.reconcile_checks.get(txn_id)
+            return (
+                stored.view.status == TransactionStatus.ACTIVE
+                and (updated is None or updated < silent_before)
+                and (checked is None or checked < silent_before)
+            )
+
+        found = [(t.view.updated_at, i) for i, t in self.transactions.items() if silent(i, t)]
+        found.sort(key=lambda pair: (pair[0] is not None, pair[0] or silent_before, pair[1]))
+        return [txn_id for _, txn_id in found[:limit]]
+
+    async def record_reconcile_checks(
+        self, transaction_ids: Sequence[str], checked_at: datetime
+    ) -> None:
+        for txn_id in transaction_ids:
+            self.reconcile_checks[txn_id] = checked_at
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        yield True

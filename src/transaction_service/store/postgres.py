@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from transaction_service.domain.state import TransactionStatus
 from transaction_service.store.base import (
     AppliedBatch,
     BatchKeys,
@@ -38,9 +40,11 @@ from transaction_service.store.base import (
     BatchState,
     ChangeLogPage,
     ListFilter,
+    PendingResults,
     Planner,
     StoredEvent,
     StoredEventBody,
+    StoredResults,
     StoredTransaction,
     StoreOpenError,
     StoreUnavailable,
@@ -50,9 +54,11 @@ from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
     change_record,
     found_from_rows,
+    pending_results,
     plan_rows,
     replay_events_from_rows,
     snapshot,
+    stored_results,
     stored_transaction,
 )
 from transaction_service.store.sqlite import migrations
@@ -151,6 +157,29 @@ _INSERT_EVENT = (
     "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
     " transaction_id, outcome, revision, received_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+)
+_UPSERT_RESULTS = (
+    "INSERT INTO transaction_results (transaction_id, status, digest, body, fetched_at, revision)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (transaction_id) DO UPDATE SET"
+    " status = excluded.status, digest = excluded.digest, body = excluded.body,"
+    " fetched_at = excluded.fetched_at, revision = excluded.revision"
+)
+_UPSERT_PENDING = (
+    "INSERT INTO results_pending (transaction_id, requested_revision, requested_at, attempts,"
+    " due_at, last_failure) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (transaction_id) DO"
+    " UPDATE SET requested_revision = excluded.requested_revision,"
+    " requested_at = excluded.requested_at, attempts = excluded.attempts,"
+    " due_at = excluded.due_at, last_failure = excluded.last_failure"
+)
+_PENDING_COLUMNS = (
+    "transaction_id, requested_revision, requested_at, attempts, due_at, last_failure"
+)
+_RESULTS_KEPT = (
+    "SELECT transaction_id, digest FROM transaction_results"
+    " WHERE body IS NOT NULL AND transaction_id = ANY($1::text[])"
+)
+_RESULTS_PENDING = (
+    f"SELECT {_PENDING_COLUMNS} FROM results_pending WHERE transaction_id = ANY($1::text[])"
 )
 _HEAD = "(SELECT value FROM meta WHERE key = 'head_revision')"
 _COMPACTED = "(SELECT value FROM meta WHERE key = 'compacted_revision')"
@@ -257,10 +286,8 @@ class PostgresStore:
                             applied = await self._write_once(conn, keys, plan)
                         break
                     except _MoreKeys as more:
-                        keys = BatchKeys(
-                            keys.event_ids,
-                            keys.order_ids,
-                            keys.transaction_ids | more.transaction_ids,
+                        keys = dataclasses.replace(
+                            keys, transaction_ids=keys.transaction_ids | more.transaction_ids
                         )
                     except (
                         asyncpg.DeadlockDetectedError,
@@ -292,7 +319,7 @@ class PostgresStore:
                 # Another writer holds one of them: start again, locking everything in order.
                 raise _MoreKeys(needed)
             # Locked now: read them again, as they are under the lock.
-            keys = BatchKeys(keys.event_ids, keys.order_ids, keys.transaction_ids | needed)
+            keys = dataclasses.replace(keys, transaction_ids=keys.transaction_ids | needed)
             state = await self._load(conn, keys)
         batch = plan(state)
         return await self._apply(conn, batch)
@@ -319,6 +346,12 @@ class PostgresStore:
         if keys.replay:
             rows = await conn.fetch(_REPLAY, list(keys.replay))
             state.replay_events = replay_events_from_rows(rows)
+        if keys.results_of:
+            wanted = sorted(keys.results_of)
+            for txn_id, digest in await conn.fetch(_RESULTS_KEPT, wanted):
+                state.results_kept[txn_id] = digest
+            for row in await conn.fetch(_RESULTS_PENDING, wanted):
+                state.results_pending[row[0]] = pending_results(*row)
         return state
 
     async def _apply(self, conn: asyncpg.Connection, batch: BatchPlan) -> AppliedBatch:
@@ -340,6 +373,9 @@ class PostgresStore:
             (_INSERT_CHANGE, "changes"),
             (_UPSERT_TRANSACTION, "transactions"),
             (_INSERT_EVENT, "events"),
+            (_UPSERT_RESULTS, "results"),
+            ("DELETE FROM results_pending WHERE transaction_id = $1", "results_done"),
+            (_UPSERT_PENDING, "results_pending"),
         ):
             if rows[key]:
                 await conn.executemany(statement, rows[key])
@@ -503,6 +539,103 @@ class PostgresStore:
             erased += count
             if count < _TRIM_CHUNK:
                 return erased
+
+    # -- combined results and reconciliation ------------------------------------------------------
+
+    async def get_results(
+        self, transaction_id: str
+    ) -> tuple[StoredResults | None, PendingResults | None]:
+        rows = await self._fetch(
+            "SELECT r.status, r.digest, r.body, r.fetched_at, r.revision,"
+            " p.requested_revision, p.requested_at, p.attempts, p.due_at, p.last_failure"
+            " FROM (SELECT 1) AS one"
+            " LEFT JOIN transaction_results r ON r.transaction_id = $1"
+            " LEFT JOIN results_pending p ON p.transaction_id = $1",
+            transaction_id,
+        )
+        row = tuple(rows[0])
+        results = stored_results(transaction_id, *row[:5]) if row[0] is not None else None
+        pending = pending_results(transaction_id, *row[5:]) if row[5] is not None else None
+        return results, pending
+
+    async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
+        rows = await self._fetch(
+            f"SELECT {_PENDING_COLUMNS} FROM results_pending WHERE due_at <= $1"
+            " ORDER BY due_at LIMIT $2",
+            now,
+            limit,
+        )
+        return [pending_results(*row) for row in rows]
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        status = await self._execute(
+            "UPDATE transaction_results SET body = NULL WHERE body IS NOT NULL AND fetched_at < $1",
+            fetched_before,
+        )
+        return int(status.split()[-1])
+
+    async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
+        rows = await self._fetch(
+            "SELECT t.id FROM transactions t"
+            " LEFT JOIN reconcile_checks c ON c.transaction_id = t.id"
+            " WHERE t.status = $1 AND (t.updated_at IS NULL OR t.updated_at < $2)"
+            " AND (c.checked_at IS NULL OR c.checked_at < $2)"
+            " ORDER BY t.updated_at NULLS FIRST, t.id LIMIT $3",
+            TransactionStatus.ACTIVE.value,
+            silent_before,
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def record_reconcile_checks(
+        self, transaction_ids: Sequence[str], checked_at: datetime
+    ) -> None:
+        if not transaction_ids:
+            return
+        await self._execute(
+            "INSERT INTO reconcile_checks (transaction_id, checked_at)"
+            " SELECT t, $2 FROM unnest($1::text[]) AS t"
+            " ON CONFLICT (transaction_id) DO UPDATE SET checked_at = excluded.checked_at",
+            sorted(set(transaction_ids)),
+            checked_at,
+        )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock on a connection of its own, held until exit: replicas that do
+        not get it skip the job. If the connection dies the lock goes with it, and another
+        replica takes the job over at its next turn."""
+        pool = self._pool_or_fail()
+        key = lock_key(f"job:{name}")
+        try:
+            conn = await pool.acquire()
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreUnavailable(
+                f"the database cannot be reached ({_fault_kind(exc)}). Retry later."
+            ) from None
+        try:
+            try:
+                got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                raise StoreUnavailable(
+                    f"the database cannot be reached ({_fault_kind(exc)}). Retry later."
+                ) from None
+            try:
+                yield got
+            finally:
+                if got:
+                    with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        finally:
+            await pool.release(conn)
+
+    async def _execute(self, sql: str, *params: Any) -> str:
+        try:
+            return await self._pool_or_fail().execute(sql, *params)
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            kind = _fault_kind(exc)
+            self.health.failed(kind)
+            raise StoreUnavailable(f"the database cannot write ({kind}). Retry later.") from None
 
     async def change_notifications(self) -> AsyncIterator[None]:
         """Yields after every (re)connect of a LISTEN connection and on every notification."""

@@ -17,7 +17,9 @@ from transaction_service.domain.state import (
 from transaction_service.store.base import (
     BatchPlan,
     ChangeRecord,
+    PendingResults,
     StoredEventBody,
+    StoredResults,
     StoredTransaction,
     TransactionSnapshot,
 )
@@ -57,6 +59,46 @@ def stored_transaction(
     knowledge: str | bytes, view: str | bytes, revision: int
 ) -> StoredTransaction:
     return StoredTransaction(knowledge_from_json(knowledge), view_from_json(view), revision)
+
+
+def _time(value: str | datetime) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def pending_results(
+    transaction_id: str,
+    requested_revision: int,
+    requested_at: str | datetime,
+    attempts: int,
+    due_at: str | datetime,
+    last_failure: str,
+) -> PendingResults:
+    return PendingResults(
+        transaction_id=transaction_id,
+        requested_revision=requested_revision,
+        requested_at=_time(requested_at),
+        attempts=attempts,
+        due_at=_time(due_at),
+        last_failure=last_failure,
+    )
+
+
+def stored_results(
+    transaction_id: str,
+    status: str,
+    digest: str,
+    body: bytes | None,
+    fetched_at: str | datetime,
+    revision: int,
+) -> StoredResults:
+    return StoredResults(
+        transaction_id=transaction_id,
+        status=status,
+        digest=digest,
+        body=bytes(body) if body is not None else None,
+        fetched_at=_time(fetched_at),
+        revision=revision,
+    )
 
 
 def snapshot(view: str | bytes, revision: int) -> TransactionSnapshot:
@@ -139,7 +181,32 @@ def plan_rows(
         )
         for e in batch.events
     ]
+    results = [
+        (
+            r.transaction_id,
+            r.status,
+            r.digest,
+            r.body,
+            time(r.fetched_at),
+            base + r.change + 1,
+        )
+        for r in batch.results
+    ]
+    results_pending = [
+        (
+            p.transaction_id,
+            base + p.change + 1 if p.change is not None else p.requested_revision,
+            time(p.requested_at),
+            p.attempts,
+            time(p.due_at),
+            p.last_failure,
+        )
+        for p in batch.results_pending.values()
+    ]
     return {
+        "results": results,
+        "results_pending": results_pending,
+        "results_done": [(t,) for t in sorted(batch.results_done)],
         "changes": changes,
         "transactions": transactions,
         "deleted": [(d,) for d in sorted(batch.deleted)],

@@ -34,6 +34,7 @@ from typing import Any
 
 import aiosqlite
 
+from transaction_service.domain.state import TransactionStatus
 from transaction_service.store.base import (
     AppliedBatch,
     BatchKeys,
@@ -41,9 +42,11 @@ from transaction_service.store.base import (
     BatchState,
     ChangeLogPage,
     ListFilter,
+    PendingResults,
     Planner,
     StoredEvent,
     StoredEventBody,
+    StoredResults,
     StoredTransaction,
     StoreOpenError,
     StoreUnavailable,
@@ -54,9 +57,11 @@ from transaction_service.store.rows import (
     change_record,
     found_from_rows,
     iso,
+    pending_results,
     plan_rows,
     replay_events_from_rows,
     snapshot,
+    stored_results,
     stored_transaction,
 )
 
@@ -151,6 +156,30 @@ _UPSERT_ORDER = (
 _INSERT_EVENT = (
     "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
     " transaction_id, outcome, revision, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_RESULTS = (
+    "INSERT INTO transaction_results (transaction_id, status, digest, body, fetched_at, revision)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO UPDATE SET"
+    " status = excluded.status, digest = excluded.digest, body = excluded.body,"
+    " fetched_at = excluded.fetched_at, revision = excluded.revision"
+)
+_UPSERT_PENDING = (
+    "INSERT INTO results_pending (transaction_id, requested_revision, requested_at, attempts,"
+    " due_at, last_failure) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO UPDATE SET"
+    " requested_revision = excluded.requested_revision, requested_at = excluded.requested_at,"
+    " attempts = excluded.attempts, due_at = excluded.due_at,"
+    " last_failure = excluded.last_failure"
+)
+_PENDING_COLUMNS = (
+    "transaction_id, requested_revision, requested_at, attempts, due_at, last_failure"
+)
+_RESULTS_KEPT = (
+    "SELECT transaction_id, digest FROM transaction_results"
+    " WHERE body IS NOT NULL AND transaction_id IN (SELECT value FROM json_each(?))"
+)
+_RESULTS_PENDING = (
+    f"SELECT {_PENDING_COLUMNS} FROM results_pending"
+    " WHERE transaction_id IN (SELECT value FROM json_each(?))"
 )
 _HEAD = "(SELECT value FROM meta WHERE key = 'head_revision')"
 _COMPACTED = "(SELECT value FROM meta WHERE key = 'compacted_revision')"
@@ -366,6 +395,12 @@ class SqliteStore:
         if keys.replay:
             rows = await conn.execute_fetchall(_REPLAY, (json.dumps(list(keys.replay)),))
             state.replay_events = replay_events_from_rows(rows)
+        if keys.results_of:
+            wanted_json = json.dumps(sorted(keys.results_of))
+            for txn_id, digest in await conn.execute_fetchall(_RESULTS_KEPT, (wanted_json,)):
+                state.results_kept[txn_id] = digest
+            for row in await conn.execute_fetchall(_RESULTS_PENDING, (wanted_json,)):
+                state.results_pending[row[0]] = pending_results(*row)
         return state
 
     async def _apply(self, conn: aiosqlite.Connection, batch: BatchPlan) -> AppliedBatch:
@@ -380,6 +415,9 @@ class SqliteStore:
             ("DELETE FROM transactions WHERE id = ?", "deleted"),
             (_UPSERT_ORDER, "orders"),
             (_INSERT_EVENT, "events"),
+            (_UPSERT_RESULTS, "results"),
+            ("DELETE FROM results_pending WHERE transaction_id = ?", "results_done"),
+            (_UPSERT_PENDING, "results_pending"),
         ):
             if rows[key]:
                 await conn.executemany(statement, rows[key])
@@ -579,3 +617,87 @@ class SqliteStore:
         # One process owns the file: every change is committed, and published, by this process.
         await asyncio.Event().wait()
         yield
+
+    # -- combined results and reconciliation ------------------------------------------------------
+
+    async def get_results(
+        self, transaction_id: str
+    ) -> tuple[StoredResults | None, PendingResults | None]:
+        rows = await self._fetch(
+            "SELECT r.status, r.digest, r.body, r.fetched_at, r.revision,"
+            " p.requested_revision, p.requested_at, p.attempts, p.due_at, p.last_failure"
+            " FROM (SELECT 1) LEFT JOIN transaction_results r ON r.transaction_id = ?"
+            " LEFT JOIN results_pending p ON p.transaction_id = ?",
+            (transaction_id, transaction_id),
+        )
+        row = rows[0]
+        results = stored_results(transaction_id, *row[:5]) if row[0] is not None else None
+        pending = pending_results(transaction_id, *row[5:]) if row[5] is not None else None
+        return results, pending
+
+    async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
+        rows = await self._fetch(
+            f"SELECT {_PENDING_COLUMNS} FROM results_pending WHERE due_at <= ?"
+            " ORDER BY due_at LIMIT ?",
+            (iso(now), limit),
+        )
+        return [pending_results(*row) for row in rows]
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        return await self._write_simple(
+            "UPDATE transaction_results SET body = NULL WHERE body IS NOT NULL AND fetched_at < ?",
+            [(iso(fetched_before),)],
+        )
+
+    async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
+        cutoff = iso(silent_before)
+        rows = await self._fetch(
+            "SELECT t.id FROM transactions t"
+            " LEFT JOIN reconcile_checks c ON c.transaction_id = t.id"
+            " WHERE t.status = ? AND (t.updated_at IS NULL OR t.updated_at < ?)"
+            " AND (c.checked_at IS NULL OR c.checked_at < ?)"
+            " ORDER BY t.updated_at NULLS FIRST, t.id LIMIT ?",
+            (TransactionStatus.ACTIVE.value, cutoff, cutoff, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def record_reconcile_checks(
+        self, transaction_ids: Sequence[str], checked_at: datetime
+    ) -> None:
+        await self._write_simple(
+            "INSERT INTO reconcile_checks (transaction_id, checked_at) VALUES (?, ?)"
+            " ON CONFLICT (transaction_id) DO UPDATE SET checked_at = excluded.checked_at",
+            [(t, iso(checked_at)) for t in transaction_ids],
+        )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        # One process owns the database file (see `_take_lock`): it is always the only runner.
+        yield True
+
+    async def _write_simple(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        """One statement over `rows` in a short write transaction of its own; rows changed."""
+        if not rows:
+            return 0
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise StoreUnavailable("the store is closed")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cursor = await conn.executemany(sql, rows)
+                    changed = cursor.rowcount
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                kind = _fault_kind(exc)
+                self.health.failed(kind)
+                raise StoreUnavailable(
+                    f"the database cannot write ({kind}). Retry later."
+                ) from None
+        return changed

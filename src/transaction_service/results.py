@@ -1,0 +1,408 @@
+"""Combined results: fetched from Junction's API when a transaction completes (and again when its
+results are corrected), stored, reported with a RESULTS_READY change, and handed out.
+
+How a fetch is never lost:
+1. The ingest plan writes a *results marker* (`results_pending`) in the same commit as the change
+   that completes the transaction or corrects its results (see `plan.py`), so the marker exists
+   exactly when the change does, and survives a crash or a restart.
+2. `ResultsFetcher` works through the markers that are due: it fetches
+   `GET /v3/order_transaction/{id}/result` and commits, in one batch through the store's batch
+   write, the results, a RESULTS_READY change (a new revision of the transaction, so watchers are
+   told) and the cleared marker. A failed fetch moves the marker's due time on with exponential
+   backoff (or what Junction's Retry-After asked); partial results are stored and reported, and
+   fetched again with backoff until they are final.
+3. A marker names the revision of the change that asked. A correction arriving while a fetch is
+   under way replaces the marker, and the older fetch does not clear it: the newer results are
+   fetched too.
+
+Replicas: one fetches at a time (the store's `exclusive("results")`), and the planner drops
+results whose digest is already stored, so even two fetches of the same results report once.
+
+Results are health data: never logged (log lines carry ids, counts and status lines only), and
+erased after the body retention period (`Store.erase_results`). Markers older than that period
+are dropped with a warning: what they would fetch would be erased at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random as _random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from transaction_service.domain.state import (
+    ChangeKind,
+    TransactionStatus,
+    TransactionView,
+    knowledge_to_json,
+    view_to_json,
+)
+from transaction_service.errors import FailedPrecondition, echo
+from transaction_service.junction.answers import TransactionResults
+from transaction_service.junction.client import (
+    JunctionClient,
+    JunctionError,
+    JunctionPermanentError,
+    JunctionUnavailable,
+)
+from transaction_service.junction.errors import JunctionNotConfigured, provider_errors
+from transaction_service.metrics import Metrics
+from transaction_service.store.base import (
+    BatchKeys,
+    BatchPlan,
+    BatchState,
+    ChangeRecord,
+    ChangeWrite,
+    PendingResults,
+    PendingResultsWrite,
+    ResultsWrite,
+    Store,
+    StoredResults,
+    TransactionWrite,
+)
+
+log = logging.getLogger(__name__)
+
+# The event id of a RESULTS_READY change: the results it reports, by digest.
+RESULTS_EVENT_PREFIX = "api:results:sha256:"
+PARTIAL = "partial"
+# Backoff of failed (or partial) fetches: 5 s doubling up to an hour, with jitter; a marker is
+# retried until it succeeds or is older than the body retention.
+RETRY_BASE_SECONDS = 5.0
+RETRY_MAX_SECONDS = 3600.0
+# Markers written by other replicas are noticed within this; this process's own completions wake
+# the fetcher at once.
+POLL_SECONDS = 5.0
+DUE_PAGE = 20
+PDF_CHUNK_BYTES = 64 * 1024
+
+
+def retry_delay(
+    attempts: int,
+    rand: Callable[[], float] = _random.random,
+    *,
+    base: float = RETRY_BASE_SECONDS,
+    most: float = RETRY_MAX_SECONDS,
+) -> float:
+    """Seconds before attempt `attempts + 1`: exponential, with "equal jitter" (half fixed, half
+    random), so a retry is never immediate and many markers do not retry in step."""
+    ceiling = min(most, base * 2 ** max(0, attempts - 1))
+    return ceiling / 2 + rand() * ceiling / 2
+
+
+def failure_reason(exc: JunctionError) -> str:
+    """A short status line for a failed fetch, fit for a log line and the marker: never the
+    provider's message, which could echo health data."""
+    if isinstance(exc, JunctionUnavailable):
+        return f"unavailable: {exc.last_failure}"
+    if isinstance(exc, JunctionPermanentError):
+        return f"refused: HTTP {exc.status}"
+    return "request not sent"
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning (pure): what a fetch writes, through the store's batch write.
+# --------------------------------------------------------------------------------------------------
+
+
+def results_keys(transaction_id: str) -> BatchKeys:
+    """The transaction (locked, loaded) and its results state."""
+    ids = frozenset({transaction_id})
+    return BatchKeys(frozenset(), frozenset(), ids, results_of=ids)
+
+
+def plan_fetched(
+    state: BatchState,
+    pending: PendingResults,
+    results: TransactionResults,
+    now: datetime,
+    again_at: datetime,
+    *,
+    give_up: bool = False,
+) -> tuple[BatchPlan, bool]:
+    """The writes after a successful fetch, and whether they report RESULTS_READY.
+
+    New results (a digest not stored, or stored but erased) are stored with a RESULTS_READY change
+    of the transaction. The marker is cleared if it is still the one this fetch was for, unless
+    the results are partial: then it is due again at `again_at` (or dropped, with `give_up`).
+    """
+    plan = BatchPlan()
+    transaction_id = pending.transaction_id
+    stored = state.transactions.get(transaction_id)
+    marker = state.results_pending.get(transaction_id)
+    ready = False
+    digest = hashlib.sha256(results.raw_json).hexdigest()
+    if stored is not None and state.results_kept.get(transaction_id) != digest:
+        view_json = view_to_json(stored.view)
+        plan.changes.append(
+            ChangeWrite(
+                transaction_id=transaction_id,
+                event_id=RESULTS_EVENT_PREFIX + digest,
+                order_id=None,
+                kinds=(ChangeKind.RESULTS_READY,),
+                view=stored.view,
+                recorded_at=now,
+                view_json=view_json,
+            )
+        )
+        plan.transactions[transaction_id] = TransactionWrite(
+            knowledge=stored.knowledge,
+            view=stored.view,
+            change=0,
+            revision=stored.revision,
+            knowledge_json=knowledge_to_json(stored.knowledge),
+            view_json=view_json,
+        )
+        plan.results.append(
+            ResultsWrite(
+                transaction_id=transaction_id,
+                status=results.status,
+                digest=digest,
+                body=results.raw_json,
+                fetched_at=now,
+                change=0,
+            )
+        )
+        ready = True
+    if marker is None or marker.requested_revision != pending.requested_revision:
+        return plan, ready  # cleared already, or asked for again meanwhile: leave it
+    if stored is None or results.status != PARTIAL or give_up:
+        plan.results_done.add(transaction_id)
+    else:
+        plan.results_pending[transaction_id] = PendingResultsWrite(
+            transaction_id=transaction_id,
+            change=None,
+            requested_revision=marker.requested_revision,
+            requested_at=marker.requested_at,
+            attempts=marker.attempts + 1,
+            due_at=again_at,
+            last_failure="partial results",
+        )
+    return plan, ready
+
+
+def plan_failed(
+    state: BatchState,
+    pending: PendingResults,
+    reason: str,
+    again_at: datetime,
+    *,
+    give_up: bool = False,
+) -> BatchPlan:
+    """The writes after a failed fetch: the marker due again at `again_at`, or dropped."""
+    plan = BatchPlan()
+    transaction_id = pending.transaction_id
+    marker = state.results_pending.get(transaction_id)
+    if marker is None or marker.requested_revision != pending.requested_revision:
+        return plan
+    if give_up:
+        plan.results_done.add(transaction_id)
+        return plan
+    plan.results_pending[transaction_id] = PendingResultsWrite(
+        transaction_id=transaction_id,
+        change=None,
+        requested_revision=marker.requested_revision,
+        requested_at=marker.requested_at,
+        attempts=marker.attempts + 1,
+        due_at=again_at,
+        last_failure=reason,
+    )
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Fetching: the background worker.
+# --------------------------------------------------------------------------------------------------
+
+
+ChangeListener = Callable[[Sequence[ChangeRecord]], None]
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    transaction_id: str
+    # "ready" (new results reported), "unchanged", "partial", "failed" or "gave_up".
+    outcome: str
+
+
+class ResultsFetcher:
+    """Works through due results markers until cancelled; `wake()` makes it look at once."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: JunctionClient,
+        *,
+        on_changes: ChangeListener,
+        retention: timedelta,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rand: Callable[[], float] = _random.random,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._on_changes = on_changes
+        self._retention = retention
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
+        self._rand = rand
+        self._poll_seconds = poll_seconds
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            try:
+                async with self._store.exclusive("results") as mine:
+                    if mine:
+                        await self.fetch_due()
+            except Exception:
+                log.exception("fetching combined results failed; will retry")
+            try:
+                async with asyncio.timeout(self._poll_seconds):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def fetch_due(self) -> list[FetchOutcome]:
+        """Fetch every marker due now, a page at a time (the client caps the requests in
+        flight); each marker at most once per call."""
+        now = self._clock()
+        done: list[FetchOutcome] = []
+        seen: set[str] = set()
+        while True:
+            page = await self._store.results_due(now, DUE_PAGE)
+            due = [p for p in page if p.transaction_id not in seen]
+            if not due:
+                return done
+            seen.update(p.transaction_id for p in due)
+            done += await asyncio.gather(*(self.fetch(p) for p in due))
+
+    async def fetch(self, pending: PendingResults) -> FetchOutcome:
+        """Fetch one transaction's results and commit what that means."""
+        transaction_id = pending.transaction_id
+        now = self._clock()
+        give_up = now - pending.requested_at > self._retention
+        try:
+            results = await self._client.get_transaction_results(transaction_id)
+        except JunctionError as exc:
+            reason = failure_reason(exc)
+            delay = retry_delay(pending.attempts + 1, self._rand)
+            if isinstance(exc, JunctionUnavailable) and exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            again_at = now + timedelta(seconds=delay)
+            await self._store.write(
+                results_keys(transaction_id),
+                lambda state: plan_failed(state, pending, reason, again_at, give_up=give_up),
+            )
+            outcome = "gave_up" if give_up else "failed"
+            log.warning(
+                "combined results not fetched (%s); %s",
+                reason,
+                "giving up: older than the body retention"
+                if give_up
+                else f"attempt {pending.attempts + 1}, next in {delay:.0f} s",
+                extra={"fields": {"transaction_id": transaction_id}},
+            )
+            self._metrics.results_fetched(outcome)
+            return FetchOutcome(transaction_id, outcome)
+
+        again_at = now + timedelta(seconds=retry_delay(pending.attempts + 1, self._rand))
+        reported: list[bool] = []
+
+        def plan(state: BatchState) -> BatchPlan:
+            written, ready = plan_fetched(state, pending, results, now, again_at, give_up=give_up)
+            reported[:] = [ready]
+            return written
+
+        applied = await self._store.write(results_keys(transaction_id), plan)
+        if applied.changes:
+            self._on_changes(applied.changes)
+        if reported and reported[0]:
+            outcome = "ready"
+        elif results.status == PARTIAL:
+            outcome = "partial"
+        else:
+            outcome = "unchanged"
+        # Counts and status only: the results are health data.
+        log.info(
+            "combined results fetched",
+            extra={
+                "fields": {
+                    "transaction_id": transaction_id,
+                    "status": results.status,
+                    "outcome": outcome,
+                    "revision": applied.changes[-1].revision if applied.changes else None,
+                }
+            },
+        )
+        self._metrics.results_fetched(outcome)
+        return FetchOutcome(transaction_id, outcome)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: what GetTransactionResults and GetTransactionResultsPdf hand out.
+# --------------------------------------------------------------------------------------------------
+
+
+async def stored_results(store: Store, view: TransactionView) -> StoredResults:
+    """The transaction's stored results with their body; FailedPrecondition saying why not."""
+    results, pending = await store.get_results(view.id)
+    if results is not None and results.body is not None:
+        return results
+    if results is not None:
+        raise FailedPrecondition(
+            f"the results of transaction {echo(view.id)} were erased: they are kept for the "
+            "body retention period (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS)",
+            reason="RESULTS_ERASED",
+        )
+    if pending is not None:
+        detail = f"{pending.attempts} attempt(s) so far"
+        if pending.last_failure:
+            detail += f", the last: {pending.last_failure}"
+        message = (
+            f"the results of transaction {echo(view.id)} are being fetched from Junction "
+            f"({detail}); watch for RESULTS_READY"
+        )
+    elif view.legacy:
+        message = (
+            f"transaction {echo(view.id)} stands in for a legacy order, which has no order "
+            "transaction at Junction and so no combined results"
+        )
+    elif view.status != TransactionStatus.COMPLETED:
+        message = (
+            f"transaction {echo(view.id)} is {view.status.value.upper()}: combined results are "
+            "fetched once it is COMPLETED; watch for RESULTS_READY"
+        )
+    else:
+        message = (
+            f"no results are stored for transaction {echo(view.id)}: it completed while "
+            "Junction's API was not configured, or fetching them gave up after the body retention"
+        )
+    raise FailedPrecondition(message, reason="RESULTS_NOT_READY")
+
+
+async def results_pdf(client: JunctionClient | None, view: TransactionView) -> AsyncIterator[bytes]:
+    """The results PDF, streamed from Junction in chunks; errors mapped to service errors."""
+    if client is None:
+        raise JunctionNotConfigured
+    if view.legacy:
+        raise FailedPrecondition(
+            f"transaction {echo(view.id)} stands in for a legacy order, which has no order "
+            "transaction at Junction and so no combined results",
+            reason="RESULTS_NOT_READY",
+        )
+    with provider_errors():
+        async with aclosing(
+            client.stream_transaction_results_pdf(view.id, chunk_size=PDF_CHUNK_BYTES)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
