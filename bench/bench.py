@@ -29,6 +29,10 @@ Rows (the ceiling of each in brackets):
     (receipt minus the change's recorded_at, one clock) p50/p99 over every delivery to every
     watcher, and missed deliveries (expected from the ingest answers; must be 0). [no watchers]
  6. the same with 1,000 feeds (200,000 deliveries/s asked of the server); reported.
+    Watchers of rows 5 and 6 ask for batches (`batch_changes`), as a client of that many feeds
+    should.
+ 8. (issue 6) IngestEvent latency, one call at a time, with 2,000 feed watchers open (batched,
+    then not), against none.                                               [no watchers]
  7. GetTransaction latency, one call at a time, with 1k and with 300k transactions stored
     (the store grown through IngestEvents, i.e. the service's own bulk path, not a side load);
     bytes per transaction (database files / transactions); server memory per open watch
@@ -507,19 +511,24 @@ async def run_watchers(spec_path: str) -> None:
                 opened += 1
                 if opened == total:
                     everything_opened.set()
-            if message.WhichOneof("event") == "change":
-                change = message.change
-                mine.add(change.revision)
-                lags.append(time.time() - change.recorded_at.ToNanoseconds() / 1e9)
+            event = message.WhichOneof("event")
+            if event in ("change", "changes"):
+                now = time.time()
+                batch = message.changes.changes if event == "changes" else [message.change]
+                for change in batch:
+                    mine.add(change.revision)
+                    lags.append(now - change.recorded_at.ToNanoseconds() / 1e9)
 
     tasks = []
     for i, txn_id in enumerate(singles):
         stub = pb_grpc.TransactionServiceStub(channels[i % 4])
-        call = stub.WatchTransaction(pb.WatchTransactionRequest(transaction_id=txn_id))
+        call = stub.WatchTransaction(
+            pb.WatchTransactionRequest(transaction_id=txn_id, batch_changes=spec["batch"])
+        )
         tasks.append(asyncio.create_task(consume(i, call)))
     for j in range(feeds):
         stub = pb_grpc.TransactionServiceStub(channels[j % 4])
-        call = stub.WatchTransactions(pb.WatchTransactionsRequest())
+        call = stub.WatchTransactions(pb.WatchTransactionsRequest(batch_changes=spec["batch"]))
         tasks.append(asyncio.create_task(consume(len(singles) + j, call)))
     await everything_opened.wait()
     print("ready", flush=True)
@@ -616,6 +625,7 @@ async def fanout(
                         "address": address,
                         "singles": [r["expect"]["transaction_id"] for r in runs],
                         "feeds": feeds,
+                        "batch": True,
                         "drain_seconds": 120,
                     }
                 )
@@ -652,6 +662,51 @@ async def fanout(
         **result,
     }
     return figures
+
+
+async def latency_with_feeds(size: Size, folder: Path, feeds: int) -> dict[str, Any]:
+    """Row 8 (issue 6): IngestEvent latency, one call at a time, with `feeds` open feed watchers
+    (batched, and not), against none."""
+    figures: dict[str, Any] = {"feeds": feeds}
+    requests = first_deliveries(size.latency_calls * 4)
+    parts = iter(requests[i::4] for i in range(4))
+    with server(str(folder / "feeds.db")) as (_, address):
+        async with channel(address) as ch:
+            stub = pb_grpc.TransactionServiceStub(ch)
+            figures["none"] = await sequential_latency(stub, next(parts))
+            for batch in (True, False):
+                spec = folder / f"feeds-{batch}.json"
+                spec.write_text(
+                    json.dumps(
+                        {
+                            "address": address,
+                            "singles": [],
+                            "feeds": feeds,
+                            "batch": batch,
+                            "drain_seconds": 60,
+                        }
+                    )
+                )
+                watchers = Process([sys.executable, str(Path(__file__)), "watchers", str(spec)])
+                try:
+                    watchers.wait_for(re.compile("^ready"), stdout=True, timeout=300)
+                    key = "batched" if batch else "unbatched"
+                    figures[key] = await sequential_latency(stub, next(parts))
+                finally:
+                    watchers.stop()
+    return figures
+
+
+async def sequential_latency(stub: Any, requests: list[pb.IngestEventRequest]) -> dict[str, float]:
+    latencies = []
+    for request in requests:
+        began = time.perf_counter()
+        await stub.IngestEvent(request)
+        latencies.append(time.perf_counter() - began)
+    return {
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
@@ -780,6 +835,18 @@ def table(results: dict[str, Any]) -> str:
                 f"{f['ingest_per_s'] / base:.2f} x no watchers ({base:.0f}/s)" if base else "",
             )
         )
+    if lat := r.get("latency_with_feeds"):
+        none = lat["none"]
+        for key in ("batched", "unbatched"):
+            got = lat[key]
+            rows.append(
+                (
+                    f"8 IngestEvent latency, {lat['feeds']:,} {key} feeds",
+                    f"p50 {got['p50_ms']:.1f} ms, p99 {got['p99_ms']:.1f} ms (none: p50"
+                    f" {none['p50_ms']:.1f}, p99 {none['p99_ms']:.1f})",
+                    f"{got['p50_ms'] / none['p50_ms']:.2f} x none (p50)",
+                )
+            )
     for name in ("small", "large"):
         g = r.get(f"get_latency_{name}_store")
         if g:
@@ -865,6 +932,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 results,
                 "fanout_many_feeds",
                 fanout(size, folder, size.many_feeds, size.many_feeds_seconds, "many", False),
+            ),
+        ),
+        (
+            "row 8",
+            lambda: _set(
+                results, "latency_with_feeds", latency_with_feeds(size, folder, size.many_feeds * 2)
             ),
         ),
         ("row 7", lambda: store_size_rows(size, folder, results)),
