@@ -23,7 +23,7 @@ from transaction_service.domain.payload import (
     FieldViolation,
     PayloadError,
     body_digest,
-    canonical_json,
+    canonical_bytes,
     decode_json_body,
     normalise_body,
     parse_event,
@@ -116,7 +116,7 @@ def decode_delivery(
         except PayloadError as exc:
             raise _rooted(exc, root) from None
         # Proto strings are valid UTF-8, so the canonical form always encodes.
-        raw = canonical_json(body).encode()
+        raw = canonical_bytes(body)
         if len(raw) > max_body_bytes:
             raise _too_large(root, len(raw), max_body_bytes)
         digest = hashlib.sha256(raw).hexdigest()

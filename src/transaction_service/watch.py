@@ -110,7 +110,9 @@ MAX_BATCH = 500
 # How much a batched watch stretches every batched watch's pace: with N of them, each sends at
 # most once per N x this (measured: a message costs gRPC 30-60 us of the event loop, so this keeps
 # the fan-out to about a fifth of it).
-SECONDS_PER_BATCHED_WATCH = 0.0002
+SECONDS_PER_BATCHED_WATCH = 0.0003
+# Feeds woken per turn of the event loop when a change arrives after a quiet spell.
+WAKE_SLICE = 64
 
 
 class Compacted(OutOfRange):
@@ -157,42 +159,53 @@ class WatchClosed(Unavailable):
 
 @dataclass(eq=False)
 class Subscription:
+    """One watch stream's place in the hub.
+
+    A single-transaction watch (its filter has a key) has a queue of its own, filled by publish.
+    A feed watch has none: it reads the hub's shared buffer of recent changes from where it is,
+    so publishing a change costs the same whether ten feeds or ten thousand are open.
+    """
+
     where: WatchFilter
     limit: int
     queue: collections.deque[ChangeRecord] = field(default_factory=collections.deque)
-    # Set when the buffer overflowed and was dropped: catch up from the change log.
+    # Set when the buffer overflowed and was dropped (or a feed fell off the shared buffer):
+    # catch up from the change log.
     behind: bool = False
     overflows: int = 0
     closed: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     on_overflow: Callable[[], None] = lambda: None
-    # Batched watches are paced; counted by the hub to stretch the pace as they grow in number.
+    # Batched watches are paced; batched feeds are counted to stretch the pace as they grow.
     batched: bool = False
     # When a message was last sent, and whether an idle progress message is due (the hub's
     # ticker sets it: one timer for every watch, not one per watch).
     active_at: float = field(default_factory=time.monotonic)
     progress_due: bool = False
+    # Feeds: the newest revision of the shared buffer this watch has looked at.
+    seen: int = 0
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.where.key)
 
     def offer(self, change: ChangeRecord) -> None:
         if len(self.queue) >= self.limit:
             self.queue.clear()
-            self.behind = True
-            self.overflows += 1
-            self.on_overflow()
+            self.fell_behind()
         else:
             self.queue.append(change)
         self.wakeup.set()
+
+    def fell_behind(self) -> None:
+        self.behind = True
+        self.overflows += 1
+        self.on_overflow()
 
     def active(self) -> None:
         """Something was sent: the next progress message is due a full interval from now."""
         self.active_at = time.monotonic()
         self.progress_due = False
-
-    async def wait(self) -> None:
-        """Until there is something to do: a change, a catch-up, the end, or a progress tick."""
-        while not (self.queue or self.behind or self.closed or self.progress_due):
-            self.wakeup.clear()
-            await self.wakeup.wait()
 
 
 class ChangeHub:
@@ -215,13 +228,19 @@ class ChangeHub:
         self._page_size = page_size
         self._progress_interval = progress_interval
         self._subscriptions: set[Subscription] = set()
-        self._batched = 0
+        self._batched_feeds = 0
         self._ticker: asyncio.Task[None] | None = None
         # Single-transaction watchers by key, so a change is offered only to those it may
-        # concern (those of its transaction id and of each of its orders' ids); feed watchers
-        # see every change.
+        # concern (those of its transaction id and of each of its orders' ids).
         self._by_key: dict[str, set[Subscription]] = {}
-        self._feeds: set[Subscription] = set()
+        # Feeds read the recent changes, shared: `_recent[i]` has revision `_recent_from + i`
+        # (published revisions are contiguous). Those waiting for more are woken by publish;
+        # the others (busy, or resting between batches) cost publish nothing.
+        self._recent: list[ChangeRecord] = []
+        self._recent_from = 1
+        self._recent_size = queue_size
+        self._waiting_feeds: set[Subscription] = set()
+        self._waking = False
         self._closed = False
         # The newest revision published; every change up to it has been offered to every
         # subscriber that existed when it was published.
@@ -238,23 +257,48 @@ class ChangeHub:
         """Offer committed changes, in revision order, to every matching subscriber. Never waits."""
         by_key = self._by_key
         for change in changes:
-            candidates = set(by_key.get(change.transaction_id, ()))
-            for order in change.view.orders:
-                candidates.update(by_key.get(order.id, ()))
-            for sub in candidates:
-                if (selected := sub.where.select(change)) is not None:
-                    sub.offer(selected)
-            for sub in self._feeds:
-                if (selected := sub.where.select(change)) is not None:
-                    sub.offer(selected)
-            self.published_revision = max(self.published_revision, change.revision)
+            if change.revision <= self.published_revision:
+                continue
+            if by_key:
+                candidates = set(by_key.get(change.transaction_id, ()))
+                for order in change.view.orders:
+                    candidates.update(by_key.get(order.id, ()))
+                for sub in candidates:
+                    if (selected := sub.where.select(change)) is not None:
+                        sub.offer(selected)
+            if not self._recent or change.revision != self._recent_from + len(self._recent):
+                # The first change, or after a gap the feed could not fill (see
+                # ChangeFeed.catch_up): the buffer starts over here.
+                self._recent = []
+                self._recent_from = change.revision
+            self._recent.append(change)
+            self.published_revision = change.revision
+        if len(self._recent) > 2 * self._recent_size:
+            cut = len(self._recent) - self._recent_size
+            del self._recent[:cut]
+            self._recent_from += cut
+        if self._waiting_feeds and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake_feeds)
+
+    def _wake_feeds(self) -> None:
+        """Wake the feeds waiting for changes, a slice at a time: each slice runs in a turn of
+        the event loop of its own, so the calls being ingested are served between slices rather
+        than after thousands of watchers have all sent their message."""
+        for _ in range(min(WAKE_SLICE, len(self._waiting_feeds))):
+            self._waiting_feeds.pop().wakeup.set()
+        if self._waiting_feeds:
+            asyncio.get_running_loop().call_soon(self._wake_feeds)
+        else:
+            self._waking = False
 
     def batch_interval(self) -> float:
-        """How long a batched watch waits between messages while changes keep coming: the
-        configured minimum, stretched as batched watches grow in number, so that fanning out to
-        all of them costs the event loop a bounded share of its time (each message costs gRPC
-        some tens of microseconds), whatever their number."""
-        return max(self._batch_interval, self._batched * SECONDS_PER_BATCHED_WATCH)
+        """How long a batched watch rests between messages while changes keep coming: the
+        configured minimum, stretched as batched feeds grow in number, so that sending to all of
+        them costs the event loop a bounded share of its time (each message costs gRPC some tens
+        of microseconds), whatever their number. Single-transaction watches get few changes and
+        do not count."""
+        return max(self._batch_interval, self._batched_feeds * SECONDS_PER_BATCHED_WATCH)
 
     async def _tick(self) -> None:
         """Mark idle watches as due a progress message."""
@@ -267,20 +311,21 @@ class ChangeHub:
                     sub.progress_due = True
                     sub.wakeup.set()
 
-    def _add(self, sub: Subscription) -> None:
+    def _add(self, sub: Subscription, last: int) -> None:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="watch-tick")
-        self._batched += sub.batched
         self._subscriptions.add(sub)
         if key := sub.where.key:
             self._by_key.setdefault(key, set()).add(sub)
         else:
-            self._feeds.add(sub)
+            self._batched_feeds += sub.batched
+            sub.seen = last
 
     def _remove(self, sub: Subscription) -> None:
-        if sub in self._subscriptions:
-            self._batched -= sub.batched
+        if sub not in self._subscriptions:
+            return
         self._subscriptions.discard(sub)
+        self._waiting_feeds.discard(sub)
         if key := sub.where.key:
             subs = self._by_key.get(key)
             if subs is not None:
@@ -288,7 +333,52 @@ class ChangeHub:
                 if not subs:
                     del self._by_key[key]
         else:
-            self._feeds.discard(sub)
+            self._batched_feeds -= sub.batched
+
+    def _take(self, sub: Subscription, last: int, limit: int) -> list[ChangeRecord]:
+        """Up to `limit` changes for `sub` after revision `last`, as it is to see them. Sets
+        `sub.behind` if they are no longer at hand (then the caller reads the change log)."""
+        taken: list[ChangeRecord] = []
+        if sub.keyed:
+            while sub.queue and len(taken) < limit:
+                change = sub.queue.popleft()
+                if change.revision > last:
+                    taken.append(change)
+            return taken
+        # Everything up to `last` was sent (or read from the log), so there is nothing to look
+        # at below it.
+        sub.seen = max(sub.seen, last)
+        start = sub.seen + 1
+        if start < self._recent_from and start <= self.published_revision:
+            # Fell further behind than the shared buffer reaches.
+            sub.fell_behind()
+            return taken
+        where = sub.where
+        unfiltered = not (where.kinds or where.team_id)
+        recent = self._recent
+        index = max(0, start - self._recent_from)
+        while index < len(recent) and len(taken) < limit:
+            change = recent[index]
+            index += 1
+            sub.seen = change.revision
+            if unfiltered:
+                taken.append(change)
+            elif (selected := where.select(change)) is not None:
+                taken.append(selected)
+        return taken
+
+    def _has_more(self, sub: Subscription) -> bool:
+        if sub.keyed:
+            return bool(sub.queue)
+        return sub.seen < self._recent_from + len(self._recent) - 1
+
+    async def _wait(self, sub: Subscription) -> None:
+        """Until there is something to do: a change, a catch-up, the end, or a progress tick."""
+        while not (sub.behind or sub.closed or sub.progress_due or self._has_more(sub)):
+            sub.wakeup.clear()
+            if not sub.keyed:
+                self._waiting_feeds.add(sub)
+            await sub.wakeup.wait()
 
     def mark_all_behind(self) -> None:
         """Every subscriber re-reads the change log from its position (the live stream had a
@@ -336,7 +426,10 @@ class ChangeHub:
         sub = Subscription(
             where, self._queue_size, on_overflow=self._metrics.watch_overflowed, batched=batch
         )
-        self._add(sub)
+        # Subscribed before anything is read: a feed looks at the shared buffer from the newest
+        # revision published now on; what is read below covers everything up to it.
+        self._add(sub, self.published_revision)
+        limit = MAX_BATCH if batch else 1
         try:
             if start_revision is None:
                 if current is not None:
@@ -372,34 +465,24 @@ class ChangeHub:
                         last = replayed[-1].revision
                     replay_needed = lenient = False
                     continue
-                if not sub.queue:
-                    await sub.wait()
-                    if sub.progress_due and not (sub.queue or sub.behind or sub.closed):
+                fresh = self._take(sub, last, limit)
+                if sub.behind:
+                    continue
+                if not fresh:
+                    await self._wait(sub)
+                    if sub.progress_due and not (sub.behind or sub.closed or self._has_more(sub)):
                         sub.active()
                         yield Progress(max(last, self.published_revision))
-                    continue
-                if not batch:
-                    change = sub.queue.popleft()
-                    if change.revision > last:
-                        sub.active()
-                        yield change
-                        last = change.revision
-                    continue
-                fresh = []
-                while sub.queue and len(fresh) < MAX_BATCH:
-                    change = sub.queue.popleft()
-                    if change.revision > last:
-                        fresh.append(change)
-                if not fresh:
                     continue
                 sub.active()
                 yield Batch(tuple(fresh)) if len(fresh) > 1 else fresh[0]
                 last = fresh[-1].revision
-                # Paced: after a message, rest for the interval (jittered, so that watches do
-                # not all send at one moment) while changes gather; a change after a quiet spell
-                # longer than that goes out at once. Resting, the watch costs nothing: publishing
-                # only queues changes for it.
-                await asyncio.sleep(self.batch_interval() * random.uniform(0.75, 1.25))
+                if batch:
+                    # Paced: after a message, rest for the interval (jittered, so that watches
+                    # do not all send at one moment) while changes gather; a change after a
+                    # quiet spell longer than that goes out at once. Resting, a watch costs
+                    # publishing nothing.
+                    await asyncio.sleep(self.batch_interval() * random.uniform(0.5, 1.5))
         finally:
             self._remove(sub)
 

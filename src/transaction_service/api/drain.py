@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-QUIET_SECONDS = 0.1
+QUIET_SECONDS = 0.2
 
 
 class CallArrivals(grpc.aio.ServerInterceptor):
