@@ -441,7 +441,7 @@ def test_ingest_command_feeds_files_and_summarises(tmp_path: Path) -> None:
     """Fixture files and JSON lines (envelopes, raw bodies, a broken line) through a real server
     process: the summary counts each outcome and lists each refusal with its file and line; the
     exit status says whether anything was refused. Sent again: all duplicates, exit 0."""
-    from tests.test_server_process import assert_served_as_expected, serve_db
+    from tests.process import assert_served_as_expected, serve_db
 
     runs = [with_fresh_ids(s) for s in SCENARIOS]
     fixtures = []

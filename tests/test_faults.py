@@ -1,6 +1,6 @@
 """Faults, operator mistakes and abuse, against the real server process.
 
-Each test starts its own `transaction-service serve` (see test_server_process.py) and checks what
+Each test starts its own `transaction-service serve` (see tests/process.py) and checks what
 an operator or a client would see: exit codes and the one line a startup mistake prints, gRPC
 status codes, health, the log, and what survives a restart.
 """
@@ -29,8 +29,7 @@ import grpc
 import pytest
 
 from tests.conftest import SCENARIOS
-from tests.scenario_tools import with_fresh_ids
-from tests.test_server_process import (
+from tests.process import (
     GRPCURL,
     SERVICE,
     Client,
@@ -38,6 +37,7 @@ from tests.test_server_process import (
     running_server,
     server_env,
 )
+from tests.scenario_tools import with_fresh_ids
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

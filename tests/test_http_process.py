@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SCENARIOS
-from tests.test_server_process import (
+from tests.process import (
     RICHEST,
     SERVICE,
     STOP_TIMEOUT,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.test_server_process import GRPCURL, Server, running_server, server_env
+from tests.process import GRPCURL, Server, running_server, server_env
 from transaction_service.config import settings_table
 
 ROOT = Path(__file__).resolve().parent.parent

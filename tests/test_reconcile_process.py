@@ -20,8 +20,7 @@ from typing import Any
 
 from tests.conftest import SCENARIOS, database
 from tests.fake_junction import FakeJunction
-from tests.test_readme import commands, for_server, run_bash, sh_blocks
-from tests.test_server_process import (
+from tests.process import (
     SERVICE,
     Server,
     assert_served_as_expected,
@@ -33,6 +32,7 @@ from tests.test_server_process import (
     server_env,
     summary,
 )
+from tests.test_readme import commands, for_server, run_bash, sh_blocks
 from tests.webhook_tools import metric, request
 
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")

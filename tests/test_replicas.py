@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import SCENARIOS
 from tests.harness import check_expect, struct
 from tests.pg import fresh_database
+from tests.process import Server, running_server
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
-from tests.test_server_process import Server, running_server
 from transaction_service.ingest import Ingestor, IngestResult, Outcome, decode_delivery
 from transaction_service.store.postgres import PostgresStore
 from transactions.v1 import transactions_pb2 as pb

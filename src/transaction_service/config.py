@@ -218,7 +218,7 @@ class Settings(BaseSettings):
         default=0.05,
         ge=0,
         description="a watch stream that asked for batches (batch_changes) gets at most one "
-        "message per this interval while changes keep coming (stretched by 0.3 ms per batched "
+        "message per this interval while changes keep coming (stretched by 0.5 ms per batched "
         "feed open)",
     )
     watch_queue_size: int = Field(
