@@ -27,17 +27,22 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from tests.conftest import SCENARIOS
+from tests.conftest import BODY_LIMIT, SCENARIOS
 from tests.process import (
     GRPCURL,
     SERVICE,
     Client,
     Server,
+    ingest_all,
     running_server,
     server_env,
 )
 from tests.scenario_tools import with_fresh_ids
+from tests.test_grpc_api import BAD_INPUTS
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -441,6 +446,83 @@ def test_the_largest_allowed_transaction_is_read_listed_watched_and_replayed(
         refused = server.call_error(f"{SERVICE}/IngestEvent", {"event_id": "over", "payload": over})
         assert "InvalidArgument" in refused
         assert "50" in refused
+
+
+# -- malformed input and the watch contract, over the wire ----------------------------------------
+
+
+def _violations(error: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None, error
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    return [v.field for v in bad_request.field_violations]
+
+
+def test_every_malformed_input_is_invalid_argument_and_stores_nothing(tmp_path: Path) -> None:
+    """The in-process cases of test_grpc_api (deep JSON and Struct, NaN/Infinity, timestamps off
+    the calendar, blank ids, oversize state...) against the real process: the same codes and
+    field violations, nothing stored, no traceback in the log."""
+    db = tmp_path / "x.db"
+    first = REDRAW["deliveries"][0]
+    limit = ("--max-body-bytes", str(BODY_LIMIT))  # as in process, so the same cases apply
+    with (
+        running_server(tmp_path, "--grpc-port", "0", "--db", str(db), *limit) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.TransactionServiceStub(channel)
+        stub.IngestEvent(
+            pb.IngestEventRequest(event_id=first["svix_id"], payload_json=json.dumps(first["body"]))
+        )
+        before = stored_event_ids(db)
+        for name, request, field, words in BAD_INPUTS:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.IngestEvent(request, timeout=DEADLINE)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.details())
+            assert words in error.details(), name
+            assert field in _violations(error), name
+        for seconds in (-(10**15), 10**15):
+            listing = pb.ListTransactionsRequest(
+                updated_since=timestamp_pb2.Timestamp(seconds=seconds)
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListTransactions(listing, timeout=DEADLINE)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _violations(caught.value) == ["updated_since"]
+        assert stored_event_ids(db) == before
+        log = server.log_text()
+    assert "Traceback" not in log
+
+
+def test_a_start_revision_in_the_future_is_out_of_range_naming_the_head(tmp_path: Path) -> None:
+    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db")) as server:
+        head = max(ingest_all(server, with_fresh_ids(REDRAW)["deliveries"][:2]))
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.TransactionServiceStub(channel)
+            for call in (
+                stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=head + 1)),
+                stub.WatchTransaction(
+                    pb.WatchTransactionRequest(order_id="any", start_revision=head + 1)
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(call)
+                assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+                status = rpc_status.from_call(caught.value)
+                assert status is not None
+                info = error_details_pb2.ErrorInfo()
+                assert status.details[0].Unpack(info)
+                assert info.reason == "REVISION_IN_FUTURE"
+                assert info.metadata["head_revision"] == str(head)
+            # The head itself is a valid place to start.
+            call = stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=head))
+            assert next(call).WhichOneof("event") == "progress"
+            call.cancel()
+        # And grpcurl users see the reason too.
+        request = {"start_revision": head + 1}
+        shown = server.call_error(f"{SERVICE}/WatchTransactions", request)
+        assert "OutOfRange" in shown
 
 
 # -- settings ------------------------------------------------------------------------------------
