@@ -507,6 +507,41 @@ async def test_no_results_for_an_active_transaction_or_without_the_api(
     assert await api.service.store.results_due(datetime.now(UTC), 10) == []
 
 
+async def test_results_of_a_transaction_completed_before_the_api_key_are_fetched_on_reconcile(
+    start: Services, fake_junction: FakeJunction
+) -> None:
+    """The API key is configured after transactions completed: GetTransactionResults says how to
+    get their results, a reconcile fetches them once, and results erased after the retention are
+    not fetched again by a later reconcile."""
+    fake_junction.load_scenario(REDRAW)
+    transaction_id = REDRAW["expect"]["transaction_id"]
+    before = await start(None)
+    for delivery in REDRAW["deliveries"]:
+        await ingest(before, delivery["svix_id"], delivery["body"])
+    await start.stop(before)
+
+    api = await start(fake_junction)
+    lookup = pb.GetTransactionResultsRequest(transaction_id=transaction_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.GetTransactionResults(lookup)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ReconcileTransaction fetches them" in (caught.value.details() or "")
+
+    reconcile = pb.ReconcileTransactionRequest(order_id=REDRAW["expect"]["redraw_order_id"])
+    await api.stub.ReconcileTransaction(reconcile)
+    changes = await feed_until(api.stub, lambda c: pb.CHANGE_KIND_RESULTS_READY in c.kinds)
+    assert changes[-1].transaction.id == transaction_id
+    assert (await api.stub.GetTransactionResults(lookup)).status == "final"
+    assert len(fake_junction.requests_to("transaction_result")) == 1
+
+    # Fetched once: reconciling again asks for nothing, nor after the results were erased.
+    await api.stub.ReconcileTransaction(reconcile)
+    assert await api.service.store.erase_results(datetime.now(UTC) + timedelta(hours=1)) == 1
+    await api.stub.ReconcileTransaction(reconcile)
+    assert await api.service.store.results_due(datetime.now(UTC) + timedelta(days=1), 10) == []
+    assert len(fake_junction.requests_to("transaction_result")) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The results fetcher's rules, on the in-memory store with a hand-driven clock
 # --------------------------------------------------------------------------------------------------

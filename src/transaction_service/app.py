@@ -99,15 +99,6 @@ class App:
             metrics=self.metrics,
             want_results=self.junction is not None,
         )
-        self.reconciler = Reconciler(
-            self.store,
-            self.junction,
-            ingest=functools.partial(self.ingest, source="api"),
-            max_body_bytes=settings.max_body_bytes,
-            limits=self.limits,
-            concurrency=settings.junction_max_concurrency,
-            metrics=self.metrics,
-        )
         self.results = (
             ResultsFetcher(
                 self.store,
@@ -118,6 +109,16 @@ class App:
             )
             if self.junction is not None
             else None
+        )
+        self.reconciler = Reconciler(
+            self.store,
+            self.junction,
+            ingest=functools.partial(self.ingest, source="api"),
+            max_body_bytes=settings.max_body_bytes,
+            limits=self.limits,
+            concurrency=settings.junction_max_concurrency,
+            metrics=self.metrics,
+            results_wanted=self.results.wake if self.results is not None else lambda: None,
         )
         self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
         # Background loops; each catches and logs its own failures and keeps going.

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from transaction_service.domain.limits import StateLimits
+from transaction_service.domain.state import TransactionStatus
 from transaction_service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -46,7 +47,8 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import Store, TransactionSnapshot
+from transaction_service.results import plan_missing_results, results_keys
+from transaction_service.store.base import BatchPlan, BatchState, Store, TransactionSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +144,12 @@ class Reconciler:
         backfill_page_size: int = MAX_PAGE_SIZE,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        results_wanted: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._client = client
+        # Wakes the results fetcher after a reconcile marked results to fetch.
+        self._results_wanted = results_wanted
         self._ingest = ingest
         self._max_body_bytes = max_body_bytes
         self._limits = limits
@@ -235,7 +240,35 @@ class Reconciler:
         if snapshot is None:  # its orders moved elsewhere (the provider changed its mind)
             snapshot, head = await self._store.get_by_order(events[0].order_id)
         await self._store.record_reconcile_checks([transaction_id], self._clock())
+        await self._ask_for_missing_results(snapshot)
         return Reconciled(snapshot, answers, head)
+
+    async def _ask_for_missing_results(self, snapshot: TransactionSnapshot | None) -> None:
+        """A COMPLETED transaction whose results were never fetched (it completed before the API
+        key was configured): mark them to fetch. Results once fetched and since erased after the
+        body retention are not fetched again: that erasure is the point of the retention."""
+        view = snapshot.view if snapshot is not None else None
+        if view is None or view.legacy or view.status != TransactionStatus.COMPLETED:
+            return
+        stored, pending = await self._store.get_results(view.id)
+        if stored is not None or pending is not None:
+            return
+        now = self._clock()
+        marked: list[bool] = []
+
+        def plan(state: BatchState) -> BatchPlan:
+            written = plan_missing_results(state, view.id, now)
+            marked[:] = [bool(written.results_pending)]
+            return written
+
+        await self._store.write(results_keys(view.id), plan)
+        if not (marked and marked[0]):
+            return
+        log.info(
+            "combined results never fetched: marked to fetch",
+            extra={"fields": {"transaction_id": view.id}},
+        )
+        self._results_wanted()
 
     async def _order_if_known(self, client: JunctionClient, order_id: str) -> OrderAnswer | None:
         # An order the transaction lists but Junction cannot show: its entry in the transaction

@@ -185,6 +185,32 @@ def plan_fetched(
     return plan, ready
 
 
+def plan_missing_results(state: BatchState, transaction_id: str, now: datetime) -> BatchPlan:
+    """A results marker, due now, for a COMPLETED transaction whose results were never fetched
+    (it completed while no API key was configured, say), as its completing change would have
+    written. Nothing if it has results kept or a marker already, or is not (or no longer)
+    COMPLETED, or is a legacy stand-in."""
+    plan = BatchPlan()
+    stored = state.transactions.get(transaction_id)
+    if (
+        stored is None
+        or stored.view.legacy
+        or stored.view.status != TransactionStatus.COMPLETED
+        or transaction_id in state.results_kept
+        or transaction_id in state.results_pending
+    ):
+        return plan
+    plan.results_pending[transaction_id] = PendingResultsWrite(
+        transaction_id=transaction_id,
+        change=None,
+        requested_revision=stored.revision,
+        requested_at=now,
+        attempts=0,
+        due_at=now,
+    )
+    return plan
+
+
 def plan_failed(
     state: BatchState,
     pending: PendingResults,
@@ -385,7 +411,8 @@ async def stored_results(store: Store, view: TransactionView) -> StoredResults:
     else:
         message = (
             f"no results are stored for transaction {echo(view.id)}: it completed while "
-            "Junction's API was not configured, or fetching them gave up after the body retention"
+            "Junction's API was not configured, or fetching them gave up after the body "
+            "retention; ReconcileTransaction fetches them"
         )
     raise FailedPrecondition(message, reason="RESULTS_NOT_READY")
 

@@ -267,7 +267,9 @@ class TransactionServiceServicer:
         reported on the change log and to watchers like any change. Old news is STALE; asking again
         about something unchanged is DUPLICATE. It returns the state afterwards and what each answer
         did. A webhook that arrives after a reconcile is STALE or DUPLICATE: nothing changes twice.
-        Lookup by order id works for orders the service has never heard of. Errors:
+        Lookup by order id works for orders the service has never heard of. A COMPLETED transaction
+        whose combined results were never fetched (it completed before the API key was configured)
+        has them fetched, as if it had just completed. Errors:
         INVALID_ARGUMENT     no lookup, or an id with no non-space character.
         NOT_FOUND            Junction does not know the transaction or order.
         FAILED_PRECONDITION  Junction's API is not configured on the server (ErrorInfo reason
@@ -313,8 +315,9 @@ class TransactionServiceServicer:
         retention period (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS) and never logged. Errors:
         NOT_FOUND            no webhook has mentioned the transaction or order.
         FAILED_PRECONDITION  no results stored: ErrorInfo reason RESULTS_NOT_READY (not completed
-        yet, or still being fetched: watch for RESULTS_READY) or
-        RESULTS_ERASED (older than the body retention period).
+        yet, or still being fetched: watch for RESULTS_READY; or completed
+        before the API key was configured: ReconcileTransaction fetches them)
+        or RESULTS_ERASED (older than the body retention period).
         INVALID_ARGUMENT     no lookup, or an id with no non-space character.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
