@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from tests.conftest import SCENARIOS
 from tests.harness import Running, ingest
 from tests.scenario_tools import with_fresh_ids
+from transaction_service.api.wire import ChangeEncoder
 from transaction_service.config import Settings
 from transaction_service.domain.state import ChangeKind
 from transaction_service.ingest import decode_delivery
@@ -728,3 +729,19 @@ async def test_a_batched_feed_gets_every_change_once_in_order_in_fewer_messages(
     assert any(m.WhichOneof("event") == "changes" for m in batched_messages)
     assert len(batched_messages) < head / 4
     assert all(m.WhichOneof("event") != "changes" for m in plain_messages)
+
+
+async def test_batches_are_split_to_stay_under_the_message_limit(api: Running) -> None:
+    """A batch larger than the limit travels in several messages, every change once, in order;
+    below the limit it is one message."""
+    runs = [with_fresh_ids(s) for s in SCENARIOS]
+    await ingest_direct(api, [d for run in runs for d in run["deliveries"]])
+    logged = (await api.service.store.changes_after(0, 1_000_000)).changes
+    encoder = ChangeEncoder()
+    largest = max(len(encoder.encode(c)) for c in logged)
+    for limit in (10**9, largest + 8):
+        built = list(encoder.batches(logged, 3, limit))
+        assert (len(built) == 1) == (limit == 10**9)
+        decoded = [pb.WatchTransactionsResponse.FromString(b) for b in built]
+        assert [c.revision for c in flatten(decoded)] == [c.revision for c in logged]
+        assert all(len(b) <= limit + 16 for b in built)
