@@ -173,15 +173,7 @@ def plan_fetched(
     if stored is None or results.status != PARTIAL or give_up:
         plan.results_done.add(transaction_id)
     else:
-        plan.results_pending[transaction_id] = PendingResultsWrite(
-            transaction_id=transaction_id,
-            change=None,
-            requested_revision=marker.requested_revision,
-            requested_at=marker.requested_at,
-            attempts=marker.attempts + 1,
-            due_at=again_at,
-            last_failure="partial results",
-        )
+        plan.results_pending[transaction_id] = _again(marker, again_at, "partial results")
     return plan, ready
 
 
@@ -228,8 +220,15 @@ def plan_failed(
     if give_up:
         plan.results_done.add(transaction_id)
         return plan
-    plan.results_pending[transaction_id] = PendingResultsWrite(
-        transaction_id=transaction_id,
+    plan.results_pending[transaction_id] = _again(marker, again_at, reason)
+    return plan
+
+
+def _again(marker: PendingResults, again_at: datetime, reason: str) -> PendingResultsWrite:
+    """The marker rewritten after an attempt that did not finish it: one attempt more, due again
+    at `again_at`, saying why."""
+    return PendingResultsWrite(
+        transaction_id=marker.transaction_id,
         change=None,
         requested_revision=marker.requested_revision,
         requested_at=marker.requested_at,
@@ -237,7 +236,6 @@ def plan_failed(
         due_at=again_at,
         last_failure=reason,
     )
-    return plan
 
 
 # --------------------------------------------------------------------------------------------------
