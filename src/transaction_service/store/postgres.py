@@ -52,13 +52,14 @@ from transaction_service.store.base import (
 )
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
+    RESULTS_ROW_COLUMNS,
     change_record,
     found_from_rows,
     pending_results,
     plan_rows,
     replay_events_from_rows,
+    results_row,
     snapshot,
-    stored_results,
     stored_transaction,
 )
 from transaction_service.store.sqlite import migrations
@@ -546,17 +547,13 @@ class PostgresStore:
         self, transaction_id: str
     ) -> tuple[StoredResults | None, PendingResults | None]:
         rows = await self._fetch(
-            "SELECT r.status, r.digest, r.body, r.fetched_at, r.revision,"
-            " p.requested_revision, p.requested_at, p.attempts, p.due_at, p.last_failure"
+            f"SELECT {RESULTS_ROW_COLUMNS}"
             " FROM (SELECT 1) AS one"
             " LEFT JOIN transaction_results r ON r.transaction_id = $1"
             " LEFT JOIN results_pending p ON p.transaction_id = $1",
             transaction_id,
         )
-        row = tuple(rows[0])
-        results = stored_results(transaction_id, *row[:5]) if row[0] is not None else None
-        pending = pending_results(transaction_id, *row[5:]) if row[5] is not None else None
-        return results, pending
+        return results_row(transaction_id, tuple(rows[0]))
 
     async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
         rows = await self._fetch(

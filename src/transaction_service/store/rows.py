@@ -101,6 +101,23 @@ def stored_results(
     )
 
 
+# What `results_row` decodes: a transaction's results (`r`) and results marker (`p`), both
+# left-joined, so either may be missing.
+RESULTS_ROW_COLUMNS = (
+    "r.status, r.digest, r.body, r.fetched_at, r.revision,"
+    " p.requested_revision, p.requested_at, p.attempts, p.due_at, p.last_failure"
+)
+
+
+def results_row(
+    transaction_id: str, row: Sequence[Any]
+) -> tuple[StoredResults | None, PendingResults | None]:
+    """A row of RESULTS_ROW_COLUMNS: the stored results and the marker, each if there is one."""
+    results = stored_results(transaction_id, *row[:5]) if row[0] is not None else None
+    pending = pending_results(transaction_id, *row[5:]) if row[5] is not None else None
+    return results, pending
+
+
 def snapshot(view: str | bytes, revision: int) -> TransactionSnapshot:
     return TransactionSnapshot(revision=revision, view_json=view)
 
