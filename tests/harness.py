@@ -1,13 +1,18 @@
-"""An in-process server for tests, with a stub and a look into its database."""
+"""An in-process server for tests, with a stub and a look into its database; and what a gRPC
+error's rich status carries, for tests of in-process and real servers alike."""
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from tests.pg import table_counts
 from transaction_service.server import TransactionService
@@ -15,6 +20,7 @@ from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 TABLES = ("events", "transactions", "changes", "order_transactions")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass
@@ -53,3 +59,24 @@ def check_expect(txn: pb.Transaction, expect: dict[str, Any]) -> None:
     assert txn.redraw_available == expect["redraw_available"]
     got = {o.id: [pb.OrderOrigin.Name(o.origin), o.low_level_status] for o in txn.orders}
     assert got == expect["orders"]
+
+
+def status_detail(error: grpc.RpcError, detail: M) -> M:
+    """The first detail of the error's rich status, unpacked into `detail` (an empty ErrorInfo or
+    BadRequest, say); the test fails if there is no such status or its first detail is another
+    type."""
+    status = rpc_status.from_call(error)
+    assert status is not None, error
+    assert status.details, status
+    assert status.details[0].Unpack(detail), status
+    return detail
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    return status_detail(error, error_details_pb2.ErrorInfo())
+
+
+def violated_fields(error: grpc.RpcError) -> list[str]:
+    """The fields an INVALID_ARGUMENT's BadRequest names."""
+    bad_request = status_detail(error, error_details_pb2.BadRequest())
+    return [v.field for v in bad_request.field_violations]

@@ -28,10 +28,9 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.conftest import BODY_LIMIT, SCENARIOS
+from tests.harness import error_info, violated_fields
 from tests.process import (
     GRPCURL,
     SERVICE,
@@ -451,14 +450,6 @@ def test_the_largest_allowed_transaction_is_read_listed_watched_and_replayed(
 # -- malformed input and the watch contract, over the wire ----------------------------------------
 
 
-def _violations(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, error
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
-    return [v.field for v in bad_request.field_violations]
-
-
 def test_every_malformed_input_is_invalid_argument_and_stores_nothing(tmp_path: Path) -> None:
     """The in-process cases of test_grpc_api (deep JSON and Struct, NaN/Infinity, timestamps off
     the calendar, blank ids, oversize state...) against the real process: the same codes and
@@ -481,7 +472,7 @@ def test_every_malformed_input_is_invalid_argument_and_stores_nothing(tmp_path: 
             error = caught.value
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.details())
             assert words in error.details(), name
-            assert field in _violations(error), name
+            assert field in violated_fields(error), name
         for seconds in (-(10**15), 10**15):
             listing = pb.ListTransactionsRequest(
                 updated_since=timestamp_pb2.Timestamp(seconds=seconds)
@@ -489,7 +480,7 @@ def test_every_malformed_input_is_invalid_argument_and_stores_nothing(tmp_path: 
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ListTransactions(listing, timeout=DEADLINE)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert _violations(caught.value) == ["updated_since"]
+            assert violated_fields(caught.value) == ["updated_since"]
         assert stored_event_ids(db) == before
         log = server.log_text()
     assert "Traceback" not in log
@@ -509,10 +500,7 @@ def test_a_start_revision_in_the_future_is_out_of_range_naming_the_head(tmp_path
                 with pytest.raises(grpc.RpcError) as caught:
                     next(call)
                 assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-                status = rpc_status.from_call(caught.value)
-                assert status is not None
-                info = error_details_pb2.ErrorInfo()
-                assert status.details[0].Unpack(info)
+                info = error_info(caught.value)
                 assert info.reason == "REVISION_IN_FUTURE"
                 assert info.metadata["head_revision"] == str(head)
             # The head itself is a valid place to start.

@@ -16,12 +16,10 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.conftest import SCENARIOS, database
 from tests.fake_junction import FakeJunction
-from tests.harness import Running, check_expect, ingest
+from tests.harness import Running, check_expect, error_info, ingest
 from tests.pg import table_rows
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
@@ -105,15 +103,6 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str) -> T:
     except TimeoutError:
         pytest.fail(f"{what} did not happen within {WAIT} s")
     return found
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    return None
 
 
 def event_sources(api: Running) -> dict[str, str]:
@@ -242,9 +231,7 @@ async def test_reconcile_errors_are_honest_status_codes(
         await bare.stub.ReconcileTransaction(pb.ReconcileTransactionRequest(order_id="o-1"))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "TRANSACTION_SERVICE_JUNCTION_API_KEY" in (caught.value.details() or "")
-    info = error_info(caught.value)
-    assert info is not None
-    assert info.reason == "JUNCTION_NOT_CONFIGURED"
+    assert error_info(caught.value).reason == "JUNCTION_NOT_CONFIGURED"
     await start.stop(bare)
 
     api = await start(fake_junction)
@@ -478,9 +465,7 @@ async def test_results_are_erased_after_the_body_retention(
             pb.GetTransactionResultsRequest(transaction_id=transaction_id)
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    info = error_info(caught.value)
-    assert info is not None
-    assert info.reason == "RESULTS_ERASED"
+    assert error_info(caught.value).reason == "RESULTS_ERASED"
     stored, _ = await api.service.store.get_results(transaction_id)
     assert stored is not None
     assert stored.body is None

@@ -14,11 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.conftest import SCENARIOS
-from tests.harness import Running, ingest
+from tests.harness import Running, error_info, ingest
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.api.wire import ChangeEncoder
 from transaction_service.config import Settings
@@ -449,10 +447,7 @@ async def test_resuming_from_a_compacted_revision_is_out_of_range_with_error_inf
     error = caught.value
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
     assert f"revision {head}" in error.details()
-    status = rpc_status.from_call(error)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
+    info = error_info(error)
     assert info.reason == "REVISION_COMPACTED"
     assert info.metadata["compacted_revision"] == str(head)
     assert info.metadata["last_sent_revision"] == "1"
@@ -484,10 +479,7 @@ async def test_a_start_revision_in_the_future_is_out_of_range_naming_the_head(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
+    info = error_info(caught.value)
     assert (info.reason, info.metadata["head_revision"]) == ("REVISION_IN_FUTURE", str(head))
     # The head itself is fine.
     call = api.stub.WatchTransactions(pb.WatchTransactionsRequest(start_revision=head))
@@ -602,10 +594,7 @@ async def test_shutdown_ends_open_watches_with_a_resume_point(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
+    info = error_info(caught.value)
     assert info.reason == "SHUTTING_DOWN"
     assert info.metadata["last_sent_revision"] == str(opening.progress.revision)
 
