@@ -160,6 +160,25 @@ def running_server(
         server.stop()
 
 
+def startup_error(workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `transaction-service serve ARGS` in `workdir`, which must stop at once the way a
+    startup mistake does: exit code 2, no traceback, exactly one line on stderr. That line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "transaction_service", "serve", *args],
+        cwd=workdir,
+        env=env if env is not None else server_env(),
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.endswith("\n"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.stderr.rstrip("\n")
+
+
 def serve_db(db: Path) -> Any:
     """`running_server` with a free port and the database `db`."""
     return running_server(db.parent, "--grpc-port", "0", "--db", str(db))

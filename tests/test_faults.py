@@ -39,6 +39,7 @@ from tests.process import (
     ingest_all,
     running_server,
     server_env,
+    startup_error,
 )
 from tests.scenario_tools import with_fresh_ids
 from tests.test_grpc_api import BAD_INPUTS
@@ -48,24 +49,6 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 DEADLINE = 60.0
 UNAVAILABLE = "Unavailable"
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
-
-
-def start_fails(workdir: Path, *args: str) -> str:
-    """Run `serve ARGS`, which must exit with code 2 printing exactly one line; that line."""
-    result = subprocess.run(
-        [sys.executable, "-m", "transaction_service", "serve", "--grpc-port", "0", *args],
-        cwd=workdir,
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def health(server: Server) -> str:
@@ -125,7 +108,7 @@ def test_a_second_server_on_the_same_database_exits_naming_it_and_the_holder(
 ) -> None:
     db = tmp_path / "x.db"
     with running_server(tmp_path, "--grpc-port", "0", "--db", str(db)) as first:
-        line = start_fails(tmp_path, "--db", str(db))
+        line = startup_error(tmp_path, "--grpc-port", "0", "--db", str(db))
         assert str(db) in line
         assert f"pid {first.process.pid}" in line
         # The first server is untouched.
@@ -134,26 +117,9 @@ def test_a_second_server_on_the_same_database_exits_naming_it_and_the_holder(
 
 def test_a_second_server_on_the_same_port_exits_with_one_line(tmp_path: Path) -> None:
     with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "a.db")) as first:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "transaction_service",
-                "serve",
-                "--grpc-port",
-                str(first.port),
-                "--db",
-                str(tmp_path / "b.db"),
-            ],
-            cwd=tmp_path,
-            env=server_env(),
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE,
-            check=False,
+        line = startup_error(
+            tmp_path, "--grpc-port", str(first.port), "--db", str(tmp_path / "b.db")
         )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
     assert f":{first.port}" in line
     assert "in use" in line
 
@@ -203,7 +169,7 @@ def test_a_database_file_that_is_not_ours_or_not_healthy_is_refused_at_start(
 ) -> None:
     db = tmp_path / "x.db"
     make(db)
-    line = start_fails(tmp_path, "--db", str(db))
+    line = startup_error(tmp_path, "--grpc-port", "0", "--db", str(db))
     assert str(db) in line
     assert problem in line
 
@@ -211,7 +177,7 @@ def test_a_database_file_that_is_not_ours_or_not_healthy_is_refused_at_start(
 def test_a_database_in_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    line = start_fails(tmp_path, "--db", str(blocker / "x.db"))
+    line = startup_error(tmp_path, "--grpc-port", "0", "--db", str(blocker / "x.db"))
     assert str(blocker) in line
 
 

@@ -31,6 +31,7 @@ from tests.process import (
     ingest,
     running_server,
     server_env,
+    startup_error,
 )
 from tests.webhook_tools import (
     OLD_SECRET,
@@ -423,21 +424,10 @@ def test_text_log_lines_cannot_be_forged(tmp_path: Path) -> None:
 def test_setting_mistakes_are_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     """A bad secret, token or TLS file stops the start with one line that names the setting and
     never shows the secret; no traceback, exit code 2, no database created."""
-    result = subprocess.run(
-        [sys.executable, "-m", "transaction_service", "serve", "--db", "x.db", *args],
-        cwd=tmp_path,
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    line = startup_error(tmp_path, "--db", "x.db", *args)
+    assert message in line
     if "secret" in message or "token" in message:
-        assert args[1] not in result.stderr
+        assert args[1] not in line
     assert not (tmp_path / "x.db").exists()
 
 
@@ -446,29 +436,10 @@ def test_http_port_in_use_is_one_line(server: Server, tmp_path: Path) -> None:
     database."""
     other = tmp_path / "other"
     other.mkdir()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transaction_service",
-            "serve",
-            "--grpc-port",
-            "0",
-            "--http-port",
-            str(server.http_port),
-            "--db",
-            "x.db",
-        ],
-        cwd=other,
-        env=server_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
+    line = startup_error(
+        other, "--grpc-port", "0", "--http-port", str(server.http_port), "--db", "x.db"
     )
-    assert result.returncode == 2, result.stderr
-    assert f"cannot listen on [::]:{server.http_port} for HTTP" in result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot listen on [::]:{server.http_port} for HTTP" in line
     assert not (other / "x.db").exists()
 
 

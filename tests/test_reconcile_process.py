@@ -30,6 +30,7 @@ from tests.process import (
     ingest,
     running_server,
     server_env,
+    startup_error,
     summary,
 )
 from tests.test_readme import commands, for_server, run_bash, sh_blocks
@@ -217,19 +218,11 @@ def summary_status(answer: dict[str, Any]) -> str:
 
 def test_a_sweep_without_an_api_key_is_a_one_line_startup_error(tmp_path: Path) -> None:
     env = server_env(TRANSACTION_SERVICE_RECONCILE_INTERVAL_SECONDS="60")
-    result = subprocess.run(
-        [sys.executable, "-m", "transaction_service", "serve", "--db", str(tmp_path / "x.db")],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-        env=env,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    line = startup_error(tmp_path, "--db", str(tmp_path / "x.db"), env=env)
+    assert line == (
         "transaction-service: error: bad setting settings: --reconcile-interval-seconds needs "
         "Junction's API: set TRANSACTION_SERVICE_JUNCTION_API_KEY, or leave the interval at 0"
-    ]
+    )
 
 
 def test_readme_reconcile_commands_work_as_written(tmp_path: Path) -> None:
