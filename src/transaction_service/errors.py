@@ -33,11 +33,17 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """Base of every error a caller is meant to see."""
+    """Base of every error a caller is meant to see. `reason` (a constant such as
+    `REVISION_COMPACTED`) and `metadata`, when set, tell the client what it can do about it:
+    transports send them as a google.rpc.ErrorInfo, or in the JSON error body."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.reason = reason
+        self.metadata = metadata or {}
 
 
 class InvalidArgument(ServiceError):
@@ -61,10 +67,6 @@ class Unauthenticated(ServiceError):
 
     `reason` (e.g. `BAD_SIGNATURE`) says which check failed, never with the secret involved."""
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
 
 class PermissionDenied(ServiceError):
     """The caller is known but its role may not do this (a read token calling IngestEvent)."""
@@ -80,34 +82,12 @@ class NotFound(ServiceError):
 
 class FailedPrecondition(ServiceError):
     """The request is well formed, but the service is not in a state to do it (a setting missing,
-    the provider refusing for good, results not fetched yet). `reason` and `metadata`, when set,
-    are sent as a google.rpc.ErrorInfo."""
-
-    def __init__(
-        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.metadata = metadata or {}
+    the provider refusing for good, results not fetched yet)."""
 
 
 class OutOfRange(ServiceError):
     """A position outside what can be served; `reason` and `metadata` tell the client what to do."""
 
-    def __init__(self, message: str, reason: str, metadata: dict[str, str]) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.metadata = metadata
-
 
 class Unavailable(ServiceError):
-    """A transient condition (shutting down, the store cannot write): retry, here or elsewhere.
-
-    `reason` and `metadata`, when set, are sent as a google.rpc.ErrorInfo."""
-
-    def __init__(
-        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.metadata = metadata or {}
+    """A transient condition (shutting down, the store cannot write): retry, here or elsewhere."""

@@ -45,11 +45,28 @@ MAX_MESSAGE = 2000
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Most specific first (a subclass maps as its base does).
+CODES: tuple[tuple[type[ServiceError], int], ...] = (
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (NotFound, code_pb2.NOT_FOUND),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (TooLarge, code_pb2.RESOURCE_EXHAUSTED),
+    (OutOfRange, code_pb2.OUT_OF_RANGE),
+    (Unavailable, code_pb2.UNAVAILABLE),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+)
+
+
 def status_for(exc: ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status a use-case error is answered with."""
+    """The google.rpc.Status a use-case error is answered with: BadRequest for an invalid
+    argument, ErrorInfo where the error names a reason."""
+    # A ServiceError subclass nobody mapped is still not the caller's fault: INTERNAL.
+    code = next((code for kind, code in CODES if isinstance(exc, kind)), code_pb2.INTERNAL)
+    message = exc.message
     detail: Message | None = None
     if isinstance(exc, InvalidArgument):
-        code = code_pb2.INVALID_ARGUMENT
         message = "invalid request: " + exc.message
         detail = error_details_pb2.BadRequest(
             field_violations=[
@@ -59,31 +76,10 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
                 for v in exc.violations
             ]
         )
-    elif isinstance(exc, AlreadyExists):
-        code, message = code_pb2.ALREADY_EXISTS, exc.message
-    elif isinstance(exc, NotFound):
-        code, message = code_pb2.NOT_FOUND, exc.message
-    elif isinstance(exc, Unauthenticated):
-        code, message = code_pb2.UNAUTHENTICATED, exc.message
-        detail = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
-    elif isinstance(exc, PermissionDenied):
-        code, message = code_pb2.PERMISSION_DENIED, exc.message
-    elif isinstance(exc, TooLarge):
-        code, message = code_pb2.RESOURCE_EXHAUSTED, exc.message
-    elif isinstance(exc, OutOfRange | Unavailable | FailedPrecondition):
-        if isinstance(exc, OutOfRange):
-            code = code_pb2.OUT_OF_RANGE
-        elif isinstance(exc, Unavailable):
-            code = code_pb2.UNAVAILABLE
-        else:
-            code = code_pb2.FAILED_PRECONDITION
-        message = exc.message
-        if exc.reason:
-            detail = error_details_pb2.ErrorInfo(
-                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
-            )
-    else:  # a ServiceError subclass nobody mapped: still not the caller's fault
-        code, message = code_pb2.INTERNAL, exc.message
+    elif exc.reason:
+        detail = error_details_pb2.ErrorInfo(
+            reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
+        )
     details = []
     if detail is not None:
         packed = any_pb2.Any()
@@ -100,7 +96,7 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
     return pb.IngestError(
         code=status.code,
         message=status.message,
-        reason=getattr(exc, "reason", "") or "",
+        reason=exc.reason,
         field_violations=[
             pb.IngestError.FieldViolation(field=v.field, description=v.description)
             for v in violations

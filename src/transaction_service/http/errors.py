@@ -58,10 +58,7 @@ def status_for(exc: ServiceError) -> tuple[int, str]:
 
 def reason_of(exc: ServiceError) -> str:
     """A short, stable name for why a request was refused (a metrics label)."""
-    reason = getattr(exc, "reason", "")
-    if reason:
-        return str(reason).lower()
-    return status_for(exc)[1].lower()
+    return (exc.reason or status_for(exc)[1]).lower()
 
 
 def error_response(exc: ServiceError) -> web.Response:
@@ -72,12 +69,10 @@ def error_response(exc: ServiceError) -> web.Response:
         error["field_violations"] = [
             {"field": v.field, "description": v.description} for v in exc.violations
         ]
-    reason = getattr(exc, "reason", "")
-    if reason:
-        error["reason"] = reason
-    metadata = getattr(exc, "metadata", None)
-    if metadata:
-        error["metadata"] = metadata
+    if exc.reason:
+        error["reason"] = exc.reason
+    if exc.metadata:
+        error["metadata"] = exc.metadata
     response = web.json_response({"error": error}, status=status)
     if isinstance(exc, Unavailable):
         # Svix retries on its own schedule; other callers get a hint.
