@@ -650,6 +650,19 @@ async def offered(
     return len(requests) / (time.perf_counter() - started), latencies, responses
 
 
+@contextmanager
+def watcher_process(spec_path: Path, **spec: Any) -> Iterator[Process]:
+    """The watcher process (`run_watchers`) for `spec` (address, singles, feeds, batch,
+    drain_seconds), once every watch is open; stopped afterwards."""
+    spec_path.write_text(json.dumps(spec))
+    watchers = Process([sys.executable, str(Path(__file__)), "watchers", str(spec_path)])
+    try:
+        watchers.wait_for(re.compile("^ready"), stdout=True, timeout=300)
+        yield watchers
+    finally:
+        watchers.stop()
+
+
 async def fanout(
     size: Size, folder: Path, feeds: int, seconds: float, name: str, with_baseline: bool
 ) -> dict[str, Any]:
@@ -671,21 +684,14 @@ async def fanout(
                 figures["no_watcher_ingest_per_s"] = rate
                 figures["no_watcher_ingest_p99_ms"] = percentile(latencies, 0.99) * 1000
             rss_before = process.rss_bytes()
-            spec = folder / f"{name}-watchers.json"
-            spec.write_text(
-                json.dumps(
-                    {
-                        "address": address,
-                        "singles": [r["expect"]["transaction_id"] for r in runs],
-                        "feeds": feeds,
-                        "batch": True,
-                        "drain_seconds": 120,
-                    }
-                )
-            )
-            watchers = Process([sys.executable, str(Path(__file__)), "watchers", str(spec)])
-            try:
-                watchers.wait_for(re.compile("^ready"), stdout=True, timeout=300)
+            with watcher_process(
+                folder / f"{name}-watchers.json",
+                address=address,
+                singles=[r["expect"]["transaction_id"] for r in runs],
+                feeds=feeds,
+                batch=True,
+                drain_seconds=120,
+            ) as watchers:
                 figures["server_memory_per_watch_bytes"] = (process.rss_bytes() - rss_before) / (
                     size.single_watchers + feeds
                 )
@@ -704,8 +710,6 @@ async def fanout(
                 result = json.loads(
                     watchers.wait_for(re.compile(r"^\{.*\}$"), stdout=True, timeout=300).group(0)
                 )
-            finally:
-                watchers.stop()
     figures |= {
         "watchers": f"{size.single_watchers} single + {feeds} feeds",
         "ingest_per_s": rate,
@@ -728,29 +732,20 @@ async def latency_with_feeds(size: Size, folder: Path, feeds: int) -> dict[str, 
             stub = pb_grpc.TransactionServiceStub(ch)
             figures["none"] = await sequential_latency(stub, next(parts))
             for batch in (True, False):
-                spec = folder / f"feeds-{batch}.json"
-                spec.write_text(
-                    json.dumps(
-                        {
-                            "address": address,
-                            "singles": [],
-                            "feeds": feeds,
-                            "batch": batch,
-                            "drain_seconds": 60,
-                        }
-                    )
-                )
-                watchers = Process([sys.executable, str(Path(__file__)), "watchers", str(spec)])
-                try:
-                    watchers.wait_for(re.compile("^ready"), stdout=True, timeout=300)
+                with watcher_process(
+                    folder / f"feeds-{batch}.json",
+                    address=address,
+                    singles=[],
+                    feeds=feeds,
+                    batch=batch,
+                    drain_seconds=60,
+                ):
                     key = "batched" if batch else "unbatched"
                     part = next(parts)
                     # Unbatched, each call waits behind thousands of messages: fewer calls.
                     figures[key] = await sequential_latency(
                         stub, part if batch else part[: max(10, len(part) // 10)]
                     )
-                finally:
-                    watchers.stop()
     return figures
 
 
