@@ -79,7 +79,7 @@ class ChangeEncoder:
 
     def single(self, change: ChangeRecord, field_number: int) -> bytes:
         """A response whose `change` field (number `field_number`) holds the change."""
-        return field(field_number, self._entry(change)[0])
+        return field(field_number, self.encode(change))
 
     def batches(
         self, changes: Sequence[ChangeRecord], field_number: int, max_bytes: int
