@@ -25,10 +25,10 @@ from tests.test_security import (  # noqa: F401 (`started` is a fixture)
     started,
 )
 from transaction_service.api.servicer import MAX_BATCH_LOOKUPS
+from transaction_service.api.window import OrderedWindow
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transaction_service.store.base import AppliedBatch, BatchKeys, Planner
-from transaction_service.window import OrderedWindow
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

@@ -19,16 +19,16 @@ from tests.conftest import SCENARIOS, database
 from tests.pg import table_rows
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.payload import PayloadError
-from transaction_service.ingest import (
+from transaction_service.store.base import Store
+from transaction_service.store.postgres import PostgresStore
+from transaction_service.store.sqlite import SqliteStore
+from transaction_service.usecases.ingest import (
     EventIdConflict,
     Ingestor,
     IngestResult,
     Outcome,
     decode_delivery,
 )
-from transaction_service.store.base import Store
-from transaction_service.store.postgres import PostgresStore
-from transaction_service.store.sqlite import SqliteStore
 
 LIMIT = 1 << 20
 

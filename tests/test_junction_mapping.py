@@ -29,7 +29,6 @@ from transaction_service.domain.state import (
     knowledge_from_event,
     view,
 )
-from transaction_service.ingest import Ingestor, Outcome, decode_delivery
 from transaction_service.junction.answers import OrderAnswer, TransactionAnswer
 from transaction_service.junction.mapping import (
     API_EVENT_TYPE,
@@ -40,6 +39,7 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.store.sqlite import SqliteStore
+from transaction_service.usecases.ingest import Ingestor, Outcome, decode_delivery
 
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
 SPELLINGS = ["last_status", "low_level_status"]

@@ -16,8 +16,10 @@ from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import ServiceError
-from transaction_service.ingest import decode_delivery
-from transaction_service.plan import (
+from transaction_service.store.base import BatchPlan, BatchState
+from transaction_service.store.memory import MemoryStore
+from transaction_service.usecases.ingest import decode_delivery
+from transaction_service.usecases.plan import (
     Delivery,
     IngestResult,
     Outcome,
@@ -25,8 +27,6 @@ from transaction_service.plan import (
     batch_keys,
     plan_batch,
 )
-from transaction_service.store.base import BatchPlan, BatchState
-from transaction_service.store.memory import MemoryStore
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 LIMIT = 1 << 20

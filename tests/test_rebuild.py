@@ -22,14 +22,14 @@ from tests.pg import run_sync
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from tests.test_plan import commit, delivery, legacy_variant
 from transaction_service.domain.state import ChangeKind, knowledge_to_json, view_to_json
-from transaction_service.ingest import Ingestor, decode_delivery
-from transaction_service.plan import REBUILD_EVENT_PREFIX, RebuildOutcome
-from transaction_service.rebuild import rebuild
 from transaction_service.store.base import Store, StoredTransaction
 from transaction_service.store.memory import MemoryStore
 from transaction_service.store.postgres import PostgresStore
 from transaction_service.store.sqlite import SqliteStore
-from transaction_service.watch import ChangeFeed, ChangeHub, WatchFilter
+from transaction_service.usecases.ingest import Ingestor, decode_delivery
+from transaction_service.usecases.plan import REBUILD_EVENT_PREFIX, RebuildOutcome
+from transaction_service.usecases.rebuild import rebuild
+from transaction_service.usecases.watch import ChangeFeed, ChangeHub, WatchFilter
 
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
 LIMIT = 1 << 20

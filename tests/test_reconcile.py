@@ -24,10 +24,7 @@ from tests.pg import table_rows
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
 from transaction_service.domain.state import Knowledge, TransactionStatus, TransactionView
-from transaction_service.ingest import Delivery, decode_delivery
 from transaction_service.junction.answers import TransactionResults
-from transaction_service.plan import batch_keys, plan_batch
-from transaction_service.results import ResultsFetcher, plan_fetched
 from transaction_service.server import TransactionService
 from transaction_service.store.base import (
     BatchPlan,
@@ -36,6 +33,9 @@ from transaction_service.store.base import (
     StoredTransaction,
 )
 from transaction_service.store.memory import MemoryStore
+from transaction_service.usecases.ingest import Delivery, decode_delivery
+from transaction_service.usecases.plan import batch_keys, plan_batch
+from transaction_service.usecases.results import ResultsFetcher, plan_fetched
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

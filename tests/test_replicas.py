@@ -21,8 +21,8 @@ from tests.harness import check_expect, struct
 from tests.pg import fresh_database
 from tests.process import Server, running_server
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
-from transaction_service.ingest import Ingestor, IngestResult, Outcome, decode_delivery
 from transaction_service.store.postgres import PostgresStore
+from transaction_service.usecases.ingest import Ingestor, IngestResult, Outcome, decode_delivery
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

@@ -21,10 +21,10 @@ from tests.scenario_tools import with_fresh_ids
 from transaction_service.api.wire import ChangeEncoder
 from transaction_service.config import Settings
 from transaction_service.domain.state import ChangeKind
-from transaction_service.ingest import decode_delivery
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
-from transaction_service.watch import ChangeHub, Progress, WatchFilter
+from transaction_service.usecases.ingest import decode_delivery
+from transaction_service.usecases.watch import ChangeHub, Progress, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

@@ -19,15 +19,15 @@ from transaction_service.config import Settings
 from transaction_service.domain.limits import StateLimits
 from transaction_service.domain.payload import OrderEvent
 from transaction_service.errors import AlreadyExists, Unavailable
-from transaction_service.ingest import Delivery, Ingestor, IngestResult
 from transaction_service.junction.client import JunctionClient, junction_base_url
 from transaction_service.metrics import Metrics
-from transaction_service.plan import RESULTS_KINDS
-from transaction_service.reconcile import Reconciler
-from transaction_service.results import ResultsFetcher
 from transaction_service.store.base import ChangeRecord, Store, StoreOpenError
 from transaction_service.store.sqlite import SqliteStore
-from transaction_service.watch import ChangeFeed, ChangeHub
+from transaction_service.usecases.ingest import Delivery, Ingestor, IngestResult
+from transaction_service.usecases.plan import RESULTS_KINDS
+from transaction_service.usecases.reconcile import Reconciler
+from transaction_service.usecases.results import ResultsFetcher
+from transaction_service.usecases.watch import ChangeFeed, ChangeHub
 
 log = logging.getLogger(__name__)
 # One line per ingested event, whichever transport it came by.

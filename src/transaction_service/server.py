@@ -30,9 +30,9 @@ from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens
 from transaction_service.config import Settings
 from transaction_service.http import HttpListener, webhook_mode
-from transaction_service.ingest import Ingestor
 from transaction_service.store.base import Store
-from transaction_service.watch import ChangeHub
+from transaction_service.usecases.ingest import Ingestor
+from transaction_service.usecases.watch import ChangeHub
 from transactions.v1 import transactions_pb2 as pb
 
 log = logging.getLogger(__name__)

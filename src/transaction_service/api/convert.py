@@ -15,9 +15,9 @@ from transaction_service.domain.state import (
     TransactionStatus,
     TransactionView,
 )
-from transaction_service.ingest import Outcome
-from transaction_service.reconcile import BackfillProgress, Reconciled
 from transaction_service.store.base import ChangeRecord, StoredResults, TransactionSnapshot
+from transaction_service.usecases.ingest import Outcome
+from transaction_service.usecases.reconcile import BackfillProgress, Reconciled
 from transactions.v1 import transactions_pb2 as pb
 
 _STATUS_TO_PB = {

@@ -29,6 +29,7 @@ from transaction_service.api.errors import (
     ingest_error,
     tolerant_deserializer,
 )
+from transaction_service.api.window import OrderedWindow
 from transaction_service.api.wire import (
     ChangeEncoder,
     TransactionEncoder,
@@ -47,11 +48,10 @@ from transaction_service.errors import (
     Unavailable,
     echo,
 )
-from transaction_service.ingest import Delivery, IngestResult, decode_delivery
-from transaction_service.results import results_pdf, stored_results
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
-from transaction_service.watch import Batch, Current, Progress, WatchEvent, WatchFilter
-from transaction_service.window import OrderedWindow
+from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
+from transaction_service.usecases.results import results_pdf, stored_results
+from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

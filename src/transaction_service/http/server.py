@@ -25,7 +25,7 @@ from transaction_service.errors import FieldViolation, InvalidArgument, ServiceE
 from transaction_service.errors import Unavailable as ServiceUnavailable
 from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
 from transaction_service.http.webhooks import WebhookVerifier, event_id_header
-from transaction_service.ingest import IngestorStopped, decode_delivery
+from transaction_service.usecases.ingest import IngestorStopped, decode_delivery
 
 log = logging.getLogger(__name__)
 

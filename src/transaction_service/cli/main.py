@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from transaction_service.app import StartupError
-from transaction_service.client import add_connection_flags
+from transaction_service.cli.connection import add_connection_flags
+from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
+from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
 from transaction_service.config import (
     Settings,
     add_flags,
@@ -23,9 +25,7 @@ from transaction_service.config import (
     from_flags,
     unknown_environment,
 )
-from transaction_service.ingest_client import add_arguments as add_ingest_arguments
 from transaction_service.logs import formatter
-from transaction_service.rebuild_cli import add_arguments as add_rebuild_arguments
 
 log = logging.getLogger("transaction_service")
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
 
-    from transaction_service.reconcile_client import add_backfill_flags, add_reconcile_flags
+    from transaction_service.cli.reconcile import add_backfill_flags, add_reconcile_flags
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -141,24 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "watch":
-        from transaction_service.watch_client import run_watch
+        from transaction_service.cli.watch import run_watch
 
         return run_watch(args)
     if args.command == "ingest":
-        from transaction_service.ingest_client import run_ingest
+        from transaction_service.cli.ingest import run_ingest
 
         return run_ingest(args)
     if args.command == "rebuild":
-        from transaction_service.rebuild_cli import run_rebuild
+        from transaction_service.cli.rebuild import run_rebuild
 
         configure_logging("WARNING")
         return run_rebuild(args)
     if args.command == "health":
-        from transaction_service.health_client import run_health
+        from transaction_service.cli.health import run_health
 
         return run_health(args)
     if args.command in ("reconcile", "backfill"):
-        from transaction_service.reconcile_client import run_backfill, run_reconcile
+        from transaction_service.cli.reconcile import run_backfill, run_reconcile
 
         return run_reconcile(args) if args.command == "reconcile" else run_backfill(args)
     try:

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from transaction_service.app import StartupError, open_store
 from transaction_service.config import Settings, describe_errors
 from transaction_service.domain.limits import StateLimits
-from transaction_service.plan import RebuildOutcome
-from transaction_service.rebuild import DEFAULT_BATCH_SIZE, RebuildReport, rebuild
 from transaction_service.store.base import StoreOpenError, StoreUnavailable
+from transaction_service.usecases.plan import RebuildOutcome
+from transaction_service.usecases.rebuild import DEFAULT_BATCH_SIZE, RebuildReport, rebuild
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 import grpc
 from tqdm import tqdm
 
-from transaction_service.client import (
+from transaction_service.cli.connection import (
     ClientSetupError,
     call_metadata,
     one_line,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
-from transaction_service.client import ClientSetupError, call_metadata, open_channel
+from transaction_service.cli.connection import ClientSetupError, call_metadata, open_channel
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

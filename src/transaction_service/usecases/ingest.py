@@ -30,20 +30,20 @@ from transaction_service.domain.payload import (
 )
 from transaction_service.errors import ServiceError, Unavailable
 from transaction_service.metrics import Metrics
-from transaction_service.plan import (
-    Delivery,
-    EventIdConflict,
-    IngestResult,
-    Outcome,
-    batch_keys,
-    plan_batch,
-)
 from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeRecord,
     Store,
     StoreUnavailable,
+)
+from transaction_service.usecases.plan import (
+    Delivery,
+    EventIdConflict,
+    IngestResult,
+    Outcome,
+    batch_keys,
+    plan_batch,
 )
 
 __all__ = [

@@ -21,7 +21,12 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
-from transaction_service.client import ClientSetupError, call_metadata, one_line, open_channel
+from transaction_service.cli.connection import (
+    ClientSetupError,
+    call_metadata,
+    one_line,
+    open_channel,
+)
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 

@@ -12,7 +12,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from transaction_service.client import ClientSetupError, one_line, open_channel
+from transaction_service.cli.connection import ClientSetupError, one_line, open_channel
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -36,7 +36,6 @@ from transaction_service.errors import (
     Unavailable,
     echo,
 )
-from transaction_service.ingest import Delivery, IngestResult, Outcome, decode_delivery
 from transaction_service.junction.answers import OrderAnswer
 from transaction_service.junction.client import MAX_PAGE_SIZE, JunctionClient, JunctionNotFound
 from transaction_service.junction.errors import JunctionNotConfigured, provider_errors
@@ -47,8 +46,9 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.metrics import Metrics
-from transaction_service.results import plan_missing_results, results_keys
 from transaction_service.store.base import BatchPlan, BatchState, Store, TransactionSnapshot
+from transaction_service.usecases.ingest import Delivery, IngestResult, Outcome, decode_delivery
+from transaction_service.usecases.results import plan_missing_results, results_keys
 
 log = logging.getLogger(__name__)
 

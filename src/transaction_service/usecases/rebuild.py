@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
-from transaction_service.plan import RebuildOutcome, plan_rebuild
 from transaction_service.store.base import (
     AppliedBatch,
     BatchKeys,
@@ -38,6 +37,7 @@ from transaction_service.store.base import (
     ChangeRecord,
     Store,
 )
+from transaction_service.usecases.plan import RebuildOutcome, plan_rebuild
 
 DEFAULT_BATCH_SIZE = 100
 
