@@ -255,9 +255,9 @@ class GatedWrites:
     def __init__(self, service: TransactionService) -> None:
         self.gate = asyncio.Event()
         store = service.app.store
-        real: Callable[[BatchKeys, Planner], Awaitable[AppliedBatch]] = store.write
+        real: Callable[[BatchKeys, Planner[Any]], Awaitable[tuple[AppliedBatch, Any]]] = store.write
 
-        async def write(keys: BatchKeys, plan: Planner) -> AppliedBatch:
+        async def write(keys: BatchKeys, plan: Planner[Any]) -> tuple[AppliedBatch, Any]:
             await self.gate.wait()
             return await real(keys, plan)
 

@@ -22,6 +22,7 @@ from transaction_service.domain.payload import PayloadError
 from transaction_service.store.base import Store
 from transaction_service.store.postgres import PostgresStore
 from transaction_service.store.sqlite import SqliteStore
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import (
     EventIdConflict,
     Ingestor,
@@ -43,7 +44,7 @@ class Harness:
         else:
             # NORMAL: these tests are about logic, not fsync; durability has its own test.
             self.store = SqliteStore(db, synchronous="NORMAL")
-        self.ingestor = Ingestor(self.store)
+        self.ingestor = Ingestor(CommitPath(self.store))
 
     async def __aenter__(self) -> Harness:
         await self.store.open()

@@ -39,6 +39,7 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.store.sqlite import SqliteStore
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Ingestor, Outcome, decode_delivery
 
 REDRAW = next(s for s in SCENARIOS if s["scenario"] == "redraw_completed")
@@ -271,7 +272,7 @@ LIMIT = 1 << 20
 async def ingestor(tmp_path: Path) -> AsyncIterator[Ingestor]:
     store = SqliteStore(tmp_path / "api.db", synchronous="NORMAL")
     await store.open()
-    ingestor = Ingestor(store)
+    ingestor = Ingestor(CommitPath(store))
     ingestor.start()
     yield ingestor
     await ingestor.stop()

@@ -16,7 +16,6 @@ from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import ServiceError
-from transaction_service.store.base import BatchPlan, BatchState
 from transaction_service.store.memory import MemoryStore
 from transaction_service.usecases.ingest import decode_delivery
 from transaction_service.usecases.plan import (
@@ -39,14 +38,9 @@ def delivery(event_id: str, body: dict[str, Any]) -> Delivery:
 async def commit(
     store: MemoryStore, batch: list[Delivery], limits: StateLimits | None = None
 ) -> list[IngestResult | ServiceError]:
-    answers: list[Any] = []
-
-    def plan(state: BatchState) -> BatchPlan:
-        written, planned = plan_batch(batch, state, NOW, limits)
-        answers[:] = planned
-        return written
-
-    applied = await store.write(batch_keys(batch), plan)
+    applied, answers = await store.write(
+        batch_keys(batch), lambda state: plan_batch(batch, state, NOW, limits)
+    )
     return [a if isinstance(a, ServiceError) else a.resolve(applied) for a in answers]
 
 

@@ -26,6 +26,7 @@ from transaction_service.store.base import Store, StoredTransaction
 from transaction_service.store.memory import MemoryStore
 from transaction_service.store.postgres import PostgresStore
 from transaction_service.store.sqlite import SqliteStore
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Ingestor, decode_delivery
 from transaction_service.usecases.plan import REBUILD_EVENT_PREFIX, RebuildOutcome
 from transaction_service.usecases.rebuild import rebuild
@@ -60,7 +61,7 @@ def test_rebuild_after_ordinary_ingest_changes_nothing() -> None:
             for event_id, body in reversed(sends):
                 await commit(store, [delivery(event_id, body)])
         head = store.head
-        return store, await rebuild(store, batch_size=2), head
+        return store, await rebuild(store, CommitPath(store), batch_size=2), head
 
     store, report, head = asyncio.run(go())
     assert report.examined == len(store.transactions)
@@ -83,7 +84,7 @@ def test_rebuild_replaces_stale_knowledge_and_reports_the_change_kinds() -> None
             (await old_rule_state(run["deliveries"])).view,
             store.transactions[txn_id].revision,
         )
-        return store, await rebuild(store)
+        return store, await rebuild(store, CommitPath(store))
 
     store, report = asyncio.run(go())
     assert report.count(RebuildOutcome.CHANGED) == 1
@@ -108,7 +109,7 @@ def test_erased_bodies_keep_the_state_and_are_counted() -> None:
         stale = StoredTransaction(old.knowledge, old.view, store.transactions[txn_id].revision)
         store.transactions[txn_id] = stale
         await store.erase_bodies(datetime.now(UTC) + timedelta(days=1))
-        return store, await rebuild(store), stale
+        return store, await rebuild(store, CommitPath(store)), stale
 
     store, report, stale = asyncio.run(go())
     assert report.count(RebuildOutcome.INCOMPLETE) == 1
@@ -159,7 +160,7 @@ async def test_rebuild_writes_ordinary_changes_that_watchers_see(
     with database(store_kind, tmp_path) as db:
         store = open_store(db)
         await store.open()
-        ingestor = Ingestor(store)
+        ingestor = Ingestor(CommitPath(store))
         ingestor.start()
         for run in (erased, fixed):
             for d in run["deliveries"]:
@@ -195,7 +196,7 @@ async def test_rebuild_writes_ordinary_changes_that_watchers_see(
             watching = asyncio.create_task(watch())
             await opened.wait()
 
-        report = await rebuild(store)
+        report = await rebuild(store, CommitPath(store))
 
         assert report.count(RebuildOutcome.CHANGED) == 1
         assert report.count(RebuildOutcome.INCOMPLETE) == 1
@@ -247,7 +248,7 @@ def test_rebuild_command_reports_changed_and_incomplete_transactions(tmp_path: P
     async def prepare() -> None:
         store = SqliteStore(db, synchronous="NORMAL")
         await store.open()
-        ingestor = Ingestor(store)
+        ingestor = Ingestor(CommitPath(store))
         ingestor.start()
         for run in (erased, fixed, untouched):
             for d in run["deliveries"]:
@@ -296,7 +297,7 @@ def test_stored_bodies_replay_in_both_formats() -> None:
                 raw = delivery(d["svix_id"], d["body"])
             await commit(store, [raw])
         events = await store.replay_events([run["expect"]["transaction_id"]])
-        return events, await rebuild(store)
+        return events, await rebuild(store, CommitPath(store))
 
     events, report = asyncio.run(go())
     formats = {e.body_format for e in next(iter(events.values()))}

@@ -27,12 +27,12 @@ from transaction_service.domain.state import Knowledge, TransactionStatus, Trans
 from transaction_service.junction.answers import TransactionResults
 from transaction_service.server import TransactionService
 from transaction_service.store.base import (
-    BatchPlan,
     BatchState,
     PendingResults,
     StoredTransaction,
 )
 from transaction_service.store.memory import MemoryStore
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Delivery, decode_delivery
 from transaction_service.usecases.plan import batch_keys, plan_batch
 from transaction_service.usecases.results import ResultsFetcher, plan_fetched
@@ -322,10 +322,10 @@ def _corrected(body: dict[str, Any]) -> dict[str, Any]:
 async def _commit(store: MemoryStore, deliveries: list[Delivery], want: bool) -> int:
     """Commit in one batch; the revision of the last change."""
 
-    def plan(state: BatchState) -> BatchPlan:
-        return plan_batch(deliveries, state, datetime.now(UTC), want_results=want)[0]
-
-    applied = await store.write(batch_keys(deliveries), plan)
+    applied, _ = await store.write(
+        batch_keys(deliveries),
+        lambda state: plan_batch(deliveries, state, datetime.now(UTC), want_results=want),
+    )
     return applied.changes[-1].revision if applied.changes else 0
 
 
@@ -551,8 +551,8 @@ async def test_partial_results_are_reported_and_fetched_again_until_final() -> N
     published: list[Any] = []
     fetcher = ResultsFetcher(
         store,
+        CommitPath(store, publish=published.extend),
         Client(),  # type: ignore[arg-type]
-        on_changes=published.extend,
         retention=timedelta(days=30),
         clock=lambda: clock[0],
         rand=lambda: 0.0,

@@ -22,6 +22,7 @@ from tests.pg import fresh_database
 from tests.process import Server, running_server
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.store.postgres import PostgresStore
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Ingestor, IngestResult, Outcome, decode_delivery
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -42,7 +43,7 @@ async def test_concurrent_writers_lose_no_merge_and_apply_a_duplicate_once(tmp_p
         stores = [PostgresStore(url, pool_size=4) for _ in range(2)]
         for store in stores:
             await store.open()
-        ingestors = [Ingestor(store, max_batch=16) for store in stores]
+        ingestors = [Ingestor(CommitPath(store), max_batch=16) for store in stores]
         for ingestor in ingestors:
             ingestor.start()
         try:

@@ -30,6 +30,7 @@ from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens
 from transaction_service.config import Settings
 from transaction_service.http import HttpListener, webhook_mode
+from transaction_service.junction.client import JunctionClient
 from transaction_service.store.base import Store
 from transaction_service.usecases.ingest import Ingestor
 from transaction_service.usecases.watch import ChangeHub
@@ -217,6 +218,26 @@ def log_security(settings: Settings) -> None:
         )
 
 
+def log_junction(settings: Settings, junction: JunctionClient | None) -> None:
+    """State at start what Junction's API is used for, if anything."""
+    if junction is None:
+        log.info(
+            "junction api: not configured (no TRANSACTION_SERVICE_JUNCTION_API_KEY): no "
+            "reconcile, sweep or combined results"
+        )
+        return
+    interval = settings.reconcile_interval_seconds
+    sweep = (
+        f"sweep every {interval:g} s of transactions silent for "
+        f"{settings.reconcile_after_seconds:g} s"
+        if interval
+        else "no sweep"
+    )
+    log.info(
+        "junction api: %s; combined results fetched on completion; %s", junction.base_url, sweep
+    )
+
+
 async def serve(settings: Settings) -> None:
     service = TransactionService(settings)
     signals = asyncio.Queue[signal.Signals]()
@@ -224,6 +245,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     port = await service.start()
+    log_junction(settings, service.app.junction)
     log_security(settings)
     # The HTTP line first: once the gRPC line is there, both ports are known.
     log.info("http listening on %s:%d", settings.http_host, service.http_port)

@@ -83,7 +83,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def IngestEvent(
         self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestEventResponse:
-        result = await self._app.ingest(self._decode(request), source="grpc")
+        result = await self._app.ingestor.ingest(self._decode(request))
         return self._ingest_response(result)  # type: ignore[return-value]
 
     def _ingest_response(self, result: IngestResult) -> bytes:
@@ -103,6 +103,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             payload_json=request.payload_json if body == "payload_json" else None,
             payload=struct_to_dict(request.payload) if body == "payload" else None,
             max_body_bytes=self._max_body_bytes,
+            source="grpc",
             limits=self._limits,
         )
 
@@ -329,7 +330,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         try:
             delivery = self._decode(request)
             event_id = delivery.event_id
-            result = await self._app.ingest(delivery, source="grpc")
+            result = await self._app.ingestor.ingest(delivery)
         except ServiceError as exc:
             return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
         except Exception:

@@ -20,6 +20,7 @@ from transaction_service.app import StartupError, open_store
 from transaction_service.config import Settings, describe_errors
 from transaction_service.domain.limits import StateLimits
 from transaction_service.store.base import StoreOpenError, StoreUnavailable
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import RebuildOutcome
 from transaction_service.usecases.rebuild import DEFAULT_BATCH_SIZE, RebuildReport, rebuild
 
@@ -64,8 +65,11 @@ async def _run(settings: Settings, batch_size: int) -> RebuildReport:
     try:
         total = await store.count_transactions()
         with tqdm(total=total, unit="transaction", file=sys.stderr, disable=None) as bar:
+            # No watchers in this process: on PostgreSQL each replica's change feed tails the
+            # changes from the log; on SQLite watchers resume from the log after the restart.
             return await rebuild(
                 store,
+                CommitPath(store),
                 limits=StateLimits(
                     max_string_length=settings.max_string_length,
                     max_orders_per_transaction=settings.max_orders_per_transaction,

@@ -1,7 +1,7 @@
 """The HTTP listener: Junction's webhooks, Prometheus metrics and the probes.
 
 It runs on aiohttp in the event loop of the gRPC server, takes the same `App`, and hands webhooks
-to the same use case as `IngestEvent` (`decode_delivery`, then `App.ingest`). Routes:
+to the same use case as `IngestEvent` (`decode_delivery`, then `Ingestor.ingest`). Routes:
 
 - `POST /webhooks/junction`: a Svix-signed webhook; 200 with the outcome after the commit.
 - `GET /metrics`: Prometheus text format (needs a token when tokens are configured).
@@ -79,11 +79,12 @@ class WebhookReceiver:
                 event_id,
                 payload_json=text,
                 max_body_bytes=self._limit,
+                source="webhook",
                 limits=self._app.limits,
             )
         except PayloadError as exc:
             raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
-        result = await self._app.ingest(delivery, source="webhook")
+        result = await self._app.ingestor.ingest(delivery)
         return web.json_response(
             {
                 "outcome": result.outcome.value,

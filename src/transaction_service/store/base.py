@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from transaction_service.domain.state import (
     ChangeKind,
@@ -353,7 +353,11 @@ class BatchPlan:
         )
 
 
-Planner = Callable[[BatchState], BatchPlan]
+# What a planner decides besides the writes (each delivery's answer, say), handed back by `write`.
+Answer = TypeVar("Answer")
+# A pure function of the loaded state: the writes, and its answer. The store may call it more than
+# once (a retry); the last call's plan is applied and its answer returned.
+Planner = Callable[[BatchState], tuple[BatchPlan, Answer]]
 
 
 @dataclass(frozen=True)
@@ -390,9 +394,12 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+    async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         """Lock `keys`, load their state, call `plan` on it (pure, maybe more than once: it is
-        repeated if the store had to retry), apply the plan and commit.
+        repeated if the store had to retry), apply the plan and commit; the committed batch and
+        the answer of the plan applied.
+
+        Only the commit path (`usecases/commit.py`) calls this: it publishes what was committed.
 
         Raises StoreUnavailable if the batch could not be committed; then nothing was written.
         """

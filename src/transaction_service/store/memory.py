@@ -18,6 +18,7 @@ from transaction_service.domain.state import (
     view_from_json,
 )
 from transaction_service.store.base import (
+    Answer,
     AppliedBatch,
     BatchKeys,
     BatchState,
@@ -68,7 +69,7 @@ class MemoryStore:
         stored = self.transactions.get(transaction_id) if transaction_id else None
         return TransactionSnapshot(stored.view, stored.revision) if stored else None
 
-    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+    async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         async with self._lock:
             state = BatchState()
             for event_id in keys.event_ids:
@@ -92,7 +93,7 @@ class MemoryStore:
                     state.results_kept[txn_id] = kept.digest
                 if txn_id in self.results_pending:
                     state.results_pending[txn_id] = self.results_pending[txn_id]
-            batch = plan(state)
+            batch, answer = plan(state)
             base = self.head
             self.head += len(batch.changes)
             records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
@@ -126,7 +127,7 @@ class MemoryStore:
                     p.due_at,
                     p.last_failure,
                 )
-            return AppliedBatch(batch, base, records)
+            return AppliedBatch(batch, base, records), answer
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
         return self._snapshot(transaction_id), self.head

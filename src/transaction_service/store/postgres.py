@@ -34,6 +34,7 @@ import asyncpg
 
 from transaction_service.domain.state import TransactionStatus
 from transaction_service.store.base import (
+    Answer,
     AppliedBatch,
     BatchKeys,
     BatchPlan,
@@ -277,14 +278,14 @@ class PostgresStore:
 
     # -- writes -----------------------------------------------------------------------------------
 
-    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+    async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         pool = self._pool_or_fail()
         try:
             async with pool.acquire() as conn:
                 for attempt in range(_WRITE_ATTEMPTS):
                     try:
                         async with conn.transaction():
-                            applied = await self._write_once(conn, keys, plan)
+                            applied, answer = await self._write_once(conn, keys, plan)
                         break
                     except _MoreKeys as more:
                         keys = dataclasses.replace(
@@ -305,11 +306,11 @@ class PostgresStore:
                 f"the event was not stored: the database cannot write ({kind}). Retry later."
             ) from None
         self.health.succeeded()
-        return applied
+        return applied, answer
 
     async def _write_once(
-        self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner
-    ) -> AppliedBatch:
+        self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner[Answer]
+    ) -> tuple[AppliedBatch, Answer]:
         locked = {lock_key(name) for name in keys.lock_names()}
         await conn.fetchval(_LOCK, sorted(locked))
         state = await self._load(conn, keys)
@@ -322,8 +323,8 @@ class PostgresStore:
             # Locked now: read them again, as they are under the lock.
             keys = dataclasses.replace(keys, transaction_ids=keys.transaction_ids | needed)
             state = await self._load(conn, keys)
-        batch = plan(state)
-        return await self._apply(conn, batch)
+        batch, answer = plan(state)
+        return await self._apply(conn, batch), answer
 
     async def _load(self, conn: asyncpg.Connection, keys: BatchKeys) -> BatchState:
         state = BatchState()
@@ -388,7 +389,7 @@ class PostgresStore:
     async def probe(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.write(
-                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: BatchPlan()
+                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: (BatchPlan(), None)
             )
 
     # -- reads ------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import aiosqlite
 
 from transaction_service.domain.state import TransactionStatus
 from transaction_service.store.base import (
+    Answer,
     AppliedBatch,
     BatchKeys,
     BatchPlan,
@@ -344,7 +345,7 @@ class SqliteStore:
         if self._stat() != self._identity:
             raise _FileGone("database file replaced")
 
-    async def write(self, keys: BatchKeys, plan: Planner) -> AppliedBatch:
+    async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         async with self._write_lock:
             conn = self._writer
             if conn is None:
@@ -354,7 +355,7 @@ class SqliteStore:
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
                     state = await self._load(conn, keys)
-                    batch = plan(state)
+                    batch, answer = plan(state)
                     applied = await self._apply(conn, batch)
                     self._check_identity()
                     await conn.execute("COMMIT")
@@ -370,7 +371,7 @@ class SqliteStore:
                     f"the event was not stored: the database cannot write ({kind}). Retry later."
                 ) from None
         self.health.succeeded()
-        return applied
+        return applied, answer
 
     async def _load(self, conn: aiosqlite.Connection, keys: BatchKeys) -> BatchState:
         state = BatchState()
@@ -428,7 +429,7 @@ class SqliteStore:
     async def probe(self) -> None:
         try:
             await self.write(
-                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: BatchPlan()
+                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: (BatchPlan(), None)
             )
         except StoreUnavailable:
             return

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     FieldViolation,
+    OrderEvent,
     PayloadError,
     body_digest,
     canonical_bytes,
@@ -28,15 +30,10 @@ from transaction_service.domain.payload import (
     normalise_body,
     parse_event,
 )
-from transaction_service.errors import ServiceError, Unavailable
+from transaction_service.errors import AlreadyExists, ServiceError, Unavailable
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import (
-    BatchPlan,
-    BatchState,
-    ChangeRecord,
-    Store,
-    StoreUnavailable,
-)
+from transaction_service.store.base import StoreUnavailable
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import (
     Delivery,
     EventIdConflict,
@@ -58,6 +55,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# One line per ingested event, whichever transport it came by.
+event_log = logging.getLogger("transaction_service.events")
 
 MAX_EVENT_ID_LENGTH = 256
 
@@ -152,9 +151,6 @@ def _discard_outcome(done: asyncio.Future[IngestResult]) -> None:
         done.exception()
 
 
-ChangeListener = Callable[[Sequence[ChangeRecord]], None]
-
-
 @dataclass
 class _Pending:
     delivery: Delivery
@@ -164,27 +160,27 @@ class _Pending:
 class Ingestor:
     """Queues deliveries and commits them in groups; each caller is answered after its commit.
 
-    Call `start()` before use and `stop()` to drain: deliveries already queued are committed and
-    answered, later ones are refused with IngestorStopped.
+    Every transport calls `ingest` (gRPC, webhooks, reconcile); each delivery is counted and
+    logged here, once, whichever way it came. Call `start()` before use and `stop()` to drain:
+    deliveries already queued are committed and answered, later ones are refused with
+    IngestorStopped.
     """
 
     def __init__(
         self,
-        store: Store,
+        commits: CommitPath,
         *,
         max_batch: int = 256,
         limits: StateLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_changes: ChangeListener | None = None,
         metrics: Metrics | None = None,
         want_results: bool = False,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
-        self._store = store
+        self._commits = commits
         self._max_batch = max_batch
         self._limits = limits or StateLimits()
         self._clock = clock
-        self._on_changes = on_changes
         # Whether completions mark combined results to fetch (Junction's API is configured).
         self._want_results = want_results
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
@@ -202,6 +198,34 @@ class Ingestor:
             self._task = None
 
     async def ingest(self, delivery: Delivery) -> IngestResult:
+        """Ingest a decoded delivery; answered after the commit that holds it. Counted and
+        logged (one line per delivery) under the delivery's `source`."""
+        source = delivery.source
+        started = time.perf_counter()
+        try:
+            result = await self._enqueue(delivery)
+        except AlreadyExists:
+            self._metrics.ingest_refused(source, "conflict")
+            raise
+        except Unavailable:
+            self._metrics.ingest_refused(source, "unavailable")
+            raise
+        seconds = time.perf_counter() - started
+        self._metrics.ingested(source, result.outcome.value, seconds)
+        event = delivery.event
+        fields = {
+            "event_id": result.event_id,
+            "order_id": event.order.id if isinstance(event, OrderEvent) else None,
+            "transaction_id": result.transaction.view.id if result.transaction else None,
+            "outcome": result.outcome.value,
+            "revision": result.revision,
+            "source": source,
+            "ms": round(seconds * 1000, 2),
+        }
+        event_log.info("ingested", extra={"fields": fields})
+        return result
+
+    async def _enqueue(self, delivery: Delivery) -> IngestResult:
         if self._stopping or self._task is None:
             raise IngestorStopped
         done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
@@ -234,18 +258,13 @@ class Ingestor:
     async def _commit(self, batch: list[_Pending]) -> None:
         now = self._clock()
         deliveries = [p.delivery for p in batch]
-        answers: list[Any] = []
-
-        def plan(state: BatchState) -> BatchPlan:
-            # The store may plan more than once (a retry); only the last plan is applied.
-            written, planned = plan_batch(
-                deliveries, state, now, self._limits, want_results=self._want_results
-            )
-            answers[:] = planned
-            return written
-
         try:
-            applied = await self._store.write(batch_keys(deliveries), plan)
+            applied, answers = await self._commits.commit(
+                batch_keys(deliveries),
+                lambda state: plan_batch(
+                    deliveries, state, now, self._limits, want_results=self._want_results
+                ),
+            )
         except Exception as exc:
             refusal = exc if isinstance(exc, ServiceError) else _unexpected(exc, len(batch))
             for pending in batch:
@@ -260,11 +279,6 @@ class Ingestor:
                 pending.done.set_exception(answer)
             else:
                 pending.done.set_result(answer.resolve(applied))
-        if applied.changes and self._on_changes is not None:
-            try:
-                self._on_changes(applied.changes)
-            except Exception:
-                log.exception("change listener failed")
 
 
 def _unexpected(exc: Exception, size: int) -> StoreUnavailable:

@@ -24,19 +24,13 @@ such event keeps its current state and is counted as not fully re-derived.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
-from transaction_service.store.base import (
-    AppliedBatch,
-    BatchKeys,
-    BatchPlan,
-    BatchState,
-    ChangeRecord,
-    Store,
-)
+from transaction_service.store.base import BatchKeys, Store
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import RebuildOutcome, plan_rebuild
 
 DEFAULT_BATCH_SIZE = 100
@@ -60,46 +54,27 @@ class RebuildReport:
 
 async def rebuild(
     store: Store,
+    commits: CommitPath,
     *,
     limits: StateLimits = DEFAULT_LIMITS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     now: datetime | None = None,
     on_progress: Callable[[int], None] = lambda _: None,
-    on_changes: Callable[[Sequence[ChangeRecord]], None] | None = None,
 ) -> RebuildReport:
-    """Rebuild every transaction of an open store; `on_progress(n)` after each batch of n.
-
-    `on_changes` gets the changes of each committed batch, for a caller that publishes them
-    itself (a store shared by replicas publishes through its change log anyway).
-    """
+    """Rebuild every transaction of an open store, a batch at a time through the commit path
+    (which publishes the changes to whoever listens); `on_progress(n)` after each batch of n."""
     started = now or datetime.now(UTC)
     report = RebuildReport()
     after = ""
     while ids := await store.transaction_ids(after, batch_size):
-        applied, outcomes = await _rebuild_batch(store, ids, started, limits)
+        keys = BatchKeys(frozenset(), frozenset(), frozenset(ids), replay=frozenset(ids))
+        applied, outcomes = await commits.commit(
+            keys, lambda state, ids=ids: plan_rebuild(ids, state, started, limits)
+        )
         report.outcomes.update(outcomes.values())
         if applied.changes:
             report.first_revision = report.first_revision or applied.changes[0].revision
             report.last_revision = applied.changes[-1].revision
-            if on_changes is not None:
-                on_changes(applied.changes)
         on_progress(len(ids))
         after = ids[-1]
     return report
-
-
-async def _rebuild_batch(
-    store: Store, ids: list[str], started: datetime, limits: StateLimits
-) -> tuple[AppliedBatch, dict[str, RebuildOutcome]]:
-    outcomes: dict[str, RebuildOutcome] = {}
-
-    def plan(state: BatchState) -> BatchPlan:
-        # The store may plan more than once (a retry); the last plan is the one applied.
-        written, planned = plan_rebuild(ids, state, started, limits)
-        outcomes.clear()
-        outcomes.update(planned)
-        return written
-
-    keys = BatchKeys(frozenset(), frozenset(), frozenset(ids), replay=frozenset(ids))
-    applied = await store.write(keys, plan)
-    return applied, outcomes

@@ -4,14 +4,14 @@ Webhooks are at-least-once only while the endpoint comes back; after an outage, 
 a provider incident a transaction can be stuck in a state that is no longer true. Reconciling asks
 the API (`GET /v3/order_transaction/{id}` and `GET /v3/order/{id}` for its orders), turns each
 answer into a webhook-shaped body (`junction/mapping.py`) and hands it to the one ingest entry,
-`App.ingest(..., source="api")`: the same dedupe and merge, recorded with source `api`, counted and
-logged like webhooks. Old news is STALE; the same answer twice is a DUPLICATE (its event id is the
+`Ingestor.ingest`: the same dedupe and merge, recorded with source `api`, counted and logged
+like webhooks. Old news is STALE; the same answer twice is a DUPLICATE (its event id is the
 digest of the body); a webhook arriving after a reconcile is STALE or DUPLICATE.
 
 Three ways in, one use case (`Reconciler`):
 - `reconcile`: one transaction, by its id or one of its order ids (the ReconcileTransaction RPC);
-- `sweep`: every ACTIVE transaction silent for longer than RECONCILE_AFTER_SECONDS (the App's
-  background loop, one replica at a time);
+- `sweep`: every ACTIVE transaction silent for longer than RECONCILE_AFTER_SECONDS (run now and
+  then by `sweep_forever`, one replica at a time);
 - `backfill`: every transaction with an order updated in a window (`GET /v3/orders`), or a
   request that Junction re-sends their webhooks (`resend`).
 """
@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from transaction_service.domain.limits import StateLimits
 from transaction_service.domain.state import TransactionStatus
@@ -46,7 +46,8 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import BatchPlan, BatchState, Store, TransactionSnapshot
+from transaction_service.store.base import Store, TransactionSnapshot
+from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Delivery, IngestResult, Outcome, decode_delivery
 from transaction_service.usecases.results import plan_missing_results, results_keys
 
@@ -135,6 +136,7 @@ class Reconciler:
     def __init__(
         self,
         store: Store,
+        commits: CommitPath,
         client: JunctionClient | None,
         *,
         ingest: Ingest,
@@ -144,12 +146,10 @@ class Reconciler:
         backfill_page_size: int = MAX_PAGE_SIZE,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        results_wanted: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
+        self._commits = commits
         self._client = client
-        # Wakes the results fetcher after a reconcile marked results to fetch.
-        self._results_wanted = results_wanted
         self._ingest = ingest
         self._max_body_bytes = max_body_bytes
         self._limits = limits
@@ -254,21 +254,15 @@ class Reconciler:
         if stored is not None or pending is not None:
             return
         now = self._clock()
-        marked: list[bool] = []
-
-        def plan(state: BatchState) -> BatchPlan:
-            written = plan_missing_results(state, view.id, now)
-            marked[:] = [bool(written.results_pending)]
-            return written
-
-        await self._store.write(results_keys(view.id), plan)
-        if not (marked and marked[0]):
-            return
-        log.info(
-            "combined results never fetched: marked to fetch",
-            extra={"fields": {"transaction_id": view.id}},
+        # The commit wakes the results fetcher when it marked them.
+        applied, _ = await self._commits.commit(
+            results_keys(view.id), lambda state: (plan_missing_results(state, view.id, now), None)
         )
-        self._results_wanted()
+        if applied.plan.results_pending:
+            log.info(
+                "combined results never fetched: marked to fetch",
+                extra={"fields": {"transaction_id": view.id}},
+            )
 
     async def _order_if_known(self, client: JunctionClient, order_id: str) -> OrderAnswer | None:
         # An order the transaction lists but Junction cannot show: its entry in the transaction
@@ -309,6 +303,29 @@ class Reconciler:
             ) from None
 
     # ---------------------------------------------------------------------------------------- sweep
+
+    async def sweep_forever(self, *, interval: float, silence: timedelta) -> None:
+        """Reconcile silent ACTIVE transactions every `interval` seconds, until cancelled; one
+        replica at a time (the others find the job lock taken and skip their turn)."""
+        while True:
+            try:
+                async with self._store.exclusive("reconcile-sweep") as mine:
+                    if mine:
+                        report = await self.sweep(self._clock() - silence)
+                        if report.checked or report.failed or report.interrupted:
+                            log.info(
+                                "sweep: %d silent transaction(s) reconciled, %d changed, "
+                                "%d failed%s",
+                                report.checked,
+                                report.changed,
+                                report.failed,
+                                "; stopped early: Junction is unavailable"
+                                if report.interrupted
+                                else "",
+                            )
+            except Exception:
+                log.exception("the reconcile sweep failed; will retry")
+            await asyncio.sleep(interval)
 
     async def sweep(self, silent_before: datetime) -> SweepReport:
         """Reconcile every ACTIVE transaction with no news since `silent_before`, each once.

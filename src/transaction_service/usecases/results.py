@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import logging
 import random as _random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,7 +55,6 @@ from transaction_service.store.base import (
     BatchKeys,
     BatchPlan,
     BatchState,
-    ChangeRecord,
     ChangeWrite,
     PendingResults,
     PendingResultsWrite,
@@ -64,6 +63,7 @@ from transaction_service.store.base import (
     StoredResults,
     TransactionWrite,
 )
+from transaction_service.usecases.commit import CommitPath
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,6 @@ def _again(marker: PendingResults, again_at: datetime, reason: str) -> PendingRe
 # --------------------------------------------------------------------------------------------------
 
 
-ChangeListener = Callable[[Sequence[ChangeRecord]], None]
-
-
 @dataclass(frozen=True)
 class FetchOutcome:
     transaction_id: str
@@ -254,14 +251,15 @@ class FetchOutcome:
 
 
 class ResultsFetcher:
-    """Works through due results markers until cancelled; `wake()` makes it look at once."""
+    """Works through due results markers until cancelled; a commit that marks results due
+    (`CommitPath.results_wanted`) makes it look at once."""
 
     def __init__(
         self,
         store: Store,
+        commits: CommitPath,
         client: JunctionClient,
         *,
-        on_changes: ChangeListener,
         retention: timedelta,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -269,17 +267,14 @@ class ResultsFetcher:
         poll_seconds: float = POLL_SECONDS,
     ) -> None:
         self._store = store
+        self._commits = commits
         self._client = client
-        self._on_changes = on_changes
         self._retention = retention
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._rand = rand
         self._poll_seconds = poll_seconds
-        self._wakeup = asyncio.Event()
-
-    def wake(self) -> None:
-        self._wakeup.set()
+        self._wakeup = commits.results_wanted
 
     async def run(self) -> None:
         while True:
@@ -323,9 +318,12 @@ class ResultsFetcher:
             if isinstance(exc, JunctionUnavailable) and exc.retry_after is not None:
                 delay = max(delay, exc.retry_after)
             again_at = now + timedelta(seconds=delay)
-            await self._store.write(
+            await self._commits.commit(
                 results_keys(transaction_id),
-                lambda state: plan_failed(state, pending, reason, again_at, give_up=give_up),
+                lambda state: (
+                    plan_failed(state, pending, reason, again_at, give_up=give_up),
+                    None,
+                ),
             )
             outcome = "gave_up" if give_up else "failed"
             log.warning(
@@ -340,17 +338,11 @@ class ResultsFetcher:
             return FetchOutcome(transaction_id, outcome)
 
         again_at = now + timedelta(seconds=retry_delay(pending.attempts + 1, self._rand))
-        reported: list[bool] = []
-
-        def plan(state: BatchState) -> BatchPlan:
-            written, ready = plan_fetched(state, pending, results, now, again_at, give_up=give_up)
-            reported[:] = [ready]
-            return written
-
-        applied = await self._store.write(results_keys(transaction_id), plan)
-        if applied.changes:
-            self._on_changes(applied.changes)
-        if reported and reported[0]:
+        applied, ready = await self._commits.commit(
+            results_keys(transaction_id),
+            lambda state: plan_fetched(state, pending, results, now, again_at, give_up=give_up),
+        )
+        if ready:
             outcome = "ready"
         elif results.status == PARTIAL:
             outcome = "partial"
