@@ -1,7 +1,8 @@
-"""Rewrite the README's settings table from the settings' declarations (config.settings_table).
+"""Rewrite the settings table of docs/configuration.md from the settings' declarations
+(config.settings_table).
 
 Run after adding or changing a setting: `.venv/bin/python scripts/readme_settings.py`. The tests
-check that the README's table is what this writes.
+check that the table is what this writes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from transaction_service.config import settings_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 HEADER = "| variable | flag | default | meaning |"
 
 

@@ -1,6 +1,6 @@
-"""The README's settings table and its new commands (curl, TLS, tokens, operations), and the
-Dockerfile's health check, run as written against real server processes. (The grpcurl tour is run
-in test_server_process.py.)"""
+"""The documentation's settings table and its commands (curl, TLS, tokens, operations, bulk), and
+the Dockerfile's health check, run as written against real server processes. (The README's
+grpcurl tour is run in test_server_process.py.)"""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from tests.process import GRPCURL, Server, running_server, server_env
 from transaction_service.config import settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
 COMMAND_TIMEOUT = 60.0
 
 
-def sh_blocks(heading: str) -> list[str]:
-    """The ```sh blocks of the README section under `heading` (up to the next heading)."""
-    section = README.split(f"\n{heading}\n", 1)[1]
+def sh_blocks(doc: str, heading: str) -> list[str]:
+    """The ```sh blocks of the section of `docs/<doc>` under `heading` (up to the next
+    heading)."""
+    text = (DOCS / doc).read_text()
+    section = text.split(f"{heading}\n", 1)[1]
     section = re.split(r"\n#{2,3} ", section, maxsplit=1)[0]
     return re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
 
@@ -54,15 +56,15 @@ def run_bash(script: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_readme_settings_table_is_generated_from_the_settings() -> None:
-    """The table in the README is exactly `settings_table()`: regenerate and paste it when a
-    setting changes."""
-    assert settings_table() in README
+    """The table in docs/configuration.md is exactly `settings_table()`: regenerate it with
+    `scripts/readme_settings.py` when a setting changes."""
+    assert settings_table() in (DOCS / "configuration.md").read_text()
 
 
 def test_readme_curl_example_signs_and_delivers_a_webhook(tmp_path: Path) -> None:
     """The curl example, run as written against a server with the README's secret, is applied;
     run again, it is a duplicate."""
-    server_block, client_block = sh_blocks("### Try it with curl")
+    server_block, client_block = sh_blocks("webhooks.md", "## Try it with curl")
     secret = re.fullmatch(
         r"TRANSACTION_SERVICE_WEBHOOK_SECRETS=(\S+) make run", server_block.strip()
     )
@@ -100,7 +102,7 @@ def test_readme_tls_and_token_examples_work_as_written(tmp_path: Path) -> None:
     make_certificates(tmp_path)
     for name in (".venv", "examples"):
         (tmp_path / name).symlink_to(ROOT / name)
-    (block,) = sh_blocks("## Secure the gRPC API")
+    (block,) = sh_blocks("security.md", "# Secure the gRPC API")
     groups: list[tuple[str, list[str]]] = []
     for command in commands(block):
         if "transaction-service serve" in command:
@@ -132,7 +134,7 @@ def test_readme_tls_and_token_examples_work_as_written(tmp_path: Path) -> None:
 
 def test_readme_operations_commands_work_as_written(tmp_path: Path) -> None:
     """The probes, metrics and health command lines of the operations section succeed."""
-    (block,) = sh_blocks("## Operations")
+    (block,) = sh_blocks("operations.md", "# Operations")
     lines = commands(block)
     assert len(lines) == 4
     with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db") as server:
@@ -166,7 +168,7 @@ def test_readme_bulk_examples_work_as_written(tmp_path: Path) -> None:
     """The bulk section's ingest and BatchGetTransactions lines, as written, against a server:
     the fixtures go in, and the batch read finds the one order and marks the other lookup not
     found. (Its rebuild line is run by test_rebuild.py's command test.)"""
-    ingest_block, rebuild_block = sh_blocks("## Bulk: back-fills, replays, many lookups")
+    ingest_block, rebuild_block = sh_blocks("bulk.md", "# Bulk: back-fills, replays, many lookups")
     assert "transaction-service rebuild --db" in rebuild_block
     with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db") as server:
         for command in commands(ingest_block):

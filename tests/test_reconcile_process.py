@@ -229,7 +229,7 @@ def test_readme_reconcile_commands_work_as_written(tmp_path: Path) -> None:
     """The serve line of the README's Junction section, with its API key, against the fake (the
     one thing added: the fake's base URL), then each client line, in order; the results lines
     run once the server has fetched them."""
-    serve_block, client_block = sh_blocks("## Reconcile with Junction's API")
+    serve_block, client_block = sh_blocks("reconcile.md", "# Reconcile with Junction's API")
     (serve_line,) = commands(serve_block)
     assignments = dict(
         word.split("=", 1) for word in serve_line.split() if re.fullmatch(r"[A-Z_]+=\S+", word)

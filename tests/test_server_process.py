@@ -171,9 +171,9 @@ def test_settings_from_environment(tmp_path: Path) -> None:
 
 
 def readme_grpcurl_commands() -> list[str]:
-    """The grpcurl lines of the README's "Try it with grpcurl" block, continuations joined."""
+    """The grpcurl lines of the README's five-minute tour, continuations joined."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("## Try it with grpcurl", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    block = readme.split("## A five-minute tour", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     commands = block.replace("\\\n", " ").splitlines()
     return [c.strip() for c in commands if c.strip().startswith("grpcurl ")]
 

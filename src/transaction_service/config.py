@@ -1,8 +1,8 @@
 """Settings: `TRANSACTION_SERVICE_*` environment variables, overridden by command-line flags.
 
 Each setting is declared once, here, with its default and its description; the flags of
-`transaction-service serve`, their help texts and the README's settings table are all made from
-these declarations (`add_flags`, `settings_table`), so they cannot drift apart.
+`transaction-service serve`, their help texts and the settings table of docs/configuration.md are
+all made from these declarations (`add_flags`, `settings_table`), so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def describe_errors(exc: ValidationError) -> Iterator[str]:
 
 
 def settings_table() -> str:
-    """The README's settings table, in Markdown."""
+    """The settings table of docs/configuration.md, in Markdown."""
     lines = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
     for field, info in Settings.model_fields.items():
         lines.append(
