@@ -172,6 +172,58 @@ class Settings(BaseSettings):
         "max_message_bytes so every transaction and change fits in a response",
     )
 
+    # -- the edge: what one caller can hold (docs/limits.md) ---------------------------------------
+    http_max_connections: int = Field(
+        default=4096,
+        gt=0,
+        description="HTTP connections open at once, and never more than half the process's file "
+        "descriptor limit, so an HTTP flood leaves gRPC and the store theirs; past it a new "
+        "connection is answered 503 and closed",
+    )
+    http_idle_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="an HTTP connection that sends nothing for this long, after opening or "
+        "between requests, is closed",
+    )
+    http_head_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="time from the first byte of an HTTP request head to its end; slower: the "
+        "connection is closed",
+    )
+    http_max_head_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="largest HTTP request head (request line and headers); larger: 431 and the "
+        "connection is closed",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="time for a webhook body to arrive once its head has (Svix gives up after "
+        "15 s); slower: 408 and the connection is closed",
+    )
+    http_max_body_reads: int = Field(
+        default=16,
+        gt=0,
+        description="webhook bodies still arriving at once (unverified: a signature is checked "
+        "on the whole body); one more: 503 with Retry-After. A body that came whole with its "
+        "head is not counted. Bounds their memory to this times max_body_bytes",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        default=100,
+        gt=0,
+        description="gRPC calls in progress at once on one connection (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); a client's further calls on it wait until one ends",
+    )
+    grpc_handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="time a new gRPC connection has to finish its TLS handshake and HTTP/2 "
+        "preface; slower: closed",
+    )
+
     # -- lifecycle ---------------------------------------------------------------------------------
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="time given to calls in flight on SIGTERM"

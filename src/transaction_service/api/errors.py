@@ -30,6 +30,7 @@ from transaction_service.errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    RequestTimeout,
     ServiceError,
     TooLarge,
     Unauthenticated,
@@ -55,6 +56,7 @@ CODES: tuple[tuple[type[ServiceError], int], ...] = (
     (TooLarge, code_pb2.RESOURCE_EXHAUSTED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (Unavailable, code_pb2.UNAVAILABLE),
+    (RequestTimeout, code_pb2.DEADLINE_EXCEEDED),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
 )
 
