@@ -50,6 +50,7 @@ PathText = Annotated[str, BeforeValidator(_path_text)]
 # RFC 6750's b64token: what can follow "Bearer " in an authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -344,6 +345,12 @@ class Settings(BaseSettings):
                     f"token #{number} has characters a bearer token cannot have "
                     "(letters, digits and -._~+/ then optional =)"
                 )
+            if len(token) < MIN_TOKEN_LENGTH:
+                # A short token can be guessed; tokens are made by machines, not remembered.
+                raise ValueError(
+                    f"token #{number} is shorter than {MIN_TOKEN_LENGTH} characters: use a long "
+                    "random one (e.g. `openssl rand -hex 32`)"
+                )
         return tokens
 
     @model_validator(mode="after")
@@ -352,6 +359,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--webhook-allow-unsigned and --webhook-secret exclude each other: with a "
                 "secret every webhook must be signed"
+            )
+        if set(self.ingest_tokens) & set(self.read_tokens):
+            # Which role would it have? The ingest one, silently: refuse the ambiguity.
+            raise ValueError(
+                "a token is given both as an ingest token and as a read token: give each token "
+                "one role (an ingest token may also read)"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: set both or neither")

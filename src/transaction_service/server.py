@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -210,6 +211,15 @@ def log_security(settings: Settings) -> None:
     else:
         guard = "no tokens configured: every caller may ingest and read"
     log.info("grpc: %s; %s", transport_mode(settings), guard)
+    if not any(tokens) and not settings.tls_client_ca and not is_loopback(settings.grpc_host):
+        log.warning(
+            "grpc: OPEN TO THE NETWORK: listening on %s with neither tokens nor mutual TLS, so "
+            "anyone who can reach the port can ingest, read and change every transaction (turn "
+            "a completed one into a cancelled one). Set TRANSACTION_SERVICE_INGEST_TOKENS and "
+            "TRANSACTION_SERVICE_READ_TOKENS, or --tls-client-ca; or listen on 127.0.0.1 only "
+            "(see docs/security.md)",
+            settings.grpc_host,
+        )
     mode = webhook_mode(settings)
     if mode == "signed":
         log.info(
@@ -227,6 +237,17 @@ def log_security(settings: Settings) -> None:
             "webhooks: POST /webhooks/junction is off (answers 503): no webhook secret "
             "configured; set TRANSACTION_SERVICE_WEBHOOK_SECRETS"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, IPv6 in brackets or not) is this machine only."""
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve to anything
 
 
 def log_junction(settings: Settings, junction: JunctionClient | None) -> None:
