@@ -197,7 +197,10 @@ class Watch(Generic[T]):
 
     def __aiter__(self) -> AsyncIterator[T]:
         if self._active is not None:
-            raise RuntimeError("this watch is already being iterated")
+            raise RuntimeError(
+                "this watch is already being iterated: one iteration at a time (after a break, "
+                "`await watch.aclose()` ends the previous one at once)"
+            )
         self._active = self._items()
         return self._active
 
