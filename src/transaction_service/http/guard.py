@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from transaction_service.config import Settings
 from transaction_service.errors import RequestTimeout, Unavailable
+from transaction_service.http.errors import Handler
 from transaction_service.metrics import SHED, Metrics
 
 log = logging.getLogger(__name__)
@@ -377,16 +378,14 @@ def guard_of(request: web.BaseRequest) -> ConnectionGuard | None:
 
 
 @web.middleware
-async def guarded_requests(
-    request: web.Request, handler: Callable[[web.Request], Any]
-) -> web.StreamResponse:
+async def guarded_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tells the connection's guard that its request reached the handlers; and closes, after the
     answer, a connection whose request body was not read to its end (a refusal before the body),
     rather than wait for the rest of that body to read the next request."""
     guard = guard_of(request)
     if guard is not None:
         guard.request_started()
-    response: web.StreamResponse = await handler(request)
+    response = await handler(request)
     if not request.content.is_eof():
         response.force_close()
     return response
