@@ -303,7 +303,8 @@ async def rowlocks(seconds: float, workdir: Path) -> None:
                 scenarios = await seed(stub, 250)
                 locked, free = scenarios[:100], scenarios[100:]
                 # The deliveries after the first change the state: each is a real write.
-                to_locked = iter([d for _, ds in locked for d in ds[1:]])
+                # Answered fast once refused: sent again and again, as a retrying client would.
+                to_locked = itertools.cycle([d for _, ds in locked for d in ds[1:]])
                 to_free = iter([d for _, ds in free for d in ds[1:]])
 
                 def unrelated() -> Iterator[tuple[str, str]]:
