@@ -22,7 +22,6 @@ import contextlib
 import json
 import sqlite3
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +40,7 @@ from tests.conftest import SCENARIOS, database
 from tests.harness import error_info, violated_fields
 from tests.process import Server, running_server, server_env
 from tests.scenario_tools import with_fresh_ids
+from tests.test_faults import readyz
 from tests.webhook_tools import SECRET, WEBHOOK_PATH, metric, signed_headers
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -63,14 +63,6 @@ def request(event_id: str, body: str) -> pb.IngestEventRequest:
 def metrics_text(server: Server) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics") as response:
         return response.read().decode()
-
-
-def readyz(server: Server) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz") as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 async def until(condition: Any, what: str, timeout: float = DEADLINE) -> None:
@@ -340,13 +332,20 @@ async def test_a_nul_is_refused_naming_the_field_and_the_good_deliveries_all_com
 # -- 7. the store under faults (PostgreSQL) -------------------------------------------------------
 
 
+@contextlib.contextmanager
+def postgres_server(tmp_path: Path) -> Iterator[tuple[str, Server]]:
+    """A server process on a fresh PostgreSQL schema: (the schema's URL, the server)."""
+    with (
+        database("postgres", tmp_path) as url,
+        running_server(tmp_path, "--grpc-port", "0", "--db", url) as server,
+    ):
+        yield url, server
+
+
 async def test_an_outside_table_lock_turns_health_not_serving_naming_it_and_it_comes_back(
     tmp_path: Path,
 ) -> None:
-    with (
-        database("postgres", tmp_path) as url,
-        running_server(tmp_path, "--grpc-port", "0", "--db", url) as s,
-    ):
+    with postgres_server(tmp_path) as (url, s):
         async with grpc.aio.insecure_channel(s.address) as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
             deliveries = fresh()
@@ -387,10 +386,7 @@ async def _is(channel: grpc.aio.Channel, status: str) -> bool:
 async def test_row_locks_on_some_transactions_refuse_only_their_deliveries(
     tmp_path: Path,
 ) -> None:
-    with (
-        database("postgres", tmp_path) as url,
-        running_server(tmp_path, "--grpc-port", "0", "--db", url) as s,
-    ):
+    with postgres_server(tmp_path) as (url, s):
         async with grpc.aio.insecure_channel(s.address) as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
             scenarios = [with_fresh_ids(REDRAW) for _ in range(6)]
