@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from transaction_service.http.guard import (
     guarded_requests,
 )
 from transaction_service.http.webhooks import WebhookVerifier, event_id_header
+from transaction_service.usecases.admission import Flow, Lane
 from transaction_service.usecases.ingest import IngestorStopped, decode_delivery
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ _READ_CHUNK = 64 * 1024
 # Connections waiting to be accepted (the kernel holds them, not the process): room for a burst,
 # so that a flood of connections does not leave a real webhook's SYN unanswered for a second.
 _BACKLOG = 1024
+# Webhooks come from Svix alone (they are signed): one flow of the webhook lane.
+WEBHOOK_FLOW = Flow(Lane.WEBHOOK, "webhook")
 
 
 class WebhookReceiver:
@@ -61,11 +65,13 @@ class WebhookReceiver:
         self._bodies = bodies
         self._limit = settings.max_body_bytes
         self._allow_unsigned = settings.webhook_allow_unsigned
+        self._deadline = settings.webhook_deadline_seconds
         self._verifier = (
             WebhookVerifier(settings.webhook_secrets) if settings.webhook_secrets else None
         )
 
     async def handle(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         if self._app.stopping:
             raise IngestorStopped
         if self._verifier is None and not self._allow_unsigned:
@@ -100,7 +106,13 @@ class WebhookReceiver:
             )
         except PayloadError as exc:
             raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
-        result = await self._app.ingestor.ingest(delivery)
+        # Svix stops waiting after 15 s: a webhook still queued by then is dropped unstored,
+        # rather than committed for nobody and delaying the webhooks after it.
+        result = await self._app.ingestor.ingest(
+            delivery,
+            flow=WEBHOOK_FLOW,
+            time_remaining=self._deadline - (time.monotonic() - arrived),
+        )
         return web.json_response(
             {
                 "outcome": result.outcome.value,
@@ -120,7 +132,7 @@ async def _read_body(request: web.Request, limit: int, bodies: BodySlots) -> byt
 
     A body still arriving takes one of the listener's few body slots, and has until its
     deadline: a signature can only be checked on the whole body, so until then the bytes are
-    anyone's. A body that came whole with its head (any webhook sent in one go) needs neither."""
+    anyone's. A body already whole when its head was read needs neither."""
     if request.content.is_eof():
         return await _read_all(request, limit)
     with bodies.slot() as seconds:
