@@ -552,7 +552,11 @@ async def run_watchers(spec_path: str) -> None:
     opened = 0
     everything_opened = asyncio.Event()
     total = len(singles) + feeds
-    channels = [channel(spec["address"]) for _ in range(4)]
+    # One connection carries at most grpc_max_concurrent_streams streams (docs/limits.md): as a
+    # client with this many watches must, spread them over enough channels (each its own
+    # connection: `channel` uses a local subchannel pool).
+    per_channel = Settings.model_fields["grpc_max_concurrent_streams"].default
+    channels = [channel(spec["address"]) for _ in range(max(4, -(-total // per_channel)))]
 
     async def consume(index: int, call: Any) -> None:
         nonlocal opened
@@ -574,13 +578,13 @@ async def run_watchers(spec_path: str) -> None:
 
     tasks = []
     for i, txn_id in enumerate(singles):
-        stub = pb_grpc.TransactionServiceStub(channels[i % 4])
+        stub = pb_grpc.TransactionServiceStub(channels[i % len(channels)])
         call = stub.WatchTransaction(
             pb.WatchTransactionRequest(transaction_id=txn_id, batch_changes=spec["batch"])
         )
         tasks.append(asyncio.create_task(consume(i, call)))
     for j in range(feeds):
-        stub = pb_grpc.TransactionServiceStub(channels[j % 4])
+        stub = pb_grpc.TransactionServiceStub(channels[j % len(channels)])
         call = stub.WatchTransactions(pb.WatchTransactionsRequest(batch_changes=spec["batch"]))
         tasks.append(asyncio.create_task(consume(len(singles) + j, call)))
     await everything_opened.wait()

@@ -419,6 +419,16 @@ def test_text_log_lines_cannot_be_forged(tmp_path: Path) -> None:
         (("--tls-cert", "missing.pem", "--tls-key", "missing.key"), "cannot read it"),
         (("--tls-client-ca", "ca.pem"), "--tls-client-ca needs --tls-cert"),
         (("--read-token", "has space"), "token #1 has characters"),
+        (("--read-token", "guessable-token"), "token #1 is shorter than 16 characters"),
+        (
+            (
+                "--ingest-token",
+                "one-token-for-both-roles",
+                "--read-token",
+                "one-token-for-both-roles",
+            ),
+            "a token is given both as an ingest token and as a read token",
+        ),
     ],
 )
 def test_setting_mistakes_are_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

@@ -84,6 +84,11 @@ class TooLarge(ServiceError):
     """The request is larger than the service accepts; nothing of it was stored."""
 
 
+class RequestTimeout(ServiceError):
+    """The caller took too long to send its request (a webhook body trickling in); nothing of
+    it was stored."""
+
+
 class NotFound(ServiceError):
     """What the request names is not known."""
 

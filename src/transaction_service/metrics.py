@@ -43,6 +43,10 @@ OUTCOMES = (
 # Why a delivery was dropped before its commit.
 DROP_REASONS = ("deadline", "caller_gone")
 LANES = ("webhook", "unary", "stream")
+# What the HTTP listener sheds when full (a new connection, a webhook body still arriving), and
+# why it closes a connection itself.
+SHED = ("connection", "body")
+HTTP_CLOSES = ("idle_timeout", "head_timeout", "head_too_large", "body_timeout")
 # Group commit takes up to `max_batch` (default 256) deliveries at once.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
@@ -117,6 +121,23 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.http_connections = Gauge(
+            f"{PREFIX}_http_connections", "HTTP connections open now.", registry=registry
+        )
+        self.http_shed = Counter(
+            f"{PREFIX}_http_shed",
+            "HTTP work refused because a limit was reached: a new connection past "
+            "http_max_connections, a webhook body past http_max_body_reads.",
+            ["what"],
+            registry=registry,
+        )
+        self.http_closed = Counter(
+            f"{PREFIX}_http_closed",
+            "HTTP connections the server closed because the client was too slow or sent too "
+            "much, by reason (idle_timeout, head_timeout, head_too_large, body_timeout).",
+            ["reason"],
+            registry=registry,
+        )
         self.reconciles = Counter(
             f"{PREFIX}_reconciles",
             "Transactions reconciled with Junction's API, by trigger (rpc, sweep, backfill) and "
@@ -136,6 +157,10 @@ class Metrics:
                 self.reconciles.labels(trigger, outcome)
         for outcome in RESULTS_OUTCOMES:
             self.results_fetches.labels(outcome)
+        for what in SHED:
+            self.http_shed.labels(what)
+        for reason in HTTP_CLOSES:
+            self.http_closed.labels(reason)
         # Every source/outcome pair from the start, so rates work before the first event.
         for source in SOURCES:
             self.ingest_seconds.labels(source)
@@ -196,6 +221,17 @@ class Metrics:
 
     def webhook_refused(self, reason: str) -> None:
         self.webhooks_refused.labels(reason).inc()
+
+    # -- the HTTP listener's limits ----------------------------------------------------------------
+
+    def count_http_connections(self, count: Callable[[], int]) -> None:
+        self.http_connections.set_function(count)
+
+    def http_shed_one(self, what: str) -> None:
+        self.http_shed.labels(what).inc()
+
+    def http_closed_one(self, reason: str) -> None:
+        self.http_closed.labels(reason).inc()
 
     # -- exposition --------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from transaction_service.errors import (
     OutOfRange,
     Overloaded,
     PermissionDenied,
+    RequestTimeout,
     ServiceError,
     TooLarge,
     Unauthenticated,
@@ -59,6 +60,7 @@ CODES: tuple[tuple[type[ServiceError], int], ...] = (
     (DeadlinePassed, code_pb2.DEADLINE_EXCEEDED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (Unavailable, code_pb2.UNAVAILABLE),
+    (RequestTimeout, code_pb2.DEADLINE_EXCEEDED),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
 )
 
