@@ -160,7 +160,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise InvalidArgument(violations)
         limit = request.page_size or DEFAULT_PAGE_SIZE
         # One extra row tells whether another page follows.
-        snapshots, head = await self._store.list(where, after, limit + 1)
+        snapshots, head = await self._store.list_transactions(where, after, limit + 1)
         page = snapshots[:limit]
         next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).

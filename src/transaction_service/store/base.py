@@ -411,7 +411,7 @@ class Store(Protocol):
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]: ...
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
         """Transactions matching `where` with revision > after_revision, by revision."""

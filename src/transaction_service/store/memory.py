@@ -135,7 +135,7 @@ class MemoryStore:
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
         return self._snapshot(self.order_index.get(order_id)), self.head
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
         found = [

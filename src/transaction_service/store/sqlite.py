@@ -479,7 +479,7 @@ class SqliteStore:
         head, view, revision = rows[0]
         return (snapshot(view, revision) if view is not None else None), head
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
         clauses: list[str] = ["revision > ?"]
