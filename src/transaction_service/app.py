@@ -18,8 +18,8 @@ from transaction_service.config import Settings
 from transaction_service.domain.limits import StateLimits
 from transaction_service.junction.client import JunctionClient, junction_base_url
 from transaction_service.metrics import Metrics
+from transaction_service.store import open_store
 from transaction_service.store.base import Store, StoreOpenError
-from transaction_service.store.sqlite import SqliteStore
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.housekeeping import housekeeping_forever, probe_store_forever
 from transaction_service.usecases.ingest import Ingestor
@@ -32,18 +32,6 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """A mistake that stops the service from starting; its message is one line for the operator."""
-
-
-def open_store(settings: Settings) -> Store:
-    """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL."""
-    if settings.db.startswith(("postgresql://", "postgres://")):
-        from transaction_service.store.postgres import PostgresStore
-
-        return PostgresStore(settings.db, pool_size=settings.db_pool_size)
-    try:
-        return SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
 
 
 def junction_client(settings: Settings) -> JunctionClient | None:
@@ -68,7 +56,12 @@ class App:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store if store is not None else open_store(settings)
+        if store is None:
+            try:
+                store = open_store(settings)
+            except StoreOpenError as exc:
+                raise StartupError(str(exc)) from None
+        self.store = store
         self.metrics = Metrics()
         self.hub = ChangeHub(
             self.store,

@@ -48,6 +48,10 @@ class StoreOpenError(Exception):
     """The store cannot be opened; the message is one line naming the database and the problem."""
 
 
+class StoreInUse(StoreOpenError):
+    """Another process owns the database (SQLite: one process writes a file)."""
+
+
 # -- what is stored ---------------------------------------------------------------------------
 
 
@@ -211,14 +215,6 @@ class BatchKeys:
     # Transactions whose combined results and results marker the plan reads (they must be among
     # `transaction_ids`, whose locks cover them). Ingest reads none.
     results_of: frozenset[str] = frozenset()
-
-    def lock_names(self) -> list[str]:
-        """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
-        return sorted(
-            [f"e:{k}" for k in self.event_ids]
-            + [f"o:{k}" for k in self.order_ids]
-            + [f"t:{k}" for k in self.transaction_ids]
-        )
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Correct with concurrent writers (every replica ingests):
 - **Keys are locked, in one global order.** A batch takes a transaction-scoped advisory lock on
-  every key it touches (event ids, order ids, transaction ids; `BatchKeys.lock_names`), sorted,
+  every key it touches (event ids, order ids, transaction ids; `lock_names`), sorted,
   before it reads anything. Sorted order means two writers can never wait on each other in a
   cycle; locking event ids means a duplicate delivered to two replicas at once is applied once (the
   second waits, then sees the first's event). If the loaded state points at a transaction the keys
@@ -63,7 +63,7 @@ from transaction_service.store.rows import (
     snapshot,
     stored_transaction,
 )
-from transaction_service.store.sqlite import migrations
+from transaction_service.store.schema import migrations
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,15 @@ def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory lock key for a namespaced name."""
     return int.from_bytes(
         hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def lock_names(keys: BatchKeys) -> list[str]:
+    """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
+    return sorted(
+        [f"e:{k}" for k in keys.event_ids]
+        + [f"o:{k}" for k in keys.order_ids]
+        + [f"t:{k}" for k in keys.transaction_ids]
     )
 
 
@@ -311,7 +320,7 @@ class PostgresStore:
     async def _write_once(
         self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner[Answer]
     ) -> tuple[AppliedBatch, Answer]:
-        locked = {lock_key(name) for name in keys.lock_names()}
+        locked = {lock_key(name) for name in lock_names(keys)}
         await conn.fetchval(_LOCK, sorted(locked))
         state = await self._load(conn, keys)
         needed = state.transaction_ids_needed() - keys.transaction_ids

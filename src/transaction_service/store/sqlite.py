@@ -28,7 +28,6 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from transaction_service.store.base import (
     StoredEventBody,
     StoredResults,
     StoredTransaction,
+    StoreInUse,
     StoreOpenError,
     StoreUnavailable,
     TransactionSnapshot,
@@ -66,21 +66,12 @@ from transaction_service.store.rows import (
     snapshot,
     stored_transaction,
 )
+from transaction_service.store.schema import migrations
 
 log = logging.getLogger(__name__)
 
 _READERS = 2
 _TRIM_CHUNK = 5000
-
-
-def migrations(dialect: str) -> list[tuple[int, str, str]]:
-    """(version, file name, script) of each migration of a dialect, in order."""
-    folder = resources.files("transaction_service.store") / "migrations" / dialect
-    found = []
-    for item in folder.iterdir():
-        if item.name.endswith(".sql"):
-            found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text()))
-    return sorted(found)
 
 
 def sqlite_path(url: str) -> Path:
@@ -247,7 +238,7 @@ class SqliteStore:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StoreOpenError(
+            raise StoreInUse(
                 f"{self.path} is in use by another transaction-service process (pid {holder}); "
                 "one process owns a SQLite database: stop it, or use another --db"
             ) from None
