@@ -181,10 +181,25 @@ class StoredResults:
 
 @dataclass(frozen=True)
 class ListFilter:
+    """Which transactions `list_transactions` returns: those matching every field given."""
+
     status: TransactionStatus | None = None
     team_id: str = ""
     user_id: str = ""
     updated_since: datetime | None = None
+
+    def matches(self, view: TransactionView) -> bool:
+        """The filter in Python (the in-memory store); the SQL stores share `rows.list_condition`,
+        and the store contract tests hold the two equal."""
+        return (
+            (self.status is None or view.status == self.status)
+            and (not self.team_id or view.team_id == self.team_id)
+            and (not self.user_id or view.user_id == self.user_id)
+            and (
+                self.updated_since is None
+                or (view.updated_at is not None and view.updated_at >= self.updated_since)
+            )
+        )
 
 
 @dataclass(frozen=True)

@@ -141,14 +141,7 @@ class MemoryStore:
         found = [
             TransactionSnapshot(t.view, t.revision)
             for t in self.transactions.values()
-            if t.revision > after_revision
-            and (where.status is None or t.view.status == where.status)
-            and (not where.team_id or t.view.team_id == where.team_id)
-            and (not where.user_id or t.view.user_id == where.user_id)
-            and (
-                where.updated_since is None
-                or (t.view.updated_at is not None and t.view.updated_at >= where.updated_since)
-            )
+            if t.revision > after_revision and where.matches(t.view)
         ]
         found.sort(key=lambda s: s.revision)
         return found[:limit], self.head

@@ -56,6 +56,7 @@ from transaction_service.store.rows import (
     RESULTS_ROW_COLUMNS,
     change_record,
     found_from_rows,
+    list_condition,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -435,24 +436,11 @@ class PostgresStore:
     async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
-        clauses: list[str] = ["revision > $1"]
-        params: list[object] = [after_revision]
-        if where.status is not None:
-            params.append(where.status.value)
-            clauses.append(f"status = ${len(params)}")
-        if where.team_id:
-            params.append(where.team_id)
-            clauses.append(f"team_id = ${len(params)}")
-        if where.user_id:
-            params.append(where.user_id)
-            clauses.append(f"user_id = ${len(params)}")
-        if where.updated_since is not None:
-            params.append(where.updated_since)
-            clauses.append(f"updated_at >= ${len(params)}")
+        condition, params = list_condition(where, after_revision, _same_time, lambda n: f"${n}")
         params.append(limit)
         rows = await self._fetch(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) AS one LEFT JOIN"
-            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            f" (SELECT view, revision FROM transactions WHERE {condition}"
             f" ORDER BY revision LIMIT ${len(params)}) t ON true ORDER BY t.revision",
             *params,
         )

@@ -59,6 +59,7 @@ from transaction_service.store.rows import (
     change_record,
     found_from_rows,
     iso,
+    list_condition,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -473,23 +474,10 @@ class SqliteStore:
     async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
-        clauses: list[str] = ["revision > ?"]
-        params: list[object] = [after_revision]
-        if where.status is not None:
-            clauses.append("status = ?")
-            params.append(where.status.value)
-        if where.team_id:
-            clauses.append("team_id = ?")
-            params.append(where.team_id)
-        if where.user_id:
-            clauses.append("user_id = ?")
-            params.append(where.user_id)
-        if where.updated_since is not None:
-            clauses.append("updated_at >= ?")
-            params.append(iso(where.updated_since))
+        condition, params = list_condition(where, after_revision, iso, lambda _: "?")
         rows = await self._fetch(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) LEFT JOIN"
-            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            f" (SELECT view, revision FROM transactions WHERE {condition}"
             " ORDER BY revision LIMIT ?) t ON 1 ORDER BY t.revision",
             (*params, limit),
         )
