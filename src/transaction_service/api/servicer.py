@@ -48,7 +48,13 @@ from transaction_service.errors import (
     Unavailable,
     echo,
 )
-from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeRecord,
+    ListFilter,
+    Results,
+    TransactionReads,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
 from transaction_service.usecases.results import results_pdf, stored_results
 from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
@@ -70,7 +76,9 @@ MAX_BATCH_LOOKUPS = 500
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
     def __init__(self, app: App) -> None:
         self._app = app
-        self._store = app.store
+        # The roles it reads (see store/base.py); it never writes but through the use cases.
+        self._reads: TransactionReads = app.store
+        self._results: Results = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
@@ -118,9 +126,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         assert lookup is not None
         key = getattr(request, lookup)
         if lookup == "transaction_id":
-            snapshot, head = await self._store.get(key)
+            snapshot, head = await self._reads.get(key)
         else:
-            snapshot, head = await self._store.get_by_order(key)
+            snapshot, head = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py).
@@ -160,7 +168,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise InvalidArgument(violations)
         limit = request.page_size or DEFAULT_PAGE_SIZE
         # One extra row tells whether another page follows.
-        snapshots, head = await self._store.list_transactions(where, after, limit + 1)
+        snapshots, head = await self._reads.list_transactions(where, after, limit + 1)
         page = snapshots[:limit]
         next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
@@ -182,7 +190,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         key = getattr(request, lookup)
         where = WatchFilter(**{lookup: key})
         read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
-            self._store.get if lookup == "transaction_id" else self._store.get_by_order
+            self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
         )
         async for event in self._watch(where, request, partial(read, key)):
             if isinstance(event, Current):
@@ -270,7 +278,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTransactionResultsResponse:
         snapshot = await self._find(request)
-        return results_to_pb(await stored_results(self._store, snapshot.view))
+        return results_to_pb(await stored_results(self._results, snapshot.view))
 
     @grpc_errors
     async def GetTransactionResultsPdf(
@@ -284,9 +292,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
         key, lookup = _lookup(request)
         if lookup == "transaction_id":
-            snapshot, _ = await self._store.get(key)
+            snapshot, _ = await self._reads.get(key)
         else:
-            snapshot, _ = await self._store.get_by_order(key)
+            snapshot, _ = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         return snapshot
@@ -370,7 +378,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             keys.append((kind or "", getattr(lookup, kind) if kind else ""))
         if violations:
             raise InvalidArgument(violations)
-        by_id, by_order, head = await self._store.get_many(
+        by_id, by_order, head = await self._reads.get_many(
             [key for kind, key in keys if kind == "transaction_id"],
             [key for kind, key in keys if kind == "order_id"],
         )

@@ -383,19 +383,22 @@ class AppliedBatch:
         return self.base_revision + change + 1 if change is not None else otherwise
 
 
-# -- the store ----------------------------------------------------------------------------------
+# -- the store, role by role ---------------------------------------------------------------------
+#
+# Each consumer asks for the roles it uses (the commit path a BatchWriter, the watch hub the
+# change log and reads, the results fetcher Results and Jobs, ...); one store class implements
+# them all (`Store`), and tests/test_store_contract.py runs every method of every role against the
+# in-memory, SQLite and PostgreSQL stores alike. A store raises StoreUnavailable when it cannot
+# answer (and when it is closed).
 
 
-class Store(Protocol):
-    """Open before use; always close."""
+class StoreLifecycle(Protocol):
+    """Opening, closing, and whether writes succeed. Open before use; always close."""
 
     # A short description for logs: the path or the URL without a password.
     description: str
     # Whether writes succeed; listeners hear of every flip (health checks, readiness).
     health: WriteHealth
-    # Whether other processes may write to it too (replicas): then watchers must tail the shared
-    # change log instead of relying on this process's commits alone.
-    shared: bool
 
     async def open(self) -> None:
         """Raises StoreOpenError, with one line naming the database and the problem."""
@@ -405,18 +408,26 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+
+class BatchWriter(Protocol):
+    """The one way to write what callers see. Only the commit path (`usecases/commit.py`) calls
+    it: it publishes what was committed."""
+
     async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         """Lock `keys`, load their state, call `plan` on it (pure, maybe more than once: it is
         repeated if the store had to retry), apply the plan and commit; the committed batch and
         the answer of the plan applied.
 
-        Only the commit path (`usecases/commit.py`) calls this: it publishes what was committed.
-
         Raises StoreUnavailable if the batch could not be committed; then nothing was written.
+        An exception the planner raises passes through; then nothing was written either.
         """
 
-    # Reads return the store's head revision too, read in the same snapshot as the data, so it is
-    # never older than what it is returned with.
+
+class TransactionReads(Protocol):
+    """The current state of transactions.
+
+    Reads return the store's head revision too, read in the same snapshot as the data, so it is
+    never older than what it is returned with."""
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]: ...
 
@@ -433,22 +444,6 @@ class Store(Protocol):
         """Transactions by id and by order id, all read in one snapshot: (found by transaction
         id, found by order id, head revision). Ids not known are absent from the dicts."""
 
-    async def head_revision(self) -> int: ...
-
-    async def changes_after(
-        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
-    ) -> ChangeLogPage:
-        """Up to `limit` changes with revision > after_revision, oldest first; only those of
-        `transaction_ids` if given. Read in one snapshot with the log's bounds."""
-
-    async def trim_changes(self, recorded_before: datetime) -> int:
-        """Delete changes recorded before the time; return the compacted revision after it.
-        With several replicas, one trims at a time; the others return at once."""
-
-    async def erase_bodies(self, received_before: datetime) -> int:
-        """Erase the bodies of events received before the time (privacy); their id, digest,
-        outcome and revision stay, for dedupe and audit. Returns how many were erased."""
-
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
         """Up to `limit` transaction ids greater than `after_id`, in id order: a stable walk over
         every transaction, however their revisions change meanwhile."""
@@ -461,13 +456,31 @@ class Store(Protocol):
         """The stored events of each transaction's orders, oldest first. `write` loads the same
         under its locks for the transactions of `BatchKeys.replay`."""
 
+
+class ChangeLog(Protocol):
+    """The numbered changes, for watchers: contiguous revisions, the oldest trimmed away."""
+
+    # Whether other processes may write to it too (replicas): then watchers must tail the shared
+    # change log instead of relying on this process's commits alone.
+    shared: bool
+
+    async def head_revision(self) -> int: ...
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        """Up to `limit` changes with revision > after_revision, oldest first; only those of
+        `transaction_ids` if given. Read in one snapshot with the log's bounds."""
+
     def change_notifications(self) -> AsyncIterator[None]:
         """Yields whenever changes may have been committed by another process (and after every
-        reconnect, when notifications may have been lost). A store with a single writer process
-        never yields."""
+        reconnect, when notifications may have been lost). A store that is not `shared` never
+        yields."""
         ...
 
-    # -- combined results and reconciliation --------------------------------------------------
+
+class Results(Protocol):
+    """Combined results and their fetch markers (written by `write`, read here)."""
 
     async def get_results(
         self, transaction_id: str
@@ -477,9 +490,9 @@ class Store(Protocol):
     async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
         """Up to `limit` results markers due at `now`, the longest due first."""
 
-    async def erase_results(self, fetched_before: datetime) -> int:
-        """Erase the bodies of combined results fetched before the time (privacy); status,
-        digest, time and revision stay. Returns how many were erased."""
+
+class ReconcileChecks(Protocol):
+    """Which transactions reconciliation should ask Junction about."""
 
     async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
         """Up to `limit` ids of ACTIVE transactions with no provider time and no reconcile check
@@ -490,8 +503,44 @@ class Store(Protocol):
     ) -> None:
         """Remember that these transactions were reconciled at `checked_at`."""
 
+
+class Housekeeping(Protocol):
+    """Compaction and erasure, run by the housekeeping loop."""
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        """Delete changes recorded before the time (and any older revision, so the log stays
+        contiguous); return the compacted revision after it. With several replicas, one trims
+        at a time; the others return at once."""
+
+    async def erase_bodies(self, received_before: datetime) -> int:
+        """Erase the bodies of events received before the time (privacy); their id, digest,
+        outcome and revision stay, for dedupe and audit. Returns how many were erased."""
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        """Erase the bodies of combined results fetched before the time (privacy); status,
+        digest, time and revision stay. Returns how many were erased."""
+
+
+class Jobs(Protocol):
+    """Background jobs that one replica runs at a time."""
+
     def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
         """Enter to take the job lock `name` if no other process holds it: yields whether this
-        process got it (then it holds it until exit). A store with a single writer process
-        always gets it."""
+        process got it (then it holds it until exit). A store that is not `shared` always gets
+        it."""
         ...
+
+
+class Store(
+    StoreLifecycle,
+    BatchWriter,
+    TransactionReads,
+    ChangeLog,
+    Results,
+    ReconcileChecks,
+    Housekeeping,
+    Jobs,
+    Protocol,
+):
+    """Every role: what a store class implements, and what the composition root (`App`) and the
+    commands that open a store hold."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
-from transaction_service.store.base import BatchKeys, Store
+from transaction_service.store.base import BatchKeys, TransactionReads
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import RebuildOutcome, plan_rebuild
 
@@ -53,7 +53,7 @@ class RebuildReport:
 
 
 async def rebuild(
-    store: Store,
+    store: TransactionReads,
     commits: CommitPath,
     *,
     limits: StateLimits = DEFAULT_LIMITS,

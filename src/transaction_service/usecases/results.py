@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from transaction_service.domain.state import (
     ChangeKind,
@@ -56,10 +57,11 @@ from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeWrite,
+    Jobs,
     PendingResults,
     PendingResultsWrite,
+    Results,
     ResultsWrite,
-    Store,
     StoredResults,
     TransactionWrite,
 )
@@ -250,13 +252,17 @@ class FetchOutcome:
     outcome: str
 
 
+class ResultsStore(Results, Jobs, Protocol):
+    """What the fetcher reads: due markers, under the job lock that one replica holds."""
+
+
 class ResultsFetcher:
     """Works through due results markers until cancelled; a commit that marks results due
     (`CommitPath.results_wanted`) makes it look at once."""
 
     def __init__(
         self,
-        store: Store,
+        store: ResultsStore,
         commits: CommitPath,
         client: JunctionClient,
         *,
@@ -369,7 +375,7 @@ class ResultsFetcher:
 # --------------------------------------------------------------------------------------------------
 
 
-async def stored_results(store: Store, view: TransactionView) -> StoredResults:
+async def stored_results(store: Results, view: TransactionView) -> StoredResults:
     """The transaction's stored results with their body; FailedPrecondition saying why not."""
     results, pending = await store.get_results(view.id)
     if results is not None and results.body is not None:

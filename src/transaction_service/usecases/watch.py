@@ -30,11 +30,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import OutOfRange, Unavailable
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeLog,
+    ChangeRecord,
+    TransactionReads,
+    TransactionSnapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +215,16 @@ class Subscription:
         self.progress_due = False
 
 
+class WatchStore(ChangeLog, TransactionReads, Protocol):
+    """What the hub reads: the change log, and the current state of a transaction."""
+
+
 class ChangeHub:
     """Fans committed changes out to watchers; replays the change log for them."""
 
     def __init__(
         self,
-        store: Store,
+        store: WatchStore,
         *,
         queue_size: int = 1024,
         page_size: int = 500,
@@ -538,7 +548,7 @@ class ChangeFeed:
 
     def __init__(
         self,
-        store: Store,
+        store: ChangeLog,
         hub: ChangeHub,
         *,
         poll_seconds: float = 1.0,
