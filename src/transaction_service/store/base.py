@@ -19,7 +19,7 @@ change log) is stored explicitly.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -376,6 +376,8 @@ class AppliedBatch:
     """A committed plan: its changes with their revisions."""
 
     plan: BatchPlan
+    # The head revision just before the batch's changes; 0 if it made none (then the store read
+    # no revision).
     base_revision: int
     changes: list[ChangeRecord]
 
@@ -472,7 +474,7 @@ class ChangeLog(Protocol):
         """Up to `limit` changes with revision > after_revision, oldest first; only those of
         `transaction_ids` if given. Read in one snapshot with the log's bounds."""
 
-    def change_notifications(self) -> AsyncIterator[None]:
+    def change_notifications(self) -> AsyncGenerator[None]:
         """Yields whenever changes may have been committed by another process (and after every
         reconnect, when notifications may have been lost). A store that is not `shared` never
         yields."""

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -632,7 +632,7 @@ class PostgresStore:
             self.health.failed(kind)
             raise StoreUnavailable(f"the database cannot write ({kind}). Retry later.") from None
 
-    async def change_notifications(self) -> AsyncIterator[None]:
+    async def change_notifications(self) -> AsyncGenerator[None]:
         """Yields after every (re)connect of a LISTEN connection and on every notification."""
         failures = 0
         while True:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -430,6 +430,9 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        if not self._all_readers:
+            # Closed (or never opened): the queue would wait forever.
+            raise StoreUnavailable("the store is closed")
         conn = await self._readers.get()
         try:
             yield conn
@@ -583,7 +586,7 @@ class SqliteStore:
             async with self._write_lock:
                 conn = self._writer
                 if conn is None:
-                    return erased
+                    raise StoreUnavailable("the store is closed")
                 cursor = await conn.execute(
                     "UPDATE events SET body = NULL WHERE seq IN (SELECT seq FROM events"
                     f" WHERE body IS NOT NULL AND received_at < ? LIMIT {_TRIM_CHUNK})",
@@ -594,7 +597,7 @@ class SqliteStore:
             if count < _TRIM_CHUNK:
                 return erased
 
-    async def change_notifications(self) -> AsyncIterator[None]:
+    async def change_notifications(self) -> AsyncGenerator[None]:
         # One process owns the file: every change is committed, and published, by this process.
         await asyncio.Event().wait()
         yield
@@ -649,6 +652,8 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
         # One process owns the database file (see `_take_lock`): it is always the only runner.
         yield True
 
