@@ -96,7 +96,7 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
     return pb.IngestError(
         code=status.code,
         message=status.message,
-        reason=exc.reason,
+        reason=exc.reason or "",
         field_violations=[
             pb.IngestError.FieldViolation(field=v.field, description=v.description)
             for v in violations

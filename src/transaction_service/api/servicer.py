@@ -43,6 +43,7 @@ from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     TooLarge,
     Unavailable,
@@ -269,7 +270,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 raise Unavailable(
                     "the server is shutting down; run the back-fill again (what it took in is "
                     "kept, and taking it in again changes nothing)",
-                    reason="SHUTTING_DOWN",
+                    reason=Reason.SHUTTING_DOWN,
                 )
             yield backfill_progress_to_pb(progress)
 
@@ -324,7 +325,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise Unavailable(
                 f"the server is shutting down; the first {answered} requests of this stream "
                 "were answered: send the others again, on another replica or later",
-                reason="SHUTTING_DOWN",
+                reason=Reason.SHUTTING_DOWN,
                 metadata={"answered": str(answered)},
             )
 

@@ -32,7 +32,7 @@ from transaction_service.domain.state import (
     TransactionView,
     view_from_json,
 )
-from transaction_service.errors import Unavailable
+from transaction_service.errors import Reason, Unavailable
 from transaction_service.store.health import WriteHealth
 
 
@@ -41,7 +41,7 @@ class StoreUnavailable(Unavailable):
     Nothing of the batch was stored; the caller may retry."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, reason="STORE_UNAVAILABLE")
+        super().__init__(message, reason=Reason.STORE_UNAVAILABLE)
 
 
 class StoreOpenError(Exception):

@@ -30,7 +30,7 @@ from transaction_service.domain.payload import (
     normalise_body,
     parse_event,
 )
-from transaction_service.errors import AlreadyExists, ServiceError, Unavailable
+from transaction_service.errors import AlreadyExists, Reason, ServiceError, Unavailable
 from transaction_service.metrics import Metrics
 from transaction_service.store.base import StoreUnavailable
 from transaction_service.usecases.commit import CommitPath
@@ -67,7 +67,7 @@ class IngestorStopped(Unavailable):
     def __init__(self) -> None:
         super().__init__(
             "the service is shutting down; nothing was stored: retry on another replica or later",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
         )
 
 

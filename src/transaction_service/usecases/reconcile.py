@@ -33,6 +33,7 @@ from transaction_service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     Unavailable,
     echo,
@@ -311,7 +312,7 @@ class Reconciler:
             raise FailedPrecondition(
                 f"Junction's answer from {_endpoint(event)} about order {echo(event.order_id)} "
                 f"cannot be taken in: {exc.message}",
-                reason="ANSWER_BEYOND_LIMITS",
+                reason=Reason.ANSWER_BEYOND_LIMITS,
             ) from None
 
     # ---------------------------------------------------------------------------------------- sweep

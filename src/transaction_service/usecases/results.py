@@ -42,7 +42,7 @@ from transaction_service.domain.state import (
     knowledge_to_json,
     view_to_json,
 )
-from transaction_service.errors import FailedPrecondition, echo
+from transaction_service.errors import FailedPrecondition, Reason, echo
 from transaction_service.junction.answers import TransactionResults
 from transaction_service.junction.client import (
     JunctionClient,
@@ -384,7 +384,7 @@ async def stored_results(store: Results, view: TransactionView) -> StoredResults
         raise FailedPrecondition(
             f"the results of transaction {echo(view.id)} were erased: they are kept for the "
             "body retention period (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS)",
-            reason="RESULTS_ERASED",
+            reason=Reason.RESULTS_ERASED,
         )
     if pending is not None:
         detail = f"{pending.attempts} attempt(s) so far"
@@ -410,7 +410,7 @@ async def stored_results(store: Results, view: TransactionView) -> StoredResults
             "Junction's API was not configured, or fetching them gave up after the body "
             "retention; ReconcileTransaction fetches them"
         )
-    raise FailedPrecondition(message, reason="RESULTS_NOT_READY")
+    raise FailedPrecondition(message, reason=Reason.RESULTS_NOT_READY)
 
 
 async def results_pdf(client: JunctionClient | None, view: TransactionView) -> AsyncIterator[bytes]:
@@ -421,7 +421,7 @@ async def results_pdf(client: JunctionClient | None, view: TransactionView) -> A
         raise FailedPrecondition(
             f"transaction {echo(view.id)} stands in for a legacy order, which has no order "
             "transaction at Junction and so no combined results",
-            reason="RESULTS_NOT_READY",
+            reason=Reason.RESULTS_NOT_READY,
         )
     with provider_errors():
         async with aclosing(

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from transaction_service.domain.state import ChangeKind
-from transaction_service.errors import OutOfRange, Unavailable
+from transaction_service.errors import OutOfRange, Reason, Unavailable
 from transaction_service.metrics import Metrics
 from transaction_service.store.base import (
     ChangeLog,
@@ -130,7 +130,7 @@ class Compacted(OutOfRange):
             f"changes up to revision {compacted_revision} have been compacted; this watch needs "
             f"those after revision {last_sent_revision}. Re-read the state and watch from its "
             "revision.",
-            reason="REVISION_COMPACTED",
+            reason=Reason.REVISION_COMPACTED,
             metadata={
                 "compacted_revision": str(compacted_revision),
                 "last_sent_revision": str(last_sent_revision),
@@ -147,7 +147,7 @@ class RevisionInFuture(OutOfRange):
         super().__init__(
             f"start_revision {start_revision} is ahead of the newest revision, {head_revision}: "
             "a revision comes from a message of this service; resume from one you received",
-            reason="REVISION_IN_FUTURE",
+            reason=Reason.REVISION_IN_FUTURE,
             metadata={"head_revision": str(head_revision)},
         )
 
@@ -158,7 +158,7 @@ class WatchClosed(Unavailable):
     def __init__(self, last_sent_revision: int) -> None:
         super().__init__(
             f"the server is shutting down; resume with start_revision={last_sent_revision}",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
             metadata={"last_sent_revision": str(last_sent_revision)},
         )
         self.last_sent_revision = last_sent_revision
