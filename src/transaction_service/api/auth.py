@@ -11,11 +11,11 @@ method added later is closed to read tokens until someone decides otherwise.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TypeVar
 
 import grpc
 
-from transaction_service.api.errors import abort
+from transaction_service.api.errors import Context, abort
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.errors import ServiceError
 from transactions.v1 import transactions_pb2 as pb
@@ -42,15 +42,21 @@ def role_needed(method: str) -> Role | None:
     return Role.READ if name in READ_METHODS else Role.INGEST
 
 
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: BearerTokens) -> None:
         self._tokens = tokens
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Request, Response] | None:
         handler = await continuation(handler_call_details)
         needed = role_needed(handler_call_details.method)
         if handler is None or needed is None:
@@ -67,26 +73,23 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _refusing(handler: grpc.RpcMethodHandler, refusal: ServiceError) -> grpc.RpcMethodHandler:
+def _refusing(
+    handler: grpc.RpcMethodHandler[Request, Response], refusal: ServiceError
+) -> grpc.RpcMethodHandler[Request, Response]:
     """A handler shaped like `handler` that answers every call with `refusal`."""
 
-    async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary_response(request: object, context: Context) -> None:
         await abort(context, refusal)
 
-    async def stream_response(
-        request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def stream_response(request: object, context: Context) -> AsyncIterator[None]:
         await abort(context, refusal)
         yield  # pragma: no cover (abort raises; the yield makes this a generator)
 
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    decode, encode = handler.request_deserializer, handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream_response, **codecs)
+        return grpc.stream_stream_rpc_method_handler(stream_response, decode, encode)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary_response, **codecs)
+        return grpc.stream_unary_rpc_method_handler(unary_response, decode, encode)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream_response, **codecs)
-    return grpc.unary_unary_rpc_method_handler(unary_response, **codecs)
+        return grpc.unary_stream_rpc_method_handler(stream_response, decode, encode)
+    return grpc.unary_unary_rpc_method_handler(unary_response, decode, encode)

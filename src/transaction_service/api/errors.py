@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, struct_pb2
@@ -43,6 +43,12 @@ ERROR_DOMAIN = "transactions.v1"
 MAX_MESSAGE = 2000
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+if TYPE_CHECKING:
+    # What a handler is handed; the request and response types change nothing it does with it.
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
 
 
 # Most specific first (a subclass maps as its base does).
@@ -104,12 +110,12 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
     )
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
+async def abort(context: Context, exc: ServiceError) -> NoReturn:
     await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
-async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+async def _abort_internal(context: Context, method: str) -> NoReturn:
     log.exception("unexpected error in %s", method)
     await context.abort(
         grpc.StatusCode.INTERNAL, "internal error; it was logged on the server. Retry later."

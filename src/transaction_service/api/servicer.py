@@ -22,8 +22,10 @@ from transaction_service.api.convert import (
     snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
+    transaction_to_pb,
 )
 from transaction_service.api.errors import (
+    Context,
     UndecodableRequest,
     grpc_errors,
     ingest_error,
@@ -75,6 +77,10 @@ MAX_BATCH_LOOKUPS = 500
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
+    """The API. A method answers with the response message, or with its bytes already encoded
+    (`bytes`: built from cached parts, api/wire.py), which `passthrough_serializer` sends as
+    they are."""
+
     def __init__(self, app: App) -> None:
         self._app = app
         # The roles it reads (see store/base.py); it never writes but through the use cases.
@@ -89,11 +95,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._batch_bytes = app.settings.max_message_bytes // 2
 
     @grpc_errors
-    async def IngestEvent(
-        self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestEventResponse:
+    async def IngestEvent(self, request: pb.IngestEventRequest, context: Context) -> bytes:
         result = await self._app.ingestor.ingest(self._decode(request))
-        return self._ingest_response(result)  # type: ignore[return-value]
+        return self._ingest_response(result)
 
     def _ingest_response(self, result: IngestResult) -> bytes:
         """IngestEventResponse, built from the transaction's cached bytes (api/wire.py)."""
@@ -117,9 +121,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
 
     @grpc_errors
-    async def GetTransaction(
-        self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetTransactionResponse:
+    async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> bytes:
         lookup = request.WhichOneof("lookup")
         violations = _lookup_violations(request)
         if violations:
@@ -133,12 +135,12 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py).
-        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)  # type: ignore[return-value]
+        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)
 
     @grpc_errors
     async def ListTransactions(
-        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListTransactionsResponse:
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> bytes:
         violations = []
         try:
             status = status_from_pb(request.status)
@@ -173,7 +175,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         page = snapshots[:limit]
         next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
-        return (  # type: ignore[return-value]
+        return (
             b"".join(field(1, self._transactions.encode(s)) for s in page)
             + string_field(2, next_token)
             + varint_field(3, head)
@@ -181,8 +183,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def WatchTransaction(
-        self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionResponse]:
+        self, request: pb.WatchTransactionRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionResponse | bytes]:
         lookup = request.WhichOneof("lookup")
         violations = _start_revision_violations(request) + _lookup_violations(request)
         if violations:
@@ -211,8 +213,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def WatchTransactions(
-        self, request: pb.WatchTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionsResponse]:
+        self, request: pb.WatchTransactionsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionsResponse | bytes]:
         violations = _start_revision_violations(request)
         kinds = set()
         for i, value in enumerate(request.kinds):
@@ -234,7 +236,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def ReconcileTransaction(
-        self, request: pb.ReconcileTransactionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReconcileTransactionRequest, context: Context
     ) -> pb.ReconcileTransactionResponse:
         key, lookup = _lookup(request)
         reconciled = await self._app.reconciler.reconcile(**{lookup: key}, trigger="rpc")
@@ -242,7 +244,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def BackfillTransactions(
-        self, request: pb.BackfillTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BackfillTransactionsRequest, context: Context
     ) -> AsyncIterator[pb.BackfillTransactionsResponse]:
         violations = []
         since = until = None
@@ -276,14 +278,14 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def GetTransactionResults(
-        self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsRequest, context: Context
     ) -> pb.GetTransactionResultsResponse:
         snapshot = await self._find(request)
         return results_to_pb(await stored_results(self._results, snapshot.view))
 
     @grpc_errors
     async def GetTransactionResultsPdf(
-        self, request: pb.GetTransactionResultsPdfRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsPdfRequest, context: Context
     ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
         snapshot = await self._find(request)
         async for chunk in results_pdf(self._app.junction, snapshot.view):
@@ -304,8 +306,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def IngestEvents(
         self,
         requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.IngestEventResponse]:
+        context: Context,
+    ) -> AsyncIterator[pb.IngestEventResponse | bytes]:
         settings = self._app.settings
         window = OrderedWindow(
             requests,
@@ -331,7 +333,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     async def _ingest_one(
         self, request: pb.IngestEventRequest | UndecodableRequest
-    ) -> pb.IngestEventResponse:
+    ) -> pb.IngestEventResponse | bytes:
         """One request of an IngestEvents stream: its response, or its error in the response."""
         if isinstance(request, UndecodableRequest):
             return pb.IngestEventResponse(error=ingest_error(request.error))
@@ -352,11 +354,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     message="internal error; it was logged on the server. Retry later.",
                 ),
             )
-        return self._ingest_response(result)  # type: ignore[return-value]
+        return self._ingest_response(result)
 
     @grpc_errors
     async def BatchGetTransactions(
-        self, request: pb.BatchGetTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BatchGetTransactionsRequest, context: Context
     ) -> pb.BatchGetTransactionsResponse:
         lookups = request.lookups
         violations = []
@@ -393,7 +395,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 continue
             message = converted.get(id(found))
             if message is None:
-                message = converted[id(found)] = snapshot_to_pb(found)
+                message = converted[id(found)] = transaction_to_pb(found.view, found.revision)
             results.append(pb.BatchGetTransactionsResult(found=True, transaction=message))
         response = pb.BatchGetTransactionsResponse(results=results, revision=head)
         size = response.ByteSize()
@@ -507,7 +509,7 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_deserializer(request_type),
-            # Watch streams send pre-built bytes (api/wire.py); everything else is a message.
+            # Some answers are pre-built bytes (api/wire.py); the others are messages.
             response_serializer=passthrough_serializer,
         )
     server.add_generic_rpc_handlers(
