@@ -21,7 +21,6 @@ from typing import Any
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
-    FieldViolation,
     OrderEvent,
     PayloadError,
     body_digest,
@@ -30,7 +29,13 @@ from transaction_service.domain.payload import (
     normalise_body,
     parse_event,
 )
-from transaction_service.errors import AlreadyExists, Reason, ServiceError, Unavailable
+from transaction_service.errors import (
+    AlreadyExists,
+    FieldViolation,
+    Reason,
+    ServiceError,
+    Unavailable,
+)
 from transaction_service.metrics import Metrics
 from transaction_service.store.base import StoreUnavailable
 from transaction_service.usecases.commit import CommitPath

@@ -92,7 +92,7 @@ def retry_delay(
 ) -> float:
     """Seconds before attempt `attempts + 1`: exponential, with "equal jitter" (half fixed, half
     random), so a retry is never immediate and many markers do not retry in step."""
-    ceiling = min(most, base * 2 ** max(0, attempts - 1))
+    ceiling = min(most, base * 2.0 ** max(0, attempts - 1))
     return ceiling / 2 + rand() * ceiling / 2
 
 
