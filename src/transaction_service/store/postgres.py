@@ -27,7 +27,7 @@ import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -65,6 +65,12 @@ from transaction_service.store.rows import (
     stored_transaction,
 )
 from transaction_service.store.schema import migrations
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection of the pool, as `pool.acquire()` hands it out.
+    _Connection = PoolConnectionProxy[asyncpg.Record]
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +325,7 @@ class PostgresStore:
         return applied, answer
 
     async def _write_once(
-        self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner[Answer]
+        self, conn: _Connection, keys: BatchKeys, plan: Planner[Answer]
     ) -> tuple[AppliedBatch, Answer]:
         locked = {lock_key(name) for name in lock_names(keys)}
         await conn.fetchval(_LOCK, sorted(locked))
@@ -336,7 +342,7 @@ class PostgresStore:
         batch, answer = plan(state)
         return await self._apply(conn, batch), answer
 
-    async def _load(self, conn: asyncpg.Connection, keys: BatchKeys) -> BatchState:
+    async def _load(self, conn: _Connection, keys: BatchKeys) -> BatchState:
         state = BatchState()
         for event_id, digest, order_id, view, revision in await conn.fetch(
             _EVENTS, list(keys.event_ids)
@@ -366,7 +372,7 @@ class PostgresStore:
                 state.results_pending[row[0]] = pending_results(*row)
         return state
 
-    async def _apply(self, conn: asyncpg.Connection, batch: BatchPlan) -> AppliedBatch:
+    async def _apply(self, conn: _Connection, batch: BatchPlan) -> AppliedBatch:
         rows = plan_rows(batch, 0, _same_time)
         for statement, key in (
             (_UPSERT_ORDER, "orders"),
@@ -448,7 +454,7 @@ class PostgresStore:
         return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return (await self._fetch(f"SELECT {_HEAD}"))[0][0]
+        return int((await self._fetch(f"SELECT {_HEAD}"))[0][0])
 
     async def get_many(
         self, transaction_ids: Sequence[str], order_ids: Sequence[str]
@@ -473,7 +479,7 @@ class PostgresStore:
         return [row[0] for row in rows]
 
     async def count_transactions(self) -> int:
-        return (await self._fetch("SELECT count(*) FROM transactions"))[0][0]
+        return int((await self._fetch("SELECT count(*) FROM transactions"))[0][0])
 
     async def replay_events(
         self, transaction_ids: Sequence[str]
@@ -523,7 +529,7 @@ class PostgresStore:
                 )
             if int(status.split()[-1]) < _TRIM_CHUNK:
                 break
-        return await pool.fetchval(f"SELECT {_COMPACTED}")
+        return int(await pool.fetchval(f"SELECT {_COMPACTED}"))
 
     async def erase_bodies(self, received_before: datetime) -> int:
         pool = self._pool_or_fail()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -261,7 +261,8 @@ def list_condition(
     return " AND ".join(clauses), params
 
 
-def replay_events_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, list[StoredEventBody]]:
+def replay_events_from_rows(rows: Iterable[Any]) -> dict[str, list[StoredEventBody]]:
+    """The rows of the replay query (a driver's row type each) by transaction, in row order."""
     found: dict[str, list[StoredEventBody]] = {}
     for txn_id, event_id, event_type, source, body_format, body, digest, order_id in rows:
         found.setdefault(txn_id, []).append(

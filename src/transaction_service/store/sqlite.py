@@ -29,7 +29,7 @@ import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -83,6 +83,11 @@ def sqlite_path(url: str) -> Path:
             raise ValueError(f"not a SQLite URL: {url} (use sqlite:///path/to/file.db)")
         return Path(rest[1:])
     return Path(url)
+
+
+async def _rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """All rows of a statement (a list, though aiosqlite declares an Iterable)."""
+    return cast(list[Any], await conn.execute_fetchall(sql, params))
 
 
 class _FileGone(Exception):
@@ -278,7 +283,7 @@ class SqliteStore:
                 f"{self.path} failed its integrity check ({len(problems)} problem(s), first: "
                 f"{problems[0][:100]}); restore it from a backup"
             )
-        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        version = (await _rows(conn, "PRAGMA user_version"))[0][0]
         known = migrations("sqlite")[-1][0]
         if version > known:
             raise StoreOpenError(
@@ -286,7 +291,7 @@ class SqliteStore:
                 f"({known}); run a newer transaction-service"
             )
         if version == 0:
-            tables = (await conn.execute_fetchall("SELECT count(*) FROM sqlite_master"))[0][0]
+            tables = (await _rows(conn, "SELECT count(*) FROM sqlite_master"))[0][0]
             if tables:
                 raise StoreOpenError(
                     f"{self.path} is a SQLite database of something else (it has tables but no "
@@ -294,7 +299,7 @@ class SqliteStore:
                 )
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        current = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        current = (await _rows(conn, "PRAGMA user_version"))[0][0]
         for version, name, script in migrations("sqlite"):
             if version <= current:
                 continue
@@ -387,7 +392,7 @@ class SqliteStore:
                 decoded[txn_id] = stored_transaction(knowledge, view, revision)
         state.transactions = decoded
         if keys.replay:
-            rows = await conn.execute_fetchall(_REPLAY, (json.dumps(list(keys.replay)),))
+            rows = await _rows(conn, _REPLAY, (json.dumps(list(keys.replay)),))
             state.replay_events = replay_events_from_rows(rows)
         if keys.results_of:
             wanted_json = json.dumps(sorted(keys.results_of))
@@ -400,7 +405,7 @@ class SqliteStore:
     async def _apply(self, conn: aiosqlite.Connection, batch: BatchPlan) -> AppliedBatch:
         base = 0
         if batch.changes:
-            (head,) = (await conn.execute_fetchall(_BUMP, (len(batch.changes),)))[0]
+            (head,) = (await _rows(conn, _BUMP, (len(batch.changes),)))[0]
             base = head - len(batch.changes)
         rows = plan_rows(batch, base, iso)
         for statement, key in (
@@ -453,7 +458,7 @@ class SqliteStore:
         # One statement is one snapshot: every read below asks for the data and the revisions it
         # reports in a single statement, so they always agree.
         async with self._reader() as conn:
-            return list(await conn.execute_fetchall(sql, params))
+            return list(await _rows(conn, sql, params))
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
         rows = await self._fetch_point(
@@ -488,7 +493,7 @@ class SqliteStore:
         return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return (await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0]
+        return int((await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0])
 
     async def get_many(
         self, transaction_ids: Sequence[str], order_ids: Sequence[str]
@@ -513,7 +518,7 @@ class SqliteStore:
         return [row[0] for row in rows]
 
     async def count_transactions(self) -> int:
-        return (await self._fetch("SELECT count(*) FROM transactions", ()))[0][0]
+        return int((await self._fetch("SELECT count(*) FROM transactions", ()))[0][0])
 
     async def replay_events(
         self, transaction_ids: Sequence[str]
@@ -575,7 +580,7 @@ class SqliteStore:
                     raise
             if deleted < _TRIM_CHUNK:
                 break
-        return (await self._fetch(f"SELECT {_COMPACTED}", ()))[0][0]
+        return int((await self._fetch(f"SELECT {_COMPACTED}", ()))[0][0])
 
     async def erase_bodies(self, received_before: datetime) -> int:
         """Erase the bodies of events received before the time; id, digest, outcome and revision
