@@ -34,6 +34,8 @@ def revision_of(response: pb.WatchTransactionResponse | pb.WatchTransactionsResp
         return response.changes.changes[-1].revision
     if event == "progress":
         return response.progress.revision
+    # `current`: only a single transaction's watch sends it.
+    assert isinstance(response, pb.WatchTransactionResponse)
     return response.current.progress_revision
 
 
@@ -49,15 +51,19 @@ def _open(
         )
         if start is not None:
             request.start_revision = start
-        return stub.WatchTransaction(request, metadata=metadata)
+        one: Iterator[pb.WatchTransactionResponse] = stub.WatchTransaction(
+            request, metadata=metadata
+        )
+        return one
     feed = pb.WatchTransactionsRequest(
-        kinds=[pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind],
+        kinds=[f"CHANGE_KIND_{k.upper()}" for k in args.kind],
         team_id=args.team_id or "",
         batch_changes=True,
     )
     if start is not None:
         feed.start_revision = start
-    return stub.WatchTransactions(feed, metadata=metadata)
+    every: Iterator[pb.WatchTransactionsResponse] = stub.WatchTransactions(feed, metadata=metadata)
+    return every
 
 
 def _lines(
@@ -103,7 +109,7 @@ def _watch_forever(args: argparse.Namespace, channel: grpc.Channel) -> int:
                 for line in _lines(response):
                     print(json.dumps(line), flush=True)
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details()
             print(f"transaction-service watch: {code.name}: {details}", file=sys.stderr)
             if args.no_reconnect or code not in _RETRYABLE:
                 return 1

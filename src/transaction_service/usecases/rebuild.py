@@ -59,7 +59,7 @@ async def rebuild(
     limits: StateLimits = DEFAULT_LIMITS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     now: datetime | None = None,
-    on_progress: Callable[[int], None] = lambda _: None,
+    on_progress: Callable[[int], object] = lambda _: None,
 ) -> RebuildReport:
     """Rebuild every transaction of an open store, a batch at a time through the commit path
     (which publishes the changes to whoever listens); `on_progress(n)` after each batch of n."""
