@@ -23,10 +23,7 @@ $(DEV_INSTALLED): pyproject.toml | $(BIN)/python
 run: $(INSTALLED)
 	$(BIN)/transaction-service serve
 
-test: $(DEV_INSTALLED)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/buf lint
+test: lint
 	$(BIN)/python -m pytest
 
 # Re-make the committed stubs in generated/ from proto/.
@@ -37,6 +34,7 @@ lint: $(DEV_INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
+	$(BIN)/mypy
 
 format: $(DEV_INSTALLED)
 	$(BIN)/ruff check --fix .
