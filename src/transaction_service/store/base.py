@@ -390,8 +390,8 @@ class AppliedBatch:
 # Each consumer asks for the roles it uses (the commit path a BatchWriter, the watch hub the
 # change log and reads, the results fetcher Results and Jobs, ...); one store class implements
 # them all (`Store`), and tests/test_store_contract.py runs every method of every role against the
-# in-memory, SQLite and PostgreSQL stores alike. A store raises StoreUnavailable when it cannot
-# answer (and when it is closed).
+# in-memory, SQLite and PostgreSQL stores alike. Every method of a closed store raises
+# StoreUnavailable, as does a batch the database cannot commit.
 
 
 class StoreLifecycle(Protocol):
