@@ -33,9 +33,9 @@ ERRORS = service_errors()
 KINDS = {c for c in ERRORS if c.__module__ == errors.__name__}
 
 
-def test_the_package_raises_errors_of_errors_py_and_of_subclasses_elsewhere() -> None:
-    assert len(KINDS) == 9
-    assert {c.__module__ for c in ERRORS} > {errors.__name__}
+def test_the_search_finds_errors_py_and_subclasses_elsewhere() -> None:
+    assert {"InvalidArgument", "Unavailable"} <= {c.__name__ for c in KINDS}
+    assert {"StoreUnavailable", "EventIdConflict"} <= {c.__name__ for c in ERRORS}
 
 
 def test_each_transport_table_names_every_error_class_of_errors_py_once() -> None:
@@ -60,5 +60,4 @@ def test_no_table_row_is_shadowed_by_an_earlier_one() -> None:
 
 def test_reasons_are_their_own_names_in_capitals() -> None:
     """The names clients match on: a value never differs from its name."""
-    assert len(Reason) == 17
     assert all(reason.value == reason.name and reason.name.isupper() for reason in Reason)
