@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,7 +25,7 @@ _STATUS_TO_PB = {
     TransactionStatus.COMPLETED: pb.TRANSACTION_STATUS_COMPLETED,
     TransactionStatus.CANCELLED: pb.TRANSACTION_STATUS_CANCELLED,
 }
-_STATUS_FROM_PB: dict[int, TransactionStatus] = {v: k for k, v in _STATUS_TO_PB.items()}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _ORIGIN_TO_PB = {
     OrderOrigin.UNSPECIFIED: pb.ORDER_ORIGIN_UNSPECIFIED,
     OrderOrigin.INITIAL: pb.ORDER_ORIGIN_INITIAL,
@@ -33,12 +33,8 @@ _ORIGIN_TO_PB = {
     OrderOrigin.RECREATION: pb.ORDER_ORIGIN_RECREATION,
 }
 
-# The stubs type a looked-up enum value as a plain int.
-_KIND_TO_PB = {
-    kind: cast(pb.ChangeKind, pb.ChangeKind.Value(f"CHANGE_KIND_{kind.name}"))
-    for kind in ChangeKind
-}
-_KIND_FROM_PB: dict[int, ChangeKind] = {v: k for k, v in _KIND_TO_PB.items()}
+_KIND_TO_PB = {kind: pb.ChangeKind.Value(f"CHANGE_KIND_{kind.name}") for kind in ChangeKind}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -97,7 +93,7 @@ def _plain(
     return getattr(value, kind)
 
 
-def status_from_pb(value: int) -> TransactionStatus | None:
+def status_from_pb(value: pb.TransactionStatus.ValueType) -> TransactionStatus | None:
     """None for UNSPECIFIED (any); KeyError for a number the enum does not define."""
     if value == pb.TRANSACTION_STATUS_UNSPECIFIED:
         return None
@@ -150,7 +146,7 @@ def snapshot_to_pb(snapshot: TransactionSnapshot | None) -> pb.Transaction | Non
     return transaction_to_pb(snapshot.view, snapshot.revision) if snapshot else None
 
 
-def kind_from_pb(value: int) -> ChangeKind:
+def kind_from_pb(value: pb.ChangeKind.ValueType) -> ChangeKind:
     """KeyError for UNSPECIFIED or a number the enum does not define."""
     return _KIND_FROM_PB[value]
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import DecodeError, Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+# googleapis-common-protos ships no type information (and typeshed has none for it).
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
 from transaction_service.domain.limits import MAX_BODY_DEPTH

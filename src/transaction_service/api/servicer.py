@@ -79,7 +79,8 @@ MAX_BATCH_LOOKUPS = 500
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
     """The API. A method answers with the response message, or with its bytes already encoded
     (`bytes`: built from cached parts, api/wire.py), which `passthrough_serializer` sends as
-    they are."""
+    they are. The generated base declares messages only: the methods that answer with bytes
+    override it on purpose (`type: ignore[override]`)."""
 
     def __init__(self, app: App) -> None:
         self._app = app
@@ -95,7 +96,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._batch_bytes = app.settings.max_message_bytes // 2
 
     @grpc_errors
-    async def IngestEvent(self, request: pb.IngestEventRequest, context: Context) -> bytes:
+    async def IngestEvent(self, request: pb.IngestEventRequest, context: Context) -> bytes:  # type: ignore[override]
         result = await self._app.ingestor.ingest(self._decode(request))
         return self._ingest_response(result)
 
@@ -121,7 +122,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
 
     @grpc_errors
-    async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> bytes:
+    async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> bytes:  # type: ignore[override]
         lookup = request.WhichOneof("lookup")
         violations = _lookup_violations(request)
         if violations:
@@ -138,7 +139,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)
 
     @grpc_errors
-    async def ListTransactions(
+    async def ListTransactions(  # type: ignore[override]
         self, request: pb.ListTransactionsRequest, context: Context
     ) -> bytes:
         violations = []
@@ -182,7 +183,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
 
     @grpc_errors
-    async def WatchTransaction(
+    async def WatchTransaction(  # type: ignore[override]
         self, request: pb.WatchTransactionRequest, context: Context
     ) -> AsyncIterator[pb.WatchTransactionResponse | bytes]:
         lookup = request.WhichOneof("lookup")
@@ -212,7 +213,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     yield message
 
     @grpc_errors
-    async def WatchTransactions(
+    async def WatchTransactions(  # type: ignore[override]
         self, request: pb.WatchTransactionsRequest, context: Context
     ) -> AsyncIterator[pb.WatchTransactionsResponse | bytes]:
         violations = _start_revision_violations(request)
@@ -303,7 +304,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         return snapshot
 
     @grpc_errors
-    async def IngestEvents(
+    async def IngestEvents(  # type: ignore[override]
         self,
         requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
         context: Context,
@@ -377,8 +378,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                         f"lookups[{i}]" + (f".{field}" if field else ""), violation.description
                     )
                 )
-            kind = lookup.WhichOneof("lookup")
-            keys.append((kind or "", getattr(lookup, kind) if kind else ""))
+            which = lookup.WhichOneof("lookup")
+            keys.append((which or "", getattr(lookup, which) if which else ""))
         if violations:
             raise InvalidArgument(violations)
         by_id, by_order, head = await self._reads.get_many(
