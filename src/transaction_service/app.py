@@ -86,6 +86,8 @@ class App:
             limits=self.limits,
             metrics=self.metrics,
             want_results=self.junction is not None,
+            queue_limit=settings.ingest_queue_limit,
+            queue_bytes=settings.ingest_queue_bytes,
         )
         self.results = (
             ResultsFetcher(

@@ -56,24 +56,36 @@ class Reason(enum.StrEnum):
     # OUT_OF_RANGE: a watch's start revision.
     REVISION_COMPACTED = "REVISION_COMPACTED"
     REVISION_IN_FUTURE = "REVISION_IN_FUTURE"
+    # RESOURCE_EXHAUSTED (Overloaded): the ingest queue's share is full; retry after a while.
+    INGEST_QUEUE_FULL = "INGEST_QUEUE_FULL"
+    # DEADLINE_EXCEEDED (DeadlinePassed): dropped before the commit; send it again.
+    DEADLINE_PASSED = "DEADLINE_PASSED"
     # UNAVAILABLE: retry.
     SHUTTING_DOWN = "SHUTTING_DOWN"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    TRANSACTION_LOCKED = "TRANSACTION_LOCKED"
     JUNCTION_UNAVAILABLE = "JUNCTION_UNAVAILABLE"
 
 
 class ServiceError(Exception):
     """Base of every error a caller is meant to see. `reason` and `metadata`, when set, tell the
     client what it can do about it: transports send them as a google.rpc.ErrorInfo, or in the
-    JSON error body."""
+    JSON error body. `retry_after` (seconds), when set, is when a retry may succeed: a
+    google.rpc.RetryInfo over gRPC, the `Retry-After` header over HTTP."""
 
     def __init__(
-        self, message: str, reason: Reason | None = None, metadata: dict[str, str] | None = None
+        self,
+        message: str,
+        reason: Reason | None = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.metadata = metadata or {}
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ServiceError):
@@ -121,3 +133,13 @@ class OutOfRange(ServiceError):
 
 class Unavailable(ServiceError):
     """A transient condition (shutting down, the store cannot write): retry, here or elsewhere."""
+
+
+class Overloaded(ServiceError):
+    """Too much is waiting already (the ingest queue's share of this kind of caller is full):
+    nothing was stored; retry after `retry_after` seconds. gRPC RESOURCE_EXHAUSTED, HTTP 503."""
+
+
+class DeadlinePassed(ServiceError):
+    """The caller's deadline passed before the commit: the delivery was dropped unstored, so it
+    does not delay the deliveries after it. gRPC DEADLINE_EXCEEDED, HTTP 503."""

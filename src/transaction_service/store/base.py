@@ -44,6 +44,30 @@ class StoreUnavailable(Unavailable):
         super().__init__(message, reason=Reason.STORE_UNAVAILABLE)
 
 
+class StoreDataRefused(Exception):
+    """The store refused the data of a batch, not for a fault of its own (PostgreSQL: a data
+    exception or a program limit; SQLite: a value it cannot bind). One delivery's data is to
+    blame; nothing was written. `what` is a short cause for the log (an SQLSTATE, no data)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class KeysBusy(Exception):
+    """Rows of some of the batch's orders or transactions are locked by another database
+    session (not by a writer of this service: those take the keys' advisory locks first).
+    Nothing was written; the batch can commit without the deliveries that touch them."""
+
+    def __init__(self, order_ids: frozenset[str], transaction_ids: frozenset[str]) -> None:
+        super().__init__(f"{len(order_ids)} orders, {len(transaction_ids)} transactions locked")
+        self.order_ids = order_ids
+        self.transaction_ids = transaction_ids
+
+    def touches(self, keys: BatchKeys) -> bool:
+        return bool(keys.order_ids & self.order_ids or keys.transaction_ids & self.transaction_ids)
+
+
 class StoreOpenError(Exception):
     """The store cannot be opened; the message is one line naming the database and the problem."""
 
@@ -395,33 +419,36 @@ class AppliedBatch:
 
 
 class StoreLifecycle(Protocol):
-    """Opening, closing, and whether writes succeed. Open before use; always close."""
+    """Opening and closing. Open before use; always close."""
 
     # A short description for logs: the path or the URL without a password.
     description: str
-    # Whether writes succeed; listeners hear of every flip (health checks, readiness).
-    health: WriteHealth
 
     async def open(self) -> None:
         """Raises StoreOpenError, with one line naming the database and the problem."""
-
-    async def probe(self) -> None:
-        """Try a tiny write; updates `health`. Used to notice recovery when no traffic comes."""
 
     async def close(self) -> None: ...
 
 
 class BatchWriter(Protocol):
-    """The one way to write what callers see. Only the commit path (`usecases/commit.py`) calls
-    it: it publishes what was committed."""
+    """The one way to write what callers see, and whether writes succeed. Only the commit path
+    (`usecases/commit.py`) calls `write`: it publishes what was committed."""
+
+    # Whether writes succeed; listeners hear of every flip (health checks, readiness).
+    health: WriteHealth
+
+    async def probe(self) -> None:
+        """Try a tiny write; updates `health`. Used to notice recovery when no traffic comes."""
 
     async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         """Lock `keys`, load their state, call `plan` on it (pure, maybe more than once: it is
         repeated if the store had to retry), apply the plan and commit; the committed batch and
         the answer of the plan applied.
 
-        Raises StoreUnavailable if the batch could not be committed; then nothing was written.
-        An exception the planner raises passes through; then nothing was written either.
+        Raises StoreUnavailable if the batch could not be committed, StoreDataRefused if the
+        store refused its data, KeysBusy if rows it must write are locked by another session;
+        in each case nothing was written. An exception the planner raises passes through; then
+        nothing was written either.
         """
 
 

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-from transaction_service.store.base import Housekeeping, StoreLifecycle
+from transaction_service.store.base import BatchWriter, Housekeeping
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ async def housekeeping_forever(
         await asyncio.sleep(interval)
 
 
-async def probe_store_forever(
-    store: StoreLifecycle, *, interval: float = STORE_PROBE_SECONDS
-) -> None:
+async def probe_store_forever(store: BatchWriter, *, interval: float = STORE_PROBE_SECONDS) -> None:
     """A store that cannot write reports NOT_SERVING, so balancers send no more traffic, and
     without traffic nothing would notice the fault is fixed: try a tiny write now and then."""
     while True:
