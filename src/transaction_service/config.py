@@ -45,7 +45,7 @@ def _flag(name: str, **extra: Any) -> dict[str, Any]:
 
 
 # `json_schema_extra` marking a setting whose values are secrets: errors never show them.
-_SECRET = {"secret": True}
+_SECRET: dict[str, Any] = {"secret": True}
 PathText = Annotated[str, BeforeValidator(_path_text)]
 # RFC 6750's b64token: what can follow "Bearer " in an authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")

@@ -8,6 +8,7 @@ call the methods below; `GET /metrics` serves `exposition()`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +21,7 @@ from prometheus_client import (
 )
 
 # No `*_created` series next to every counter: they double the output and no query here uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
 
 PREFIX = "transaction_service"
 SOURCES = ("grpc", "webhook", "api")
@@ -185,7 +186,7 @@ class Metrics:
     def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
         """Read the queue's depth per lane from `depth` at every scrape."""
         for lane in LANES:
-            self.ingest_queue_depth.labels(lane).set_function(lambda lane=lane: depth(lane))
+            self.ingest_queue_depth.labels(lane).set_function(partial(depth, lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)

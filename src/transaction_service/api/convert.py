@@ -93,7 +93,7 @@ def _plain(
     return getattr(value, kind)
 
 
-def status_from_pb(value: int) -> TransactionStatus | None:
+def status_from_pb(value: pb.TransactionStatus.ValueType) -> TransactionStatus | None:
     """None for UNSPECIFIED (any); KeyError for a number the enum does not define."""
     if value == pb.TRANSACTION_STATUS_UNSPECIFIED:
         return None
@@ -146,7 +146,7 @@ def snapshot_to_pb(snapshot: TransactionSnapshot | None) -> pb.Transaction | Non
     return transaction_to_pb(snapshot.view, snapshot.revision) if snapshot else None
 
 
-def kind_from_pb(value: int) -> ChangeKind:
+def kind_from_pb(value: pb.ChangeKind.ValueType) -> ChangeKind:
     """KeyError for UNSPECIFIED or a number the enum does not define."""
     return _KIND_FROM_PB[value]
 

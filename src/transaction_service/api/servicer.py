@@ -23,8 +23,10 @@ from transaction_service.api.convert import (
     snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
+    transaction_to_pb,
 )
 from transaction_service.api.errors import (
+    Context,
     UndecodableRequest,
     grpc_errors,
     ingest_error,
@@ -44,12 +46,19 @@ from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     TooLarge,
     Unavailable,
     echo,
 )
-from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeRecord,
+    ListFilter,
+    Results,
+    TransactionReads,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.admission import Flow, Lane
 from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
 from transaction_service.usecases.results import results_pdf, stored_results
@@ -70,9 +79,16 @@ MAX_BATCH_LOOKUPS = 500
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
+    """The API. A method answers with the response message, or with its bytes already encoded
+    (`bytes`: built from cached parts, api/wire.py), which `passthrough_serializer` sends as
+    they are. The generated base declares messages only: the methods that answer with bytes
+    override it on purpose (`type: ignore[override]`)."""
+
     def __init__(self, app: App) -> None:
         self._app = app
-        self._store = app.store
+        # The roles it reads (see store/base.py); it never writes but through the use cases.
+        self._reads: TransactionReads = app.store
+        self._results: Results = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
@@ -84,16 +100,16 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._streams = itertools.count(1)
 
     @grpc_errors
-    async def IngestEvent(
-        self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestEventResponse:
+    async def IngestEvent(  # type: ignore[override]
+        self, request: pb.IngestEventRequest, context: Context
+    ) -> bytes:
         # Each client connection is a flow of the unary lane; its deadline bounds the wait.
         result = await self._app.ingestor.ingest(
             self._decode(request),
             flow=Flow(Lane.UNARY, context.peer()),
             time_remaining=context.time_remaining(),
         )
-        return self._ingest_response(result)  # type: ignore[return-value]
+        return self._ingest_response(result)
 
     def _ingest_response(self, result: IngestResult) -> bytes:
         """IngestEventResponse, built from the transaction's cached bytes (api/wire.py)."""
@@ -117,9 +133,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
 
     @grpc_errors
-    async def GetTransaction(
-        self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetTransactionResponse:
+    async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> bytes:  # type: ignore[override]
         lookup = request.WhichOneof("lookup")
         violations = _lookup_violations(request)
         if violations:
@@ -127,18 +141,18 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         assert lookup is not None
         key = getattr(request, lookup)
         if lookup == "transaction_id":
-            snapshot, head = await self._store.get(key)
+            snapshot, head = await self._reads.get(key)
         else:
-            snapshot, head = await self._store.get_by_order(key)
+            snapshot, head = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py).
-        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)  # type: ignore[return-value]
+        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)
 
     @grpc_errors
-    async def ListTransactions(
-        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListTransactionsResponse:
+    async def ListTransactions(  # type: ignore[override]
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> bytes:
         violations = []
         try:
             status = status_from_pb(request.status)
@@ -169,20 +183,20 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise InvalidArgument(violations)
         limit = request.page_size or DEFAULT_PAGE_SIZE
         # One extra row tells whether another page follows.
-        snapshots, head = await self._store.list(where, after, limit + 1)
+        snapshots, head = await self._reads.list_transactions(where, after, limit + 1)
         page = snapshots[:limit]
         next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
-        return (  # type: ignore[return-value]
+        return (
             b"".join(field(1, self._transactions.encode(s)) for s in page)
             + string_field(2, next_token)
             + varint_field(3, head)
         )
 
     @grpc_errors
-    async def WatchTransaction(
-        self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionResponse]:
+    async def WatchTransaction(  # type: ignore[override]
+        self, request: pb.WatchTransactionRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionResponse | bytes]:
         lookup = request.WhichOneof("lookup")
         violations = _start_revision_violations(request) + _lookup_violations(request)
         if violations:
@@ -191,7 +205,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         key = getattr(request, lookup)
         where = WatchFilter(**{lookup: key})
         read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
-            self._store.get if lookup == "transaction_id" else self._store.get_by_order
+            self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
         )
         async for event in self._watch(where, request, partial(read, key)):
             if isinstance(event, Current):
@@ -210,9 +224,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     yield message
 
     @grpc_errors
-    async def WatchTransactions(
-        self, request: pb.WatchTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionsResponse]:
+    async def WatchTransactions(  # type: ignore[override]
+        self, request: pb.WatchTransactionsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionsResponse | bytes]:
         violations = _start_revision_violations(request)
         kinds = set()
         for i, value in enumerate(request.kinds):
@@ -234,7 +248,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def ReconcileTransaction(
-        self, request: pb.ReconcileTransactionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReconcileTransactionRequest, context: Context
     ) -> pb.ReconcileTransactionResponse:
         key, lookup = _lookup(request)
         reconciled = await self._app.reconciler.reconcile(**{lookup: key}, trigger="rpc")
@@ -242,7 +256,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def BackfillTransactions(
-        self, request: pb.BackfillTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BackfillTransactionsRequest, context: Context
     ) -> AsyncIterator[pb.BackfillTransactionsResponse]:
         violations = []
         since = until = None
@@ -270,20 +284,20 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 raise Unavailable(
                     "the server is shutting down; run the back-fill again (what it took in is "
                     "kept, and taking it in again changes nothing)",
-                    reason="SHUTTING_DOWN",
+                    reason=Reason.SHUTTING_DOWN,
                 )
             yield backfill_progress_to_pb(progress)
 
     @grpc_errors
     async def GetTransactionResults(
-        self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsRequest, context: Context
     ) -> pb.GetTransactionResultsResponse:
         snapshot = await self._find(request)
-        return results_to_pb(await stored_results(self._store, snapshot.view))
+        return results_to_pb(await stored_results(self._results, snapshot.view))
 
     @grpc_errors
     async def GetTransactionResultsPdf(
-        self, request: pb.GetTransactionResultsPdfRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsPdfRequest, context: Context
     ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
         snapshot = await self._find(request)
         async for chunk in results_pdf(self._app.junction, snapshot.view):
@@ -293,19 +307,19 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
         key, lookup = _lookup(request)
         if lookup == "transaction_id":
-            snapshot, _ = await self._store.get(key)
+            snapshot, _ = await self._reads.get(key)
         else:
-            snapshot, _ = await self._store.get_by_order(key)
+            snapshot, _ = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         return snapshot
 
     @grpc_errors
-    async def IngestEvents(
+    async def IngestEvents(  # type: ignore[override]
         self,
         requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.IngestEventResponse]:
+        context: Context,
+    ) -> AsyncIterator[pb.IngestEventResponse | bytes]:
         settings = self._app.settings
         # Each stream is a flow of the stream lane: it waits for room in its share of the
         # ingest queue (its window then stops reading) instead of being refused.
@@ -328,7 +342,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise Unavailable(
                 f"the server is shutting down; the first {answered} requests of this stream "
                 "were answered: send the others again, on another replica or later",
-                reason="SHUTTING_DOWN",
+                reason=Reason.SHUTTING_DOWN,
                 metadata={"answered": str(answered)},
             )
 
@@ -337,8 +351,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         request: pb.IngestEventRequest | UndecodableRequest,
         *,
         flow: Flow,
-        context: grpc.aio.ServicerContext,
-    ) -> pb.IngestEventResponse:
+        context: Context,
+    ) -> pb.IngestEventResponse | bytes:
         """One request of an IngestEvents stream: its response, or its error in the response."""
         if isinstance(request, UndecodableRequest):
             return pb.IngestEventResponse(error=ingest_error(request.error))
@@ -361,11 +375,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     message="internal error; it was logged on the server. Retry later.",
                 ),
             )
-        return self._ingest_response(result)  # type: ignore[return-value]
+        return self._ingest_response(result)
 
     @grpc_errors
     async def BatchGetTransactions(
-        self, request: pb.BatchGetTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BatchGetTransactionsRequest, context: Context
     ) -> pb.BatchGetTransactionsResponse:
         lookups = request.lookups
         violations = []
@@ -384,11 +398,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                         f"lookups[{i}]" + (f".{field}" if field else ""), violation.description
                     )
                 )
-            kind = lookup.WhichOneof("lookup")
-            keys.append((kind or "", getattr(lookup, kind) if kind else ""))
+            which = lookup.WhichOneof("lookup")
+            keys.append((which or "", getattr(lookup, which) if which else ""))
         if violations:
             raise InvalidArgument(violations)
-        by_id, by_order, head = await self._store.get_many(
+        by_id, by_order, head = await self._reads.get_many(
             [key for kind, key in keys if kind == "transaction_id"],
             [key for kind, key in keys if kind == "order_id"],
         )
@@ -402,7 +416,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 continue
             message = converted.get(id(found))
             if message is None:
-                message = converted[id(found)] = snapshot_to_pb(found)
+                message = converted[id(found)] = transaction_to_pb(found.view, found.revision)
             results.append(pb.BatchGetTransactionsResult(found=True, transaction=message))
         response = pb.BatchGetTransactionsResponse(results=results, revision=head)
         size = response.ByteSize()
@@ -516,7 +530,7 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_deserializer(request_type),
-            # Watch streams send pre-built bytes (api/wire.py); everything else is a message.
+            # Some answers are pre-built bytes (api/wire.py); the others are messages.
             response_serializer=passthrough_serializer,
         )
     server.add_generic_rpc_handlers(

@@ -242,6 +242,7 @@ async def feed(
         writer = asyncio.create_task(write())
         try:
             while (response := await call.read()) != grpc.aio.EOF:
+                assert isinstance(response, pb.IngestEventResponse)  # not EOF
                 on_answer(sent.popleft(), response)
                 room.release()
                 failures = 0

@@ -56,7 +56,7 @@ DEFAULT_RETRY_AFTER = 5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called with the request and the error it was refused with (for counting and logging).
 RefusalListener = Callable[[web.Request, ServiceError], None]
-REFUSAL_LISTENER = web.AppKey("refusal_listener", RefusalListener)
+REFUSAL_LISTENER: web.AppKey[RefusalListener] = web.AppKey("refusal_listener")
 
 
 def status_for(exc: ServiceError) -> tuple[int, str]:

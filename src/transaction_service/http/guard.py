@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from transaction_service.config import Settings
-from transaction_service.errors import RequestTimeout, Unavailable
+from transaction_service.errors import Reason, RequestTimeout, Unavailable
 from transaction_service.http.errors import Handler
 from transaction_service.metrics import SHED, Metrics
 
@@ -166,7 +166,7 @@ class BodySlots:
             self._shedding.shed("body")
             raise Unavailable(
                 "too many webhook bodies are arriving at once; retry in a moment",
-                reason="BUSY",
+                reason=Reason.BUSY,
             )
         self._free -= 1
         try:
@@ -177,7 +177,7 @@ class BodySlots:
     def timed_out(self) -> RequestTimeout:
         self._metrics.http_closed_one("body_timeout")
         return RequestTimeout(
-            f"the body did not arrive within {self._timeout:g} s", reason="BODY_TIMEOUT"
+            f"the body did not arrive within {self._timeout:g} s", reason=Reason.BODY_TIMEOUT
         )
 
 

@@ -23,7 +23,13 @@ from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.config import Settings
 from transaction_service.domain.payload import PayloadError
-from transaction_service.errors import FieldViolation, InvalidArgument, ServiceError, TooLarge
+from transaction_service.errors import (
+    FieldViolation,
+    InvalidArgument,
+    Reason,
+    ServiceError,
+    TooLarge,
+)
 from transaction_service.errors import Unavailable as ServiceUnavailable
 from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
 from transaction_service.http.guard import (
@@ -79,7 +85,7 @@ class WebhookReceiver:
             # an operator adds the secret.
             raise ServiceUnavailable(
                 "the webhook endpoint is off: no webhook secret is configured on this server",
-                reason="WEBHOOKS_DISABLED",
+                reason=Reason.WEBHOOKS_DISABLED,
             )
         if request.content_length is not None and request.content_length > self._limit:
             raise _too_large(self._limit)

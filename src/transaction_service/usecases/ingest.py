@@ -26,7 +26,6 @@ from typing import Any
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     NUL_ESCAPE,
-    FieldViolation,
     OrderEvent,
     PayloadError,
     body_digest,
@@ -39,8 +38,10 @@ from transaction_service.domain.payload import (
 from transaction_service.errors import (
     AlreadyExists,
     DeadlinePassed,
+    FieldViolation,
     InvalidArgument,
     Overloaded,
+    Reason,
     ServiceError,
     Unavailable,
     echo,
@@ -103,7 +104,7 @@ class IngestorStopped(Unavailable):
     def __init__(self) -> None:
         super().__init__(
             "the service is shutting down; nothing was stored: retry on another replica or later",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
         )
 
 
@@ -354,7 +355,7 @@ class Ingestor:
             f"too many deliveries are waiting for a commit (the {flow.lane.value} share of the "
             f"ingest queue, or this caller's part of it, is full); nothing was stored: retry in "
             f"{RETRY_AFTER_SECONDS:g} s",
-            reason="INGEST_QUEUE_FULL",
+            reason=Reason.INGEST_QUEUE_FULL,
             metadata={"lane": flow.lane.value},
             retry_after=RETRY_AFTER_SECONDS,
         )
@@ -512,7 +513,7 @@ def _refusal(exc: Exception, delivery: Delivery) -> ServiceError:
         return Unavailable(
             "the transaction is locked by another database session; nothing was stored: "
             f"retry in {RETRY_AFTER_SECONDS:g} s",
-            reason="TRANSACTION_LOCKED",
+            reason=Reason.TRANSACTION_LOCKED,
             retry_after=RETRY_AFTER_SECONDS,
         )
     if isinstance(exc, StoreDataRefused):
@@ -536,7 +537,7 @@ def _deadline_passed() -> DeadlinePassed:
     return DeadlinePassed(
         "the caller's deadline passed before the delivery could be committed; it was dropped "
         "and nothing was stored: send it again",
-        reason="DEADLINE_PASSED",
+        reason=Reason.DEADLINE_PASSED,
         retry_after=RETRY_AFTER_SECONDS,
     )
 

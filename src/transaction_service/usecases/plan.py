@@ -232,9 +232,9 @@ class _Batch:
             # The current state of the transaction the event's order belongs to now (it may
             # have moved there from a legacy stand-in since).
             current = self.current_of_order(order_id)
-            stored = self.stored_events.get(delivery.event_id)
-            if current is None and stored is not None:
-                return Planned(Outcome.DUPLICATE, delivery.event_id, None, stored.current)
+            recorded = self.stored_events.get(delivery.event_id)
+            if current is None and recorded is not None:
+                return Planned(Outcome.DUPLICATE, delivery.event_id, None, recorded.current)
             return Planned(Outcome.DUPLICATE, delivery.event_id, current)
 
         if not isinstance(event, OrderEvent):

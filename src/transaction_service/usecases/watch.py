@@ -30,11 +30,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transaction_service.domain.state import ChangeKind
-from transaction_service.errors import OutOfRange, Unavailable
+from transaction_service.errors import OutOfRange, Reason, Unavailable
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeLog,
+    ChangeRecord,
+    TransactionReads,
+    TransactionSnapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,7 @@ class Compacted(OutOfRange):
             f"changes up to revision {compacted_revision} have been compacted; this watch needs "
             f"those after revision {last_sent_revision}. Re-read the state and watch from its "
             "revision.",
-            reason="REVISION_COMPACTED",
+            reason=Reason.REVISION_COMPACTED,
             metadata={
                 "compacted_revision": str(compacted_revision),
                 "last_sent_revision": str(last_sent_revision),
@@ -141,7 +147,7 @@ class RevisionInFuture(OutOfRange):
         super().__init__(
             f"start_revision {start_revision} is ahead of the newest revision, {head_revision}: "
             "a revision comes from a message of this service; resume from one you received",
-            reason="REVISION_IN_FUTURE",
+            reason=Reason.REVISION_IN_FUTURE,
             metadata={"head_revision": str(head_revision)},
         )
 
@@ -152,7 +158,7 @@ class WatchClosed(Unavailable):
     def __init__(self, last_sent_revision: int) -> None:
         super().__init__(
             f"the server is shutting down; resume with start_revision={last_sent_revision}",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
             metadata={"last_sent_revision": str(last_sent_revision)},
         )
         self.last_sent_revision = last_sent_revision
@@ -209,12 +215,16 @@ class Subscription:
         self.progress_due = False
 
 
+class WatchStore(ChangeLog, TransactionReads, Protocol):
+    """What the hub reads: the change log, and the current state of a transaction."""
+
+
 class ChangeHub:
     """Fans committed changes out to watchers; replays the change log for them."""
 
     def __init__(
         self,
-        store: Store,
+        store: WatchStore,
         *,
         queue_size: int = 1024,
         page_size: int = 500,
@@ -538,7 +548,7 @@ class ChangeFeed:
 
     def __init__(
         self,
-        store: Store,
+        store: ChangeLog,
         hub: ChangeHub,
         *,
         poll_seconds: float = 1.0,
