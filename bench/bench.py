@@ -996,7 +996,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ),
         ("row 7", lambda: store_size_rows(size, folder, results)),
     ]
-    if not args.no_postgres:
+    if args.only == "ingest":
+        stages = stages[:1]
+    elif not args.no_postgres:
         reason = await pg_unavailable(args.postgres)
         if reason is None:
             stages.append(("PostgreSQL rows", lambda: postgres_rows(size, args.postgres, results)))
@@ -1031,6 +1033,12 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--postgres", default=DEFAULT_PG, help="server for the PostgreSQL rows")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=["ingest"],
+        help="ingest: rows 1-4 only (the echo and sqlite3 ceilings with IngestEvent, "
+        "GetTransaction and IngestEvents), for A/B runs of the write path",
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
