@@ -329,6 +329,29 @@ class Ingestor:
         event_log.info("ingested", extra={"fields": fields})
         return result
 
+    async def ingest_many(
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        flow: Flow,
+        time_remaining: float | None = None,
+        wait: bool = False,
+    ) -> list[IngestResult | Exception]:
+        """`ingest` for each delivery, all queued at once (so they share group commits); each
+        delivery's result or the error refusing it, in order. One refused delivery does not
+        fail the others."""
+        results = await asyncio.gather(
+            *(
+                self.ingest(d, flow=flow, time_remaining=time_remaining, wait=wait)
+                for d in deliveries
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]
+
     async def _enqueue(
         self, delivery: Delivery, flow: Flow, time_remaining: float | None, wait: bool
     ) -> IngestResult:

@@ -234,6 +234,17 @@ class TransactionServiceServicer:
         event id are harmless), on another replica or later.
         UNAUTHENTICATED / PERMISSION_DENIED  as for IngestEvent, before any request is read.
 
+        Several deliveries per request: a request may carry up to 500 deliveries in `deliveries`
+        (each an IngestEventRequest of one delivery) instead of one; its response then carries one
+        IngestEventResponse per delivery in `results`, in the same order, each exactly what the
+        delivery would have got alone (a refused delivery has its `error`; the others go on). Fewer,
+        larger messages cost the server and the network far less per delivery: a bulk loader should
+        send 50 to 500 deliveries per request. A request with deliveries counts as that many requests
+        of the window. Requests of one delivery and requests of several may be mixed in a stream.
+        A request the server cannot take whole (more than 500 deliveries, or `deliveries` together
+        with a body of its own) is answered with `error` (INVALID_ARGUMENT) and nothing of it is
+        stored.
+
         The messages are IngestEvent's on purpose, so a forwarder moves to the stream by changing the
         call alone (hence the lint exceptions below).
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
