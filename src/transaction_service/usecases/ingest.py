@@ -29,9 +29,9 @@ from transaction_service.domain.payload import (
     FieldViolation,
     OrderEvent,
     PayloadError,
-    body_digest,
     canonical_bytes,
     decode_json_body,
+    digest_of,
     normalise_body,
     nul_violations,
     parse_event,
@@ -141,8 +141,8 @@ def decode_delivery(
             body = decode_json_body(payload_json)
             if NUL_ESCAPE in payload_json and (violations := nul_violations(body)):
                 raise PayloadError(violations)
-            digest = body_digest(body)
-            event = parse_event(body, digest, limits=limits)
+            digest, canonical = digest_of(body)
+            event = parse_event(body, digest, limits=limits, canonical=canonical)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     else:
@@ -160,7 +160,7 @@ def decode_delivery(
         try:
             if NUL_ESCAPE.encode() in raw and (violations := nul_violations(body)):
                 raise PayloadError(violations)
-            event = parse_event(body, digest, limits=limits)
+            event = parse_event(body, digest, limits=limits, canonical=raw)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     return Delivery(
