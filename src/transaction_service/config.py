@@ -232,6 +232,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text lines, or one JSON object per line"
     )
+    log_events: bool = Field(
+        default=False,
+        description="one INFO line per ingested event (logger transaction_service.events: "
+        "event, order and transaction ids, outcome, revision, source, ms); off by default, "
+        "since writing it costs more than decoding the event (docs/performance.md)",
+    )
 
     # -- watch -------------------------------------------------------------------------------------
     change_retention_seconds: float = Field(

@@ -210,10 +210,10 @@ def default_flow(delivery: Delivery) -> Flow:
 class Ingestor:
     """Queues deliveries and commits them in groups; each caller is answered after its commit.
 
-    Every transport calls `ingest` (gRPC, webhooks, reconcile); each delivery is counted and
-    logged here, once, whichever way it came. Call `start()` before use and `stop()` to drain:
-    deliveries already queued are committed and answered, later ones are refused with
-    IngestorStopped.
+    Every transport calls `ingest` (gRPC, webhooks, reconcile); each delivery is counted (and,
+    with `log_events`, logged) here, once, whichever way it came. Call `start()` before use and
+    `stop()` to drain: deliveries already queued are committed and answered, later ones are
+    refused with IngestorStopped.
 
     The queue is bounded (`queue_limit` deliveries, `queue_bytes` of bodies) and shared fairly
     (see `admission.py`). A delivery that finds its share full is refused with Overloaded, or,
@@ -233,6 +233,7 @@ class Ingestor:
         want_results: bool = False,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        log_events: bool = False,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
         self._commits = commits
@@ -241,6 +242,9 @@ class Ingestor:
         self._clock = clock
         # Whether completions mark combined results to fetch (Junction's API is configured).
         self._want_results = want_results
+        # One log line per event (setting log_events): off by default, it cost more than the
+        # event's decoding (docs/performance.md); the metrics count every event either way.
+        self._log_events = log_events
         self._queue: AdmissionQueue[_Pending] = AdmissionQueue(queue_limit, queue_bytes)
         # Deliveries waiting for room in their flow's share, oldest first per flow.
         self._waiters: collections.OrderedDict[
@@ -285,8 +289,8 @@ class Ingestor:
         time_remaining: float | None = None,
         wait: bool | None = None,
     ) -> IngestResult:
-        """Ingest a decoded delivery; answered after the commit that holds it. Counted and
-        logged (one line per delivery) under the delivery's `source`.
+        """Ingest a decoded delivery; answered after the commit that holds it. Counted under
+        the delivery's `source` (and logged, one line per delivery, with `log_events`).
 
         `flow` is who it waits for (default: by source, see `default_flow`); `time_remaining`,
         the seconds its caller still waits (gRPC's time remaining, Svix's 15 s): if they pass before
@@ -316,6 +320,8 @@ class Ingestor:
             raise
         seconds = time.perf_counter() - started
         self._metrics.ingested(source, result.outcome.value, seconds)
+        if not self._log_events:
+            return result
         event = delivery.event
         fields = {
             "event_id": result.event_id,
