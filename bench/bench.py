@@ -22,7 +22,8 @@ are the totals over all rounds.
  2. IngestEvent: distinct deliveries (fresh copies of the fixtures), C in flight; durable
     (fsync per commit).                                                              [echo 1]
  3. GetTransaction: random known order ids, C in flight.                             [echo 1]
- 4. IngestEvents: one stream of distinct deliveries; against bare sqlite3 group commit of the
+ 4. IngestEvents: one stream of distinct deliveries, 100 per request (`deliveries`), as a bulk
+    loader sends them; against bare sqlite3 group commit of the
     same rows (per delivery: the event with its body, a change, the transaction upserted with
     body-sized knowledge and view, its orders indexed; a commit per 256 deliveries, WAL,
     synchronous=FULL, one thread, no gRPC, no parsing).                         [sqlite3 rows]
@@ -306,15 +307,29 @@ async def closed_loop(
     return load
 
 
-async def stream_all(stub: Any, requests: list[pb.IngestEventRequest]) -> tuple[float, list[Any]]:
-    """IngestEvents with every request; (seconds, responses)."""
+# Deliveries per IngestEvents request in the bulk rows (4, 7 and PostgreSQL), as a bulk loader
+# sends them (`transaction-service ingest` does too).
+PER_REQUEST = 100
+
+
+async def stream_all(
+    stub: Any, requests: list[pb.IngestEventRequest], per_request: int = PER_REQUEST
+) -> tuple[float, list[Any]]:
+    """IngestEvents with every delivery, `per_request` to a request; (seconds, one response
+    per delivery)."""
 
     async def produce() -> Any:
-        for item in requests:
-            yield item
+        if per_request == 1:
+            for item in requests:
+                yield item
+            return
+        for i in range(0, len(requests), per_request):
+            yield pb.IngestEventRequest(deliveries=requests[i : i + per_request])
 
     started = time.perf_counter()
-    responses = [r async for r in stub.IngestEvents(produce())]
+    responses = []
+    async for response in stub.IngestEvents(produce()):
+        responses.extend(response.results if per_request > 1 else [response])
     return time.perf_counter() - started, responses
 
 
@@ -482,23 +497,34 @@ async def unary_rows(size: Size, folder: Path, results: dict[str, Any]) -> None:
         "get_response": got.ByteSize(),
     }
 
-    # Row 4: one stream against bare sqlite3, alternating parts of the deliveries likewise.
+    # Row 4: one stream against bare sqlite3, alternating parts of the deliveries likewise; the
+    # same with one delivery per request (as before requests carried several) for comparison.
     requests = first_deliveries(size.stream_events)
+    singles = first_deliveries(size.stream_events // 4)
     part = -(-len(requests) // size.rounds)
+    single_part = -(-len(singles) // size.rounds)
     streamed, ceiling, ratios = 0.0, 0.0, []
+    single_streamed, single_ratios = 0.0, []
     with server(str(folder / "stream.db")) as (_process, address):
         async with channel(address) as ch:
             stub = pb_grpc.TransactionServiceStub(ch)
-            for k in range(0, len(requests), part):
+            for turn, k in enumerate(range(0, len(requests), part)):
                 chunk = requests[k : k + part]
                 bare = sqlite_group_commit(chunk, folder / f"ceiling-{k}.db")
                 took, responses = await stream_all(stub, chunk)
                 assert all(r.outcome == pb.INGEST_OUTCOME_APPLIED for r in responses), "refused"
                 streamed, ceiling = streamed + took, ceiling + bare
                 ratios.append(bare / took)
+                few = singles[turn * single_part : (turn + 1) * single_part]
+                took, responses = await stream_all(stub, few, per_request=1)
+                assert all(r.outcome == pb.INGEST_OUTCOME_APPLIED for r in responses), "refused"
+                single_streamed += took
+                single_ratios.append(bare / len(chunk) / (took / len(few)))
     results["ingest_events_per_s"] = len(requests) / streamed
     results["sqlite_group_commit_per_s"] = len(requests) / ceiling
     results["ingest_events_ratio"] = median(ratios)
+    results["ingest_events_single_per_s"] = len(singles) / single_streamed
+    results["ingest_events_single_ratio"] = median(single_ratios)
 
 
 async def latency(stub: Any, order_ids: list[str], calls: int) -> tuple[float, float]:
@@ -867,9 +893,14 @@ def table(results: dict[str, Any]) -> str:
         ),
         ("3 GetTransaction", f"{r['get_rps']:.0f} rps", f"{r['get_ratio']:.2f} x echo"),
         (
-            "4 IngestEvents, one stream",
+            f"4 IngestEvents, one stream, {PER_REQUEST} per request",
             f"{r['ingest_events_per_s']:.0f} events/s",
             f"{r['ingest_events_ratio']:.2f} x sqlite3 ({r['sqlite_group_commit_per_s']:.0f}/s)",
+        ),
+        (
+            "4 IngestEvents, one stream, 1 per request",
+            f"{r['ingest_events_single_per_s']:.0f} events/s",
+            f"{r['ingest_events_single_ratio']:.2f} x sqlite3",
         ),
     ]
     for key, label in (("fanout", "5 fan-out"), ("fanout_many_feeds", "6 fan-out")):

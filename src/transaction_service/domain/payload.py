@@ -617,7 +617,9 @@ def decode_json_body(text: str) -> dict[str, Any]:
     except (msgspec.DecodeError, ValueError, RecursionError):
         fast = None
     if isinstance(fast, dict):
-        if _deeper_than(fast, MAX_BODY_DEPTH):
+        # A body nested N levels has at least N opening brackets: most bodies need no walk.
+        brackets = text.count("{") + text.count("[")
+        if brackets > MAX_BODY_DEPTH and _deeper_than(fast, MAX_BODY_DEPTH):
             raise PayloadError([_too_deep()])
         return fast
     return _decode_json_body_reference(text)
