@@ -189,8 +189,9 @@ class Settings(BaseSettings):
     ingest_stream_window: int = Field(
         default=512,
         gt=0,
-        description="requests of one IngestEvents stream read ahead of their answers; while "
-        "this many wait for their commit the stream is not read (HTTP/2 pushes back)",
+        description="deliveries of one IngestEvents stream read ahead of their answers (a "
+        "request of several counts each); while this many wait for their commit the stream is "
+        "not read (HTTP/2 pushes back)",
     )
     ingest_stream_window_bytes: int = Field(
         default=16 * MiB,

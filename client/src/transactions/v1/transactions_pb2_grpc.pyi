@@ -72,7 +72,8 @@ class TransactionServiceStub:
                         transaction block lists more than 50 orders (max_orders_per_transaction);
                         or the merged transaction would hold more than max_orders_per_transaction
                         orders or a state larger than max_view_bytes (1 MiB of JSON);
-                        or the request is not a protobuf message this service can decode. Details
+                        or the request is not a protobuf message this service can decode, or
+                        sets `deliveries` (only IngestEvents takes several). Details
                         carry a google.rpc.BadRequest naming each field at fault (and the limit,
                         if one was exceeded). Input echoed in messages is quoted and cut short.
                         Nothing is stored.
@@ -146,8 +147,8 @@ class TransactionServiceStub:
     decode is refused the same way (INVALID_ARGUMENT).
 
     Flow control: the server reads at most a window of requests ahead of the responses it has
-    sent (`ingest_stream_window` requests, or `ingest_stream_window_bytes` of bodies, whichever
-    comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
+    sent (`ingest_stream_window` deliveries, or `ingest_stream_window_bytes` of bodies,
+    whichever comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
     client's writes wait: a fast producer cannot make the server buffer without bound. A client
     that stops reading responses stops the stream the same way.
 
@@ -277,7 +278,8 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
                         transaction block lists more than 50 orders (max_orders_per_transaction);
                         or the merged transaction would hold more than max_orders_per_transaction
                         orders or a state larger than max_view_bytes (1 MiB of JSON);
-                        or the request is not a protobuf message this service can decode. Details
+                        or the request is not a protobuf message this service can decode, or
+                        sets `deliveries` (only IngestEvents takes several). Details
                         carry a google.rpc.BadRequest naming each field at fault (and the limit,
                         if one was exceeded). Input echoed in messages is quoted and cut short.
                         Nothing is stored.
@@ -351,8 +353,8 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     decode is refused the same way (INVALID_ARGUMENT).
 
     Flow control: the server reads at most a window of requests ahead of the responses it has
-    sent (`ingest_stream_window` requests, or `ingest_stream_window_bytes` of bodies, whichever
-    comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
+    sent (`ingest_stream_window` deliveries, or `ingest_stream_window_bytes` of bodies,
+    whichever comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
     client's writes wait: a fast producer cannot make the server buffer without bound. A client
     that stops reading responses stops the stream the same way.
 
@@ -485,7 +487,8 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
                             transaction block lists more than 50 orders (max_orders_per_transaction);
                             or the merged transaction would hold more than max_orders_per_transaction
                             orders or a state larger than max_view_bytes (1 MiB of JSON);
-                            or the request is not a protobuf message this service can decode. Details
+                            or the request is not a protobuf message this service can decode, or
+                            sets `deliveries` (only IngestEvents takes several). Details
                             carry a google.rpc.BadRequest naming each field at fault (and the limit,
                             if one was exceeded). Input echoed in messages is quoted and cut short.
                             Nothing is stored.
@@ -589,8 +592,8 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         decode is refused the same way (INVALID_ARGUMENT).
 
         Flow control: the server reads at most a window of requests ahead of the responses it has
-        sent (`ingest_stream_window` requests, or `ingest_stream_window_bytes` of bodies, whichever
-        comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
+        sent (`ingest_stream_window` deliveries, or `ingest_stream_window_bytes` of bodies,
+        whichever comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
         client's writes wait: a fast producer cannot make the server buffer without bound. A client
         that stops reading responses stops the stream the same way.
 
