@@ -313,10 +313,11 @@ PER_REQUEST = 100
 
 
 async def stream_all(
-    stub: Any, requests: list[pb.IngestEventRequest], per_request: int = PER_REQUEST
+    stub: Any, requests: list[pb.IngestEventRequest], per_request: int | None = None
 ) -> tuple[float, list[Any]]:
-    """IngestEvents with every delivery, `per_request` to a request; (seconds, one response
-    per delivery)."""
+    """IngestEvents with every delivery, `per_request` (default PER_REQUEST) to a request;
+    (seconds, one response per delivery)."""
+    per_request = per_request or PER_REQUEST
 
     async def produce() -> Any:
         if per_request == 1:
@@ -1065,12 +1066,21 @@ def main() -> int:
     parser.add_argument("--postgres", default=DEFAULT_PG, help="server for the PostgreSQL rows")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument(
+        "--per-request",
+        type=int,
+        default=PER_REQUEST,
+        help=f"deliveries per IngestEvents request in the bulk rows (default {PER_REQUEST}; 1 "
+        "for a server without `deliveries`)",
+    )
+    parser.add_argument(
         "--only",
         choices=["ingest"],
         help="ingest: rows 1-4 only (the echo and sqlite3 ceilings with IngestEvent, "
         "GetTransaction and IngestEvents), for A/B runs of the write path",
     )
     args = parser.parse_args()
+    global PER_REQUEST
+    PER_REQUEST = args.per_request
     results = asyncio.run(main_async(args))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
