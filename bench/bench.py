@@ -1053,6 +1053,7 @@ async def _set(results: dict[str, Any], key: str, value: Awaitable[Any]) -> None
 
 
 def main() -> int:
+    global PER_REQUEST
     if len(sys.argv) > 1 and sys.argv[1] == "echo":
         asyncio.run(run_echo(sys.argv[2]))
         return 0
@@ -1079,7 +1080,6 @@ def main() -> int:
         "GetTransaction and IngestEvents), for A/B runs of the write path",
     )
     args = parser.parse_args()
-    global PER_REQUEST
     PER_REQUEST = args.per_request
     results = asyncio.run(main_async(args))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
