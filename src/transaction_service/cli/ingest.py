@@ -267,6 +267,7 @@ async def feed(
         writer = asyncio.create_task(write())
         try:
             while (response := await call.read()) != grpc.aio.EOF:
+                assert isinstance(response, pb.IngestEventResponse)
                 batch = sent.popleft()
                 # A request refused whole (its own error, no results) refuses each delivery.
                 answers = response.results or [response] * len(batch)

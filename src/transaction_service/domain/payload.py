@@ -229,10 +229,6 @@ class OrderEnvelope(Envelope):
 # -- the typed structs the hot path decodes into (the same fields as the models above) -----------
 
 
-class _Struct(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
 def _utc(value: datetime) -> datetime:
     """As `_as_utc`, for the structs: a failure sends the body to the reference parser."""
     try:
@@ -244,7 +240,7 @@ def _utc(value: datetime) -> datetime:
     return utc
 
 
-class StatusEvent(_Struct):
+class StatusEvent(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     created_at: datetime
     status: str
@@ -253,7 +249,7 @@ class StatusEvent(_Struct):
         msgspec.structs.force_setattr(self, "created_at", _utc(self.created_at))
 
 
-class TransactionOrderEntry(_Struct):
+class TransactionOrderEntry(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     low_level_status: str | None = None
     low_level_status_created_at: datetime | None = None
@@ -287,27 +283,27 @@ _ENTRY_TIMES = (
 )
 
 
-class TransactionBlock(_Struct):
+class TransactionBlock(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     status: str | None = None
     orders: list[TransactionOrderEntry] = msgspec.field(default_factory=list)
 
 
-class Lab(_Struct):
+class Lab(msgspec.Struct, frozen=True, kw_only=True):
     slug: str | None = None
 
 
-class LabTest(_Struct):
+class LabTest(msgspec.Struct, frozen=True, kw_only=True):
     name: str | None = None
     method: str | None = None
     lab: Lab | None = None
 
 
-class OrderDetails(_Struct):
+class OrderDetails(msgspec.Struct, frozen=True, kw_only=True):
     type: str | None = None
 
 
-class OrderData(_Struct):
+class OrderData(msgspec.Struct, frozen=True, kw_only=True):
     """`data` of a `labtest.order.*` webhook: the whole order at one moment."""
 
     id: str
