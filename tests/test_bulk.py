@@ -324,6 +324,35 @@ async def test_a_request_of_deliveries_that_cannot_be_taken_whole_is_refused_who
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def windowed_service(tmp_path: Path, window: int) -> TransactionService:
+    """A service (not started) whose IngestEvents streams read `window` deliveries ahead."""
+    return TransactionService(
+        Settings(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            db=str(tmp_path / "x.db"),
+            sqlite_synchronous="NORMAL",
+            ingest_stream_window=window,
+            shutdown_grace_seconds=1,
+        )
+    )
+
+
+class Written:
+    """A stream's requests, counting how many the client has written."""
+
+    def __init__(self, requests: list[pb.IngestEventRequest]) -> None:
+        self.requests = requests
+        self.count = 0
+
+    async def __aiter__(self) -> AsyncIterator[pb.IngestEventRequest]:
+        for item in self.requests:
+            yield item
+            self.count += 1
+
+
 class GatedWrites:
     """Holds every store write until `open()`: ingest answers nothing meanwhile."""
 
@@ -347,39 +376,23 @@ async def test_ingest_events_stops_reading_while_its_window_is_full(tmp_path: Pa
     more, although the client has written more (HTTP/2 holds them); once commits go on, every
     request is answered, in order."""
     window = 4
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=str(tmp_path / "x.db"),
-        sqlite_synchronous="NORMAL",
-        ingest_stream_window=window,
-        shutdown_grace_seconds=1,
-    )
-    service = TransactionService(settings)
+    service = windowed_service(tmp_path, window)
     port = await service.start()
     gate = GatedWrites(service)
     metrics = service.app.metrics.registry
     in_flight = "transaction_service_ingest_stream_requests_in_flight"
     runs = [with_fresh_ids(SCENARIOS[i % len(SCENARIOS)]) for i in range(8)]
     requests = [request(d) for r in runs for d in r["deliveries"]]
-    written = 0
-
-    async def produce() -> AsyncIterator[pb.IngestEventRequest]:
-        nonlocal written
-        for item in requests:
-            yield item
-            written += 1
+    written = Written(requests)
 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
-            call = stub.IngestEvents(produce())
+            call = stub.IngestEvents(written)
             reading = asyncio.create_task(_collect(call))
             await until(lambda: metrics.get_sample_value(in_flight) == window, "window full")
             # The client goes on writing into the connection's buffers...
-            await until(lambda: written >= 2 * window, "the client wrote past the window")
+            await until(lambda: written.count >= 2 * window, "the client wrote past the window")
             # ...but the server has read no further.
             assert metrics.get_sample_value(in_flight) == window
             assert not reading.done()
@@ -397,17 +410,7 @@ async def test_the_window_counts_each_delivery_of_a_request(tmp_path: Path) -> N
     """A request of several deliveries takes that many places in the window: with commits held
     up and a window of 4, requests of 3 deliveries are read two at a time (the second overshoots
     by its own size), not four."""
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=str(tmp_path / "x.db"),
-        sqlite_synchronous="NORMAL",
-        ingest_stream_window=4,
-        shutdown_grace_seconds=1,
-    )
-    service = TransactionService(settings)
+    service = windowed_service(tmp_path, 4)
     port = await service.start()
     gate = GatedWrites(service)
     metrics = service.app.metrics.registry
@@ -416,20 +419,14 @@ async def test_the_window_counts_each_delivery_of_a_request(tmp_path: Path) -> N
     singles = [request(r["deliveries"][0]) for r in runs]
     requests = [pb.IngestEventRequest(deliveries=singles[i : i + 3]) for i in (0, 3)]
     requests += [pb.IngestEventRequest(deliveries=[request(d)]) for d in runs[0]["deliveries"][1:]]
-    written = 0
-
-    async def produce() -> AsyncIterator[pb.IngestEventRequest]:
-        nonlocal written
-        for item in requests:
-            yield item
-            written += 1
+    written = Written(requests)
 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
-            reading = asyncio.create_task(_collect(stub.IngestEvents(produce())))
+            reading = asyncio.create_task(_collect(stub.IngestEvents(written)))
             await until(lambda: metrics.get_sample_value(in_flight) == 6, "two requests read")
-            await until(lambda: written == len(requests), "the client wrote every request")
+            await until(lambda: written.count == len(requests), "the client wrote every request")
             assert metrics.get_sample_value(in_flight) == 6
             assert not reading.done()
             gate.open()
