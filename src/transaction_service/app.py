@@ -88,6 +88,7 @@ class App:
             want_results=self.junction is not None,
             queue_limit=settings.ingest_queue_limit,
             queue_bytes=settings.ingest_queue_bytes,
+            log_events=settings.log_events,
         )
         self.results = (
             ResultsFetcher(

@@ -190,8 +190,9 @@ class Settings(BaseSettings):
     ingest_stream_window: int = Field(
         default=512,
         gt=0,
-        description="requests of one IngestEvents stream read ahead of their answers; while "
-        "this many wait for their commit the stream is not read (HTTP/2 pushes back)",
+        description="deliveries of one IngestEvents stream read ahead of their answers (a "
+        "request of several counts each); while this many wait for their commit the stream is "
+        "not read (HTTP/2 pushes back)",
     )
     ingest_stream_window_bytes: int = Field(
         default=16 * MiB,
@@ -284,6 +285,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text lines, or one JSON object per line"
+    )
+    log_events: bool = Field(
+        default=False,
+        description="one INFO line per ingested event (logger transaction_service.events: "
+        "event, order and transaction ids, outcome, revision, source, ms); off by default, "
+        "since writing it costs more than decoding the event (docs/performance.md)",
     )
 
     # -- watch -------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ class Metrics:
         )
         self.ingest_stream_in_flight = Gauge(
             f"{PREFIX}_ingest_stream_requests_in_flight",
-            "Requests read from IngestEvents streams and not yet answered (bounded per stream "
-            "by the ingest stream window).",
+            "Deliveries read from IngestEvents streams and not yet answered (a request of "
+            "several counts each; bounded per stream by the ingest stream window).",
             registry=registry,
         )
         self.head_revision = Gauge(
@@ -192,7 +192,7 @@ class Metrics:
         self.batch_size.observe(size)
 
     def ingest_stream_read(self, count: int) -> None:
-        """`count` requests of an IngestEvents stream were read (positive) or answered."""
+        """`count` deliveries of an IngestEvents stream were read (positive) or answered."""
         self.ingest_stream_in_flight.inc(count)
 
     def revision_committed(self, revision: int) -> None:

@@ -76,6 +76,11 @@ _FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["chan
 _ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
 # Lookups in one BatchGetTransactions call (documented in the proto).
 MAX_BATCH_LOOKUPS = 500
+# Deliveries in one IngestEvents request (documented in the proto): a request is at most
+# max_message_bytes anyway; this bounds what one request holds decoded and in the queue.
+MAX_DELIVERIES_PER_REQUEST = 500
+# The `results` field of an IngestEventResponse answering a request of several deliveries.
+_RESULTS_FIELD = pb.IngestEventResponse.DESCRIPTOR.fields_by_name["results"].number
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
@@ -103,6 +108,16 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def IngestEvent(  # type: ignore[override]
         self, request: pb.IngestEventRequest, context: Context
     ) -> bytes:
+        if request.deliveries:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "deliveries",
+                        "IngestEvent takes one delivery (event_id and a body); send several "
+                        "deliveries per request in an IngestEvents stream",
+                    )
+                ]
+            )
         # Each client connection is a flow of the unary lane; its deadline bounds the wait.
         result = await self._app.ingestor.ingest(
             self._decode(request),
@@ -330,6 +345,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             max_requests=settings.ingest_stream_window,
             max_bytes=settings.ingest_stream_window_bytes,
             size=_body_size,
+            weight=_deliveries,
             # On shutdown: stop reading, answer what was read, then end the stream.
             keep_reading=lambda: not self._app.stopping,
             on_read=self._app.metrics.ingest_stream_read,
@@ -356,6 +372,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         """One request of an IngestEvents stream: its response, or its error in the response."""
         if isinstance(request, UndecodableRequest):
             return pb.IngestEventResponse(error=ingest_error(request.error))
+        if request.deliveries:
+            return await self._ingest_several(request, flow=flow, context=context)
         event_id = request.event_id
         try:
             delivery = self._decode(request)
@@ -363,19 +381,69 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             result = await self._app.ingestor.ingest(
                 delivery, flow=flow, time_remaining=context.time_remaining(), wait=True
             )
-        except ServiceError as exc:
-            return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
-        except Exception:
-            # A bug: logged with its traceback; the caller learns only that it was not stored.
-            log.exception("unexpected error ingesting a request of IngestEvents")
-            return pb.IngestEventResponse(
-                event_id=event_id,
-                error=pb.IngestError(
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message="internal error; it was logged on the server. Retry later.",
-                ),
-            )
+        except Exception as exc:
+            # A bug is logged with its traceback; the caller learns only it was not stored.
+            return _refused(event_id, exc)
         return self._ingest_response(result)
+
+    async def _ingest_several(
+        self,
+        request: pb.IngestEventRequest,
+        *,
+        flow: Flow,
+        context: Context,
+    ) -> pb.IngestEventResponse | bytes:
+        """A request of several deliveries: one response per delivery in `results`, in order,
+        each what the delivery alone would have got. The deliveries are queued together, so
+        they share group commits (and the stream's place in the queue) like single requests."""
+        deliveries = request.deliveries
+        violations = []
+        if len(deliveries) > MAX_DELIVERIES_PER_REQUEST:
+            violations.append(
+                FieldViolation(
+                    "deliveries",
+                    f"at most {MAX_DELIVERIES_PER_REQUEST} deliveries per request, got "
+                    f"{len(deliveries)}",
+                )
+            )
+        if request.event_id or request.WhichOneof("body") is not None:
+            violations.append(
+                FieldViolation(
+                    "deliveries",
+                    "set either deliveries or the request's own event_id and body, not both",
+                )
+            )
+        if violations:
+            return pb.IngestEventResponse(error=ingest_error(InvalidArgument(violations)))
+        answers: list[bytes] = [b""] * len(deliveries)
+        decoded: list[Delivery] = []
+        places: list[int] = []
+        for i, one in enumerate(deliveries):
+            try:
+                if one.deliveries:
+                    raise InvalidArgument(
+                        [
+                            FieldViolation(
+                                "deliveries", "a delivery cannot carry deliveries of its own"
+                            )
+                        ]
+                    )
+                decoded.append(self._decode(one))
+                places.append(i)
+            except ServiceError as exc:
+                answers[i] = pb.IngestEventResponse(
+                    event_id=one.event_id, error=ingest_error(exc)
+                ).SerializeToString()
+        outcomes = await self._app.ingestor.ingest_many(
+            decoded, flow=flow, time_remaining=context.time_remaining(), wait=True
+        )
+        for i, delivery, outcome in zip(places, decoded, outcomes, strict=True):
+            if isinstance(outcome, IngestResult):
+                answers[i] = self._ingest_response(outcome)
+            else:
+                answers[i] = _refused(delivery.event_id, outcome).SerializeToString()
+        # IngestEventResponse with `results`, built from bytes (api/wire.py).
+        return b"".join(field(_RESULTS_FIELD, answer) for answer in answers)
 
     @grpc_errors
     async def BatchGetTransactions(
@@ -452,6 +520,27 @@ def _body_size(request: pb.IngestEventRequest | UndecodableRequest) -> int:
     if request.WhichOneof("body") == "payload_json":
         return len(request.payload_json)
     return request.ByteSize()
+
+
+def _deliveries(request: pb.IngestEventRequest | UndecodableRequest) -> int:
+    """How many deliveries a request carries, for the stream's window (at least 1)."""
+    if isinstance(request, UndecodableRequest):
+        return 1
+    return max(1, len(request.deliveries))
+
+
+def _refused(event_id: str, exc: Exception) -> pb.IngestEventResponse:
+    """The response of one refused delivery of a stream; a bug is logged and not shown."""
+    if isinstance(exc, ServiceError):
+        return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
+    log.error("unexpected error ingesting a delivery of IngestEvents", exc_info=exc)
+    return pb.IngestEventResponse(
+        event_id=event_id,
+        error=pb.IngestError(
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message="internal error; it was logged on the server. Retry later.",
+        ),
+    )
 
 
 _LookupRequest = (
