@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
@@ -34,9 +35,24 @@ class StartupError(Exception):
     """A mistake that stops the service from starting; its message is one line for the operator."""
 
 
+# `scheme://` at the start of --db: a URL, not a file path (a drive letter has no `//`).
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
 def open_store(settings: Settings) -> Store:
-    """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL."""
-    if settings.db.startswith(("postgresql://", "postgres://")):
+    """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL. Any other URL is
+    refused: taken for a file path, `mysql://host/db` would quietly become a private SQLite
+    file, and several replicas would each run on a store of their own."""
+    scheme = _URL_SCHEME.match(settings.db)
+    if scheme and scheme.group(1).lower() not in (*POSTGRES_SCHEMES, "sqlite"):
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        hint = " (write postgresql://...)" if scheme.group(1).lower().startswith("postgres") else ""
+        raise StartupError(
+            f"--db: unsupported URL scheme {scheme.group(1)!r}{hint}; give a SQLite file path, "
+            "a sqlite:///path URL or a postgresql:// URL"
+        )
+    if settings.db.startswith(tuple(f"{s}://" for s in POSTGRES_SCHEMES)):
         from transaction_service.store.postgres import PostgresStore
 
         return PostgresStore(settings.db, pool_size=settings.db_pool_size)
