@@ -95,21 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_rebuild_arguments(rebuild)
 
-    health = commands.add_parser(
-        "health",
-        help="exit 0 if a server's gRPC health check says SERVING",
-        description="Ask a running server's gRPC health service (for container probes). Exits "
-        "0 on SERVING; otherwise prints one line saying why and exits 1.",
-    )
-    add_connection_flags(health, token=False)
-    health.add_argument(
-        "--service",
-        default="",
-        help="service to ask about (default: the whole server; e.g. "
-        "transactions.v1.TransactionService)",
-    )
-    health.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    from transaction_service.cli import health
+
+    health.add_arguments(
+        commands.add_parser(
+            "health",
+            help="exit 0 if a server's gRPC health check says SERVING",
+            description=health.DESCRIPTION,
+        )
     )
 
     from transaction_service.cli.reconcile import add_backfill_flags, add_reconcile_flags
