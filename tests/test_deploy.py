@@ -3,13 +3,28 @@ and the lock file, the Dockerfile and the manifests agree with each other."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.process import startup_error
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where the locks are installed: CI and the image (python:3.11 on Linux).
+LOCK_ENVIRONMENT = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.0",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "extra": "",
+}
 
 
 @pytest.mark.parametrize(
@@ -58,3 +73,33 @@ def test_the_health_command_imports_grpc_and_its_stubs_only() -> None:
     }
     heavy = {"pydantic", "aiohttp", "asyncpg", "aiosqlite", "prometheus_client", "opentelemetry"}
     assert not heavy & {m.split(".")[0] for m in modules}
+
+
+def locked(name: str) -> dict[str, str]:
+    """Package name -> version pinned in the lock file `name`."""
+    pins = re.findall(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", (ROOT / name).read_text(), re.MULTILINE)
+    return {canonicalize_name(package): version for package, version in pins}
+
+
+def test_the_locks_satisfy_pyproject() -> None:
+    """Every dependency in pyproject.toml is pinned in the locks at a version it allows, and the
+    runtime lock pins the same versions as the dev lock: the image and a test run get the same
+    packages. After changing a dependency: `make lock`."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    local = {canonicalize_name(project["name"])}
+    runtime, dev = locked("requirements.lock"), locked("requirements-dev.lock")
+    wanted = [(r, runtime) for r in project["dependencies"]]
+    wanted += [(r, dev) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    for text, lock in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name in local or (
+            requirement.marker and not requirement.marker.evaluate(LOCK_ENVIRONMENT)
+        ):
+            continue
+        assert name in lock, f"{name} is not in the lock: run `make lock`"
+        assert requirement.specifier.contains(lock[name], prereleases=True), (
+            f"{name}=={lock[name]} in the lock, pyproject.toml wants {requirement.specifier}: "
+            "run `make lock`"
+        )
+    assert {name: dev.get(name) for name in runtime} == runtime
