@@ -62,7 +62,7 @@ def open_store(settings: Settings) -> Store:
         raise StartupError(str(exc)) from None
 
 
-def junction_client(settings: Settings) -> JunctionClient | None:
+def junction_client(settings: Settings, metrics: Metrics | None = None) -> JunctionClient | None:
     """The client of Junction's API the settings describe; None without an API key."""
     if not settings.junction_api_key:
         return None
@@ -76,6 +76,7 @@ def junction_client(settings: Settings) -> JunctionClient | None:
         api_key=settings.junction_api_key,
         timeout=settings.junction_timeout_seconds,
         max_concurrency=settings.junction_max_concurrency,
+        metrics=metrics,
     )
 
 
@@ -102,7 +103,7 @@ class App:
         # Every write goes through it; it publishes what was committed to the feed.
         self.commits = CommitPath(self.store, publish=self.feed.committed, metrics=self.metrics)
         # Junction's API, when an API key is configured: reconcile, sweep, combined results.
-        self.junction = junction_client(settings)
+        self.junction = junction_client(settings, self.metrics)
         self.ingestor = Ingestor(
             self.commits,
             max_batch=settings.max_batch,
@@ -131,7 +132,7 @@ class App:
             concurrency=settings.junction_max_concurrency,
             metrics=self.metrics,
         )
-        self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
+        self.metrics.count_watch_streams(self.hub.count_by_kind)
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []
         self.started = False

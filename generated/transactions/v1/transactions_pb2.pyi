@@ -273,7 +273,7 @@ class ChangeBatch(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[_Union[TransactionChange, _Mapping]]] = ...) -> None: ...
 
 class TransactionChange(_message.Message):
-    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at", "merged_transaction_ids")
+    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at", "merged_transaction_ids", "trace_id", "span_id")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,8 @@ class TransactionChange(_message.Message):
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
     MERGED_TRANSACTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
     revision: int
     kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
     transaction: Transaction
@@ -288,7 +290,9 @@ class TransactionChange(_message.Message):
     event_id: str
     recorded_at: _timestamp_pb2.Timestamp
     merged_transaction_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_transaction_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    trace_id: str
+    span_id: str
+    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_transaction_ids: _Optional[_Iterable[str]] = ..., trace_id: _Optional[str] = ..., span_id: _Optional[str] = ...) -> None: ...
 
 class TransactionSnapshot(_message.Message):
     __slots__ = ("transaction", "progress_revision")

@@ -4,7 +4,8 @@ Servicer methods raise `transaction_service.errors` exceptions; `@grpc_errors` t
 rich statuses (google.rpc.BadRequest for invalid arguments, google.rpc.ErrorInfo where the client
 can act on a reason). Anything else escaping a handler is a bug or an unexpected fault: the caller
 gets INTERNAL with a generic message (never Python's exception text), and the log gets the
-traceback once.
+traceback once. Every error carries the call's request id (google.rpc.RequestInfo), the one its
+log lines carry (see api/access.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from transaction_service import logs
+from transaction_service.api.access import current_call
 from transaction_service.domain.limits import MAX_BODY_DEPTH
 from transaction_service.errors import (
     AlreadyExists,
@@ -80,10 +83,19 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         detail = error_details_pb2.ErrorInfo(
             reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
         )
+    return _status(code, message, detail)
+
+
+def _status(code: int, message: str, detail: Message | None = None) -> status_pb2.Status:
+    """A status with `detail` (if any) and the call's RequestInfo (if served in a call)."""
     details = []
     if detail is not None:
         packed = any_pb2.Any()
         packed.Pack(detail)
+        details.append(packed)
+    if request_id := logs.request_id.get():
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RequestInfo(request_id=request_id))
         details.append(packed)
     return status_pb2.Status(code=code, message=message[:MAX_MESSAGE], details=details)
 
@@ -105,15 +117,16 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
+    if exc.reason and (call := current_call.get()) is not None:
+        call.reason = exc.reason
     await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
     log.exception("unexpected error in %s", method)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, "internal error; it was logged on the server. Retry later."
-    )
+    status = _status(code_pb2.INTERNAL, "internal error; it was logged on the server. Retry later.")
+    await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -25,7 +25,7 @@ from transaction_service.config import (
     from_flags,
     unknown_environment,
 )
-from transaction_service.logs import formatter
+from transaction_service.logs import NativeStderr, formatter
 
 log = logging.getLogger("transaction_service")
 
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in describe_errors(exc):
             _startup_error(f"bad setting {line}")
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    native = configure_logging(settings.log_level, settings.log_format)
     for name in unknown_environment():
         known = [env_name(field) for field in Settings.model_fields]
         hint = difflib.get_close_matches(name, known, n=1)
@@ -169,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
             f" (did you mean {hint[0]}?)" if hint else "",
         )
+    from transaction_service import tracing
+    from transaction_service.metrics import version
+
+    try:
+        tracing.configure(version=version())
+    except tracing.TracingConfigError as exc:
+        _startup_error(str(exc), native)
+        return 2
     from transaction_service.server import serve
 
     tune_garbage_collector()
@@ -176,8 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(settings))
     except StartupError as exc:
-        _startup_error(str(exc))
+        _startup_error(str(exc), native)
         return 2
+    finally:
+        tracing.shutdown()
+        if native is not None:
+            native.stop()
     return 0
 
 
@@ -202,15 +214,24 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _startup_error(message: str) -> None:
+def _startup_error(message: str, native: NativeStderr | None = None) -> None:
+    """One line on stderr: text, or a JSON log line when logs are JSON (`native` is set)."""
+    if native is not None:
+        native.stop()  # the line goes out after everything logged before it
+        log.error("transaction-service: error: %s", message)
+        return
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Every log record to stderr, as text lines or JSON lines (`logs.py`)."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, log_format: str = "text") -> NativeStderr | None:
+    """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode what
+    grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
+    every line is JSON; the capture is returned, to stop at exit."""
+    native = NativeStderr() if log_format == "json" else None
+    handler = logging.StreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    return native
 
 
 if __name__ == "__main__":

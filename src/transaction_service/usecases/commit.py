@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from transaction_service import tracing
 from transaction_service.metrics import Metrics
 from transaction_service.store.base import (
     Answer,
@@ -60,9 +62,14 @@ class CommitPath:
 
     async def commit(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         """Commit the batch `plan` makes of the state of `keys` (see `Store.write`), then make
-        its changes known. Raises what the store raises; then nothing was written."""
-        applied, answer = await self.store.write(keys, plan)
-        self._committed(applied)
+        its changes known. Raises what the store raises; then nothing was written. Timed
+        (`store_commit_seconds`), and traced as `store commit` and `publish` when tracing is on."""
+        with tracing.span("store commit"):
+            started = time.perf_counter()
+            applied, answer = await self.store.write(keys, plan)
+            self._metrics.store_committed(time.perf_counter() - started)
+            with tracing.span("publish", {"transaction_service.changes": len(applied.changes)}):
+                self._committed(applied)
         return applied, answer
 
     def _committed(self, applied: AppliedBatch) -> None:

@@ -11,14 +11,16 @@ The gRPC servicer and the HTTP webhook receiver both call this; neither re-imple
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from transaction_service import tracing
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     FieldViolation,
@@ -42,6 +44,9 @@ from transaction_service.usecases.plan import (
     batch_keys,
     plan_batch,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = [
     "Delivery",
@@ -155,6 +160,9 @@ def _discard_outcome(done: asyncio.Future[IngestResult]) -> None:
 class _Pending:
     delivery: Delivery
     done: asyncio.Future[IngestResult] = field(repr=False)
+    # When traced: the delivery's `ingest` span, and when it joined the queue (ns since epoch).
+    span: Span | None = None
+    queued_at: int = 0
 
 
 class Ingestor:
@@ -199,11 +207,26 @@ class Ingestor:
 
     async def ingest(self, delivery: Delivery) -> IngestResult:
         """Ingest a decoded delivery; answered after the commit that holds it. Counted and
-        logged (one line per delivery) under the delivery's `source`."""
+        logged (one line per delivery) under the delivery's `source`. Traced, when tracing is
+        on, as an `ingest` span whose trace its change carries (see tracing.py)."""
+        if not tracing.enabled:
+            return await self._ingest(delivery, None)
+        attributes = {"transaction_service.source": delivery.source}
+        if delivery.event_id:
+            attributes["transaction_service.event_id"] = delivery.event_id
+        with tracing.span("ingest", attributes) as span:
+            trace_id, span_id = tracing.ids(span)
+            delivery = dataclasses.replace(delivery, trace_id=trace_id, span_id=span_id)
+            result = await self._ingest(delivery, span)
+            if span is not None:
+                span.set_attribute("transaction_service.outcome", result.outcome.value)
+            return result
+
+    async def _ingest(self, delivery: Delivery, span: Span | None) -> IngestResult:
         source = delivery.source
         started = time.perf_counter()
         try:
-            result = await self._enqueue(delivery)
+            result = await self._enqueue(delivery, span)
         except AlreadyExists:
             self._metrics.ingest_refused(source, "conflict")
             raise
@@ -225,11 +248,15 @@ class Ingestor:
         event_log.info("ingested", extra={"fields": fields})
         return result
 
-    async def _enqueue(self, delivery: Delivery) -> IngestResult:
+    async def _enqueue(self, delivery: Delivery, span: Span | None) -> IngestResult:
         if self._stopping or self._task is None:
             raise IngestorStopped
         done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(delivery, done))
+        self._queue.put_nowait(
+            _Pending(delivery, done)
+            if span is None
+            else _Pending(delivery, done, span, time.time_ns())
+        )
         # Shielded: a caller that goes away does not stop its delivery from being committed (it
         # may already be in the batch being written); it is simply not told.
         try:
@@ -256,6 +283,40 @@ class Ingestor:
                 return
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        if tracing.enabled:
+            await self._commit_traced(batch)
+        else:
+            await self._commit_batch(batch)
+
+    async def _commit_traced(self, batch: list[_Pending]) -> None:
+        """`_commit_batch` in a `commit batch` span of its own trace, linked to every delivery's
+        `ingest` span; then each traced delivery gets its `queue wait` and `commit` spans in its
+        own trace, the latter linked to the batch's (a delivery keeps its own trace, whatever
+        batch it was committed in)."""
+        traced = [p for p in batch if p.span is not None]
+        started = time.time_ns()
+        with tracing.span(
+            "commit batch",
+            {"transaction_service.batch.size": len(batch)},
+            links=[p.span.get_span_context() for p in traced if p.span is not None],
+            root=True,
+        ) as batch_span:
+            await self._commit_batch(batch)
+        ended = time.time_ns()
+        links = [batch_span.get_span_context()] if batch_span is not None else []
+        for pending in traced:
+            assert pending.span is not None
+            tracing.past_span("queue wait", pending.span, pending.queued_at, started)
+            tracing.past_span(
+                "commit",
+                pending.span,
+                started,
+                ended,
+                {"transaction_service.batch.size": len(batch)},
+                links=links,
+            )
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
         now = self._clock()
         deliveries = [p.delivery for p in batch]
         try:
