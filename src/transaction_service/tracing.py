@@ -17,7 +17,8 @@ On (`configure`):
 - propagation by `OTEL_PROPAGATORS` (default W3C `tracecontext,baggage`): a webhook's
   `traceparent` header and a gRPC call's `traceparent` metadata continue the caller's trace;
 - the instrumentation packages of the libraries a call passes through: the grpc.aio server
-  (`interceptors()`), the aiohttp server (`http_middlewares()`), asyncpg and httpx;
+  (`interceptors()`), the aiohttp server (its middleware goes first in every application made
+  after `configure`), asyncpg and httpx;
 - the service's own spans (`span()`): a webhook's signature check, each delivery's `ingest` with
   its `queue wait` and `commit`, the group commit of a batch (`commit batch`, with its size and a
   link to every delivery's span, each of which links back), the store commit and the publish to
@@ -30,13 +31,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from transaction_service import logs
 
 if TYPE_CHECKING:
     import grpc
-    from aiohttp import web
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -114,6 +114,7 @@ def configure(environ: Mapping[str, str] = os.environ, version: str = "") -> boo
     exporter = _exporter(environ)
 
     from opentelemetry import trace
+    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.sdk.resources import Resource
@@ -129,6 +130,8 @@ def configure(environ: Mapping[str, str] = os.environ, version: str = "") -> boo
     provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    # Every aiohttp Application made from now on gets the tracing middleware first.
+    AioHttpServerInstrumentor().instrument(tracer_provider=provider)
     AsyncPGInstrumentor().instrument(tracer_provider=provider)
     HTTPXClientInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
@@ -151,16 +154,6 @@ def interceptors() -> list[grpc.aio.ServerInterceptor]:
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     return [aio_server_interceptor(tracer_provider=_provider)]
-
-
-def http_middlewares() -> list[Any]:
-    """The aiohttp server middleware of the instrumentation package, when tracing is on."""
-    if not enabled:
-        return []
-    from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
-
-    middleware: web.middleware = create_aiohttp_middleware(tracer_provider=_provider)
-    return [middleware]
 
 
 @contextlib.contextmanager

@@ -176,7 +176,7 @@ def observe(app: App) -> Any:
             response = await handler(request)
             status = response.status
             if not response.prepared:
-                response.headers[REQUEST_ID_KEY] = request_id
+                response.headers["X-Request-Id"] = request_id
             return response
         except web.HTTPException as exc:
             status = exc.status
@@ -192,9 +192,10 @@ def observe(app: App) -> Any:
 
 def build_http_app(app: App) -> web.Application:
     """The aiohttp application for `app`: routes, error mapping, refusal accounting, request
-    ids and metrics, and tracing when it is on (outermost, so every log line has its trace)."""
+    ids and metrics. With tracing on, its middleware comes first (tracing.configure), so every
+    log line of a request has its trace."""
     http = web.Application(
-        middlewares=[*tracing.http_middlewares(), observe(app), json_errors],
+        middlewares=[observe(app), json_errors],
         client_max_size=app.settings.max_body_bytes,
     )
     receiver = WebhookReceiver(app)
