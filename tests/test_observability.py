@@ -430,6 +430,7 @@ def test_traces_follow_a_delivery_from_its_sender_to_the_watcher(tmp_path: Path)
     trace id."""
     grpc_trace, grpc_parent, grpc_header = traceparent()
     web_trace, web_parent, web_header = traceparent()
+    failed_trace, _, failed_header = traceparent()
     first, second = RICHEST["deliveries"][:2]
     with grpc_receiver() as (endpoint, spans):
         env = tracing_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
@@ -445,6 +446,11 @@ def test_traces_follow_a_delivery_from_its_sender_to_the_watcher(tmp_path: Path)
                 headers = signed_headers(SECRET, second["svix_id"], body)
                 reply = post_webhook(server.http_port, body, headers | {"traceparent": web_header})
                 assert reply.status == 200, reply.body
+                with pytest.raises(grpc.RpcError):
+                    stub(server).GetTransaction(
+                        pb.GetTransactionRequest(transaction_id="nope"),
+                        metadata=[("traceparent", failed_header)],
+                    )
                 changes = {c["eventId"]: c for c in wait_for_changes(watcher, 2)}
             server.stop()
             lines = json_lines(server)
@@ -463,8 +469,17 @@ def test_traces_follow_a_delivery_from_its_sender_to_the_watcher(tmp_path: Path)
             lambda all_spans: [s for s in all_spans if s.name == "commit batch"][:2],
             "the batches' commit spans",
         )
+        [failed] = spans.wait_for(
+            lambda found: [s for s in found if hex_id(s.trace_id) == failed_trace],
+            "the failed call's span",
+        )
         all_spans = list(spans.spans)
         resource = spans.resources[0]
+
+    # A failed call's server span says so, with its code.
+    assert failed.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    codes = {a.key: a.value.int_value for a in failed.attributes}
+    assert codes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
     assert resource["service.name"] == "transaction-service"
     assert resource["service.version"] == version()

@@ -137,7 +137,15 @@ def configure(environ: Mapping[str, str] = os.environ, version: str = "") -> boo
     _provider = provider
     _tracer = provider.get_tracer("transaction_service", version or None)
     enabled = True
-    logs.context_fields = _log_fields
+    current_span = trace.get_current_span
+
+    def log_fields() -> dict[str, str]:
+        found = current_span().get_span_context()
+        if not found.is_valid:
+            return {}
+        return {"trace_id": f"{found.trace_id:032x}", "span_id": f"{found.span_id:016x}"}
+
+    logs.context_fields = log_fields
     return True
 
 
@@ -221,10 +229,14 @@ def ids(current: Span | None) -> tuple[str, str]:
     return f"{found.trace_id:032x}", f"{found.span_id:016x}"
 
 
-def _log_fields() -> dict[str, str]:
+def call_failed(code: str, number: int) -> None:
+    """Mark the current (server) span of a gRPC call as failed with `code`: the instrumentation
+    package sees `context.abort` but not `abort_with_status`, which the service answers with."""
+    if not enabled:
+        return
     from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
 
-    found = trace.get_current_span().get_span_context()
-    if not found.is_valid:
-        return {}
-    return {"trace_id": f"{found.trace_id:032x}", "span_id": f"{found.span_id:016x}"}
+    current = trace.get_current_span()
+    current.set_attribute("rpc.grpc.status_code", number)
+    current.set_status(Status(StatusCode.ERROR, code))

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from transaction_service import logs
+from transaction_service import logs, tracing
 from transaction_service.auth import BearerTokens, bearer_token
 from transaction_service.metrics import GRPC_TYPES, GrpcMethodMetrics, Metrics
 
@@ -80,6 +80,7 @@ current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 
 # grpc.aio reports a call's code as a grpc.StatusCode, or as the core's number before any was set.
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NUMBERS = {name: number for number, name in _CODE_NAMES.items()}
 
 
 def _code_name(code: object) -> str:
@@ -208,6 +209,8 @@ class _Observed:
     ) -> None:
         seconds = time.perf_counter() - started
         self._metrics.handled(code, seconds)
+        if code != "OK":
+            tracing.call_failed(code, _CODE_NUMBERS.get(code, 2))
         fields = {
             "method": self._method,
             "code": code,
