@@ -299,7 +299,7 @@ class Metrics:
             Counter: f"{name}_total",
             Info: f"{name}_info",
         }.get(kind, name)
-        self.declared.append(Declared(exposed, metric._type, tuple(labels), documentation))
+        self.declared.append(Declared(exposed, metric._type or "", tuple(labels), documentation))
         return metric
 
     # -- gRPC and HTTP -----------------------------------------------------------------------------
@@ -341,7 +341,7 @@ class Metrics:
         """Read the number of open watch streams by kind from `count` at every scrape."""
         self.watch_streams.set_function(lambda: sum(count().values()))
         for kind in WATCH_KINDS:
-            self.watches.labels(kind).set_function(lambda kind=kind: count().get(kind, 0))
+            self.watches.labels(kind).set_function(_count_of(count, kind))
 
     def watch_sent(self, lag_seconds: float) -> None:
         self.watch_lag.observe(max(lag_seconds, 0.0))
@@ -376,6 +376,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """Everything, in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _count_of(count: Callable[[], Mapping[str, int]], kind: str) -> Callable[[], float]:
+    return lambda: count().get(kind, 0)
 
 
 class GrpcMethodMetrics:
