@@ -9,7 +9,8 @@ throughout. Rounds alternate between them (as bench.py's rows 1-4 do) so both me
 neighbours on a shared machine; a ratio is the median of the rounds' ratios.
 
 Per round and server: IngestEvent throughput with C calls in flight (distinct deliveries), then
-the latency of calls made one at a time. With `--traced`, a third server runs this tree with
+the latency of calls made one at a time, and the server's CPU time per call over both (read from
+/proc: the figure a busy neighbour moves least). With `--traced`, a third server runs this tree with
 tracing on, exporting to an OTLP receiver in this process (which counts the spans), to show what
 tracing costs when it is on. Tracing is off in the other two (no OTEL_* variables).
 """
@@ -48,8 +49,8 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 
 @contextmanager
-def server_of(tree: Path, db: Path, **env: str) -> Iterator[str]:
-    """`transaction-service serve` with `tree`'s code first on the path; its address."""
+def server_of(tree: Path, db: Path, **env: str) -> Iterator[tuple[str, int]]:
+    """`transaction-service serve` with `tree`'s code first on the path; (address, pid)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSACTION_", "OTEL_"))}
     environ["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in ("src", "generated"))
     environ |= env
@@ -57,9 +58,16 @@ def server_of(tree: Path, db: Path, **env: str) -> Iterator[str]:
     process = Process([*args, "--grpc-port", "0", "--http-port", "0", "--db", str(db)], env=environ)
     try:
         port = process.wait_for(LISTENING).group(1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", process.process.pid
     finally:
         process.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: unlike a rate, hardly moved by
+    what else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -90,10 +98,16 @@ def otlp_receiver() -> Iterator[tuple[str, list[int]]]:
 
 
 async def measure(
-    stub: Any, pool: list[pb.IngestEventRequest], seconds: float, concurrency: int, calls: int
-) -> tuple[float, float]:
-    """(IngestEvent calls/s with `concurrency` in flight, p50 ms one at a time), taking fresh
-    deliveries from the front of `pool`."""
+    stub: Any,
+    pid: int,
+    pool: list[pb.IngestEventRequest],
+    seconds: float,
+    concurrency: int,
+    calls: int,
+) -> tuple[float, float, float]:
+    """(IngestEvent calls/s with `concurrency` in flight, p50 ms one at a time, the server's CPU
+    milliseconds per call over both), taking fresh deliveries from the front of `pool`."""
+    cpu = cpu_seconds(pid)
     load = await closed_loop(
         lambda i: stub.IngestEvent(pool[i]),
         concurrency=concurrency,
@@ -107,7 +121,8 @@ async def measure(
         await stub.IngestEvent(request)
         latencies.append(time.perf_counter() - began)
     del pool[:calls]
-    return load.rate, percentile(latencies, 0.5) * 1000
+    cpu_ms = (cpu_seconds(pid) - cpu) * 1000 / (load.calls + calls)
+    return load.rate, percentile(latencies, 0.5) * 1000, cpu_ms
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -119,10 +134,11 @@ async def main_async(args: argparse.Namespace) -> None:
         name: [as_request(run["deliveries"][0]) for run in transactions(per_server)]
         for name in names
     }
+    common = dict(item.split("=", 1) for item in args.env)
     with ExitStack() as stack:
         addresses = {
-            "this": stack.enter_context(server_of(ROOT, folder / "this.db")),
-            "other": stack.enter_context(server_of(other, folder / "other.db")),
+            "this": stack.enter_context(server_of(ROOT, folder / "this.db", **common)),
+            "other": stack.enter_context(server_of(other, folder / "other.db", **common)),
         }
         spans: list[int] = [0]
         if args.traced:
@@ -131,28 +147,34 @@ async def main_async(args: argparse.Namespace) -> None:
                 server_of(
                     ROOT,
                     folder / "traced.db",
+                    **common,
                     OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
                     OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
                 )
             )
         rates: dict[str, list[float]] = {name: [] for name in names}
         p50s: dict[str, list[float]] = {name: [] for name in names}
-        channels = {name: channel(address) for name, address in addresses.items()}
+        cpus: dict[str, list[float]] = {name: [] for name in names}
+        channels = {name: channel(address) for name, (address, _) in addresses.items()}
         stubs = {name: pb_grpc.TransactionServiceStub(ch) for name, ch in channels.items()}
+        pids = {name: pid for name, (_, pid) in addresses.items()}
         for name, stub in stubs.items():  # warm up: first connections, first commits
-            await measure(stub, pools[name], 0.5, args.concurrency, 20)
+            await measure(stub, pids[name], pools[name], 0.5, args.concurrency, 20)
         for round_number in range(args.rounds):
             order = names if round_number % 2 == 0 else list(reversed(names))
             for name in order:
-                rate, p50 = await measure(
-                    stubs[name], pools[name], args.seconds, args.concurrency, args.calls
+                rate, p50, cpu = await measure(
+                    stubs[name], pids[name], pools[name], args.seconds, args.concurrency, args.calls
                 )
                 rates[name].append(rate)
                 p50s[name].append(p50)
+                cpus[name].append(cpu)
             print(
                 f"round {round_number + 1}: "
                 + ", ".join(
-                    f"{name} {rates[name][-1]:.0f}/s p50 {p50s[name][-1]:.2f} ms" for name in names
+                    f"{name} {rates[name][-1]:.0f}/s p50 {p50s[name][-1]:.2f} ms "
+                    f"cpu {cpus[name][-1]:.3f} ms/call"
+                    for name in names
                 ),
                 flush=True,
             )
@@ -177,6 +199,15 @@ async def main_async(args: argparse.Namespace) -> None:
             f"  {name:14} median {median(p50s[name]):6.2f} ms  ratio to other {ratio:.3f}"
             f"  (rounds: {', '.join(f'{p:.2f}' for p in p50s[name])})"
         )
+    print("server CPU per call (user + system, over both measurements of a round):")
+    for name in names:
+        ratio = median(
+            [mine / theirs for mine, theirs in zip(cpus[name], cpus["other"], strict=True)]
+        )
+        print(
+            f"  {name:14} median {median(cpus[name]):6.3f} ms  ratio to other {ratio:.3f}"
+            f"  (rounds: {', '.join(f'{c:.3f}' for c in cpus[name])})"
+        )
     if args.traced:
         print(f"spans received from the traced server: {spans[0]}")
 
@@ -189,6 +220,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=150, help="sequential calls per round")
     parser.add_argument("--traced", action="store_true", help="also this tree with tracing on")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable for every server (e.g. TRANSACTION_SERVICE_LOG_LEVEL=WARNING)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

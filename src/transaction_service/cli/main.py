@@ -228,6 +228,12 @@ def configure_logging(level: str, log_format: str = "text") -> NativeStderr | No
     grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
     every line is JSON; the capture is returned, to stop at exit."""
     native = NativeStderr() if log_format == "json" else None
+    # No line shows the thread, process or calling function: skip finding them for every record
+    # (the logging HOWTO's optimisations; a gRPC call writes two lines).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
