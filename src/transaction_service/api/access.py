@@ -64,9 +64,14 @@ def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 @dataclass
 class Call:
-    """The call being served (see `current_call`)."""
+    """The call being served (see `current_call`). What the access line needs of the call's
+    context is read when it starts: once a client has cancelled, grpc.aio may have freed the
+    call, and asking the context then can crash the process."""
 
     request_id: str
+    peer: str
+    # When the call's deadline passes (time.monotonic()), if it has one.
+    deadline: float | None
     # The reason of the error the call was refused with (`ErrorInfo.reason`), set by
     # api/errors.py; names why a stream ended (e.g. SHUTTING_DOWN).
     reason: str = ""
@@ -91,10 +96,11 @@ def _code_name(code: object) -> str:
     return "OK"
 
 
-def _ended_by_cancel(context: grpc.aio.ServicerContext) -> str:
+def _ended_by_cancel(call: Call) -> str:
     """The code of a call whose handler was cancelled: its deadline passed, or its client left."""
-    remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    if call.deadline is not None and time.monotonic() >= call.deadline:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
 
 
 def _why(code: str, reason: str) -> str:
@@ -193,20 +199,19 @@ class _Observed:
         self._request_id = request_id
         self._role = role
 
-    def _begin(self) -> tuple[Call, contextvars.Token[Call | None], contextvars.Token[str]]:
+    def _begin(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[Call, contextvars.Token[Call | None], contextvars.Token[str]]:
         self._metrics.started()
-        call = Call(self._request_id)
+        remaining = context.time_remaining()
+        call = Call(
+            self._request_id,
+            context.peer(),
+            time.monotonic() + remaining if remaining is not None else None,
+        )
         return call, current_call.set(call), logs.request_id.set(self._request_id)
 
-    def _end(
-        self,
-        call: Call,
-        context: grpc.aio.ServicerContext,
-        code: str,
-        started: float,
-        message: str,
-        **extra: Any,
-    ) -> None:
+    def _end(self, call: Call, code: str, started: float, message: str, **extra: Any) -> None:
         seconds = time.perf_counter() - started
         self._metrics.handled(code, seconds)
         if code != "OK":
@@ -216,7 +221,7 @@ class _Observed:
             "code": code,
             "ms": round(seconds * 1000, 2),
             "role": self._role,
-            "peer": context.peer(),
+            "peer": call.peer,
             **extra,
         }
         if call.reason:
@@ -227,7 +232,7 @@ class _Observed:
         self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, call_token, id_token = self._begin()
+            call, call_token, id_token = self._begin(context)
             started = time.perf_counter()
             code = "UNKNOWN"
             try:
@@ -235,13 +240,13 @@ class _Observed:
                 code = _code_name(context.code())
                 return response
             except asyncio.CancelledError:
-                code = _ended_by_cancel(context)
+                code = _ended_by_cancel(call)
                 raise
             except grpc.aio.AbortError:
                 code = _code_name(context.code())
                 raise
             finally:
-                self._end(call, context, code, started, "grpc call")
+                self._end(call, code, started, "grpc call")
                 current_call.reset(call_token)
                 logs.request_id.reset(id_token)
 
@@ -254,13 +259,11 @@ class _Observed:
         count_requests: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call, call_token, id_token = self._begin()
+            call, call_token, id_token = self._begin(context)
             started = time.perf_counter()
             access_log.info(
                 "grpc stream opened",
-                extra={
-                    "fields": {"method": self._method, "role": self._role, "peer": context.peer()}
-                },
+                extra={"fields": {"method": self._method, "role": self._role, "peer": call.peer}},
             )
             if count_requests:
                 request = _counted(request, call)
@@ -271,7 +274,7 @@ class _Observed:
                     yield response
                 code = _code_name(context.code())
             except asyncio.CancelledError:
-                code = _ended_by_cancel(context)
+                code = _ended_by_cancel(call)
                 raise
             except GeneratorExit:
                 # The stream was closed from outside (its client went away).
@@ -283,7 +286,6 @@ class _Observed:
             finally:
                 self._end(
                     call,
-                    context,
                     code,
                     started,
                     "grpc stream ended",
