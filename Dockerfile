@@ -30,8 +30,10 @@ COPY requirements.lock ./
 RUN pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY src/ src/
-COPY generated/ generated/
-RUN pip install --no-deps .
+# The client distribution (the generated stubs, and the client the commands use), which the
+# server depends on; neither resolves dependencies: they are all in the lock.
+COPY client/ client/
+RUN pip install --no-deps ./client .
 
 # -- runtime: the venv only, as an unprivileged numeric user ----------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Stamp files record that an install ran against the current pyproject.toml and lock.
+# Stamp files record that an install ran against the current pyproject.toml files and lock.
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 # Every third-party package comes from a lock, pinned with its hashes (the image installs
@@ -15,8 +15,10 @@ DEV_LOCK := requirements-dev.lock
 # work tree without resolving dependencies: theirs are in the lock. A folder added here that the
 # server depends on needs a `[tool.uv.sources]` entry in pyproject.toml and its name in
 # LOCAL_NAMES, so that `make lock` resolves it from the folder and leaves it out of the lock.
-LOCAL_PACKAGES := .
-LOCAL_NAMES :=
+# client/: the client distribution (the generated stubs and the Python client), which the
+# server depends on.
+LOCAL_PACKAGES := ./client .
+LOCAL_NAMES := transaction-service-client
 LOCK_FLAGS := --generate-hashes --universal --python-version 3.11 --quiet \
 	--custom-compile-command 'make lock' $(foreach name,$(LOCAL_NAMES),--no-emit-package $(name))
 PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps -r
@@ -28,12 +30,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(INSTALLED): pyproject.toml $(LOCK) | $(BIN)/python
+$(INSTALLED): pyproject.toml client/pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP_LOCKED) $(LOCK)
 	$(PIP_LOCAL)
 	touch $@
 
-$(DEV_INSTALLED): pyproject.toml $(DEV_LOCK) | $(BIN)/python
+$(DEV_INSTALLED): pyproject.toml client/pyproject.toml $(DEV_LOCK) | $(BIN)/python
 	$(PIP_LOCKED) $(DEV_LOCK)
 	$(PIP_LOCAL)
 	touch $@ $(INSTALLED)
@@ -52,20 +54,22 @@ lock-upgrade:
 run: $(INSTALLED)
 	$(BIN)/transaction-service serve
 
-test: $(DEV_INSTALLED)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/buf lint
+test: lint
 	$(BIN)/python -m pytest
 
-# Re-make the committed stubs in generated/ from proto/.
+# Re-make the committed stubs in client/src/transactions/ from proto/ (buf.gen.yaml), and the
+# descriptor set with the proto's comments that reflection serves.
 proto: $(DEV_INSTALLED)
-	$(BIN)/python scripts/gen_proto.py
+	$(BIN)/buf generate
+	$(BIN)/buf build --as-file-descriptor-set -o client/src/transactions/descriptor_set.binpb
 
+# buf breaking compares proto/ with the main branch's (a no-op where there is no main branch).
 lint: $(DEV_INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
+	$(BIN)/python scripts/buf_breaking.py
+	$(BIN)/mypy --strict client/src/transaction_client
 
 format: $(DEV_INSTALLED)
 	$(BIN)/ruff check --fix .
@@ -80,4 +84,4 @@ bench-quick: $(DEV_INSTALLED)
 	$(BIN)/python bench/bench.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info client/build client/src/*.egg-info

@@ -3,7 +3,7 @@ own: what a change to the code costs IngestEvent, measured the way bench.py meas
 
 Run: `.venv/bin/python bench/ab.py OTHER_TREE [--seconds S] [--rounds N] [--traced]`, e.g.
 `bench/ab.py ../main` before merging a branch. Both servers run this tree's virtualenv (the same
-libraries; only the service's own code differs: the other one's `src/` and `generated/` come
+libraries; only the service's own code differs: the other one's `src/` and its stubs come
 first on its PYTHONPATH), on fresh SQLite files with the default synchronous=FULL, both running
 throughout. Rounds alternate between them (as bench.py's rows 1-4 do) so both meet the same
 neighbours on a shared machine; a ratio is the median of the rounds' ratios.
@@ -52,7 +52,9 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 def server_of(tree: Path, db: Path, **env: str) -> Iterator[tuple[str, int]]:
     """`transaction-service serve` with `tree`'s code first on the path; (address, pid)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSACTION_", "OTEL_"))}
-    environ["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in ("src", "generated"))
+    # The stubs are in generated/ in older trees, in client/src/ (with the client) in newer ones.
+    parts = [tree / part for part in ("src", "client/src", "generated")]
+    environ["PYTHONPATH"] = os.pathsep.join(str(part) for part in parts if part.is_dir())
     environ |= env
     args = [sys.executable, "-m", "transaction_service", "serve"]
     process = Process([*args, "--grpc-port", "0", "--http-port", "0", "--db", str(db)], env=environ)
@@ -214,7 +216,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("other", help="the other checkout (its src/ and generated/ are used)")
+    parser.add_argument("other", help="the other checkout (its src/ and stubs are used)")
     parser.add_argument("--seconds", type=float, default=4.0, help="throughput per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=32)

@@ -1,5 +1,5 @@
 import sys
 
-from transaction_service.cli.entry import main
+from transaction_service.cli.main import main
 
 sys.exit(main())

@@ -4,33 +4,42 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import difflib
-import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from transaction_service.cli.connection import add_connection_flags, quiet_grpc
 
-from transaction_service.app import StartupError
-from transaction_service.cli.connection import add_connection_flags
-from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
-from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
-from transaction_service.config import (
-    Settings,
-    add_flags,
-    describe_errors,
-    env_name,
-    from_flags,
-    unknown_environment,
-)
-from transaction_service.logs import NativeStderr, formatter
+if TYPE_CHECKING:
+    import asyncio
+
+    from transaction_service.logs import NativeStderr
 
 log = logging.getLogger("transaction_service")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that call a running server. The others (serve, rebuild) take their flags from the
+# server's settings and modules.
+CLIENT_COMMANDS = ("watch", "ingest", "health", "reconcile", "backfill")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of a command line (the first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, for a command line whose command is `command` (None: all of them).
+
+    Each command's own flags are added only when it is the one parsed (or for the usage, when
+    no known command is): the serve flags come from the settings (pydantic) and rebuild's from
+    the store, which `transaction-service health`, run by a container's HEALTHCHECK on a machine
+    that may be busy, must not pay to import."""
+
+    def wanted(name: str) -> bool:
+        return command not in (*CLIENT_COMMANDS, "serve", "rebuild") or name == command
+
     parser = argparse.ArgumentParser(
         prog="transaction-service",
         description="Junction lab-order webhooks in, order transaction state out.",
@@ -42,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the service: gRPC, and HTTP for webhooks, metrics and probes; on the "
         "embedded SQLite store by default.",
     )
-    add_flags(serve)
+    if wanted("serve"):
+        from transaction_service.config import add_flags
+
+        add_flags(serve)
 
     watch = commands.add_parser(
         "watch",
@@ -82,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "refused.",
     )
     add_connection_flags(ingest, token=True)
-    add_ingest_arguments(ingest)
+    if wanted("ingest"):
+        from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
+
+        add_ingest_arguments(ingest)
 
     rebuild = commands.add_parser(
         "rebuild",
@@ -93,19 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
         "first (one process owns the file). Transactions with webhook bodies erased by the "
         "body retention keep their state and are counted.",
     )
-    add_rebuild_arguments(rebuild)
+    if wanted("rebuild"):
+        from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
 
-    from transaction_service.cli import health
+        add_rebuild_arguments(rebuild)
 
-    health.add_arguments(
-        commands.add_parser(
-            "health",
-            help="exit 0 if a server's gRPC health check says SERVING",
-            description=health.DESCRIPTION,
-        )
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if a server's gRPC health check says SERVING",
+        description="Ask a running server's gRPC health service (for container probes). Exits "
+        "0 on SERVING; otherwise prints one line saying why and exits 1.",
     )
-
-    from transaction_service.cli.reconcile import add_backfill_flags, add_reconcile_flags
+    add_connection_flags(health, token=False)
+    health.add_argument(
+        "--service",
+        default="",
+        help="service to ask about (default: the whole server; e.g. "
+        "transactions.v1.TransactionService)",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -116,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
     )
     add_connection_flags(reconcile, token=True)
-    add_reconcile_flags(reconcile)
+    if wanted("reconcile"):
+        from transaction_service.cli.reconcile import add_reconcile_flags
+
+        add_reconcile_flags(reconcile)
 
     backfill = commands.add_parser(
         "backfill",
@@ -127,12 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
         "webhooks instead. The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
     )
     add_connection_flags(backfill, token=True)
-    add_backfill_flags(backfill)
+    if wanted("backfill"):
+        from transaction_service.cli.reconcile import add_backfill_flags
+
+        add_backfill_flags(backfill)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    if command in CLIENT_COMMANDS:
+        quiet_grpc()  # before anything imports grpc, building the parser included
+    args = build_parser(command).parse_args(argv)
     if args.command == "watch":
         from transaction_service.cli.watch import run_watch
 
@@ -154,6 +187,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.cli.reconcile import run_backfill, run_reconcile
 
         return run_reconcile(args) if args.command == "reconcile" else run_backfill(args)
+    return serve_command(args)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import difflib
+
+    from pydantic import ValidationError
+
+    from transaction_service.app import StartupError
+    from transaction_service.config import (
+        Settings,
+        describe_errors,
+        env_name,
+        from_flags,
+        unknown_environment,
+    )
+
     try:
         settings = from_flags(args)
     except ValidationError as exc:
@@ -169,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
             f" (did you mean {hint[0]}?)" if hint else "",
         )
+    import asyncio
+
     from transaction_service import tracing
     from transaction_service.metrics import version
 
@@ -200,6 +252,8 @@ def tune_garbage_collector() -> None:
     responses), every hundred of those: measured, sequential IngestEvent p50 went from 3.0 to
     2.0 ms, and with 2,000 watchers p99 from about 100 to 75 ms. Objects alive after the
     imports are frozen out of collection altogether."""
+    import gc
+
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
 
@@ -227,6 +281,8 @@ def configure_logging(level: str, log_format: str = "text") -> NativeStderr | No
     """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode what
     grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
     every line is JSON; the capture is returned, to stop at exit."""
+    from transaction_service.logs import NativeStderr, formatter
+
     native = NativeStderr() if log_format == "json" else None
     # No line shows the thread, process or calling function: skip finding them for every record
     # (the logging HOWTO's optimisations; a gRPC call writes two lines).
