@@ -42,8 +42,21 @@ SOURCES = ("grpc", "webhook", "api")
 RECONCILE_TRIGGERS = ("rpc", "sweep", "backfill")
 RECONCILE_OUTCOMES = ("changed", "unchanged", "failed")
 RESULTS_OUTCOMES = ("ready", "unchanged", "partial", "failed", "gave_up")
-# Outcomes of an ingest: the four answers, and the two refusals that happen after decoding.
-OUTCOMES = ("applied", "duplicate", "stale", "ignored", "conflict", "unavailable")
+# Outcomes of an ingest: the four answers, and the refusals that happen after decoding (a
+# conflicting event id, the store unavailable, the queue's share full, dropped at the deadline).
+OUTCOMES = (
+    "applied",
+    "duplicate",
+    "stale",
+    "ignored",
+    "conflict",
+    "unavailable",
+    "overloaded",
+    "dropped",
+)
+# Why a delivery was dropped before its commit.
+DROP_REASONS = ("deadline", "caller_gone")
+LANES = ("webhook", "unary", "stream")
 # Group commit takes up to `max_batch` (default 256) deliveries at once.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
@@ -161,7 +174,9 @@ class Metrics:
             Counter,
             f"{PREFIX}_events",
             "Deliveries ingested, by source (grpc, webhook, api) and outcome (applied, "
-            "duplicate, stale, ignored; or refused after decoding: conflict, unavailable).",
+            "duplicate, stale, ignored; or refused after decoding: conflict, unavailable, "
+            "overloaded: the ingest queue's share was full, dropped: the deadline passed before "
+            "the commit).",
             ("source", "outcome"),
         )
         self.ingest_seconds = declare(
@@ -184,6 +199,19 @@ class Metrics:
             "ingest, results, reconcile, rebuild).",
             buckets=LATENCY_BUCKETS,
         )
+        self.dropped = declare(
+            Counter,
+            f"{PREFIX}_ingest_dropped",
+            "Deliveries dropped before their commit (never acknowledged, nothing stored), by "
+            "source and reason: deadline (the caller's deadline passed) or caller_gone.",
+            ("source", "reason"),
+        )
+        self.ingest_queue_depth = declare(
+            Gauge,
+            f"{PREFIX}_ingest_queue_depth",
+            "Deliveries waiting for a commit, by lane (webhook, unary, stream).",
+            ("lane",),
+        )
         self.ingest_stream_in_flight = declare(
             Gauge,
             f"{PREFIX}_ingest_stream_requests_in_flight",
@@ -200,7 +228,8 @@ class Metrics:
             f"{PREFIX}_webhooks_refused",
             "Webhook requests answered with an error, by reason (missing_signature, "
             "bad_signature, bad_timestamp, timestamp_out_of_tolerance, invalid_argument, "
-            "already_exists, too_large, shutting_down, store_unavailable, webhooks_disabled).",
+            "already_exists, too_large, shutting_down, store_unavailable, transaction_locked, "
+            "ingest_queue_full, deadline_passed, webhooks_disabled).",
             ("reason",),
         )
         # -- watch --------------------------------------------------------------------------------
@@ -285,6 +314,8 @@ class Metrics:
             self.ingest_seconds.labels(source)
             for outcome in OUTCOMES:
                 self.events.labels(source, outcome)
+            for reason in DROP_REASONS:
+                self.dropped.labels(source, reason)
 
     def _declare(
         self,
@@ -321,6 +352,14 @@ class Metrics:
     def ingest_refused(self, source: str, outcome: str) -> None:
         """A decoded delivery the ingestor refused (`conflict`, `unavailable`)."""
         self.events.labels(source, outcome).inc()
+
+    def ingest_dropped(self, source: str, reason: str) -> None:
+        self.dropped.labels(source, reason).inc()
+
+    def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
+        """Read the queue's depth per lane from `depth` at every scrape."""
+        for lane in LANES:
+            self.ingest_queue_depth.labels(lane).set_function(lambda lane=lane: depth(lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)
