@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from tests.harness import Running
 from tests.process import (
     RICHEST,
     Client,
@@ -546,3 +547,23 @@ def test_an_unusable_tracing_setting_is_one_line(
 ) -> None:
     line = startup_error(tmp_path, "--grpc-port", "0", "--db", "x.db", env=tracing_env(**otel))
     assert message in line
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+async def test_an_unexpected_error_is_internal_and_carries_its_request_id(
+    api: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug's exception never reaches the caller, but the request id to find it in the log
+    does."""
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("boom: nothing a caller should read")
+
+    monkeypatch.setattr(api.service.store, "get", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await api.stub.GetTransaction(
+            pb.GetTransactionRequest(transaction_id="x"), metadata=[("x-request-id", "rid-42")]
+        )
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "boom" not in (error.value.details() or "")
+    assert request_info(error.value) == "rid-42"

@@ -359,7 +359,7 @@ class Metrics:
     def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
         """Read the queue's depth per lane from `depth` at every scrape."""
         for lane in LANES:
-            self.ingest_queue_depth.labels(lane).set_function(lambda lane=lane: depth(lane))
+            self.ingest_queue_depth.labels(lane).set_function(_depth_of(depth, lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)
@@ -419,6 +419,10 @@ class Metrics:
 
 def _count_of(count: Callable[[], Mapping[str, int]], kind: str) -> Callable[[], float]:
     return lambda: count().get(kind, 0)
+
+
+def _depth_of(depth: Callable[[str], int], lane: str) -> Callable[[], float]:
+    return lambda: depth(lane)
 
 
 class GrpcMethodMetrics:

@@ -135,7 +135,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoRetur
 
 async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
     log.exception("unexpected error in %s", method)
-    status = _status(code_pb2.INTERNAL, "internal error; it was logged on the server. Retry later.")
+    status = _status(
+        code_pb2.INTERNAL, "internal error; it was logged on the server. Retry later.", []
+    )
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable")  # pragma: no cover
 
