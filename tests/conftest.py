@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests import podman
 from tests.fake_junction import FakeJunction
 from tests.harness import Running
 from tests.pg import SETTING as PG_SETTING
@@ -78,12 +79,22 @@ async def api(tmp_path: Path, store_kind: str) -> AsyncIterator[Running]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Say loudly when the PostgreSQL suite did not run."""
+    """Say loudly when the PostgreSQL suite or the image test did not run; give the image
+    test's step times when it did."""
     if (reason := unavailable_reason()) is not None:
         terminalreporter.write_sep("!", "PostgreSQL suite SKIPPED", red=True, bold=True)
         terminalreporter.write_line(
             f"{reason}. Point {PG_SETTING} at a PostgreSQL server to run it.", red=True
         )
+    if podman.SKIPPED:
+        terminalreporter.write_sep("!", "image test SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(
+            f"{podman.SKIPPED[0]}: the image was neither built nor run.", red=True
+        )
+    if podman.TIMES:
+        terminalreporter.write_sep("-", "image test (seconds)")
+        for step, seconds in podman.TIMES.items():
+            terminalreporter.write_line(f"{step}: {seconds}")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ class StartupError(Exception):
     """A mistake that stops the service from starting; its message is one line for the operator."""
 
 
-def junction_client(settings: Settings) -> JunctionClient | None:
+def junction_client(settings: Settings, metrics: Metrics | None = None) -> JunctionClient | None:
     """The client of Junction's API the settings describe; None without an API key."""
     if not settings.junction_api_key:
         return None
@@ -48,6 +48,7 @@ def junction_client(settings: Settings) -> JunctionClient | None:
         api_key=settings.junction_api_key,
         timeout=settings.junction_timeout_seconds,
         max_concurrency=settings.junction_max_concurrency,
+        metrics=metrics,
     )
 
 
@@ -79,7 +80,7 @@ class App:
         # Every write goes through it; it publishes what was committed to the feed.
         self.commits = CommitPath(self.store, publish=self.feed.committed, metrics=self.metrics)
         # Junction's API, when an API key is configured: reconcile, sweep, combined results.
-        self.junction = junction_client(settings)
+        self.junction = junction_client(settings, self.metrics)
         self.ingestor = Ingestor(
             self.commits,
             max_batch=settings.max_batch,
@@ -111,7 +112,7 @@ class App:
             concurrency=settings.junction_max_concurrency,
             metrics=self.metrics,
         )
-        self.metrics.count_watch_streams(lambda: self.hub.subscriber_count)
+        self.metrics.count_watch_streams(self.hub.count_by_kind)
         # Background loops; each catches and logs its own failures and keeps going.
         self._loops: list[asyncio.Task[None]] = []
         self.started = False

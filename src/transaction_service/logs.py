@@ -5,6 +5,10 @@ A record may carry `fields` (pass `extra={"fields": {...}}`): text lines append 
 can start a new line or pass for another field: text messages and values have their control
 characters escaped, and JSON escapes everything itself.
 
+Lines written while a call or an HTTP request is served carry its `request_id` (the transports
+set `request_id`), and, when tracing is on, the `trace_id` and `span_id` of the active span (see
+`tracing.py`, which sets `context_fields`).
+
 What is logged never includes webhook bodies, tokens or secrets; ids are logged, quoted.
 """
 
@@ -12,12 +16,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Ids longer than this are cut in log lines (an event id can be 256 characters).
 _VALUE_LIMIT = 300
+
+# The request id of the gRPC call or HTTP request being served (api/access.py, http/server.py).
+request_id: ContextVar[str] = ContextVar("request_id", default="")
+# Set by tracing.py when tracing is on: the active span's trace_id and span_id, if any.
+context_fields: Callable[[], dict[str, str]] | None = None
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's own fields, then the request id and trace ids of where it was written."""
+    fields: dict[str, Any] = dict(getattr(record, "fields", None) or {})
+    if rid := request_id.get():
+        fields.setdefault("request_id", rid)
+    if context_fields is not None:
+        for key, value in context_fields().items():
+            fields.setdefault(key, value)
+    return fields
 
 
 def _escape(text: str) -> str:
@@ -45,7 +71,7 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = _escape(record.message)
         line = super().formatMessage(record)
-        fields = getattr(record, "fields", None)
+        fields = _context(record)
         if fields:
             line += " " + " ".join(f"{key}={_text_value(v)}" for key, v in fields.items())
         return line
@@ -62,9 +88,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
+        entry.update(_context(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         # ASCII only: no character in a value can be taken for a line break by any reader.
@@ -73,3 +97,74 @@ class JsonFormatter(logging.Formatter):
 
 def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
+
+
+# grpc-core (absl) log lines: `E1206 22:33:11.123456  1234 ssl_transport_security.cc:1677] text`.
+_NATIVE_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+:\d+)\] ?(.*)")
+_NATIVE_LEVELS = {
+    "I": logging.INFO,
+    "W": logging.WARNING,
+    "E": logging.ERROR,
+    "F": logging.CRITICAL,
+}
+
+
+class NativeStderr:
+    """Everything written to file descriptor 2, by anyone, as log records.
+
+    grpc-core writes its log (failed TLS handshakes, for one) with absl straight to the process's
+    stderr, past Python's logging; so do other C libraries, and Python itself for its
+    last-resort messages. In JSON mode every line on stderr must be JSON: `start()` points
+    descriptor 2 at a pipe, a thread reads it line by line and logs each line (grpc-core's as
+    logger `grpc` with its level and source file, others as logger `stderr`), and the log
+    handler writes to the real stderr (`stream`). `stop()` puts descriptor 2 back and drains the
+    pipe.
+    """
+
+    def __init__(self) -> None:
+        self._saved = -1
+        self._thread: threading.Thread | None = None
+        self.stream: TextIO | None = None
+
+    def start(self) -> TextIO:
+        """Capture descriptor 2; the stream to write log lines to (the real stderr)."""
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.stream = os.fdopen(
+            os.dup(self._saved), "w", buffering=1, encoding="utf-8", errors="backslashreplace"
+        )
+        self._thread = threading.Thread(
+            target=self._pump, args=(read,), name="stderr-to-log", daemon=True
+        )
+        self._thread.start()
+        # A handler that fails reports it on sys.stderr, which is the pipe: never loop on it.
+        logging.raiseExceptions = False
+        return self.stream
+
+    def _pump(self, read: int) -> None:
+        native = logging.getLogger("grpc")
+        other = logging.getLogger("stderr")
+        with os.fdopen(read, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if match := _NATIVE_LINE.match(line):
+                    level, source, text = match.groups()
+                    native.log(_NATIVE_LEVELS[level], text, extra={"fields": {"source": source}})
+                else:
+                    other.warning(line)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if self._saved < 0:
+            return
+        sys.stderr.flush()
+        # The pipe's last writer was descriptor 2: the reader sees its end once it has read all.
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = -1
+        if self._thread is not None:
+            self._thread.join(timeout)

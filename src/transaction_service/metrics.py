@@ -3,22 +3,35 @@
 Each `App` owns one `Metrics`, with a registry of its own (not prometheus-client's global one),
 so several servers in one process (tests, benchmarks) count separately. The ingest and watch code
 call the methods below; `GET /metrics` serves `exposition()`.
+
+Every metric is declared through `_declare`, which also records it for `metrics_table()`: the
+table in docs/observability.md is made from these declarations (`scripts/docs_metrics.py`) and a
+test keeps the two equal. Per-call gRPC metrics use the names go-grpc-prometheus and
+py-grpc-prometheus use, so their dashboards work unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 # No `*_created` series next to every counter: they double the output and no query here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
@@ -52,6 +65,67 @@ HTTP_CLOSES = ("idle_timeout", "head_timeout", "head_too_large", "body_timeout")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# go-grpc-prometheus's handling-time buckets (Prometheus' defaults), so its dashboards read ours.
+GRPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Commit to send: a millisecond for a live watcher, the batch interval for a batched one, longer
+# for one catching up from the change log or on another replica that polls.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Junction's API: tens of milliseconds to its timeout (10 s by default).
+JUNCTION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# How a Junction API request ended (one attempt; retries are counted again).
+JUNCTION_OUTCOMES = ("ok", "not_found", "refused", "rate_limited", "server_error", "network_error")
+# gRPC method types as go-grpc-prometheus labels them.
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+WATCH_KINDS = ("transaction", "feed")
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A metric as docs/observability.md lists it."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    documentation: str
+
+
+# What prometheus-client's own collectors add; their names are theirs, not declared here.
+COLLECTED = (
+    Declared(
+        "process_*",
+        "gauge, counter",
+        (),
+        "the process: CPU seconds, resident and virtual "
+        "memory, open and maximum file descriptors, start time (Linux)",
+    ),
+    Declared(
+        "python_gc_*",
+        "counter",
+        ("generation",),
+        "Python's garbage collector: collections, objects collected, uncollectable objects",
+    ),
+    Declared(
+        "python_info",
+        "gauge",
+        ("implementation", "major", "minor", "patchlevel", "version"),
+        "the Python running the service",
+    ),
+)
+
+
+def version() -> str:
+    """The installed transaction-service's version."""
+    try:
+        return metadata.version("transaction-service")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class Metrics:
@@ -59,100 +133,199 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        self.events = Counter(
-            f"{PREFIX}_events",
-            "Deliveries ingested, by where they came from and what became of them.",
-            ["source", "outcome"],
-            registry=registry,
+        self.declared: list[Declared] = []
+        declare = self._declare
+        # -- gRPC calls, as go-grpc-prometheus names them ----------------------------------------
+        self.grpc_started = declare(
+            Counter,
+            "grpc_server_started",
+            "gRPC calls started on the server, by type (unary, server_stream, client_stream, "
+            "bidi_stream), service and method.",
+            ("grpc_type", "grpc_service", "grpc_method"),
         )
-        self.ingest_seconds = Histogram(
+        self.grpc_handled = declare(
+            Counter,
+            "grpc_server_handled",
+            "gRPC calls completed, by type, service, method and status code (OK, "
+            "INVALID_ARGUMENT, UNAVAILABLE, CANCELLED, ...).",
+            ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
+        )
+        self.grpc_seconds = declare(
+            Histogram,
+            "grpc_server_handling_seconds",
+            "Time from a call's start to its status, by type, service and method (for a watch "
+            "stream: how long it was open).",
+            ("grpc_type", "grpc_service", "grpc_method"),
+            buckets=GRPC_BUCKETS,
+        )
+        # -- HTTP ---------------------------------------------------------------------------------
+        self.http_requests = declare(
+            Counter,
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route (/webhooks/junction, /metrics, /healthz, /readyz; "
+            "other: any other path), method and status.",
+            ("route", "method", "status"),
+        )
+        self.http_seconds = declare(
+            Histogram,
+            f"{PREFIX}_http_request_seconds",
+            "Time to answer an HTTP request, by route.",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+        )
+        # -- ingest -------------------------------------------------------------------------------
+        self.events = declare(
+            Counter,
+            f"{PREFIX}_events",
+            "Deliveries ingested, by source (grpc, webhook, api) and outcome (applied, "
+            "duplicate, stale, ignored; or refused after decoding: conflict, unavailable, "
+            "overloaded: the ingest queue's share was full, dropped: the deadline passed before "
+            "the commit).",
+            ("source", "outcome"),
+        )
+        self.ingest_seconds = declare(
+            Histogram,
             f"{PREFIX}_ingest_seconds",
             "Time from handing a decoded delivery to the ingestor until its commit was answered.",
-            ["source"],
+            ("source",),
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = declare(
+            Histogram,
             f"{PREFIX}_commit_batch_size",
             "Deliveries committed together in one database transaction (group commit).",
             buckets=BATCH_BUCKETS,
-            registry=registry,
         )
-        self.dropped = Counter(
+        self.commit_seconds = declare(
+            Histogram,
+            f"{PREFIX}_store_commit_seconds",
+            "Time the store took to lock, load, plan, write and commit one batch (every writer: "
+            "ingest, results, reconcile, rebuild).",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.dropped = declare(
+            Counter,
             f"{PREFIX}_ingest_dropped",
             "Deliveries dropped before their commit (never acknowledged, nothing stored), by "
             "source and reason: deadline (the caller's deadline passed) or caller_gone.",
-            ["source", "reason"],
-            registry=registry,
+            ("source", "reason"),
         )
-        self.ingest_queue_depth = Gauge(
+        self.ingest_queue_depth = declare(
+            Gauge,
             f"{PREFIX}_ingest_queue_depth",
             "Deliveries waiting for a commit, by lane (webhook, unary, stream).",
-            ["lane"],
-            registry=registry,
+            ("lane",),
         )
-        self.watch_streams = Gauge(
-            f"{PREFIX}_watch_streams", "Watch streams open now.", registry=registry
-        )
-        self.watch_overflows = Counter(
-            f"{PREFIX}_watch_overflows",
-            "Times a slow watcher's buffer was full and dropped (it then reads the change log).",
-            registry=registry,
-        )
-        self.watch_catch_ups = Counter(
-            f"{PREFIX}_watch_catch_ups",
-            "Times a watcher that had fallen behind caught up by reading the change log.",
-            registry=registry,
-        )
-        self.ingest_stream_in_flight = Gauge(
+        self.ingest_stream_in_flight = declare(
+            Gauge,
             f"{PREFIX}_ingest_stream_requests_in_flight",
             "Deliveries read from IngestEvents streams and not yet answered (a request of "
             "several counts each; bounded per stream by the ingest stream window).",
-            registry=registry,
         )
-        self.head_revision = Gauge(
+        self.head_revision = declare(
+            Gauge,
             f"{PREFIX}_head_revision",
             "The newest revision committed to the change log.",
-            registry=registry,
         )
-        self.webhooks_refused = Counter(
+        self.webhooks_refused = declare(
+            Counter,
             f"{PREFIX}_webhooks_refused",
-            "Webhook requests answered with an error, by reason (e.g. bad_signature).",
-            ["reason"],
-            registry=registry,
+            "Webhook requests answered with an error, by reason (missing_signature, "
+            "bad_signature, bad_timestamp, timestamp_out_of_tolerance, invalid_argument, "
+            "already_exists, too_large, body_timeout, busy, shutting_down, store_unavailable, "
+            "transaction_locked, ingest_queue_full, deadline_passed, webhooks_disabled).",
+            ("reason",),
         )
-        self.http_connections = Gauge(
-            f"{PREFIX}_http_connections", "HTTP connections open now.", registry=registry
+        # -- HTTP edge (http/guard.py) -------------------------------------------------------------
+        self.http_connections = declare(
+            Gauge, f"{PREFIX}_http_connections", "HTTP connections open now."
         )
-        self.http_shed = Counter(
+        self.http_shed = declare(
+            Counter,
             f"{PREFIX}_http_shed",
             "HTTP work refused because a limit was reached: a new connection past "
             "http_max_connections, a webhook body past http_max_body_reads.",
-            ["what"],
-            registry=registry,
+            ("what",),
         )
-        self.http_closed = Counter(
+        self.http_closed = declare(
+            Counter,
             f"{PREFIX}_http_closed",
             "HTTP connections the server closed because the client was too slow or sent too "
             "much, by reason (idle_timeout, head_timeout, head_too_large, body_timeout).",
-            ["reason"],
-            registry=registry,
+            ("reason",),
         )
-        self.reconciles = Counter(
+        # -- watch --------------------------------------------------------------------------------
+        self.watch_streams = declare(
+            Gauge, f"{PREFIX}_watch_streams", "Watch streams open now (every kind)."
+        )
+        self.watches = declare(
+            Gauge,
+            f"{PREFIX}_watches",
+            "Watch streams open now, by kind (transaction: WatchTransaction; feed: "
+            "WatchTransactions).",
+            ("kind",),
+        )
+        self.watch_lag = declare(
+            Histogram,
+            f"{PREFIX}_watch_delivery_lag_seconds",
+            "From a change's commit (its recorded_at) to handing it to a watcher's stream, once "
+            "per change or batch of changes handed over (for a batch: its oldest change).",
+            buckets=LAG_BUCKETS,
+        )
+        self.watch_overflows = declare(
+            Counter,
+            f"{PREFIX}_watch_overflows",
+            "Times a slow watcher's buffer was full and dropped (it then reads the change log).",
+        )
+        self.watch_catch_ups = declare(
+            Counter,
+            f"{PREFIX}_watch_catch_ups",
+            "Times a watcher that had fallen behind caught up by reading the change log.",
+        )
+        # -- Junction's API -----------------------------------------------------------------------
+        self.junction_requests = declare(
+            Counter,
+            f"{PREFIX}_junction_requests",
+            "Requests to Junction's API (each attempt; retries count again), by endpoint (the "
+            "path template, e.g. GET /v3/order/{order_id}) and outcome (ok, not_found, refused: "
+            "another 4xx, rate_limited: 429, server_error: 5xx or 408, network_error: timeouts "
+            "and connection failures).",
+            ("endpoint", "outcome"),
+        )
+        self.junction_seconds = declare(
+            Histogram,
+            f"{PREFIX}_junction_request_seconds",
+            "Time of one request to Junction's API, by endpoint, until its answer's head (a "
+            "PDF's body streams after it).",
+            ("endpoint",),
+            buckets=JUNCTION_BUCKETS,
+        )
+        self.reconciles = declare(
+            Counter,
             f"{PREFIX}_reconciles",
             "Transactions reconciled with Junction's API, by trigger (rpc, sweep, backfill) and "
             "outcome (changed, unchanged, failed).",
-            ["trigger", "outcome"],
-            registry=registry,
+            ("trigger", "outcome"),
         )
-        self.results_fetches = Counter(
+        self.results_fetches = declare(
+            Counter,
             f"{PREFIX}_results_fetches",
             "Fetches of combined results from Junction's API, by outcome (ready: new results "
             "reported; unchanged; partial; failed: retried later; gave_up).",
-            ["outcome"],
-            registry=registry,
+            ("outcome",),
         )
+        # -- the process --------------------------------------------------------------------------
+        self.build = declare(
+            Info,
+            f"{PREFIX}_build",
+            "The running build: its version and the Python it runs on (value 1).",
+        )
+        self.build.info({"version": version(), "python": platform.python_version()})
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        for kind in WATCH_KINDS:
+            self.watches.labels(kind)
         for trigger in RECONCILE_TRIGGERS:
             for outcome in RECONCILE_OUTCOMES:
                 self.reconciles.labels(trigger, outcome)
@@ -170,6 +343,32 @@ class Metrics:
             for reason in DROP_REASONS:
                 self.dropped.labels(source, reason)
 
+    def _declare(
+        self,
+        kind: type[M],
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        **options: Any,
+    ) -> M:
+        metric = kind(name, documentation, labels, registry=self.registry, **options)
+        exposed = {
+            Counter: f"{name}_total",
+            Info: f"{name}_info",
+        }.get(kind, name)
+        self.declared.append(Declared(exposed, metric._type or "", tuple(labels), documentation))
+        return metric
+
+    # -- gRPC and HTTP -----------------------------------------------------------------------------
+
+    def grpc_method(self, grpc_type: str, service: str, method: str) -> GrpcMethodMetrics:
+        """The metrics of one gRPC method, its label children looked up once."""
+        return GrpcMethodMetrics(self, grpc_type, service, method)
+
+    def http_answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
+
     # -- ingest ------------------------------------------------------------------------------------
 
     def ingested(self, source: str, outcome: str, seconds: float) -> None:
@@ -186,10 +385,13 @@ class Metrics:
     def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
         """Read the queue's depth per lane from `depth` at every scrape."""
         for lane in LANES:
-            self.ingest_queue_depth.labels(lane).set_function(partial(depth, lane))
+            self.ingest_queue_depth.labels(lane).set_function(_depth_of(depth, lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def store_committed(self, seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
 
     def ingest_stream_read(self, count: int) -> None:
         """`count` deliveries of an IngestEvents stream were read (positive) or answered."""
@@ -200,9 +402,14 @@ class Metrics:
 
     # -- watch -------------------------------------------------------------------------------------
 
-    def count_watch_streams(self, count: Callable[[], int]) -> None:
-        """Read the number of open watch streams from `count` at every scrape."""
-        self.watch_streams.set_function(count)
+    def count_watch_streams(self, count: Callable[[], Mapping[str, int]]) -> None:
+        """Read the number of open watch streams by kind from `count` at every scrape."""
+        self.watch_streams.set_function(lambda: sum(count().values()))
+        for kind in WATCH_KINDS:
+            self.watches.labels(kind).set_function(_count_of(count, kind))
+
+    def watch_sent(self, lag_seconds: float) -> None:
+        self.watch_lag.observe(max(lag_seconds, 0.0))
 
     def watch_overflowed(self) -> None:
         self.watch_overflows.inc()
@@ -217,6 +424,10 @@ class Metrics:
 
     def results_fetched(self, outcome: str) -> None:
         self.results_fetches.labels(outcome).inc()
+
+    def junction_answered(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.junction_requests.labels(endpoint, outcome).inc()
+        self.junction_seconds.labels(endpoint).observe(seconds)
 
     # -- webhooks ----------------------------------------------------------------------------------
 
@@ -241,3 +452,45 @@ class Metrics:
     def exposition(self) -> bytes:
         """Everything, in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _count_of(count: Callable[[], Mapping[str, int]], kind: str) -> Callable[[], float]:
+    return lambda: count().get(kind, 0)
+
+
+def _depth_of(depth: Callable[[str], int], lane: str) -> Callable[[], float]:
+    return lambda: depth(lane)
+
+
+class GrpcMethodMetrics:
+    """One gRPC method's started / handled / handling-time children, looked up once."""
+
+    def __init__(self, metrics: Metrics, grpc_type: str, service: str, method: str) -> None:
+        self._labels = (grpc_type, service, method)
+        self._handled = metrics.grpc_handled
+        self._handled_by_code: dict[str, Any] = {}
+        self._started = metrics.grpc_started.labels(*self._labels)
+        self._seconds = metrics.grpc_seconds.labels(*self._labels)
+        self._by_code("OK")  # every method shows up at 0 before its first call
+
+    def _by_code(self, code: str) -> Any:
+        child = self._handled_by_code.get(code)
+        if child is None:
+            child = self._handled_by_code[code] = self._handled.labels(*self._labels, code)
+        return child
+
+    def started(self) -> None:
+        self._started.inc()
+
+    def handled(self, code: str, seconds: float) -> None:
+        self._by_code(code).inc()
+        self._seconds.observe(seconds)
+
+
+def metrics_table() -> str:
+    """The metrics table of docs/observability.md, in Markdown."""
+    lines = ["| metric | type | labels | what |", "|---|---|---|---|"]
+    for metric in (*Metrics().declared, *COLLECTED):
+        labels = ", ".join(f"`{label}`" for label in metric.labels) or "-"
+        lines.append(f"| `{metric.name}` | {metric.kind} | {labels} | {metric.documentation} |")
+    return "\n".join(lines)

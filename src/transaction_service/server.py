@@ -22,6 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from transaction_service import tracing
+from transaction_service.api.access import CallObserver
 from transaction_service.api.auth import BearerTokenInterceptor
 from transaction_service.api.drain import CallArrivals
 from transaction_service.api.reflection import enable_reflection
@@ -108,7 +110,16 @@ class TransactionService:
         self.health = health_aio.HealthServicer()
         tokens = BearerTokens(settings.ingest_tokens, settings.read_tokens)
         self.arrivals = CallArrivals()
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals]
+        # Outermost first. Tracing's span covers the rest, so access lines carry its trace id;
+        # the observer sits outside the token check, so refused calls are counted and logged.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals, *tracing.interceptors()]
+        observer = CallObserver(self.app.metrics, tokens)
+        for service in (
+            pb.DESCRIPTOR.services_by_name["TransactionService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ):
+            observer.register(service)
+        interceptors.append(observer)
         if tokens.required:
             interceptors.append(BearerTokenInterceptor(tokens))
         self.server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)

@@ -164,6 +164,8 @@ def change_to_pb(change: ChangeRecord) -> pb.TransactionChange:
         event_id=change.event_id,
         recorded_at=timestamp(change.recorded_at),
         merged_transaction_ids=[standin for standin, _ in change.merged],
+        trace_id=change.trace_id,
+        span_id=change.span_id,
     )
 
 

@@ -4,7 +4,8 @@ Servicer methods raise `transaction_service.errors` exceptions; `@grpc_errors` t
 rich statuses (google.rpc.BadRequest for invalid arguments, google.rpc.ErrorInfo where the client
 can act on a reason). Anything else escaping a handler is a bug or an unexpected fault: the caller
 gets INTERNAL with a generic message (never Python's exception text), and the log gets the
-traceback once.
+traceback once. Every error carries the call's request id (google.rpc.RequestInfo), the one its
+log lines carry (see api/access.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
@@ -23,6 +24,9 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
+from transaction_service import logs
+from transaction_service.api.access import Context as Context
+from transaction_service.api.access import current_call
 from transaction_service.domain.limits import MAX_BODY_DEPTH
 from transaction_service.errors import (
     AlreadyExists,
@@ -48,13 +52,6 @@ ERROR_DOMAIN = "transactions.v1"
 MAX_MESSAGE = 2000
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-if TYPE_CHECKING:
-    # What a handler is handed; the request and response types change nothing it does with it.
-    Context = grpc.aio.ServicerContext[Any, Any]
-else:
-    Context = grpc.aio.ServicerContext
-
 
 # Most specific first (a subclass maps as its base does).
 CODES: tuple[tuple[type[ServiceError], int], ...] = (
@@ -100,10 +97,19 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(exc.retry_after * 1e9))
         found.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return _status(code, message, found)
+
+
+def _status(code: int, message: str, found: list[Message]) -> status_pb2.Status:
+    """A status with the `found` details and the call's RequestInfo (if served in a call)."""
     details = []
     for message_detail in found:
         packed = any_pb2.Any()
         packed.Pack(message_detail)
+        details.append(packed)
+    if request_id := logs.request_id.get():
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RequestInfo(request_id=request_id))
         details.append(packed)
     return status_pb2.Status(code=code, message=message[:MAX_MESSAGE], details=details)
 
@@ -125,15 +131,18 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
 
 
 async def abort(context: Context, exc: ServiceError) -> NoReturn:
+    if exc.reason and (call := current_call.get()) is not None:
+        call.reason = exc.reason
     await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
 async def _abort_internal(context: Context, method: str) -> NoReturn:
     log.exception("unexpected error in %s", method)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, "internal error; it was logged on the server. Retry later."
+    status = _status(
+        code_pb2.INTERNAL, "internal error; it was logged on the server. Retry later.", []
     )
+    await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

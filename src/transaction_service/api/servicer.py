@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 
@@ -99,6 +100,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._limits = app.limits
         self._encoder = ChangeEncoder()
         self._transactions = TransactionEncoder()
+        self._metrics = app.metrics
         # A batch message stays well inside the largest message gRPC may send.
         self._batch_bytes = app.settings.max_message_bytes // 2
         # Names IngestEvents streams apart (each is a flow of the ingest queue).
@@ -507,6 +509,8 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     def _changes(self, event: ChangeRecord | Batch, single: int, batch: int) -> Iterator[bytes]:
         """The response messages, pre-built from bytes shared by every watcher (api/wire.py)."""
+        oldest = event.changes[0] if isinstance(event, Batch) else event
+        self._metrics.watch_sent(time.time() - oldest.recorded_at.timestamp())
         if isinstance(event, Batch):
             yield from self._encoder.batches(event.changes, batch, self._batch_bytes)
         else:

@@ -14,6 +14,8 @@ from transaction_service.cli.connection import add_connection_flags, quiet_grpc
 if TYPE_CHECKING:
     import asyncio
 
+    from transaction_service.logs import NativeStderr
+
 log = logging.getLogger("transaction_service")
 
 
@@ -208,7 +210,7 @@ def serve_command(args: argparse.Namespace) -> int:
         for line in describe_errors(exc):
             _startup_error(f"bad setting {line}")
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    native = configure_logging(settings.log_level, settings.log_format)
     for name in unknown_environment():
         known = [env_name(field) for field in Settings.model_fields]
         hint = difflib.get_close_matches(name, known, n=1)
@@ -219,6 +221,14 @@ def serve_command(args: argparse.Namespace) -> int:
         )
     import asyncio
 
+    from transaction_service import tracing
+    from transaction_service.metrics import version
+
+    try:
+        tracing.configure(version=version())
+    except tracing.TracingConfigError as exc:
+        _startup_error(str(exc), native)
+        return 2
     from transaction_service.server import serve
 
     tune_garbage_collector()
@@ -226,8 +236,12 @@ def serve_command(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(settings))
     except StartupError as exc:
-        _startup_error(str(exc))
+        _startup_error(str(exc), native)
         return 2
+    finally:
+        tracing.shutdown()
+        if native is not None:
+            native.stop()
     return 0
 
 
@@ -254,17 +268,32 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _startup_error(message: str) -> None:
+def _startup_error(message: str, native: NativeStderr | None = None) -> None:
+    """One line on stderr: text, or a JSON log line when logs are JSON (`native` is set)."""
+    if native is not None:
+        native.stop()  # the line goes out after everything logged before it
+        log.error("transaction-service: error: %s", message)
+        return
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Every log record to stderr, as text lines or JSON lines (`logs.py`)."""
-    from transaction_service.logs import formatter
+def configure_logging(level: str, log_format: str = "text") -> NativeStderr | None:
+    """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode what
+    grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
+    every line is JSON; the capture is returned, to stop at exit."""
+    from transaction_service.logs import NativeStderr, formatter
 
-    handler = logging.StreamHandler(sys.stderr)
+    native = NativeStderr() if log_format == "json" else None
+    # No line shows the thread, process or calling function: skip finding them for every record
+    # (the logging HOWTO's optimisations; a gRPC call writes two lines).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = logging.StreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    return native
 
 
 if __name__ == "__main__":

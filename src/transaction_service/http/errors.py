@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from transaction_service import logs
 from transaction_service.errors import (
     AlreadyExists,
     DeadlinePassed,
@@ -84,6 +85,8 @@ def error_response(exc: ServiceError) -> web.Response:
         error["reason"] = exc.reason
     if exc.metadata:
         error["metadata"] = exc.metadata
+    if request_id := logs.request_id.get():
+        error["request_id"] = request_id
     response = web.json_response({"error": error}, status=status)
     if exc.retry_after is not None:
         # Whole seconds, at least 1 (RFC 9110's delay-seconds).
@@ -112,15 +115,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return response
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return web.json_response(
-            {
-                "error": {
-                    "code": "INTERNAL",
-                    "message": "internal error; it was logged on the server. Retry later.",
-                }
-            },
-            status=500,
-        )
+        error = {
+            "code": "INTERNAL",
+            "message": "internal error; it was logged on the server. Retry later.",
+        }
+        if request_id := logs.request_id.get():
+            error["request_id"] = request_id
+        return web.json_response({"error": error}, status=500)
     listener = request.app.get(REFUSAL_LISTENER)
     if listener is not None:
         listener(request, refusal)

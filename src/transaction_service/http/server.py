@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from transaction_service import logs, tracing
+from transaction_service.api.access import REQUEST_ID_KEY, new_request_id, usable_request_id
 from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.config import Settings
@@ -31,7 +33,13 @@ from transaction_service.errors import (
     TooLarge,
 )
 from transaction_service.errors import Unavailable as ServiceUnavailable
-from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
+from transaction_service.http.errors import (
+    REFUSAL_LISTENER,
+    Handler,
+    json_errors,
+    reason_of,
+    status_for,
+)
 from transaction_service.http.guard import (
     LINGER_SECONDS,
     BodySlots,
@@ -98,7 +106,8 @@ class WebhookReceiver:
                 [FieldViolation(_HTTP_BODY_FIELD, "not UTF-8 text; a webhook body is JSON")]
             ) from None
         if self._verifier is not None and signed is not None:
-            self._verifier.verify(signed, text)
+            with tracing.span("verify webhook signature"):
+                self._verifier.verify(signed, text)
             event_id = signed.id
         else:
             event_id = event_id_header(request.headers)
@@ -198,10 +207,44 @@ class Operations:
         return web.json_response({"status": "not ready", "reason": why}, status=503)
 
 
+def observe(app: App) -> Any:
+    """Middleware: a request id for every request (the caller's `X-Request-Id` when usable,
+    else a new one; set for the request's log lines, in error bodies and sent back as
+    `X-Request-Id`), and the HTTP metrics by route and status."""
+    metrics = app.metrics
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get(REQUEST_ID_KEY, "")
+        request_id = given if usable_request_id(given) else new_request_id()
+        token = logs.request_id.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if not response.prepared:
+                response.headers["X-Request-Id"] = request_id
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "other"
+            metrics.http_answered(route, request.method, status, time.perf_counter() - started)
+            logs.request_id.reset(token)
+
+    return middleware
+
+
 def build_http_app(app: App, bodies: BodySlots) -> web.Application:
-    """The aiohttp application for `app`: routes, error mapping, refusal accounting."""
+    """The aiohttp application for `app`: routes, error mapping, refusal accounting, request
+    ids and metrics. With tracing on, its middleware comes first (tracing.configure), so every
+    log line of a request has its trace."""
     http = web.Application(
-        middlewares=[guarded_requests, json_errors], client_max_size=app.settings.max_body_bytes
+        middlewares=[observe(app), guarded_requests, json_errors],
+        client_max_size=app.settings.max_body_bytes,
     )
     receiver = WebhookReceiver(app, bodies)
     operations = Operations(app)

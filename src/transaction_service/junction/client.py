@@ -16,6 +16,9 @@ Resilience, in one place (`_send`):
 
 Sleep, clock and jitter are injectable, so tests never really wait. Neither the API key nor a
 response body is ever logged: bodies are health data.
+
+Each attempt is counted by endpoint and outcome, with its latency (`Metrics.junction_answered`),
+and each call (its attempts together) is a span named after the endpoint when tracing is on.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import logging
 import math
 import random as _random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from transaction_service import tracing
 from transaction_service.errors import echo
 from transaction_service.junction.answers import (
     OrderAnswer,
@@ -53,6 +58,7 @@ from transaction_service.junction.endpoints import (
     LIST_ORDERS,
     RESEND_EVENTS,
 )
+from transaction_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +237,7 @@ class JunctionClient:
         now: Clock = _utc_now,
         random: Callable[[], float] = _random.random,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the Junction API key is empty")
@@ -241,6 +248,7 @@ class JunctionClient:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._api_key = api_key
+        self._metrics = metrics
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._now = now
@@ -508,7 +516,8 @@ class JunctionClient:
         request = self._http.build_request(
             method, path, params=params, json=json_body, headers=headers
         )
-        response = await self._send(endpoint, request, stream=stream)
+        with tracing.span(f"junction {endpoint}", {"transaction_service.endpoint": endpoint}):
+            response = await self._send(endpoint, request, stream=stream)
         try:
             yield response
         finally:
@@ -523,8 +532,11 @@ class JunctionClient:
         for attempt in range(1, attempts + 1):
             keep_slot = False
             await self._slots.acquire()
+            sent = time.perf_counter()
+            outcome = "network_error"
             try:
                 response = await self._http.send(request, stream=True)
+                outcome = _outcome(response.status_code)
                 try:
                     if response.is_success and not stream:
                         await response.aread()
@@ -542,6 +554,8 @@ class JunctionClient:
             finally:
                 if not keep_slot:
                     self._slots.release()
+                if self._metrics is not None:
+                    self._metrics.junction_answered(endpoint, outcome, time.perf_counter() - sent)
 
             if failure.too_long:
                 raise JunctionUnavailable(
@@ -656,6 +670,19 @@ def _loc(parts: Sequence[object]) -> str:
     for part in parts:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
+
+
+def _outcome(status: int) -> str:
+    """How an answer counts in the `junction_requests` metric."""
+    if 200 <= status < 300:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status == 429:
+        return "rate_limited"
+    if status >= 500 or status == 408:
+        return "server_error"
+    return "refused"
 
 
 def _method(endpoint: str) -> str:

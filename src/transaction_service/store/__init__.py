@@ -3,9 +3,14 @@ in-memory implementations, and `open_store`, which picks one from the `--db` set
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from transaction_service.store.base import Store, StoreOpenError
+
+# `scheme://` at the start of --db: a URL, not a file path (a drive letter has no `//`).
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class StoreSettings(Protocol):
@@ -30,10 +35,20 @@ class StoreSettings(Protocol):
 def open_store(settings: StoreSettings) -> Store:
     """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL. Not opened yet.
 
-    Raises StoreOpenError for a URL of neither kind."""
+    Raises StoreOpenError for a URL of neither kind: taken for a file path, `mysql://host/db`
+    would quietly become a private SQLite file, and several replicas would each run on a store
+    of their own."""
+    scheme = _URL_SCHEME.match(settings.db)
+    if scheme and scheme.group(1).lower() not in (*POSTGRES_SCHEMES, "sqlite"):
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        hint = " (write postgresql://...)" if scheme.group(1).lower().startswith("postgres") else ""
+        raise StoreOpenError(
+            f"--db: unsupported URL scheme {scheme.group(1)!r}{hint}; give a SQLite file path, "
+            "a sqlite:///path URL or a postgresql:// URL"
+        )
     # Imported here: a module that needs only the contract does not load either driver.
     store: Store
-    if settings.db.startswith(("postgresql://", "postgres://")):
+    if settings.db.startswith(tuple(f"{s}://" for s in POSTGRES_SCHEMES)):
         from transaction_service.store.postgres import PostgresStore
 
         store = PostgresStore(

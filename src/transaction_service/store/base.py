@@ -154,6 +154,10 @@ class ChangeRecord:
     # "reported once" kinds it had already reported (so a watcher of the stand-in's order is not
     # told them twice).
     merged: tuple[tuple[str, frozenset[ChangeKind]], ...] = ()
+    # The trace and span (W3C ids in hex) of the delivery that caused the change, when it was
+    # traced (see tracing.py); empty otherwise.
+    trace_id: str = ""
+    span_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,9 @@ class ChangeWrite:
     merged: tuple[tuple[str, frozenset[ChangeKind]], ...] = ()
     # The view serialised once by the planner, for the change log and the current state alike.
     view_json: str = ""
+    # The trace of the delivery that caused the change (see ChangeRecord).
+    trace_id: str = ""
+    span_id: str = ""
 
     def record(self, revision: int) -> ChangeRecord:
         return ChangeRecord(
@@ -315,6 +322,8 @@ class ChangeWrite:
             view=self.view,
             recorded_at=self.recorded_at,
             merged=self.merged,
+            trace_id=self.trace_id,
+            span_id=self.span_id,
         )
 
 

@@ -207,7 +207,7 @@ _WRITE_TABLES = (
 _BUMP = "UPDATE meta SET value = value + $1 WHERE key = 'head_revision' RETURNING value"
 _INSERT_CHANGE = (
     "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-    " merged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    " merged, trace_id, span_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
 _UPSERT_TRANSACTION = (
     "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
@@ -595,7 +595,8 @@ class PostgresStore:
         rows = await self._fetch(
             f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) AS one LEFT JOIN"
             " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-            f" merged FROM changes WHERE {where} ORDER BY revision LIMIT ${len(params)}) c"
+            " merged, trace_id, span_id"
+            f" FROM changes WHERE {where} ORDER BY revision LIMIT ${len(params)}) c"
             " ON true ORDER BY c.revision",
             *params,
         )

@@ -135,6 +135,8 @@ def change_record(
     view: str,
     recorded_at: str | datetime,
     merged: str | None,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> ChangeRecord:
     return ChangeRecord(
         revision=revision,
@@ -149,6 +151,8 @@ def change_record(
             else datetime.fromisoformat(recorded_at)
         ),
         merged=decode_merged(merged),
+        trace_id=trace_id or "",
+        span_id=span_id or "",
     )
 
 
@@ -167,6 +171,8 @@ def plan_rows(
             c.view_json,
             time(c.recorded_at),
             encode_merged(c.merged),
+            c.trace_id or None,
+            c.span_id or None,
         )
         for i, c in enumerate(batch.changes)
     ]

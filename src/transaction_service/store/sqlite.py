@@ -140,7 +140,7 @@ _REPLAY = (
 _BUMP = "UPDATE meta SET value = value + ? WHERE key = 'head_revision' RETURNING value"
 _INSERT_CHANGE = (
     "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-    " merged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " merged, trace_id, span_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_TRANSACTION = (
     "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
@@ -547,7 +547,8 @@ class SqliteStore:
         rows = await self._fetch(
             f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) LEFT JOIN"
             " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-            f" merged FROM changes WHERE {where} ORDER BY revision LIMIT ?) c ON 1"
+            " merged, trace_id, span_id"
+            f" FROM changes WHERE {where} ORDER BY revision LIMIT ?) c ON 1"
             " ORDER BY c.revision",
             (*params, limit),
         )

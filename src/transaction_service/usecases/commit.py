@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
+from transaction_service import tracing
 from transaction_service.metrics import Metrics
 from transaction_service.store.base import (
     Answer,
@@ -87,19 +88,23 @@ class CommitPath:
         self.results_wanted = asyncio.Event()
 
     async def commit(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
-        """Commit the batch `plan` makes of the state of `keys` (see `BatchWriter.write`), then make
-        its changes known. Raises what the store raises; then nothing was written."""
+        """Commit the batch `plan` makes of the state of `keys` (see `BatchWriter.write`), then
+        make its changes known. Raises what the store raises; then nothing was written. Timed
+        (`store_commit_seconds`), and traced as `store commit` and `publish` when tracing is on."""
         health = self._writer.health
         started = time.monotonic()
         # Reported while the commit still runs: a commit that hangs has no end to report at.
         stall = asyncio.get_running_loop().call_later(
             health.stall_seconds, lambda: health.stalled(time.monotonic() - started)
         )
-        try:
-            applied, answer = await self._writer.write(keys, plan)
-        finally:
-            stall.cancel()
-        self._committed(applied)
+        with tracing.span("store commit"):
+            try:
+                applied, answer = await self._writer.write(keys, plan)
+            finally:
+                stall.cancel()
+            self._metrics.store_committed(time.monotonic() - started)
+            with tracing.span("publish", {"transaction_service.changes": len(applied.changes)}):
+                self._committed(applied)
         return applied, answer
 
     async def commit_each(

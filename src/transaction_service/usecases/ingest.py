@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from transaction_service import tracing
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     NUL_ESCAPE,
@@ -65,6 +67,9 @@ from transaction_service.usecases.plan import (
     batch_keys,
     plan_batch,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = [
     "Delivery",
@@ -198,6 +203,9 @@ class _Pending:
     done: asyncio.Future[IngestResult] = field(repr=False)
     # loop.time() by which the caller stops waiting; None: no deadline.
     deadline: float | None = None
+    # When traced: the delivery's `ingest` span, and when it joined the queue (ns since epoch).
+    span: Span | None = None
+    queued_at: int = 0
 
 
 def default_flow(delivery: Delivery) -> Flow:
@@ -291,7 +299,8 @@ class Ingestor:
         wait: bool | None = None,
     ) -> IngestResult:
         """Ingest a decoded delivery; answered after the commit that holds it. Counted under
-        the delivery's `source` (and logged, one line per delivery, with `log_events`).
+        the delivery's `source` (and logged, one line per delivery, with `log_events`). Traced,
+        when tracing is on, as an `ingest` span whose trace its change carries (see tracing.py).
 
         `flow` is who it waits for (default: by source, see `default_flow`); `time_remaining`,
         the seconds its caller still waits (gRPC's time remaining, Svix's 15 s): if they pass before
@@ -299,6 +308,27 @@ class Ingestor:
         flow's share is full, wait for room rather than be refused with Overloaded (default:
         only for reconciliation's own ingests, source `api`).
         """
+        if not tracing.enabled:
+            return await self._ingest(delivery, None, flow, time_remaining, wait)
+        attributes = {"transaction_service.source": delivery.source}
+        if delivery.event_id:
+            attributes["transaction_service.event_id"] = delivery.event_id
+        with tracing.span("ingest", attributes) as span:
+            trace_id, span_id = tracing.ids(span)
+            delivery = dataclasses.replace(delivery, trace_id=trace_id, span_id=span_id)
+            result = await self._ingest(delivery, span, flow, time_remaining, wait)
+            if span is not None:
+                span.set_attribute("transaction_service.outcome", result.outcome.value)
+            return result
+
+    async def _ingest(
+        self,
+        delivery: Delivery,
+        span: Span | None,
+        flow: Flow | None,
+        time_remaining: float | None,
+        wait: bool | None,
+    ) -> IngestResult:
         source = delivery.source
         started = time.perf_counter()
         if flow is None:
@@ -306,7 +336,7 @@ class Ingestor:
         if wait is None:
             wait = source == "api"
         try:
-            result = await self._enqueue(delivery, flow, time_remaining, wait)
+            result = await self._enqueue(delivery, flow, time_remaining, wait, span)
         except AlreadyExists:
             self._metrics.ingest_refused(source, "conflict")
             raise
@@ -360,13 +390,20 @@ class Ingestor:
         return results  # type: ignore[return-value]
 
     async def _enqueue(
-        self, delivery: Delivery, flow: Flow, time_remaining: float | None, wait: bool
+        self,
+        delivery: Delivery,
+        flow: Flow,
+        time_remaining: float | None,
+        wait: bool,
+        span: Span | None,
     ) -> IngestResult:
         if self._stopping or self._task is None:
             raise IngestorStopped
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining is None else loop.time() + time_remaining
-        pending = _Pending(delivery, loop.create_future(), deadline)
+        pending = _Pending(
+            delivery, loop.create_future(), deadline, span, time.time_ns() if span else 0
+        )
         ticket = Ticket(pending, flow, len(delivery.body))
         if flow.lane is not Lane.STREAM:
             self._interactive_at = loop.time()
@@ -501,6 +538,40 @@ class Ingestor:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        if tracing.enabled:
+            await self._commit_traced(batch)
+        else:
+            await self._commit_batch(batch)
+
+    async def _commit_traced(self, batch: list[_Pending]) -> None:
+        """`_commit_batch` in a `commit batch` span of its own trace, linked to every delivery's
+        `ingest` span; then each traced delivery gets its `queue wait` and `commit` spans in its
+        own trace, the latter linked to the batch's (a delivery keeps its own trace, whatever
+        batch it was committed in)."""
+        traced = [p for p in batch if p.span is not None]
+        started = time.time_ns()
+        with tracing.span(
+            "commit batch",
+            {"transaction_service.batch.size": len(batch)},
+            links=[p.span.get_span_context() for p in traced if p.span is not None],
+            root=True,
+        ) as batch_span:
+            await self._commit_batch(batch)
+        ended = time.time_ns()
+        links = [batch_span.get_span_context()] if batch_span is not None else []
+        for pending in traced:
+            assert pending.span is not None
+            tracing.past_span("queue wait", pending.span, pending.queued_at, started)
+            tracing.past_span(
+                "commit",
+                pending.span,
+                started,
+                ended,
+                {"transaction_service.batch.size": len(batch)},
+                links=links,
+            )
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
         now = self._clock()
 
         def keys_of(deliveries: Sequence[Delivery]) -> BatchKeys:

@@ -78,6 +78,10 @@ class Delivery:
     body: bytes
     # Where it came from: "grpc", "webhook" or "api" (reconciliation); kept with the event.
     source: str = "grpc"
+    # The trace of its delivery (W3C ids in hex; see tracing.py), handed on to the change it
+    # makes; empty when it was not traced.
+    trace_id: str = ""
+    span_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,8 @@ class _Batch:
                 recorded_at=self.now,
                 merged=tuple((f, reported_once_kinds(t.view)) for f, t in folded),
                 view_json=view_json,
+                trace_id=delivery.trace_id,
+                span_id=delivery.span_id,
             )
         )
         current = _Current(

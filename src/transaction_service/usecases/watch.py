@@ -265,6 +265,11 @@ class ChangeHub:
     def subscriptions(self) -> list[Subscription]:
         return list(self._subscriptions)
 
+    def count_by_kind(self) -> dict[str, int]:
+        """Open watches: `transaction` (one transaction's, keyed) and `feed` (all of them)."""
+        keyed = sum(map(len, self._by_key.values()))
+        return {"transaction": keyed, "feed": len(self._subscriptions) - keyed}
+
     def publish(self, changes: Sequence[ChangeRecord]) -> None:
         """Offer committed changes, in revision order, to every matching subscriber. Never waits."""
         by_key = self._by_key

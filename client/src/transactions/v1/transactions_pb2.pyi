@@ -949,6 +949,8 @@ class TransactionChange(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     RECORDED_AT_FIELD_NUMBER: _builtins.int
     MERGED_TRANSACTION_IDS_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The change's revision: unique, and greater than every earlier change's."""
     order_id: _builtins.str
@@ -957,6 +959,18 @@ class TransactionChange(_message.Message):
     """The event id of that webhook (see IngestEventRequest.event_id). For a change made by
     `transaction-service rebuild` (state re-derived from the stored events after a merge-rule
     change) it is "rebuild:" followed by the time the rebuild started, and `order_id` is empty.
+    """
+    trace_id: _builtins.str
+    """The W3C trace id (32 lowercase hex digits) of the trace of the delivery that caused the
+    change: the webhook's or the IngestEvent call's, which continues the sender's trace when it
+    sent a `traceparent`. Empty when the service did not trace that delivery (tracing is off
+    unless an OpenTelemetry exporter is configured; see docs/observability.md), and for changes
+    no delivery caused (RESULTS_READY, `transaction-service rebuild`). A consumer continues the
+    trace by linking the span that handles the change to (`trace_id`, `span_id`).
+    """
+    span_id: _builtins.str
+    """The span (16 lowercase hex digits) of that delivery's `ingest` in the trace `trace_id`;
+    empty when `trace_id` is.
     """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___ChangeKind.ValueType]:
@@ -990,10 +1004,12 @@ class TransactionChange(_message.Message):
         event_id: _builtins.str = ...,
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
         merged_transaction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kinds", b"kinds", "merged_transaction_ids", b"merged_transaction_ids", "order_id", b"order_id", "recorded_at", b"recorded_at", "revision", b"revision", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kinds", b"kinds", "merged_transaction_ids", b"merged_transaction_ids", "order_id", b"order_id", "recorded_at", b"recorded_at", "revision", b"revision", "span_id", b"span_id", "trace_id", b"trace_id", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
