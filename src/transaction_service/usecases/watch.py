@@ -39,7 +39,7 @@ from transaction_service.store.base import ChangeRecord, Store, TransactionSnaps
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WatchFilter:
     """Which changes a watcher wants. Empty fields match everything.
 
@@ -158,24 +158,30 @@ class WatchClosed(Unavailable):
         self.last_sent_revision = last_sent_revision
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     """One watch stream's place in the hub.
 
     A single-transaction watch (its filter has a key) has a queue of its own, filled by publish.
     A feed watch has none: it reads the hub's shared buffer of recent changes from where it is,
     so publishing a change costs the same whether ten feeds or ten thousand are open.
+
+    Thousands are open at once, mostly idle, so a subscription holds little: slots, a queue only
+    while changes wait in it, and a bare future only while its watch waits (an asyncio.Event and
+    an empty deque cost about 1.3 KiB a watch).
     """
 
     where: WatchFilter
     limit: int
-    queue: collections.deque[ChangeRecord] = field(default_factory=collections.deque)
+    # Changes not yet taken (single-transaction watches); None when there are none.
+    queue: collections.deque[ChangeRecord] | None = None
     # Set when the buffer overflowed and was dropped (or a feed fell off the shared buffer):
     # catch up from the change log.
     behind: bool = False
     overflows: int = 0
     closed: bool = False
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # The future the watch waits on, while it waits (see `wake`).
+    waiter: asyncio.Future[None] | None = None
     on_overflow: Callable[[], None] = lambda: None
     # Batched watches are paced; batched feeds are counted to stretch the pace as they grow.
     batched: bool = False
@@ -190,13 +196,35 @@ class Subscription:
     def keyed(self) -> bool:
         return bool(self.where.key)
 
+    @property
+    def queued(self) -> int:
+        return len(self.queue) if self.queue else 0
+
     def offer(self, change: ChangeRecord) -> None:
-        if len(self.queue) >= self.limit:
-            self.queue.clear()
+        queue = self.queue
+        if queue is None:
+            self.queue = collections.deque((change,))
+        elif len(queue) >= self.limit:
+            self.queue = None
             self.fell_behind()
         else:
-            self.queue.append(change)
-        self.wakeup.set()
+            queue.append(change)
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the watch look again (the state it looks at was set before this call)."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def sleep(self) -> None:
+        """Until `wake`. The caller checks what it waits for before each call (the loop is one
+        thread: nothing can change between that check and this wait)."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
 
     def fell_behind(self) -> None:
         self.behind = True
@@ -293,7 +321,7 @@ class ChangeHub:
         turn of the event loop of its own, so the calls being ingested are served between slices
         rather than after thousands of watchers have all sent their message."""
         for _ in range(min(WAKE_SLICE, len(self._to_wake))):
-            self._to_wake.popleft().wakeup.set()
+            self._to_wake.popleft().wake()
         if self._to_wake:
             asyncio.get_running_loop().call_soon(self._wake_feeds)
         else:
@@ -316,7 +344,7 @@ class ChangeHub:
             for sub in self._subscriptions:
                 if sub.active_at <= due and not sub.progress_due:
                     sub.progress_due = True
-                    sub.wakeup.set()
+                    sub.wake()
 
     def _add(self, sub: Subscription, last: int) -> None:
         if self._ticker is None:
@@ -347,10 +375,13 @@ class ChangeHub:
         `sub.behind` if they are no longer at hand (then the caller reads the change log)."""
         taken: list[ChangeRecord] = []
         if sub.keyed:
-            while sub.queue and len(taken) < limit:
-                change = sub.queue.popleft()
+            queue = sub.queue
+            while queue and len(taken) < limit:
+                change = queue.popleft()
                 if change.revision > last:
                     taken.append(change)
+            if not queue:
+                sub.queue = None
             return taken
         # Everything up to `last` was sent (or read from the log), so there is nothing to look
         # at below it.
@@ -385,18 +416,17 @@ class ChangeHub:
     async def _wait(self, sub: Subscription) -> None:
         """Until there is something to do: a change, a catch-up, the end, or a progress tick."""
         while not (sub.behind or sub.closed or sub.progress_due or self._has_more(sub)):
-            sub.wakeup.clear()
             if not sub.keyed:
                 self._waiting_feeds.add(sub)
-            await sub.wakeup.wait()
+            await sub.sleep()
 
     def mark_all_behind(self) -> None:
         """Every subscriber re-reads the change log from its position (the live stream had a
         gap this process cannot fill)."""
         for sub in self._subscriptions:
-            sub.queue.clear()
+            sub.queue = None
             sub.behind = True
-            sub.wakeup.set()
+            sub.wake()
 
     def close(self) -> None:
         """End every watch (WatchClosed) and refuse new ones; for shutdown."""
@@ -406,7 +436,7 @@ class ChangeHub:
             self._ticker = None
         for sub in self._subscriptions:
             sub.closed = True
-            sub.wakeup.set()
+            sub.wake()
 
     async def watch(
         self,
@@ -445,7 +475,12 @@ class ChangeHub:
                 if current is not None:
                     snapshot, last = await current()
                     # A transaction not seen yet has no state to show: say how far we are.
-                    yield Current(snapshot, last) if snapshot else Progress(last)
+                    opening: WatchEvent = Current(snapshot, last) if snapshot else Progress(last)
+                    # Not kept while the watch waits for changes: thousands of watches would
+                    # each hold their transaction's state.
+                    del snapshot
+                    yield opening
+                    del opening
                 else:
                     last = await self._store.head_revision()
                     yield Progress(last)
