@@ -114,6 +114,82 @@ MAX_BATCH = 500
 SECONDS_PER_BATCHED_WATCH = 0.0005
 # Feeds woken per turn of the event loop when a change arrives after a quiet spell.
 WAKE_SLICE = 64
+# Watch messages started per turn of the event loop (see SendBudget).
+SENDS_PER_TURN = 16
+
+
+class SendBudget:
+    """Watch messages, all watches together, start at most `rate` a second (bursts of `burst`)
+    and at most `per_turn` in one turn of the event loop; a watch with a message to send beyond
+    that waits its turn, first come first served.
+
+    A message costs gRPC some tens of microseconds of the server's CPU, and watchers that do not
+    ask for batches (a grpcurl, a naive client) want one message per change each: 100 such feeds
+    at 200 changes a second are 20,000 messages a second. Unbounded, on a machine short of CPU
+    they took it from the calls being ingested (measured: ingest 0.58x to 0.92x its rate without
+    them, latency p99 2 to 6.6 s). Bounded, ingest kept 0.91x to 1.06x, and the watchers share
+    what the budget gives: they lag, catch up from the change log when they fall off the shared
+    buffer, and miss nothing. Batched watches are paced anyway (see `batch_interval`) and fit
+    in it."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int = 1,
+        per_turn: int = SENDS_PER_TURN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._per_turn = per_turn
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._granted = 0  # in this turn of the loop
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._turning = False
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+
+    async def take(self) -> None:
+        """Until this watch may start a message."""
+        if not self._waiting and self._granted < self._per_turn:
+            self._refill()
+            if self._tokens >= 1:
+                self._tokens -= 1
+                self._granted += 1
+                if not self._turning:
+                    self._turning = True
+                    asyncio.get_running_loop().call_soon(self._next_turn)
+                return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if not self._turning:
+            self._turning = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        await waiter
+
+    def _next_turn(self) -> None:
+        """A callback scheduled in one turn runs in the next: a new turn, a new share."""
+        self._granted = 0
+        self._refill()
+        waiting = self._waiting
+        while waiting and self._granted < self._per_turn and self._tokens >= 1:
+            waiter = waiting.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(None)
+                self._tokens -= 1
+                self._granted += 1
+        loop = asyncio.get_running_loop()
+        if waiting and self._tokens < 1:
+            loop.call_later((1 - self._tokens) / self._rate, self._next_turn)
+        elif waiting or self._granted:
+            loop.call_soon(self._next_turn)
+        else:
+            self._turning = False
 
 
 class Compacted(OutOfRange):
@@ -248,6 +324,7 @@ class ChangeHub:
         page_size: int = 500,
         progress_interval: float = 10.0,
         batch_interval: float = 0.05,
+        messages_per_second: int = 5000,
         metrics: Metrics | None = None,
     ) -> None:
         self._batch_interval = batch_interval
@@ -271,6 +348,8 @@ class ChangeHub:
         self._waiting_feeds: set[Subscription] = set()
         self._to_wake: collections.deque[Subscription] = collections.deque()
         self._waking = False
+        # A tenth of a second's worth may go out at once, after a quiet spell.
+        self._turns = SendBudget(messages_per_second, max(1, messages_per_second // 10))
         self._closed = False
         # The newest revision published; every change up to it has been offered to every
         # subscriber that existed when it was published.
@@ -498,14 +577,17 @@ class ChangeHub:
                     async for change in self._replay(where, last, lenient):
                         sub.active()
                         if not batch:
+                            await self._turns.take()
                             yield change
                             last = change.revision
                             continue
                         replayed.append(change)
                         if len(replayed) == MAX_BATCH:
+                            await self._turns.take()
                             yield Batch(tuple(replayed))
                             last, replayed = change.revision, []
                     if replayed:
+                        await self._turns.take()
                         yield Batch(tuple(replayed)) if len(replayed) > 1 else replayed[0]
                         last = replayed[-1].revision
                     replay_needed = lenient = False
@@ -520,6 +602,7 @@ class ChangeHub:
                         yield Progress(max(last, self.published_revision))
                     continue
                 sub.active()
+                await self._turns.take()
                 yield Batch(tuple(fresh)) if len(fresh) > 1 else fresh[0]
                 last = fresh[-1].revision
                 if batch:
