@@ -35,6 +35,10 @@ are the totals over all rounds.
  6. the same with 1,000 feeds (200,000 deliveries/s asked of the server); reported.
     Watchers of rows 5 and 6 ask for batches (`batch_changes`), as a client of that many feeds
     should.
+ 9. (issue 21) row 5 with watchers that do not ask for batches (what grpcurl or a naive client
+    opens): one message per change per watcher, 20,000 messages/s asked of the server. Its own
+    no-watcher rate is measured alongside; the watchers may lag, but must miss nothing (they are
+    given 300 s to drain).                                                   [no watchers]
  8. (issue 6) IngestEvent latency, one call at a time, with 2,000 feed watchers open (batched,
     then not), against none.                                               [no watchers]
  7. GetTransaction latency, one call at a time, with 1k and with 300k transactions stored
@@ -695,9 +699,16 @@ def watcher_process(spec_path: Path, **spec: Any) -> Iterator[Process]:
 
 
 async def fanout(
-    size: Size, folder: Path, feeds: int, seconds: float, name: str, with_baseline: bool
+    size: Size,
+    folder: Path,
+    feeds: int,
+    seconds: float,
+    name: str,
+    with_baseline: bool,
+    *,
+    batch: bool = True,
 ) -> dict[str, Any]:
-    """Rows 5 and 6 (and the memory per watch of row 7)."""
+    """Rows 5, 6 and 9 (and the memory per watch of row 7)."""
     runs = list(transactions(size.single_watchers))
     first = [as_request(r["deliveries"][0]) for r in runs]
     later = [as_request(d) for r in runs for d in r["deliveries"][1:]]
@@ -720,8 +731,8 @@ async def fanout(
                 address=address,
                 singles=[r["expect"]["transaction_id"] for r in runs],
                 feeds=feeds,
-                batch=True,
-                drain_seconds=120,
+                batch=batch,
+                drain_seconds=120 if batch else 300,
             ) as watchers:
                 figures["server_memory_per_watch_bytes"] = (process.rss_bytes() - rss_before) / (
                     size.single_watchers + feeds
@@ -742,7 +753,7 @@ async def fanout(
                     watchers.wait_for(re.compile(r"^\{.*\}$"), stdout=True, timeout=300).group(0)
                 )
     figures |= {
-        "watchers": f"{size.single_watchers} single + {feeds} feeds",
+        "watchers": f"{size.single_watchers} single + {feeds} {'' if batch else 'unbatched '}feeds",
         "ingest_per_s": rate,
         "ingest_p50_ms": percentile(latencies, 0.5) * 1000,
         "ingest_p99_ms": percentile(latencies, 0.99) * 1000,
@@ -908,11 +919,15 @@ def table(results: dict[str, Any]) -> str:
             f"{r['ingest_events_single_ratio']:.2f} x sqlite3",
         ),
     ]
-    for key, label in (("fanout", "5 fan-out"), ("fanout_many_feeds", "6 fan-out")):
+    for key, label in (
+        ("fanout", "5 fan-out"),
+        ("fanout_many_feeds", "6 fan-out"),
+        ("fanout_unbatched", "9 fan-out"),
+    ):
         f = r.get(key)
         if not f:
             continue
-        base = r["fanout"]["no_watcher_ingest_per_s"]
+        base = f.get("no_watcher_ingest_per_s") or r["fanout"]["no_watcher_ingest_per_s"]
         rows.append(
             (
                 f"{label}: {f['watchers']}, {f['offered_per_s']:.0f}/s offered",
@@ -1022,6 +1037,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 results,
                 "fanout_many_feeds",
                 fanout(size, folder, size.many_feeds, size.many_feeds_seconds, "many", False),
+            ),
+        ),
+        (
+            "row 9",
+            lambda: _set(
+                results,
+                "fanout_unbatched",
+                fanout(
+                    size,
+                    folder,
+                    size.feed_watchers,
+                    size.fanout_seconds,
+                    "unbatched",
+                    True,
+                    batch=False,
+                ),
             ),
         ),
         (

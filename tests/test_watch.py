@@ -24,7 +24,7 @@ from transaction_service.domain.state import ChangeKind
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
 from transaction_service.usecases.ingest import decode_delivery
-from transaction_service.usecases.watch import ChangeHub, Progress, WatchFilter
+from transaction_service.usecases.watch import ChangeHub, Progress, SendBudget, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -360,7 +360,7 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
         peak = 0
         for run in [with_fresh_ids(s) for s in SCENARIOS for _ in range(30)]:
             await ingest_direct(service, run["deliveries"])
-            peak = max(peak, *(len(s.queue) for s in hub.subscriptions()))
+            peak = max(peak, *(s.queued for s in hub.subscriptions()))
         assert peak <= 8
         assert len(hub._recent) <= 2 * 8
         (subscription,) = hub.subscriptions()
@@ -413,7 +413,7 @@ async def test_a_slow_subscriber_is_bounded_and_does_not_hold_up_others(
         reader = asyncio.create_task(read_fast())
         for run in runs:
             await ingest_direct(service, run["deliveries"])
-            peak = max(peak, *(len(s.queue) for s in hub.subscriptions()))
+            peak = max(peak, *(s.queued for s in hub.subscriptions()))
         expected = [c.revision for c in (await service.store.changes_after(0, 1_000_000)).changes]
         await wait_for(lambda: fast_seen == expected)
         reader.cancel()
@@ -728,7 +728,7 @@ async def test_batches_are_split_to_stay_under_the_message_limit(api: Running) -
     runs = [with_fresh_ids(s) for s in SCENARIOS]
     await ingest_direct(api, [d for run in runs for d in run["deliveries"]])
     logged = (await api.service.store.changes_after(0, 1_000_000)).changes
-    encoder = ChangeEncoder()
+    encoder = ChangeEncoder(single_field=1)
     largest = max(len(encoder.encode(c)) for c in logged)
     for limit in (10**9, largest + 8):
         built = list(encoder.batches(logged, 3, limit))
@@ -736,3 +736,93 @@ async def test_batches_are_split_to_stay_under_the_message_limit(api: Running) -
         decoded = [pb.WatchTransactionsResponse.FromString(b) for b in built]
         assert [c.revision for c in flatten(decoded)] == [c.revision for c in logged]
         assert all(len(b) <= limit + 16 for b in built)
+
+
+# -- the send budget ------------------------------------------------------------------------------
+
+
+async def test_the_send_budget_gives_at_most_its_share_per_turn_of_the_loop() -> None:
+    """Every other task runs between two shares of watch messages, however many watches wait."""
+    budget = SendBudget(rate=1e9, burst=10**6, per_turn=3)
+    events: list[str] = []
+    stop = False
+
+    async def other_task() -> None:
+        while not stop:
+            events.append("turn")
+            await asyncio.sleep(0)
+
+    async def watch(i: int) -> None:
+        await budget.take()
+        events.append("send")
+
+    ticker = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    await asyncio.gather(*(watch(i) for i in range(20)))
+    stop = True
+    await ticker
+    between = [len(run) for run in "".join("s" if e == "send" else "|" for e in events).split("|")]
+    assert sum(between) == 20
+    assert max(between) <= 3
+
+
+async def test_the_send_budget_gives_no_more_than_its_rate() -> None:
+    """Past the burst, messages start only as the clock lets tokens in (a clock of the test's)."""
+    now = [0.0]
+    budget = SendBudget(rate=100, burst=5, clock=lambda: now[0])
+    started = 0
+
+    async def watch() -> None:
+        nonlocal started
+        await budget.take()
+        started += 1
+
+    tasks = [asyncio.create_task(watch()) for _ in range(30)]
+    await asyncio.sleep(0.05)
+    assert started == 5  # the burst; the clock stands still
+    now[0] += 0.03  # three tokens
+    await wait_for(lambda: started == 8)
+    await asyncio.sleep(0.05)
+    assert started == 8
+    now[0] += 10  # the burst again at most
+    await wait_for(lambda: started == 13)
+    await asyncio.sleep(0.05)
+    assert started == 13
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_unbatched_feeds_past_the_message_budget_lag_but_miss_nothing(
+    channel_to: Callable[..., Any],
+) -> None:
+    """Watchers that do not ask for batches, more messages than the budget sends: every change,
+    once, in order, to each (those that fall off the shared buffer catch up from the log)."""
+    service, stub = await channel_to(watch_messages_per_second=300, watch_queue_size=8)
+    feeds = [stub.WatchTransactions(pb.WatchTransactionsRequest()) for _ in range(5)]
+    singles = []
+    runs = [with_fresh_ids(s) for s in SCENARIOS for _ in range(4)]
+    for run in runs[:3]:
+        singles.append(
+            stub.WatchTransaction(
+                pb.WatchTransactionRequest(transaction_id=run["expect"]["transaction_id"])
+            )
+        )
+    await wait_for(lambda: service.hub.subscriber_count == len(feeds) + len(singles))
+    await asyncio.gather(*(ingest_direct(service, run["deliveries"]) for run in runs))
+    head = await service.store.head_revision()
+
+    def done(messages: list[Any]) -> bool:
+        got = changes(messages)
+        return bool(got) and got[-1].revision >= head
+
+    received = await asyncio.gather(*(read_until(call, done) for call in feeds))
+    assert all([c.revision for c in changes(m)] == list(range(1, head + 1)) for m in received)
+    for call, run in zip(singles, runs, strict=False):
+        wanted = await log_revisions(
+            Running(service, stub, ""), WatchFilter(transaction_id=run["expect"]["transaction_id"])
+        )
+        got = await read_until(
+            call, lambda m, wanted=wanted: [c.revision for c in changes(m)] == wanted
+        )
+        assert [c.revision for c in changes(got)] == wanted

@@ -69,6 +69,7 @@ class App:
             queue_size=settings.watch_queue_size,
             progress_interval=settings.watch_progress_seconds,
             batch_interval=settings.watch_batch_interval_seconds,
+            messages_per_second=settings.watch_messages_per_second,
             metrics=self.metrics,
         )
         self.limits = StateLimits(

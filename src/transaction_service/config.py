@@ -330,6 +330,13 @@ class Settings(BaseSettings):
         gt=0,
         description="changes buffered per watcher before it catches up from the change log",
     )
+    watch_messages_per_second: int = Field(
+        default=5000,
+        gt=0,
+        description="watch messages sent per second, all watch streams together (at most 16 in "
+        "one turn of the event loop): past it watchers lag, and catch up from the change log, so "
+        "that watchers who do not ask for batches cannot slow ingest",
+    )
 
     # -- Junction's API (reconcile, sweep, back-fill, combined results) ----------------------------
     junction_api_key: str = Field(

@@ -71,10 +71,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Field numbers in the watch responses: `change` in both, the ChangeBatch `changes` in each.
+# Field numbers in the watch responses: `change` (the same in both), and in each the
+# ChangeBatch `changes`, `current` and `progress`.
 _CHANGE_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["change"].number
 _FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["changes"].number
 _ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
+_CURRENT_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["current"].number
+_ONE_PROGRESS_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["progress"].number
+_FEED_PROGRESS_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["progress"].number
 # Lookups in one BatchGetTransactions call (documented in the proto).
 MAX_BATCH_LOOKUPS = 500
 # Deliveries in one IngestEvents request (documented in the proto): a request is at most
@@ -98,7 +102,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
-        self._encoder = ChangeEncoder()
+        self._encoder = ChangeEncoder(_CHANGE_FIELD)
         self._transactions = TransactionEncoder()
         self._metrics = app.metrics
         # A batch message stays well inside the largest message gRPC may send.
@@ -226,19 +230,14 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
         async for event in self._watch(where, request, partial(read, key)):
             if isinstance(event, Current):
-                yield pb.WatchTransactionResponse(
-                    current=pb.TransactionSnapshot(
-                        transaction=snapshot_to_pb(event.snapshot),
-                        progress_revision=event.revision,
-                    )
-                )
+                yield self._current(event)
             elif isinstance(event, Progress):
-                yield pb.WatchTransactionResponse(
-                    progress=pb.WatchProgress(revision=event.revision)
-                )
+                yield _progress(event, _ONE_PROGRESS_FIELD)
             else:
-                for message in self._changes(event, _CHANGE_FIELD, _ONE_BATCH_FIELD):
+                for message in self._changes(event, _ONE_BATCH_FIELD):
                     yield message
+            # Not kept while the watch waits (thousands of watches wait at once).
+            del event
 
     @grpc_errors
     async def WatchTransactions(  # type: ignore[override]
@@ -256,12 +255,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
         async for event in self._watch(where, request, None):
             if isinstance(event, Progress):
-                yield pb.WatchTransactionsResponse(
-                    progress=pb.WatchProgress(revision=event.revision)
-                )
+                yield _progress(event, _FEED_PROGRESS_FIELD)
             elif isinstance(event, ChangeRecord | Batch):
-                for message in self._changes(event, _CHANGE_FIELD, _FEED_BATCH_FIELD):
+                for message in self._changes(event, _FEED_BATCH_FIELD):
                     yield message
+            del event
 
     @grpc_errors
     async def ReconcileTransaction(
@@ -507,14 +505,30 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         start = request.start_revision if request.HasField("start_revision") else None
         return self._hub.watch(where, start, current=current, batch=request.batch_changes)
 
-    def _changes(self, event: ChangeRecord | Batch, single: int, batch: int) -> Iterator[bytes]:
+    def _current(self, event: Current) -> bytes:
+        """The opening `current` message, built from the transaction's cached bytes: the last
+        message a stream sent stays referenced by gRPC while the watch waits, and bytes are a
+        fraction of a message object's size."""
+        snapshot = pb.TransactionSnapshot.DESCRIPTOR.fields_by_name
+        return field(
+            _CURRENT_FIELD,
+            field(snapshot["transaction"].number, self._transactions.encode(event.snapshot))
+            + varint_field(snapshot["progress_revision"].number, event.revision),
+        )
+
+    def _changes(self, event: ChangeRecord | Batch, batch: int) -> Iterator[bytes]:
         """The response messages, pre-built from bytes shared by every watcher (api/wire.py)."""
         oldest = event.changes[0] if isinstance(event, Batch) else event
         self._metrics.watch_sent(time.time() - oldest.recorded_at.timestamp())
         if isinstance(event, Batch):
             yield from self._encoder.batches(event.changes, batch, self._batch_bytes)
         else:
-            yield self._encoder.single(event, single)
+            yield self._encoder.single(event)
+
+
+def _progress(event: Progress, field_number: int) -> bytes:
+    """A watch response whose `progress` field (number `field_number`) says `event`."""
+    return field(field_number, varint_field(1, event.revision))
 
 
 def _body_size(request: pb.IngestEventRequest | UndecodableRequest) -> int:

@@ -52,23 +52,26 @@ def passthrough_serializer(message: Message | bytes) -> bytes:
 class ChangeEncoder:
     """Serialized `TransactionChange`s, shared by every watcher of a change (a bounded cache:
     watchers read the same recent changes at nearly the same time). Each entry also keeps the
-    change framed as an element of `ChangeBatch.changes`, so that a batch for one of thousands
-    of feeds is one join of shared bytes, not a framing per change per feed."""
+    change framed as a whole response (its `change` field, number `single_field`), and as an
+    element of `ChangeBatch.changes`, so that a batch for one of thousands of feeds is one join
+    of shared bytes, not a framing per change per feed, and an unbatched watcher's message is
+    the same bytes object for every watcher (each stream holds on to the last message it sent)."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, single_field: int, size: int = 4096) -> None:
+        self._single_field = single_field
         self._size = size
         self._cache: collections.OrderedDict[
-            tuple[int, tuple[ChangeKind, ...]], tuple[bytes, bytes]
+            tuple[int, tuple[ChangeKind, ...]], tuple[bytes, bytes, bytes]
         ] = collections.OrderedDict()
 
-    def _entry(self, change: ChangeRecord) -> tuple[bytes, bytes]:
-        """(the change serialized, the same as a ChangeBatch.changes element)."""
+    def _entry(self, change: ChangeRecord) -> tuple[bytes, bytes, bytes]:
+        """(the change serialized, as a ChangeBatch.changes element, as a response)."""
         # Keyed by kinds too: a watcher of a folded stand-in sees fewer kinds than others.
         key = (change.revision, change.kinds)
         entry = self._cache.get(key)
         if entry is None:
             encoded = change_to_pb(change).SerializeToString()
-            entry = (encoded, field(1, encoded))
+            entry = (encoded, field(1, encoded), field(self._single_field, encoded))
             self._cache[key] = entry
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
@@ -77,9 +80,9 @@ class ChangeEncoder:
     def encode(self, change: ChangeRecord) -> bytes:
         return self._entry(change)[0]
 
-    def single(self, change: ChangeRecord, field_number: int) -> bytes:
-        """A response whose `change` field (number `field_number`) holds the change."""
-        return field(field_number, self.encode(change))
+    def single(self, change: ChangeRecord) -> bytes:
+        """A response whose `change` field holds the change."""
+        return self._entry(change)[2]
 
     def batches(
         self, changes: Sequence[ChangeRecord], field_number: int, max_bytes: int
