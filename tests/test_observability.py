@@ -121,7 +121,11 @@ def test_every_unary_call_gets_an_access_line_and_every_error_its_request_id(
 ) -> None:
     """One line per unary call, failures included: method, code, ms, role, peer, request id;
     a caller's own x-request-id is kept; each error's RequestInfo names the id of its line."""
-    args = ["--log-format", "json", "--ingest-token", INGEST_TOKEN, "--read-token", READ_TOKEN]
+    # --log-events: the use case's own line per delivery (off by default) carries the id too.
+    args = [
+        *("--log-format", "json", "--log-events"),
+        *("--ingest-token", INGEST_TOKEN, "--read-token", READ_TOKEN),
+    ]
     with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db", *args) as server:
         api = stub(server)
         ingest = [("authorization", f"Bearer {INGEST_TOKEN}"), ("x-request-id", "caller-id-1")]
@@ -435,9 +439,9 @@ def test_traces_follow_a_delivery_from_its_sender_to_the_watcher(tmp_path: Path)
     first, second = RICHEST["deliveries"][:2]
     with grpc_receiver() as (endpoint, spans):
         env = tracing_env(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
-        with running_server(
-            tmp_path, "--grpc-port", "0", "--db", "x.db", "--log-format", "json", env=env
-        ) as server:
+        # --log-events: the use case's own line per delivery (off by default) carries its trace.
+        args = ["--log-format", "json", "--log-events"]
+        with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db", *args, env=env) as server:
             with grpcurl_watch(server, "WatchTransactions", {}) as watcher:
                 watcher.wait_for(lambda: grpcurl_messages(watcher), "a first message")
                 stub(server).IngestEvent(
