@@ -333,9 +333,10 @@ class Settings(BaseSettings):
     watch_messages_per_second: int = Field(
         default=5000,
         gt=0,
-        description="watch messages sent per second, all watch streams together (at most 16 in "
-        "one turn of the event loop): past it watchers lag, and catch up from the change log, so "
-        "that watchers who do not ask for batches cannot slow ingest",
+        description="watch messages sent per second to watches that did not ask for batches, "
+        "all together (at most 16 in one turn of the event loop): past it they lag, and catch up "
+        "from the change log, so that they cannot slow ingest (batched watches are paced by "
+        "watch_batch_interval_seconds instead)",
     )
 
     # -- Junction's API (reconcile, sweep, back-fill, combined results) ----------------------------
