@@ -21,7 +21,6 @@ from transaction_service.api.convert import (
     kind_from_pb,
     reconciled_to_pb,
     results_to_pb,
-    snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
     transaction_to_pb,
