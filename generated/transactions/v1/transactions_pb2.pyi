@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -55,6 +56,15 @@ class ReconcileOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECONCILE_OUTCOME_CHANGED: _ClassVar[ReconcileOutcome]
     RECONCILE_OUTCOME_UNCHANGED: _ClassVar[ReconcileOutcome]
     RECONCILE_OUTCOME_FAILED: _ClassVar[ReconcileOutcome]
+
+class EventSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_SOURCE_UNSPECIFIED: _ClassVar[EventSource]
+    EVENT_SOURCE_WEBHOOK: _ClassVar[EventSource]
+    EVENT_SOURCE_GRPC: _ClassVar[EventSource]
+    EVENT_SOURCE_JUNCTION_API: _ClassVar[EventSource]
+    EVENT_SOURCE_RESULTS_FETCH: _ClassVar[EventSource]
+    EVENT_SOURCE_REBUILD: _ClassVar[EventSource]
 INGEST_OUTCOME_UNSPECIFIED: IngestOutcome
 INGEST_OUTCOME_APPLIED: IngestOutcome
 INGEST_OUTCOME_DUPLICATE: IngestOutcome
@@ -85,6 +95,12 @@ RECONCILE_OUTCOME_UNSPECIFIED: ReconcileOutcome
 RECONCILE_OUTCOME_CHANGED: ReconcileOutcome
 RECONCILE_OUTCOME_UNCHANGED: ReconcileOutcome
 RECONCILE_OUTCOME_FAILED: ReconcileOutcome
+EVENT_SOURCE_UNSPECIFIED: EventSource
+EVENT_SOURCE_WEBHOOK: EventSource
+EVENT_SOURCE_GRPC: EventSource
+EVENT_SOURCE_JUNCTION_API: EventSource
+EVENT_SOURCE_RESULTS_FETCH: EventSource
+EVENT_SOURCE_REBUILD: EventSource
 
 class IngestEventRequest(_message.Message):
     __slots__ = ("event_id", "payload", "payload_json")
@@ -111,12 +127,14 @@ class IngestEventResponse(_message.Message):
     def __init__(self, outcome: _Optional[_Union[IngestOutcome, str]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., revision: _Optional[int] = ..., event_id: _Optional[str] = ..., error: _Optional[_Union[IngestError, _Mapping]] = ...) -> None: ...
 
 class GetTransactionRequest(_message.Message):
-    __slots__ = ("transaction_id", "order_id")
+    __slots__ = ("transaction_id", "order_id", "revision")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     order_id: str
-    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class GetTransactionResponse(_message.Message):
     __slots__ = ("transaction", "revision")
@@ -273,7 +291,7 @@ class ChangeBatch(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[_Union[TransactionChange, _Mapping]]] = ...) -> None: ...
 
 class TransactionChange(_message.Message):
-    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at", "merged_transaction_ids")
+    __slots__ = ("revision", "kinds", "transaction", "order_id", "event_id", "recorded_at", "merged_transaction_ids", "diff")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +299,7 @@ class TransactionChange(_message.Message):
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
     MERGED_TRANSACTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
     revision: int
     kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
     transaction: Transaction
@@ -288,7 +307,32 @@ class TransactionChange(_message.Message):
     event_id: str
     recorded_at: _timestamp_pb2.Timestamp
     merged_transaction_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_transaction_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    diff: TransactionDiff
+    def __init__(self, revision: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ..., order_id: _Optional[str] = ..., event_id: _Optional[str] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_transaction_ids: _Optional[_Iterable[str]] = ..., diff: _Optional[_Union[TransactionDiff, _Mapping]] = ...) -> None: ...
+
+class TransactionDiff(_message.Message):
+    __slots__ = ("changed_fields", "previous", "orders")
+    CHANGED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    changed_fields: _field_mask_pb2.FieldMask
+    previous: Transaction
+    orders: _containers.RepeatedCompositeFieldContainer[OrderDiff]
+    def __init__(self, changed_fields: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., previous: _Optional[_Union[Transaction, _Mapping]] = ..., orders: _Optional[_Iterable[_Union[OrderDiff, _Mapping]]] = ...) -> None: ...
+
+class OrderDiff(_message.Message):
+    __slots__ = ("order_id", "added", "removed", "changed_fields", "previous")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    added: bool
+    removed: bool
+    changed_fields: _field_mask_pb2.FieldMask
+    previous: Order
+    def __init__(self, order_id: _Optional[str] = ..., added: _Optional[bool] = ..., removed: _Optional[bool] = ..., changed_fields: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., previous: _Optional[_Union[Order, _Mapping]] = ...) -> None: ...
 
 class TransactionSnapshot(_message.Message):
     __slots__ = ("transaction", "progress_revision")
@@ -448,3 +492,69 @@ class BatchGetTransactionsResult(_message.Message):
     found: bool
     transaction: Transaction
     def __init__(self, found: _Optional[bool] = ..., transaction: _Optional[_Union[Transaction, _Mapping]] = ...) -> None: ...
+
+class ListTransactionEventsRequest(_message.Message):
+    __slots__ = ("transaction_id", "order_id", "page_size", "page_token", "include_bodies")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BODIES_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    order_id: str
+    page_size: int
+    page_token: str
+    include_bodies: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., order_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_bodies: _Optional[bool] = ...) -> None: ...
+
+class ListTransactionEventsResponse(_message.Message):
+    __slots__ = ("transaction_id", "events", "next_page_token", "revision")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    events: _containers.RepeatedCompositeFieldContainer[TransactionEvent]
+    next_page_token: str
+    revision: int
+    def __init__(self, transaction_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[TransactionEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class TransactionEvent(_message.Message):
+    __slots__ = ("event_id", "source", "event_type", "order_id", "received_at", "provider_time", "claimed_status", "claimed_transaction_status", "outcome", "reason", "revision", "duplicate_count", "last_duplicate_at", "kinds", "diff", "digest", "body_erased", "body_json")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_TIME_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_TRANSACTION_STATUS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_DUPLICATE_AT_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BODY_ERASED_FIELD_NUMBER: _ClassVar[int]
+    BODY_JSON_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    source: EventSource
+    event_type: str
+    order_id: str
+    received_at: _timestamp_pb2.Timestamp
+    provider_time: _timestamp_pb2.Timestamp
+    claimed_status: str
+    claimed_transaction_status: str
+    outcome: IngestOutcome
+    reason: str
+    revision: int
+    duplicate_count: int
+    last_duplicate_at: _timestamp_pb2.Timestamp
+    kinds: _containers.RepeatedScalarFieldContainer[ChangeKind]
+    diff: TransactionDiff
+    digest: str
+    body_erased: bool
+    body_json: str
+    def __init__(self, event_id: _Optional[str] = ..., source: _Optional[_Union[EventSource, str]] = ..., event_type: _Optional[str] = ..., order_id: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., provider_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., claimed_status: _Optional[str] = ..., claimed_transaction_status: _Optional[str] = ..., outcome: _Optional[_Union[IngestOutcome, str]] = ..., reason: _Optional[str] = ..., revision: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., last_duplicate_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kinds: _Optional[_Iterable[_Union[ChangeKind, str]]] = ..., diff: _Optional[_Union[TransactionDiff, _Mapping]] = ..., digest: _Optional[str] = ..., body_erased: _Optional[bool] = ..., body_json: _Optional[str] = ...) -> None: ...
