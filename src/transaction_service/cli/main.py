@@ -1,5 +1,5 @@
 """The command line: `transaction-service serve`, and the clients of a running server (`watch`,
-`health`, `reconcile`, `backfill`)."""
+`history`, `health`, `reconcile`, `backfill`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from transaction_service.app import StartupError
 from transaction_service.cli.connection import add_connection_flags
+from transaction_service.cli.history import add_arguments as add_history_arguments
 from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
 from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
 from transaction_service.config import (
@@ -112,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
 
+    history = commands.add_parser(
+        "history",
+        help="why is a transaction in its state: every delivery, its outcome and the reason",
+        description="Print a transaction's delivery history (ListTransactionEvents) from a "
+        "running server, oldest first: when each delivery arrived and from where, the status "
+        "it claimed, what it did (applied, stale, ignored) and why, the revision it made and "
+        "what changed, and how often it was delivered again. ID may be the transaction's or "
+        "any of its orders'.",
+    )
+    add_connection_flags(history, token=True)
+    add_history_arguments(history)
+
     from transaction_service.cli.reconcile import add_backfill_flags, add_reconcile_flags
 
     reconcile = commands.add_parser(
@@ -153,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging("WARNING")
         return run_rebuild(args)
+    if args.command == "history":
+        from transaction_service.cli.history import run_history
+
+        return run_history(args)
     if args.command == "health":
         from transaction_service.cli.health import run_health
 
