@@ -177,12 +177,17 @@ def diff_to_pb(diff: ViewDiff | None) -> pb.TransactionDiff | None:
     if diff is None:
         return None
     message = pb.TransactionDiff(changed_fields=FieldMask(paths=diff.fields))
-    if diff.before is not None:
-        scalars = FieldMask(paths=[f for f in diff.fields if f != "orders"])
-        scalars.MergeMessage(
-            transaction_to_pb(diff.before, 0), message.previous, replace_message_field=True
+    if diff.before is None:
+        message.orders.extend(
+            pb.OrderDiff(order_id=o.id, added=True, changed_fields=FieldMask(paths=o.fields))
+            for o in diff.orders
         )
-        message.previous.SetInParent()
+        return message
+    before = transaction_to_pb(diff.before, 0)
+    scalars = FieldMask(paths=[f for f in diff.fields if f != "orders"])
+    scalars.MergeMessage(before, message.previous, replace_message_field=True)
+    message.previous.SetInParent()
+    old_orders = {o.id: o for o in before.orders}
     for order in diff.orders:
         entry = message.orders.add(
             order_id=order.id,
@@ -190,15 +195,16 @@ def diff_to_pb(diff: ViewDiff | None) -> pb.TransactionDiff | None:
             removed=order.removed,
             changed_fields=FieldMask(paths=order.fields),
         )
-        if order.before is not None:
-            before = order_to_pb(order.before)
-            if order.removed:
-                entry.previous.CopyFrom(before)
-            else:
-                FieldMask(paths=order.fields).MergeMessage(
-                    before, entry.previous, replace_message_field=True
-                )
-                entry.previous.SetInParent()
+        previous = old_orders.get(order.id)
+        if previous is None:
+            continue
+        if order.removed:
+            entry.previous.CopyFrom(previous)
+        else:
+            FieldMask(paths=order.fields).MergeMessage(
+                previous, entry.previous, replace_message_field=True
+            )
+            entry.previous.SetInParent()
     return message
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from operator import attrgetter
 
 import msgspec
 
@@ -22,7 +22,12 @@ from transaction_service.domain.state import OrderView, TransactionView
 # `revision` is not a view field: it changes with every change, so it is never listed.
 TRANSACTION_FIELDS = tuple(f.name for f in dataclasses.fields(TransactionView))
 ORDER_FIELDS = tuple(f.name for f in dataclasses.fields(OrderView) if f.name != "id")
-_TRANSACTION_SCALARS = tuple(f for f in TRANSACTION_FIELDS if f != "orders")
+# Every field's value in one call (diffs are computed for every applied delivery).
+_TRANSACTION_VALUES = attrgetter(*TRANSACTION_FIELDS)
+_ORDER_VALUES = attrgetter(*ORDER_FIELDS)
+_ORDER_DEFAULTS = _ORDER_VALUES(OrderView(id=""))
+# The transaction fields listed before `orders`, so that `orders` takes its place among them.
+_BEFORE_ORDERS = frozenset(TRANSACTION_FIELDS[: TRANSACTION_FIELDS.index("orders")])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,8 +40,6 @@ class OrderDiff:
     # The order's fields whose value differs from before; for an added order, those it has set;
     # empty for a removed one.
     fields: tuple[str, ...] = ()
-    # The order before the change (read only the `fields`); None when it was added.
-    before: OrderView | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,8 +49,8 @@ class ViewDiff:
     # The transaction's fields whose value differs (`orders` if any order did); for a new
     # transaction, those it has set. Empty when nothing a caller sees changed (RESULTS_READY).
     fields: tuple[str, ...] = ()
-    # The transaction before the change, without its orders (they are in `orders`); read only
-    # the `fields`. None for a new transaction.
+    # The transaction before the change, whole (read only the `fields`, and the orders named in
+    # `orders`); None for a new transaction.
     before: TransactionView | None = None
     orders: tuple[OrderDiff, ...] = ()
 
@@ -55,54 +58,73 @@ class ViewDiff:
     def created(self) -> bool:
         return self.before is None and bool(self.fields)
 
+    def order_before(self, order_id: str) -> OrderView | None:
+        """The order as it was before the change; None if it was added."""
+        if self.before is None:
+            return None
+        return next((o for o in self.before.orders if o.id == order_id), None)
+
 
 NOTHING = ViewDiff()
 
-_ORDER_DEFAULTS = OrderView(id="")
+
+def _set_fields(order: OrderView) -> tuple[str, ...]:
+    return tuple(
+        n
+        for n, value, default in zip(
+            ORDER_FIELDS, _ORDER_VALUES(order), _ORDER_DEFAULTS, strict=True
+        )
+        if value != default
+    )
 
 
-def _set_fields(value: Any, names: tuple[str, ...], defaults: Any) -> tuple[str, ...]:
-    return tuple(n for n in names if getattr(value, n) != getattr(defaults, n))
+def _with_orders(fields: list[str]) -> tuple[str, ...]:
+    fields.insert(sum(f in _BEFORE_ORDERS for f in fields), "orders")
+    return tuple(fields)
 
 
 def diff_views(before: TransactionView | None, after: TransactionView) -> ViewDiff:
     """What changed from `before` (None: the transaction is new) to `after`."""
     if before is None:
         # Every field it has set; its id and status always are.
-        defaults = TransactionView(id="", status=after.status)
-        set_fields = [n for n in _TRANSACTION_SCALARS if getattr(after, n) != getattr(defaults, n)]
-        fields = ("id", "status", *(n for n in set_fields if n not in ("id", "status")))
-        orders = tuple(
-            OrderDiff(id=o.id, added=True, fields=_set_fields(o, ORDER_FIELDS, _ORDER_DEFAULTS))
-            for o in after.orders
-        )
-        if orders:
-            fields = (*fields, "orders")
-        return ViewDiff(fields=tuple(sorted(fields, key=TRANSACTION_FIELDS.index)), orders=orders)
+        defaults = _TRANSACTION_VALUES(TransactionView(id="", status=after.status))
+        fields = [
+            n
+            for n, value, default in zip(
+                TRANSACTION_FIELDS, _TRANSACTION_VALUES(after), defaults, strict=True
+            )
+            if n in ("id", "status") or (n != "orders" and value != default)
+        ]
+        orders = tuple(OrderDiff(id=o.id, added=True, fields=_set_fields(o)) for o in after.orders)
+        return ViewDiff(fields=_with_orders(fields) if orders else tuple(fields), orders=orders)
     if before == after:
         return NOTHING
-    changed_fields = [n for n in _TRANSACTION_SCALARS if getattr(before, n) != getattr(after, n)]
-    old = {o.id: o for o in before.orders}
+    fields = [
+        n
+        for n, old, new in zip(
+            TRANSACTION_FIELDS, _TRANSACTION_VALUES(before), _TRANSACTION_VALUES(after), strict=True
+        )
+        if n != "orders" and old != new
+    ]
+    old_orders = {o.id: o for o in before.orders}
     diffs: list[OrderDiff] = []
     for order in after.orders:
-        previous = old.pop(order.id, None)
+        previous = old_orders.pop(order.id, None)
         if previous is None:
-            diffs.append(
-                OrderDiff(
-                    id=order.id,
-                    added=True,
-                    fields=_set_fields(order, ORDER_FIELDS, _ORDER_DEFAULTS),
-                )
-            )
+            diffs.append(OrderDiff(id=order.id, added=True, fields=_set_fields(order)))
         elif previous != order:
-            changed = tuple(n for n in ORDER_FIELDS if getattr(previous, n) != getattr(order, n))
-            diffs.append(OrderDiff(id=order.id, fields=changed, before=previous))
-    diffs.extend(OrderDiff(id=o.id, removed=True, before=o) for o in old.values())
-    if diffs:
-        changed_fields.append("orders")
+            changed = tuple(
+                n
+                for n, old, new in zip(
+                    ORDER_FIELDS, _ORDER_VALUES(previous), _ORDER_VALUES(order), strict=True
+                )
+                if old != new
+            )
+            diffs.append(OrderDiff(id=order.id, fields=changed))
+    diffs.extend(OrderDiff(id=order_id, removed=True) for order_id in old_orders)
     return ViewDiff(
-        fields=tuple(sorted(changed_fields, key=TRANSACTION_FIELDS.index)),
-        before=dataclasses.replace(before, orders=[]),
+        fields=_with_orders(fields) if diffs else tuple(fields),
+        before=before,
         orders=tuple(diffs),
     )
 

@@ -121,12 +121,12 @@ def applied_reason(diff: ViewDiff, after: TransactionView) -> str:
             parts.append(f"order {short(order.id)}{origin}{status} added")
         elif order.removed:
             parts.append(f"order {short(order.id)} moved out")
-        elif now is not None and order.before is not None:
+        elif now is not None and (previous := diff.order_before(order.id)) is not None:
             others = ", ".join(f for f in order.fields if f not in _FOLLOWS_STATUS)
             if "low_level_status" in order.fields:
                 also = f" (and {others})" if others else ""
                 parts.append(
-                    f"order {short(order.id)} `{order.before.low_level_status or '?'}` → "
+                    f"order {short(order.id)} `{previous.low_level_status or '?'}` → "
                     f"`{now.low_level_status}`{also}"
                 )
             elif others:
