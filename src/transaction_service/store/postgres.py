@@ -58,7 +58,7 @@ from transaction_service.store.rows import (
     EVENT_COLUMNS,
     HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
-    change_record,
+    change_log_page,
     found_from_rows,
     history_event,
     pending_results,
@@ -519,9 +519,7 @@ class PostgresStore:
             f" LIMIT ${len(params)}) c ON true ORDER BY c.revision",
             *params,
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
 
     async def changes_through(
         self, revision: int, limit: int, transaction_ids: Sequence[str]
@@ -535,9 +533,7 @@ class PostgresStore:
             list(transaction_ids),
             limit,
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool

@@ -17,6 +17,7 @@ from transaction_service.domain.state import (
 )
 from transaction_service.store.base import (
     BatchPlan,
+    ChangeLogPage,
     ChangeRecord,
     EventWrite,
     HistoryEvent,
@@ -161,6 +162,13 @@ def change_record(
         merged=decode_merged(merged),
         diff=diff_from_json(diff) if diff else None,
     )
+
+
+def change_log_page(rows: Sequence[Sequence[Any]]) -> ChangeLogPage:
+    """Rows of (compacted revision, head revision, CHANGE_COLUMNS...), the change columns NULL
+    on the one row that only carries the bounds when no change matched."""
+    changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
+    return ChangeLogPage(changes=changes, compacted_revision=rows[0][0], head_revision=rows[0][1])
 
 
 # The columns `history_event` decodes: an event (`e`) and its change (`c`, left-joined). The

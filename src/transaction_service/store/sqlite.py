@@ -60,7 +60,7 @@ from transaction_service.store.rows import (
     EVENT_COLUMNS,
     HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
-    change_record,
+    change_log_page,
     found_from_rows,
     history_event,
     iso,
@@ -573,9 +573,7 @@ class SqliteStore:
             " ON 1 ORDER BY c.revision",
             (*params, limit),
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
 
     async def changes_through(
         self, revision: int, limit: int, transaction_ids: Sequence[str]
@@ -587,9 +585,7 @@ class SqliteStore:
             " ON 1 ORDER BY c.revision DESC",
             (revision, json.dumps(list(transaction_ids)), limit),
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
