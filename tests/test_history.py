@@ -26,8 +26,9 @@ from tests.scenario_tools import with_fresh_ids
 from tests.test_watch import read_until
 from transaction_service.app import open_store
 from transaction_service.config import Settings
-from transaction_service.domain.diff import ORDER_FIELDS, TRANSACTION_FIELDS
-from transaction_service.domain.explain import MAX_REASON_LENGTH
+from transaction_service.domain.diff import ORDER_FIELDS, TRANSACTION_FIELDS, diff_views
+from transaction_service.domain.explain import MAX_REASON_LENGTH, applied_reason
+from transaction_service.domain.state import OrderView, TransactionStatus, TransactionView
 from transaction_service.server import TransactionService
 from transaction_service.store import postgres as postgres_store
 from transaction_service.store import sqlite as sqlite_store
@@ -634,3 +635,15 @@ async def test_the_memory_store_keeps_the_same_history_as_sqlite(tmp_path: Path)
 
 def store_head(events: Sequence[HistoryEvent]) -> int:
     return max(e.revision or 0 for e in events)
+
+
+def test_a_reason_is_cut_to_its_bound() -> None:
+    """Fifty orders joining at once make a long story: the reason stops at 300 characters."""
+    orders = [
+        OrderView(id=f"order-{i:04d}-{'x' * 30}", low_level_status="ordered") for i in range(50)
+    ]
+    after = TransactionView(id="t", status=TransactionStatus.ACTIVE, orders=orders)
+    reason = applied_reason(diff_views(None, after), after)
+    assert len(reason) == MAX_REASON_LENGTH
+    assert reason.endswith("…")
+    assert reason.startswith("new transaction t; order order-00… `ordered` added; ")
