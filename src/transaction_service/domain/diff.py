@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import msgspec
 
@@ -49,8 +50,8 @@ class ViewDiff:
     # The transaction's fields whose value differs (`orders` if any order did); for a new
     # transaction, those it has set. Empty when nothing a caller sees changed (RESULTS_READY).
     fields: tuple[str, ...] = ()
-    # The transaction before the change, whole (read only the `fields`, and the orders named in
-    # `orders`); None for a new transaction.
+    # The transaction before the change (read only the `fields`, and the orders named in
+    # `orders`: a diff read back from the change log holds no more); None for a new transaction.
     before: TransactionView | None = None
     orders: tuple[OrderDiff, ...] = ()
 
@@ -129,13 +130,32 @@ def diff_views(before: TransactionView | None, after: TransactionView) -> ViewDi
     )
 
 
-# msgspec, as for the view: stored with each change in the change log.
+# msgspec, as for the view: stored with each change in the change log. Of the view before, only
+# what the diff names is stored (the id and status always, for they have no default): read back,
+# the other fields hold their defaults, which nobody reads.
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(ViewDiff)
 
 
 def diff_to_json(diff: ViewDiff) -> str:
-    return _ENCODER.encode(diff).decode()
+    before = diff.before
+    if before is None:
+        return _ENCODER.encode(diff).decode()
+    values = dict(zip(TRANSACTION_FIELDS, _TRANSACTION_VALUES(before), strict=True))
+    kept: dict[str, Any] = {"id": before.id, "status": before.status}
+    kept.update((n, values[n]) for n in diff.fields if n != "orders")
+    old_orders = {o.id: o for o in before.orders}
+    orders = []
+    for order in diff.orders:
+        previous = old_orders.get(order.id)
+        if previous is not None:
+            names = ORDER_FIELDS if order.removed else order.fields
+            entry = {"id": previous.id}
+            entry.update((n, getattr(previous, n)) for n in names)
+            orders.append(entry)
+    kept["orders"] = orders
+    stored = {"fields": diff.fields, "before": kept, "orders": diff.orders}
+    return _ENCODER.encode(stored).decode()
 
 
 def diff_from_json(text: str | bytes) -> ViewDiff:

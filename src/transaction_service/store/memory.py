@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
+from transaction_service.domain.diff import diff_from_json
 from transaction_service.domain.state import (
     TransactionStatus,
     knowledge_from_json,
@@ -101,7 +102,11 @@ class MemoryStore:
             base = self.head
             self.head += len(batch.changes)
             records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
-            self.changes.extend(records)
+            # The log holds what a real store reads back (the diff through its JSON).
+            self.changes.extend(
+                dataclasses.replace(r, diff=diff_from_json(c.diff_json)) if c.diff_json else r
+                for r, c in zip(records, batch.changes, strict=True)
+            )
             for txn_id, write in batch.transactions.items():
                 # Round-trip through JSON, as a real store does, so tests see what it would.
                 self.transactions[txn_id] = StoredTransaction(
