@@ -32,7 +32,7 @@ from transaction_service.domain.state import OrderView, TransactionStatus, Trans
 from transaction_service.server import TransactionService
 from transaction_service.store import postgres as postgres_store
 from transaction_service.store import sqlite as sqlite_store
-from transaction_service.store.base import HistoryEvent
+from transaction_service.store.base import HistoryEvent, Store
 from transaction_service.store.memory import MemoryStore
 from transaction_service.store.sqlite import SqliteStore, migrations
 from transaction_service.usecases.commit import CommitPath
@@ -612,7 +612,7 @@ async def test_the_memory_store_keeps_the_same_history_as_sqlite(tmp_path: Path)
     d = REDRAW["deliveries"]
     sends = [d[3], d[0], d[5], d[1], d[5], d[2], d[4]]
     sends.append({"svix_id": "msg_resend", "body": d[2]["body"]})
-    stores = [MemoryStore(), SqliteStore(tmp_path / "h.db", synchronous="NORMAL")]
+    stores: list[Store] = [MemoryStore(), SqliteStore(tmp_path / "h.db", synchronous="NORMAL")]
     found = []
     for store in stores:
         await store.open()

@@ -504,7 +504,7 @@ class Store(Protocol):
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
-    ) -> list[HistoryEvent]:
+    ) -> Sequence[HistoryEvent]:
         """Up to `limit` rows of a transaction's delivery history after `after_seq`, in arrival
         order: the events of its orders (whichever transaction they were merged into then), and
         the rows the service recorded for it (results fetches, rebuilds). Each with the kinds and

@@ -245,7 +245,7 @@ class MemoryStore:
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
-    ) -> list[HistoryEvent]:
+    ) -> Sequence[HistoryEvent]:
         changes = {c.revision: c for c in self.changes}
         found: list[HistoryEvent] = []
         for seq, (event_id, e) in enumerate(self.event_writes.items(), start=1):

@@ -537,7 +537,7 @@ class PostgresStore:
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
-    ) -> list[HistoryEvent]:
+    ) -> Sequence[HistoryEvent]:
         rows = await self._fetch(
             _HISTORY.format(body="e.body" if bodies else "NULL::bytea"),
             transaction_id,

@@ -589,7 +589,7 @@ class SqliteStore:
 
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
-    ) -> list[HistoryEvent]:
+    ) -> Sequence[HistoryEvent]:
         rows = await self._fetch(
             _HISTORY.format(body="e.body" if bodies else "NULL"),
             (transaction_id, after_seq, transaction_id, after_seq, limit),

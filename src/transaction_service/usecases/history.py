@@ -14,6 +14,7 @@ watches), unless the transaction has not changed since (then it is the current s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transaction_service.domain.state import ChangeKind
@@ -50,7 +51,7 @@ class Lookup:
 @dataclass(frozen=True)
 class HistoryPage:
     transaction_id: str
-    events: list[HistoryEvent]
+    events: Sequence[HistoryEvent]
     # More entries follow the last of `events`.
     more: bool
     head_revision: int
