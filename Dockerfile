@@ -17,8 +17,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src/ src/
-COPY generated/ generated/
-RUN pip install .
+# The client distribution: the generated stubs, and the client the commands use. Installed in
+# the same pip command as the server, which depends on it.
+COPY client/ client/
+RUN pip install ./client .
 
 # -- runtime: the venv only, as an unprivileged user ---------------------------------------------
 FROM python:3.11-slim

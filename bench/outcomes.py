@@ -1,13 +1,13 @@
 """What each ingest outcome costs, in process, against another version of the code measured in
 the same run: did a change to the commit path make ingest, or a duplicate, dearer?
 
-Run: `.venv/bin/python bench/outcomes.py --against DIR [--rounds N] [--events N]`, where DIR
-holds another version's `src/` and `generated/` (e.g. `git archive main src generated | tar -x
--C DIR`). Each round runs both versions, one after the other, each in a process of its own, on a
-fresh SQLite file with synchronous=FULL (the default): the ingest use case and the store, no
-gRPC. The figures are medians over the rounds, and the ratio of each is the median of the
-rounds' ratios, this version's over DIR's (each version goes first every other round): both meet
-the same neighbours on a shared machine, so compare ratios, not rates.
+Run: `.venv/bin/python bench/outcomes.py --against DIR [--rounds N] [--events N]`, where DIR holds
+another version's `src/` and its stubs (`client/src/`, or `generated/` in older versions; e.g. `git
+archive main src client | tar -x -C DIR`). Each round runs both versions, one after the other, each
+in a process of its own, on a fresh SQLite file with synchronous=FULL (the default): the ingest use
+case and the store, no gRPC. The figures are medians over the rounds, and the ratio of each is the
+median of the rounds' ratios, this version's over DIR's (each version goes first every other
+round): both meet the same neighbours on a shared machine, so compare ratios, not rates.
 
 Phases of one round, in order:
 - applied: the first delivery of N new transactions, 32 in flight (they share commits);
@@ -109,7 +109,9 @@ async def measure(events: int, alone: int) -> dict[str, float]:
 def run_worker(source: Path | None, events: int, alone: int) -> dict[str, float]:
     env = dict(os.environ)
     if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(str(source / d) for d in ("src", "generated"))
+        # The stubs live in generated/ in older versions, in client/src/ (with the client) now.
+        found = [source / d for d in ("src", "generated", "client/src") if (source / d).is_dir()]
+        env["PYTHONPATH"] = os.pathsep.join(map(str, found))
     done = subprocess.run(
         [sys.executable, __file__, "--worker", "--events", str(events), "--alone", str(alone)],
         env=env,
@@ -122,7 +124,7 @@ def run_worker(source: Path | None, events: int, alone: int) -> dict[str, float]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", type=Path, help="another version's src/ and generated/")
+    parser.add_argument("--against", type=Path, help="another version's src/ and stubs")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--alone", type=int, default=200, help="deliveries one at a time")

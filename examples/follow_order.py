@@ -2,61 +2,54 @@
 
     .venv/bin/python examples/follow_order.py ORDER_ID [ADDRESS]
 
-Prints when a redraw becomes available or the order to follow changes, and exits when the
-transaction is completed or cancelled. It survives server restarts: it remembers the revision of
-the last message and resumes from it, so it misses nothing and sees nothing twice.
+Prints when a redraw becomes available or the order to follow changes, and returns when the
+transaction is completed or cancelled. The client's watch resumes by itself after a server
+restart or a lost connection, from the last revision it received: nothing missed, nothing twice.
+`follow` is the blocking form (transaction_client.sync), `follow_async` the asyncio one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
-import time
 
-import grpc
+from transaction_client import ChangeKind, Snapshot, TransactionChange, TransactionClient, sync
+from transaction_client import TransactionStatus as Status
 
-from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
+DONE = {
+    Status.TRANSACTION_STATUS_COMPLETED: "completed",
+    Status.TRANSACTION_STATUS_CANCELLED: "cancelled",
+}
 
-DONE = {pb.TRANSACTION_STATUS_COMPLETED: "completed", pb.TRANSACTION_STATUS_CANCELLED: "cancelled"}
+
+def report(item: TransactionChange | Snapshot) -> str | None:
+    """Print what `item` means for whoever follows the order; the outcome once it is done."""
+    transaction = item.transaction
+    if ChangeKind.CHANGE_KIND_REDRAW_AVAILABLE in item.kinds:
+        print(f"redraw available: follow order {transaction.current_order_id}")
+    elif ChangeKind.CHANGE_KIND_CURRENT_ORDER_CHANGED in item.kinds:
+        print(f"follow order {transaction.current_order_id}")
+    if transaction.status in DONE:
+        print(f"transaction {transaction.id} {DONE[transaction.status]}")
+        return DONE[transaction.status]
+    return None
 
 
 def follow(order_id: str, address: str = "localhost:50051") -> str:
-    last: int | None = None  # the revision to resume from
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.TransactionServiceStub(channel)
-        while True:
-            request = pb.WatchTransactionRequest(order_id=order_id)
-            if last is not None:
-                request.start_revision = last
-            try:
-                for message in stub.WatchTransaction(request):
-                    event = message.WhichOneof("event")
-                    if event == "progress":
-                        last = message.progress.revision
-                        continue
-                    if event == "current":  # the state when the watch opened
-                        last, transaction = (
-                            message.current.progress_revision,
-                            message.current.transaction,
-                        )
-                        kinds: list[int] = []
-                    else:
-                        last, transaction = message.change.revision, message.change.transaction
-                        kinds = list(message.change.kinds)
-                    if pb.CHANGE_KIND_REDRAW_AVAILABLE in kinds:
-                        print(f"redraw available: follow order {transaction.current_order_id}")
-                    elif pb.CHANGE_KIND_CURRENT_ORDER_CHANGED in kinds:
-                        print(f"follow order {transaction.current_order_id}")
-                    if transaction.status in DONE:
-                        print(f"transaction {transaction.id} {DONE[transaction.status]}")
-                        return DONE[transaction.status]
-            except grpc.RpcError as error:
-                # UNAVAILABLE: server restarting or unreachable; resume from `last`. Anything else
-                # (OUT_OF_RANGE: our revision was compacted) needs a fresh GetTransaction first.
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                time.sleep(1)
+    with sync.TransactionClient(address) as client:
+        for item in client.watch_transaction(order_id=order_id):
+            if outcome := report(item):
+                return outcome
+    raise AssertionError("unreachable: a watch ends only by raising")
+
+
+async def follow_async(order_id: str, address: str = "localhost:50051") -> str:
+    async with TransactionClient(address) as client:
+        async for item in client.watch_transaction(order_id=order_id):
+            if outcome := report(item):
+                return outcome
+    raise AssertionError("unreachable: a watch ends only by raising")
 
 
 if __name__ == "__main__":
-    follow(*sys.argv[1:3])
+    asyncio.run(follow_async(*sys.argv[1:3]))

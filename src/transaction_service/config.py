@@ -418,6 +418,8 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
         and name.upper() not in known
         # Read by the test suite, not by the service.
         and not name.upper().startswith(ENV_PREFIX + "TEST_")
+        # The client commands' token (transaction_client), beside a server in one environment.
+        and name.upper() != ENV_PREFIX + "TOKEN"
     )
 
 

@@ -1,24 +1,31 @@
-"""How the command-line clients (`health`, `watch`, `ingest`) reach a server: address, TLS,
-token."""
+"""How the command-line clients (`health`, `watch`, `ingest`, `reconcile`, `backfill`) reach a
+server: address, TLS and token options, turned into the client distribution's
+`TransactionClient` (transaction_client), whose errors say in one line what went wrong and what
+to check."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    from transaction_client import TLS, TransactionClient
+    from transaction_client.sync import TransactionClient as SyncTransactionClient
 
 DEFAULT_PORT = "50051"
-
-
-class ClientSetupError(Exception):
-    """A client option that cannot work (a file that cannot be read); one line for the user."""
 
 
 def default_address() -> str:
     # In the container the server's own port setting is in the environment; use it.
     return f"localhost:{os.environ.get('TRANSACTION_SERVICE_GRPC_PORT') or DEFAULT_PORT}"
+
+
+def quiet_grpc() -> None:
+    """gRPC's C core logs each failed TLS handshake at INFO on stderr, several times per call;
+    the commands say what failed in one line of their own instead. (Read when gRPC starts: call
+    before the first channel.)"""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def add_connection_flags(parser: argparse.ArgumentParser, *, token: bool) -> None:
@@ -42,59 +49,39 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, token: bool) -> Non
     )
     if token:
         parser.add_argument(
-            "--token", help="bearer token, when the server requires one (sent as authorization)"
+            "--token",
+            help="bearer token, when the server requires one (sent as authorization; default "
+            "$TRANSACTION_SERVICE_TOKEN)",
         )
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
-    """A channel to `args.address`, over TLS if any TLS option was given."""
-    credentials, options = _security(args)
-    if credentials is None:
-        return grpc.insecure_channel(args.address)
-    return grpc.secure_channel(args.address, credentials, options=options)
+def tls_of(args: argparse.Namespace) -> TLS | None:
+    """TLS if any TLS option was given. Raises ClientSetupError for --cert without --key."""
+    from transaction_client import TLS, ClientSetupError
 
-
-def open_aio_channel(args: argparse.Namespace) -> grpc.aio.Channel:
-    """`open_channel` for asyncio clients (`ingest`); call inside a running event loop."""
-    credentials, options = _security(args)
-    if credentials is None:
-        return grpc.aio.insecure_channel(args.address)
-    return grpc.aio.secure_channel(args.address, credentials, options=options)
-
-
-def _security(
-    args: argparse.Namespace,
-) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
     if not (args.ca or args.tls or args.cert or args.key):
-        return None, []
+        return None
     if bool(args.cert) != bool(args.key):
         raise ClientSetupError("--cert and --key go together")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read("--ca", args.ca),
-        private_key=_read("--key", args.key),
-        certificate_chain=_read("--cert", args.cert),
+    return TLS(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+
+
+def client_for(args: argparse.Namespace, **options: float) -> TransactionClient:
+    """The asyncio client the options describe. Raises ClientSetupError (an unreadable
+    certificate file, --cert without --key)."""
+    from transaction_client import TransactionClient
+
+    quiet_grpc()
+    return TransactionClient(
+        args.address, token=getattr(args, "token", None), tls=tls_of(args), **options
     )
-    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-    return credentials, options
 
 
-def call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    token = getattr(args, "token", None)
-    return [("authorization", f"Bearer {token}")] if token else []
+def sync_client_for(args: argparse.Namespace, **options: float) -> SyncTransactionClient:
+    """`client_for`, blocking (transaction_client.sync)."""
+    from transaction_client.sync import TransactionClient
 
-
-def _read(flag: str, path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ClientSetupError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
-
-
-def one_line(error: grpc.RpcError) -> str:
-    """`CODE: details` of a failed call, on one line."""
-    code = error.code() if isinstance(error, grpc.Call) else None
-    details = error.details() if isinstance(error, grpc.Call) else str(error)
-    name = code.name if code is not None else "ERROR"
-    return f"{name}: {' '.join((details or '').split())}"
+    quiet_grpc()
+    return TransactionClient(
+        args.address, token=getattr(args, "token", None), tls=tls_of(args), **options
+    )

@@ -1,7 +1,12 @@
 """`transaction-service health`: ask a server's gRPC health service; for container probes.
 
-Exit 0 when it answers SERVING; otherwise print one line saying why and exit 1 (2 for a usage
-mistake such as an unreadable certificate file).
+Exit 0 when it answers SERVING; otherwise print one line saying why (with a hint for a wrong
+port or a TLS mistake) and exit 1 (2 for a usage mistake such as an unreadable certificate
+file).
+
+A Docker HEALTHCHECK runs it every 30 s with a 5 s limit, on a machine that may be busy: it
+imports gRPC, the health stubs and the client's small connection and error modules, nothing of
+the server (see main.py: the serve flags are not even built).
 """
 
 from __future__ import annotations
@@ -9,15 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from transaction_service.cli.connection import ClientSetupError, one_line, open_channel
+from transaction_service.cli.connection import quiet_grpc, tls_of
 
 
 def run_health(args: argparse.Namespace) -> int:
+    quiet_grpc()
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from transaction_client.connection import open_sync_channel
+    from transaction_client.errors import ClientSetupError, from_rpc_error
+
     try:
-        channel = open_channel(args)
+        tls = tls_of(args)
+        channel = open_sync_channel(args.address, tls)
     except ClientSetupError as exc:
         print(f"transaction-service health: {exc}", file=sys.stderr)
         return 2
@@ -27,7 +37,8 @@ def run_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"transaction-service health: {args.address}: {one_line(error)}")
+            problem = from_rpc_error(error, args.address, tls=tls is not None)
+            print(f"transaction-service health: {args.address}: {problem}")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     if response.status != health_pb2.HealthCheckResponse.SERVING:

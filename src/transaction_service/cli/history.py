@@ -12,23 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from transaction_service.cli.connection import (
-    ClientSetupError,
-    call_metadata,
-    one_line,
-    open_channel,
-)
+from transaction_client import ClientSetupError, NotFound, TransactionServiceError
+from transaction_client.sync import TransactionClient
+from transaction_service.cli.connection import sync_client_for
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
-
-# The most the server gives in one page.
-PAGE_SIZE = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,28 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_history(args: argparse.Namespace) -> int:
     try:
-        channel = open_channel(args)
+        client = sync_client_for(args)
     except ClientSetupError as exc:
         print(f"transaction-service history: {exc}", file=sys.stderr)
         return 2
-    with channel:
-        stub = pb_grpc.TransactionServiceStub(channel)
+    with client:
         try:
-            pages = list(_pages(stub, args))
-        except grpc.RpcError as error:
-            print(f"transaction-service history: {one_line(error)}", file=sys.stderr)
+            transaction_id, head, events = _history(client, args)
+        except TransactionServiceError as error:
+            print(f"transaction-service history: {error}", file=sys.stderr)
             return 1
     if args.json:
-        for page in pages:
-            for event in page.events:
-                entry = json_format.MessageToDict(event, preserving_proto_field_name=True)
-                print(json.dumps(entry))
+        for event in events:
+            print(json.dumps(json_format.MessageToDict(event, preserving_proto_field_name=True)))
         return 0
-    events = [event for page in pages for event in page.events]
     print(
-        f"transaction {pages[0].transaction_id}: {len(events)} "
-        f"entr{'y' if len(events) == 1 else 'ies'}, oldest first "
-        f"(head revision {pages[-1].revision})"
+        f"transaction {transaction_id}: {len(events)} "
+        f"entr{'y' if len(events) == 1 else 'ies'}, oldest first (head revision {head})"
     )
     for event in events:
         print()
@@ -78,30 +64,19 @@ def run_history(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pages(
-    stub: pb_grpc.TransactionServiceStub, args: argparse.Namespace
-) -> Iterator[pb.ListTransactionEventsResponse]:
-    """Every page; the id is tried as a transaction id, then as an order id."""
-    metadata = call_metadata(args)
-    lookup = "transaction_id"
-    token = ""
-    while True:
-        request = pb.ListTransactionEventsRequest(
-            page_size=PAGE_SIZE, page_token=token, include_bodies=args.bodies
-        )
-        setattr(request, lookup, args.id)
-        try:
-            page = stub.ListTransactionEvents(request, metadata=metadata, timeout=args.timeout)
-        except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
-            if code == grpc.StatusCode.NOT_FOUND and lookup == "transaction_id" and not token:
-                lookup = "order_id"
-                continue
-            raise
-        yield page
-        token = page.next_page_token
-        if not token:
-            return
+def _history(
+    client: TransactionClient, args: argparse.Namespace
+) -> tuple[str, int, list[pb.TransactionEvent]]:
+    """(transaction id, head revision, every entry); the id is tried as a transaction id, then
+    as an order id."""
+    options = {"include_bodies": args.bodies, "timeout": args.timeout}
+    try:
+        history = client.list_transaction_events(transaction_id=args.id, **options)
+        events = list(history)
+    except NotFound:
+        history = client.list_transaction_events(order_id=args.id, **options)
+        events = list(history)
+    return history.transaction_id, history.revision, events
 
 
 _SOURCES = {

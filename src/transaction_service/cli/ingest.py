@@ -35,14 +35,9 @@ from typing import Any, TextIO
 import grpc
 from tqdm import tqdm
 
-from transaction_service.cli.connection import (
-    ClientSetupError,
-    call_metadata,
-    one_line,
-    open_aio_channel,
-)
+from transaction_client import ClientSetupError, TransactionClient
+from transaction_service.cli.connection import client_for
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 DEFAULT_WINDOW = 512
 # Errors listed one by one in the summary; the rest are counted.
@@ -210,10 +205,9 @@ def _status_code(number: int) -> tuple[int, str]:
 
 
 async def feed(
-    stub: pb_grpc.TransactionServiceStub,
+    client: TransactionClient,
     items: Iterator[Item],
     *,
-    metadata: list[tuple[str, str]],
     window: int,
     on_answer: Callable[[Item, pb.IngestEventResponse], None],
 ) -> str | None:
@@ -221,7 +215,7 @@ async def feed(
     unanswered: collections.deque[Item] = collections.deque()
     failures = 0
     while True:
-        call = stub.IngestEvents(metadata=metadata)
+        call = client.stub.IngestEvents(metadata=client.metadata)
         to_send = unanswered  # sent before and not answered: first, in order
         sent: collections.deque[Item] = collections.deque()
         room = asyncio.Semaphore(window)
@@ -257,12 +251,10 @@ async def feed(
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             unanswered = collections.deque([*sent, *to_send])
+            error = client.error(exc)
             if exc.code() not in _RETRYABLE or failures >= len(_BACKOFF):
-                return one_line(exc)
-            print(
-                f"transaction-service ingest: {one_line(exc)}; reconnecting",
-                file=sys.stderr,
-            )
+                return str(error)
+            print(f"transaction-service ingest: {error}; reconnecting", file=sys.stderr)
             await asyncio.sleep(_BACKOFF[failures])
             failures += 1
 
@@ -287,11 +279,10 @@ async def _run(
             tally.record(item, response)
             bar.update(1)
 
-        async with open_aio_channel(args) as channel:
+        async with client_for(args) as client:
             failure = await feed(
-                pb_grpc.TransactionServiceStub(channel),
+                client,
                 _chain(readers),
-                metadata=call_metadata(args),
                 window=args.window,
                 on_answer=on_answer,
             )

@@ -4,34 +4,40 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import difflib
-import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from transaction_service.cli.connection import add_connection_flags, quiet_grpc
 
-from transaction_service.app import StartupError
-from transaction_service.cli.connection import add_connection_flags
-from transaction_service.cli.history import add_arguments as add_history_arguments
-from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
-from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
-from transaction_service.config import (
-    Settings,
-    add_flags,
-    describe_errors,
-    env_name,
-    from_flags,
-    unknown_environment,
-)
-from transaction_service.logs import formatter
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("transaction_service")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that call a running server. The others (serve, rebuild) take their flags from the
+# server's settings and modules.
+CLIENT_COMMANDS = ("watch", "ingest", "history", "health", "reconcile", "backfill")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of a command line (the first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, for a command line whose command is `command` (None: all of them).
+
+    Each command's own flags are added only when it is the one parsed (or for the usage, when
+    no known command is): the serve flags come from the settings (pydantic) and rebuild's from
+    the store, which `transaction-service health`, run by a container's HEALTHCHECK on a machine
+    that may be busy, must not pay to import."""
+
+    def wanted(name: str) -> bool:
+        return command not in (*CLIENT_COMMANDS, "serve", "rebuild") or name == command
+
     parser = argparse.ArgumentParser(
         prog="transaction-service",
         description="Junction lab-order webhooks in, order transaction state out.",
@@ -43,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the service: gRPC, and HTTP for webhooks, metrics and probes; on the "
         "embedded SQLite store by default.",
     )
-    add_flags(serve)
+    if wanted("serve"):
+        from transaction_service.config import add_flags
+
+        add_flags(serve)
 
     watch = commands.add_parser(
         "watch",
@@ -83,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         "refused.",
     )
     add_connection_flags(ingest, token=True)
-    add_ingest_arguments(ingest)
+    if wanted("ingest"):
+        from transaction_service.cli.ingest import add_arguments as add_ingest_arguments
+
+        add_ingest_arguments(ingest)
 
     rebuild = commands.add_parser(
         "rebuild",
@@ -94,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "first (one process owns the file). Transactions with webhook bodies erased by the "
         "body retention keep their state and are counted.",
     )
-    add_rebuild_arguments(rebuild)
+    if wanted("rebuild"):
+        from transaction_service.cli.rebuild import add_arguments as add_rebuild_arguments
+
+        add_rebuild_arguments(rebuild)
 
     health = commands.add_parser(
         "health",
@@ -123,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "any of its orders'.",
     )
     add_connection_flags(history, token=True)
-    add_history_arguments(history)
+    if wanted("history"):
+        from transaction_service.cli.history import add_arguments as add_history_arguments
 
-    from transaction_service.cli.reconcile import add_backfill_flags, add_reconcile_flags
+        add_history_arguments(history)
 
     reconcile = commands.add_parser(
         "reconcile",
@@ -136,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         "The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
     )
     add_connection_flags(reconcile, token=True)
-    add_reconcile_flags(reconcile)
+    if wanted("reconcile"):
+        from transaction_service.cli.reconcile import add_reconcile_flags
+
+        add_reconcile_flags(reconcile)
 
     backfill = commands.add_parser(
         "backfill",
@@ -147,12 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
         "webhooks instead. The server needs TRANSACTION_SERVICE_JUNCTION_API_KEY.",
     )
     add_connection_flags(backfill, token=True)
-    add_backfill_flags(backfill)
+    if wanted("backfill"):
+        from transaction_service.cli.reconcile import add_backfill_flags
+
+        add_backfill_flags(backfill)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    if command in CLIENT_COMMANDS:
+        quiet_grpc()  # before anything imports grpc, building the parser included
+    args = build_parser(command).parse_args(argv)
     if args.command == "watch":
         from transaction_service.cli.watch import run_watch
 
@@ -178,6 +204,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transaction_service.cli.reconcile import run_backfill, run_reconcile
 
         return run_reconcile(args) if args.command == "reconcile" else run_backfill(args)
+    return serve_command(args)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import difflib
+
+    from pydantic import ValidationError
+
+    from transaction_service.app import StartupError
+    from transaction_service.config import (
+        Settings,
+        describe_errors,
+        env_name,
+        from_flags,
+        unknown_environment,
+    )
+
     try:
         settings = from_flags(args)
     except ValidationError as exc:
@@ -193,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
             f" (did you mean {hint[0]}?)" if hint else "",
         )
+    import asyncio
+
     from transaction_service.server import serve
 
     tune_garbage_collector()
@@ -212,6 +257,8 @@ def tune_garbage_collector() -> None:
     responses), every hundred of those: measured, sequential IngestEvent p50 went from 3.0 to
     2.0 ms, and with 2,000 watchers p99 from about 100 to 75 ms. Objects alive after the
     imports are frozen out of collection altogether."""
+    import gc
+
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
 
@@ -232,6 +279,8 @@ def _startup_error(message: str) -> None:
 
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Every log record to stderr, as text lines or JSON lines (`logs.py`)."""
+    from transaction_service.logs import formatter
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler], force=True)

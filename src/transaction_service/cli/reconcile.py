@@ -16,19 +16,13 @@ import re
 import sys
 from datetime import UTC, date, datetime, time, timedelta
 
-import grpc
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 from tqdm import tqdm
 
-from transaction_service.cli.connection import (
-    ClientSetupError,
-    call_metadata,
-    one_line,
-    open_channel,
-)
+from transaction_client import ClientSetupError, TransactionServiceError
+from transaction_client.sync import TransactionClient
+from transaction_service.cli.connection import sync_client_for
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
 _RELATIVE = re.compile(r"(\d+)([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -88,63 +82,50 @@ def add_backfill_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _stub(
-    args: argparse.Namespace, command: str
-) -> tuple[grpc.Channel, pb_grpc.TransactionServiceStub] | None:
+def _client(args: argparse.Namespace, command: str) -> TransactionClient | None:
     try:
-        channel = open_channel(args)
+        return sync_client_for(args)
     except ClientSetupError as exc:
         print(f"transaction-service {command}: {exc}", file=sys.stderr)
         return None
-    return channel, pb_grpc.TransactionServiceStub(channel)
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
-    opened = _stub(args, "reconcile")
-    if opened is None:
+    client = _client(args, "reconcile")
+    if client is None:
         return 2
-    channel, stub = opened
-    request = pb.ReconcileTransactionRequest(
-        transaction_id=args.transaction_id or None, order_id=args.order_id or None
-    )
-    with channel:
+    with client:
         try:
-            response = stub.ReconcileTransaction(
-                request, metadata=call_metadata(args), timeout=args.timeout
+            response = client.reconcile_transaction(
+                transaction_id=args.transaction_id or None,
+                order_id=args.order_id or None,
+                timeout=args.timeout,
             )
-        except grpc.RpcError as error:
-            print(f"transaction-service reconcile: {one_line(error)}", file=sys.stderr)
+        except TransactionServiceError as error:
+            print(f"transaction-service reconcile: {error}", file=sys.stderr)
             return 1
     answer = json_format.MessageToDict(response, preserving_proto_field_name=True)
     print(json.dumps(answer, indent=2))
     return 0
 
 
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(UTC))
-    return stamp
-
-
 def run_backfill(args: argparse.Namespace) -> int:
     if args.until is not None and args.until < args.since:
         print("transaction-service backfill: --until is before --since", file=sys.stderr)
         return 2
-    opened = _stub(args, "backfill")
-    if opened is None:
+    client = _client(args, "backfill")
+    if client is None:
         return 2
-    channel, stub = opened
-    request = pb.BackfillTransactionsRequest(since=_timestamp(args.since), resend=args.resend)
-    if args.until is not None:
-        request.until.CopyFrom(_timestamp(args.until))
     window = f"{_iso(args.since)} .. {_iso(args.until) if args.until else 'now'}"
     last = pb.BackfillTransactionsResponse()
     failures: list[tuple[str, str]] = []
     # disable=None: a bar on a terminal, nothing when stderr is a file or a pipe.
     bar = tqdm(desc="orders", unit="order", disable=None, file=sys.stderr, dynamic_ncols=True)
-    with channel, bar:
+    with client, bar:
         try:
-            for message in stub.BackfillTransactions(request, metadata=call_metadata(args)):
+            for message in client.backfill_transactions(
+                since=args.since, until=args.until, resend=args.resend
+            ):
                 last = message
                 if message.outcome == pb.RECONCILE_OUTCOME_FAILED:
                     failures.append((message.transaction_id, message.error))
@@ -157,9 +138,9 @@ def run_backfill(args: argparse.Namespace) -> int:
                     failed=message.transactions_failed,
                     refresh=False,
                 )
-        except grpc.RpcError as error:
+        except TransactionServiceError as error:
             bar.close()
-            print(f"transaction-service backfill: {one_line(error)}", file=sys.stderr)
+            print(f"transaction-service backfill: {error}", file=sys.stderr)
             _print_summary(window, last, failures, complete=False)
             return 1
     if args.resend:

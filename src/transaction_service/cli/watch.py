@@ -1,75 +1,67 @@
-"""`transaction-service watch`: a small client that prints changes as JSON lines.
+"""`transaction-service watch`: print changes as JSON lines, on the client's self-resuming watch.
 
-It is also the reference for resuming a watch: remember the revision of the last message
-(change, progress or current state) and, when the stream breaks, call again with
-`start_revision` set to it.
+One JSON object per line, as the stream's messages look in proto3 JSON: `{"change": ...}` per
+change (a batch is printed as one line per change), `{"progress": {"revision": ...}}`,
+`{"current": {"transaction": ..., "progress_revision": ...}}` for the state a single-transaction
+watch opens with, and `{"resync": {...}}` for each state re-read after the history the watch
+needed was compacted. Interruptions and resumptions are told on stderr, one line each.
+
+With `--no-reconnect` it runs one stream and exits when it ends (1 if it ended with an error).
+The first connection is not retried either way: a wrong address, a TLS mistake or a missing
+token is told at once, with a hint, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import sys
-import time
-from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
-from transaction_service.cli.connection import ClientSetupError, call_metadata, open_channel
+from transaction_client import ClientSetupError, Progress, Snapshot, TransactionServiceError
+from transaction_client.watch import WatchRequest
+from transaction_service.cli.connection import client_for
 from transactions.v1 import transactions_pb2 as pb
-from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
-# Waits between reconnection attempts, in seconds; the last one repeats.
-_BACKOFF = (0.5, 1.0, 2.0, 5.0)
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+PROG = "transaction-service watch"
 
 
-def revision_of(response: pb.WatchTransactionResponse | pb.WatchTransactionsResponse) -> int:
-    """The revision to resume from after this message."""
-    event = response.WhichOneof("event")
-    if event == "change":
-        return response.change.revision
-    if event == "changes":
-        return response.changes.changes[-1].revision
-    if event == "progress":
-        return response.progress.revision
-    return response.current.progress_revision
+def _dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _open(
-    stub: pb_grpc.TransactionServiceStub, args: argparse.Namespace, start: int | None
-) -> Iterator[pb.WatchTransactionResponse | pb.WatchTransactionsResponse]:
-    metadata = call_metadata(args)
-    if args.transaction_id or args.order_id:
-        request = pb.WatchTransactionRequest(
-            transaction_id=args.transaction_id or None,
-            order_id=args.order_id or None,
-            batch_changes=True,
+def line_of(item: object) -> dict[str, Any]:
+    """The JSON object printed for one watch item."""
+    if isinstance(item, Progress):
+        return {"progress": _dict(pb.WatchProgress(revision=item.revision))}
+    if isinstance(item, Snapshot):
+        state = _dict(
+            pb.TransactionSnapshot(transaction=item.transaction, progress_revision=item.revision)
         )
-        if start is not None:
-            request.start_revision = start
-        return stub.WatchTransaction(request, metadata=metadata)
-    feed = pb.WatchTransactionsRequest(
-        kinds=[pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind],
+        return {"resync" if item.resync else "current": state}
+    return {"change": _dict(item)}
+
+
+def _request(args: argparse.Namespace) -> WatchRequest:
+    if args.transaction_id or args.order_id:
+        name = "transaction_id" if args.transaction_id else "order_id"
+        return WatchRequest(lookup=(name, args.transaction_id or args.order_id))
+    return WatchRequest(
+        kinds=tuple(pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind),
         team_id=args.team_id or "",
-        batch_changes=True,
     )
-    if start is not None:
-        feed.start_revision = start
-    return stub.WatchTransactions(feed, metadata=metadata)
 
 
-def _lines(
-    response: pb.WatchTransactionResponse | pb.WatchTransactionsResponse,
-) -> Iterator[dict[str, object]]:
-    """One JSON object per message; a batch (the CLI asks for them, they are cheaper for the
-    server) is printed as one `change` line per change, as if each had come alone."""
-    if response.WhichOneof("event") == "changes":
-        for change in response.changes.changes:
-            yield {"change": json_format.MessageToDict(change, preserving_proto_field_name=True)}
-        return
-    yield json_format.MessageToDict(response, preserving_proto_field_name=True)
+class _Notices(logging.Handler):
+    """The client's notices (interrupted, resumed, resync) as lines of this command."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: {record.getMessage()}", file=sys.stderr, flush=True)
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -77,38 +69,54 @@ def run_watch(args: argparse.Namespace) -> int:
         for kind in args.kind:
             pb.ChangeKind.Value(f"CHANGE_KIND_{kind.upper()}")
     except ValueError as exc:
-        print(f"transaction-service watch: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    notices = logging.getLogger("transaction_client")
+    notices.addHandler(_Notices())
+    notices.setLevel(logging.INFO)
+    notices.propagate = False
     try:
-        channel = open_channel(args)
+        return asyncio.run(_watch(args))
     except ClientSetupError as exc:
-        print(f"transaction-service watch: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    try:
-        with channel:
-            return _watch_forever(args, channel)
+    except TransactionServiceError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
-def _watch_forever(args: argparse.Namespace, channel: grpc.Channel) -> int:
-    start: int | None = args.from_revision
-    failures = 0
-    stub = pb_grpc.TransactionServiceStub(channel)
-    while True:
-        try:
-            for response in _open(stub, args, start):
-                failures = 0
-                start = revision_of(response)
-                for line in _lines(response):
-                    print(json.dumps(line), flush=True)
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-            print(f"transaction-service watch: {code.name}: {details}", file=sys.stderr)
-            if args.no_reconnect or code not in _RETRYABLE:
-                return 1
-            time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
-            failures += 1
-            continue
+def _print(item: object) -> None:
+    print(json.dumps(line_of(item)), flush=True)
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        request = _request(args)
         if args.no_reconnect:
+            call = request.open(client, args.from_revision)
+            try:
+                async for message in call:
+                    event = message.WhichOneof("event")
+                    if event == "changes":
+                        for change in message.changes.changes:
+                            _print(change)
+                    else:
+                        print(json.dumps(_dict(message)), flush=True)
+            except grpc.aio.AioRpcError as exc:
+                raise client.error(exc) from None
             return 0
+        watch = client.open_watch(
+            request,
+            start_revision=args.from_revision,
+            checkpoint=None,
+            on_compacted="resync",
+            progress=True,
+            buffer_size=1000,
+            connect_timeout=0,
+            silence_timeout=None,
+        )
+        async for item in watch:
+            _print(item)
+    return 0
