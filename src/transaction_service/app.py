@@ -39,11 +39,26 @@ def open_store(settings: Settings) -> Store:
     if settings.db.startswith(("postgresql://", "postgres://")):
         from transaction_service.store.postgres import PostgresStore
 
-        return PostgresStore(settings.db, pool_size=settings.db_pool_size)
-    try:
-        return SqliteStore(settings.db, synchronous=settings.sqlite_synchronous)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+        store: Store = PostgresStore(
+            settings.db,
+            pool_size=settings.db_pool_size,
+            lock_timeout=settings.db_lock_timeout_seconds,
+            statement_timeout=settings.db_statement_timeout_seconds,
+        )
+    else:
+        try:
+            store = SqliteStore(
+                settings.db,
+                synchronous=settings.sqlite_synchronous,
+                lock_timeout=settings.db_lock_timeout_seconds,
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+    store.health.configure(
+        stall_seconds=settings.store_stall_seconds,
+        recovery_seconds=settings.store_recovery_seconds,
+    )
+    return store
 
 
 def junction_client(settings: Settings) -> JunctionClient | None:
@@ -93,6 +108,8 @@ class App:
             limits=self.limits,
             metrics=self.metrics,
             want_results=self.junction is not None,
+            queue_limit=settings.ingest_queue_limit,
+            queue_bytes=settings.ingest_queue_bytes,
         )
         self.results = (
             ResultsFetcher(

@@ -117,6 +117,31 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(
         default=10, gt=0, description="PostgreSQL connections per process (reads and writes)"
     )
+    db_lock_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="longest a write waits for a lock another database session (or, on "
+        "SQLite, another connection to the file) holds; then it fails UNAVAILABLE and health "
+        "names the lock wait. PostgreSQL reads too",
+    )
+    db_statement_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="PostgreSQL: longest one statement may run; keep it inside callers' "
+        "deadlines (Svix waits 15 s)",
+    )
+    store_stall_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="a commit still running after this long turns health NOT_SERVING (a "
+        "stalled store), as a failed write does",
+    )
+    store_recovery_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="after a fault, health says SERVING again once writes have succeeded for "
+        "this long with no failure (so it does not flap)",
+    )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",
         description="SQLite durability: FULL survives power loss, NORMAL only a process crash",
@@ -130,6 +155,25 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(
         default=256, gt=0, description="most deliveries committed together in one transaction"
+    )
+    ingest_queue_limit: int = Field(
+        default=4096,
+        ge=4,
+        description="most deliveries waiting for a commit: a quarter for webhooks, a quarter "
+        "for IngestEvent calls, half for IngestEvents streams, split evenly among the callers "
+        "of each; past a share: RESOURCE_EXHAUSTED (gRPC) or 503 with Retry-After (webhooks), "
+        "and a stream waits",
+    )
+    ingest_queue_bytes: int = Field(
+        default=256 * MiB,
+        gt=0,
+        description="most bytes of bodies waiting for a commit, shared like ingest_queue_limit",
+    )
+    webhook_deadline_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="a webhook not taken into a commit this long after it arrived is dropped "
+        "unstored and answered 503 (Svix gives up after 15 s and sends it again later)",
     )
 
     # -- requests ----------------------------------------------------------------------------------

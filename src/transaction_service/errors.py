@@ -35,15 +35,23 @@ class FieldViolation:
 class ServiceError(Exception):
     """Base of every error a caller is meant to see. `reason` (a constant such as
     `REVISION_COMPACTED`) and `metadata`, when set, tell the client what it can do about it:
-    transports send them as a google.rpc.ErrorInfo, or in the JSON error body."""
+    transports send them as a google.rpc.ErrorInfo, or in the JSON error body. `retry_after`
+    (seconds), when set, is when a retry may succeed: a google.rpc.RetryInfo over gRPC, the
+    `Retry-After` header over HTTP."""
 
     def __init__(
-        self, message: str, reason: str = "", metadata: dict[str, str] | None = None
+        self,
+        message: str,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.metadata = metadata or {}
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ServiceError):
@@ -91,3 +99,13 @@ class OutOfRange(ServiceError):
 
 class Unavailable(ServiceError):
     """A transient condition (shutting down, the store cannot write): retry, here or elsewhere."""
+
+
+class Overloaded(ServiceError):
+    """Too much is waiting already (the ingest queue's share of this kind of caller is full):
+    nothing was stored; retry after `retry_after` seconds. gRPC RESOURCE_EXHAUSTED, HTTP 503."""
+
+
+class DeadlinePassed(ServiceError):
+    """The caller's deadline passed before the commit: the delivery was dropped unstored, so it
+    does not delay the deliveries after it. gRPC DEADLINE_EXCEEDED, HTTP 503."""

@@ -28,8 +28,21 @@ SOURCES = ("grpc", "webhook", "api")
 RECONCILE_TRIGGERS = ("rpc", "sweep", "backfill")
 RECONCILE_OUTCOMES = ("changed", "unchanged", "failed")
 RESULTS_OUTCOMES = ("ready", "unchanged", "partial", "failed", "gave_up")
-# Outcomes of an ingest: the four answers, and the two refusals that happen after decoding.
-OUTCOMES = ("applied", "duplicate", "stale", "ignored", "conflict", "unavailable")
+# Outcomes of an ingest: the four answers, and the refusals that happen after decoding (a
+# conflicting event id, the store unavailable, the queue's share full, dropped at the deadline).
+OUTCOMES = (
+    "applied",
+    "duplicate",
+    "stale",
+    "ignored",
+    "conflict",
+    "unavailable",
+    "overloaded",
+    "dropped",
+)
+# Why a delivery was dropped before its commit.
+DROP_REASONS = ("deadline", "caller_gone")
+LANES = ("webhook", "unary", "stream")
 # Group commit takes up to `max_batch` (default 256) deliveries at once.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
@@ -59,6 +72,19 @@ class Metrics:
             f"{PREFIX}_commit_batch_size",
             "Deliveries committed together in one database transaction (group commit).",
             buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.dropped = Counter(
+            f"{PREFIX}_ingest_dropped",
+            "Deliveries dropped before their commit (never acknowledged, nothing stored), by "
+            "source and reason: deadline (the caller's deadline passed) or caller_gone.",
+            ["source", "reason"],
+            registry=registry,
+        )
+        self.ingest_queue_depth = Gauge(
+            f"{PREFIX}_ingest_queue_depth",
+            "Deliveries waiting for a commit, by lane (webhook, unary, stream).",
+            ["lane"],
             registry=registry,
         )
         self.watch_streams = Gauge(
@@ -115,6 +141,8 @@ class Metrics:
             self.ingest_seconds.labels(source)
             for outcome in OUTCOMES:
                 self.events.labels(source, outcome)
+            for reason in DROP_REASONS:
+                self.dropped.labels(source, reason)
 
     # -- ingest ------------------------------------------------------------------------------------
 
@@ -125,6 +153,14 @@ class Metrics:
     def ingest_refused(self, source: str, outcome: str) -> None:
         """A decoded delivery the ingestor refused (`conflict`, `unavailable`)."""
         self.events.labels(source, outcome).inc()
+
+    def ingest_dropped(self, source: str, reason: str) -> None:
+        self.dropped.labels(source, reason).inc()
+
+    def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
+        """Read the queue's depth per lane from `depth` at every scrape."""
+        for lane in LANES:
+            self.ingest_queue_depth.labels(lane).set_function(lambda lane=lane: depth(lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, struct_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -24,11 +24,13 @@ from grpc_status import rpc_status
 from transaction_service.domain.limits import MAX_BODY_DEPTH
 from transaction_service.errors import (
     AlreadyExists,
+    DeadlinePassed,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     OutOfRange,
+    Overloaded,
     PermissionDenied,
     ServiceError,
     TooLarge,
@@ -53,6 +55,8 @@ CODES: tuple[tuple[type[ServiceError], int], ...] = (
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
     (TooLarge, code_pb2.RESOURCE_EXHAUSTED),
+    (Overloaded, code_pb2.RESOURCE_EXHAUSTED),
+    (DeadlinePassed, code_pb2.DEADLINE_EXCEEDED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (Unavailable, code_pb2.UNAVAILABLE),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
@@ -61,7 +65,8 @@ CODES: tuple[tuple[type[ServiceError], int], ...] = (
 
 def status_for(exc: ServiceError) -> status_pb2.Status:
     """The google.rpc.Status a use-case error is answered with: BadRequest for an invalid
-    argument, ErrorInfo where the error names a reason."""
+    argument, ErrorInfo where the error names a reason, then RetryInfo where it says when to
+    retry (ErrorInfo stays first: clients read the reason from the first detail)."""
     # A ServiceError subclass nobody mapped is still not the caller's fault: INTERNAL.
     code = next((code for kind, code in CODES if isinstance(exc, kind)), code_pb2.INTERNAL)
     message = exc.message
@@ -80,10 +85,15 @@ def status_for(exc: ServiceError) -> status_pb2.Status:
         detail = error_details_pb2.ErrorInfo(
             reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata
         )
+    found: list[Message] = [detail] if detail is not None else []
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(exc.retry_after * 1e9))
+        found.append(error_details_pb2.RetryInfo(retry_delay=delay))
     details = []
-    if detail is not None:
+    for message_detail in found:
         packed = any_pb2.Any()
-        packed.Pack(detail)
+        packed.Pack(message_detail)
         details.append(packed)
     return status_pb2.Status(code=code, message=message[:MAX_MESSAGE], details=details)
 

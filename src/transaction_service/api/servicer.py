@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -51,6 +52,7 @@ from transaction_service.errors import (
     echo,
 )
 from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
+from transaction_service.usecases.admission import Flow, Lane
 from transaction_service.usecases.history import Lookup, state_at, transaction_history
 from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
 from transaction_service.usecases.results import results_pdf, stored_results
@@ -86,12 +88,19 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._tokens = BearerTokens(app.settings.ingest_tokens, app.settings.read_tokens)
         # A batch message stays well inside the largest message gRPC may send.
         self._batch_bytes = app.settings.max_message_bytes // 2
+        # Names IngestEvents streams apart (each is a flow of the ingest queue).
+        self._streams = itertools.count(1)
 
     @grpc_errors
     async def IngestEvent(
         self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.IngestEventResponse:
-        result = await self._app.ingestor.ingest(self._decode(request))
+        # Each client connection is a flow of the unary lane; its deadline bounds the wait.
+        result = await self._app.ingestor.ingest(
+            self._decode(request),
+            flow=Flow(Lane.UNARY, context.peer()),
+            time_remaining=context.time_remaining(),
+        )
         return self._ingest_response(result)  # type: ignore[return-value]
 
     def _ingest_response(self, result: IngestResult) -> bytes:
@@ -318,9 +327,12 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.IngestEventResponse]:
         settings = self._app.settings
+        # Each stream is a flow of the stream lane: it waits for room in its share of the
+        # ingest queue (its window then stops reading) instead of being refused.
+        flow = Flow(Lane.STREAM, f"stream-{next(self._streams)}")
         window = OrderedWindow(
             requests,
-            self._ingest_one,
+            partial(self._ingest_one, flow=flow, context=context),
             max_requests=settings.ingest_stream_window,
             max_bytes=settings.ingest_stream_window_bytes,
             size=_body_size,
@@ -341,7 +353,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             )
 
     async def _ingest_one(
-        self, request: pb.IngestEventRequest | UndecodableRequest
+        self,
+        request: pb.IngestEventRequest | UndecodableRequest,
+        *,
+        flow: Flow,
+        context: grpc.aio.ServicerContext,
     ) -> pb.IngestEventResponse:
         """One request of an IngestEvents stream: its response, or its error in the response."""
         if isinstance(request, UndecodableRequest):
@@ -350,7 +366,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         try:
             delivery = self._decode(request)
             event_id = delivery.event_id
-            result = await self._app.ingestor.ingest(delivery)
+            result = await self._app.ingestor.ingest(
+                delivery, flow=flow, time_remaining=context.time_remaining(), wait=True
+            )
         except ServiceError as exc:
             return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
         except Exception:

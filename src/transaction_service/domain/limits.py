@@ -23,6 +23,12 @@ from dataclasses import dataclass
 # at most 100 nested messages and each JSON level takes three), so both body forms share one limit.
 MAX_BODY_DEPTH = 32
 
+# Bytes (UTF-8) of a string the stores index: order and transaction ids, user and team ids.
+# PostgreSQL refuses a B-tree index entry over 2,704 bytes (error 54000), and 1,024 characters
+# can take 4,096 bytes; 2,048 leaves room for the entry's other columns. SQLite has no such limit,
+# so without this bound the two stores would disagree on what they accept.
+MAX_KEY_BYTES = 2048
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StateLimits:

@@ -33,7 +33,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from transaction_service.domain.limits import DEFAULT_LIMITS, MAX_BODY_DEPTH, StateLimits
+from transaction_service.domain.limits import (
+    DEFAULT_LIMITS,
+    MAX_BODY_DEPTH,
+    MAX_KEY_BYTES,
+    StateLimits,
+)
 from transaction_service.errors import FieldViolation, InvalidArgument, echo
 
 ORDER_EVENT_TYPES = frozenset({"labtest.order.created", "labtest.order.updated"})
@@ -79,10 +84,22 @@ def _bounded(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _key(value: str, info: ValidationInfo) -> str:
+    value = _bounded(value, info)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise PydanticCustomError(
+            "key_over_limit",
+            "is {size} bytes of UTF-8; an id is indexed and may be at most {limit}",
+            {"size": size, "limit": MAX_KEY_BYTES},
+        )
+    return value
+
+
 def _id(value: str, info: ValidationInfo) -> str:
     if not value.strip():
         raise PydanticCustomError("blank_id", "must contain a non-space character")
-    return _bounded(value, info)
+    return _key(value, info)
 
 
 def _order_count(value: Any, info: ValidationInfo) -> Any:
@@ -100,8 +117,10 @@ def _order_count(value: Any, info: ValidationInfo) -> Any:
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
 # A string the state keeps: at most `max_string_length` characters.
 Text = Annotated[str, AfterValidator(_bounded)]
-# An id: kept, and with at least one non-space character.
+# An id: kept, indexed (at most MAX_KEY_BYTES), and with at least one non-space character.
 Id = Annotated[str, AfterValidator(_id)]
+# A user or team id: kept and indexed.
+Key = Annotated[str, AfterValidator(_key)]
 
 
 class _Lenient(BaseModel):
@@ -169,8 +188,8 @@ class OrderData(_Lenient):
     """`data` of a `labtest.order.*` webhook: the whole order at one moment."""
 
     id: Id
-    user_id: Text | None = None
-    team_id: Text | None = None
+    user_id: Key | None = None
+    team_id: Key | None = None
     origin: Text | None = None
     # Deprecated high-level status (not kept: the events say more).
     status: str | None = None
@@ -188,8 +207,8 @@ class OrderData(_Lenient):
 
 class Envelope(_Lenient):
     event_type: Text = Field(min_length=1)
-    user_id: Text | None = None
-    team_id: Text | None = None
+    user_id: Key | None = None
+    team_id: Key | None = None
     # The customer's own id for the user (not always a UUID); only the envelope carries it.
     client_user_id: Text | None = None
     data: Any = None
@@ -343,6 +362,35 @@ def _too_deep() -> FieldViolation:
     return FieldViolation(
         "", f"nested deeper than {MAX_BODY_DEPTH} levels of objects and arrays (the limit)"
     )
+
+
+# What a NUL character looks like in JSON text: the escape (a raw NUL is not valid JSON), as
+# json.dumps and msgspec write it.
+NUL_ESCAPE = "\\u0000"
+
+
+def nul_violations(body: dict[str, Any]) -> list[FieldViolation]:
+    """A violation for each string (key or value) of the body holding a NUL character (U+0000):
+    PostgreSQL's text cannot hold one (error 22021), so neither store takes it."""
+    found = []
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                found.append(FieldViolation(path, _NUL_DESCRIPTION))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                child = _key_path(path, key)
+                if "\x00" in key:
+                    found.append(FieldViolation(child, "the key " + _NUL_DESCRIPTION))
+                stack.append((child, value))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+    return sorted(found, key=lambda v: v.field)
+
+
+_NUL_DESCRIPTION = "contains a NUL character (U+0000), which the store cannot hold"
 
 
 def body_digest(body: dict[str, Any]) -> str:

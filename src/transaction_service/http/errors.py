@@ -9,6 +9,7 @@ a bug: 500 with a generic message, and the traceback in the log once.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,10 +17,12 @@ from aiohttp import web
 
 from transaction_service.errors import (
     AlreadyExists,
+    DeadlinePassed,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
+    Overloaded,
     PermissionDenied,
     ServiceError,
     TooLarge,
@@ -40,7 +43,13 @@ STATUSES: tuple[tuple[type[ServiceError], int, str], ...] = (
     (FailedPrecondition, 400, "FAILED_PRECONDITION"),
     (TooLarge, 413, "TOO_LARGE"),
     (Unavailable, 503, "UNAVAILABLE"),
+    # 503, not 429: Svix retries a 503 later and does not count it against the endpoint as a
+    # client error; Retry-After says when.
+    (Overloaded, 503, "RESOURCE_EXHAUSTED"),
+    (DeadlinePassed, 503, "DEADLINE_EXCEEDED"),
 )
+# Retry-After of an UNAVAILABLE that names no delay of its own.
+DEFAULT_RETRY_AFTER = 5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called with the request and the error it was refused with (for counting and logging).
@@ -74,9 +83,12 @@ def error_response(exc: ServiceError) -> web.Response:
     if exc.metadata:
         error["metadata"] = exc.metadata
     response = web.json_response({"error": error}, status=status)
-    if isinstance(exc, Unavailable):
+    if exc.retry_after is not None:
+        # Whole seconds, at least 1 (RFC 9110's delay-seconds).
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, Unavailable):
         # Svix retries on its own schedule; other callers get a hint.
-        response.headers["Retry-After"] = "5"
+        response.headers["Retry-After"] = str(DEFAULT_RETRY_AFTER)
     return response
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from transaction_service.errors import FieldViolation, InvalidArgument, ServiceE
 from transaction_service.errors import Unavailable as ServiceUnavailable
 from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
 from transaction_service.http.webhooks import WebhookVerifier, event_id_header
+from transaction_service.usecases.admission import Flow, Lane
 from transaction_service.usecases.ingest import IngestorStopped, decode_delivery
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ WEBHOOK_ROUTE = "webhook"
 _GRPC_BODY_FIELD = "payload_json"
 _HTTP_BODY_FIELD = "body"
 _READ_CHUNK = 64 * 1024
+# Webhooks come from Svix alone (they are signed): one flow of the webhook lane.
+WEBHOOK_FLOW = Flow(Lane.WEBHOOK, "webhook")
 
 
 class WebhookReceiver:
@@ -45,11 +49,13 @@ class WebhookReceiver:
         self._app = app
         self._limit = settings.max_body_bytes
         self._allow_unsigned = settings.webhook_allow_unsigned
+        self._deadline = settings.webhook_deadline_seconds
         self._verifier = (
             WebhookVerifier(settings.webhook_secrets) if settings.webhook_secrets else None
         )
 
     async def handle(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         if self._app.stopping:
             raise IngestorStopped
         if self._verifier is None and not self._allow_unsigned:
@@ -84,7 +90,13 @@ class WebhookReceiver:
             )
         except PayloadError as exc:
             raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
-        result = await self._app.ingestor.ingest(delivery)
+        # Svix stops waiting after 15 s: a webhook still queued by then is dropped unstored,
+        # rather than committed for nobody and delaying the webhooks after it.
+        result = await self._app.ingestor.ingest(
+            delivery,
+            flow=WEBHOOK_FLOW,
+            time_remaining=self._deadline - (time.monotonic() - arrived),
+        )
         return web.json_response(
             {
                 "outcome": result.outcome.value,

@@ -45,6 +45,30 @@ class StoreUnavailable(Unavailable):
         super().__init__(message, reason="STORE_UNAVAILABLE")
 
 
+class StoreDataRefused(Exception):
+    """The store refused the data of a batch, not for a fault of its own (PostgreSQL: a data
+    exception or a program limit; SQLite: a value it cannot bind). One delivery's data is to
+    blame; nothing was written. `what` is a short cause for the log (an SQLSTATE, no data)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class KeysBusy(Exception):
+    """Rows of some of the batch's orders or transactions are locked by another database
+    session (not by a writer of this service: those take the keys' advisory locks first).
+    Nothing was written; the batch can commit without the deliveries that touch them."""
+
+    def __init__(self, order_ids: frozenset[str], transaction_ids: frozenset[str]) -> None:
+        super().__init__(f"{len(order_ids)} orders, {len(transaction_ids)} transactions locked")
+        self.order_ids = order_ids
+        self.transaction_ids = transaction_ids
+
+    def touches(self, keys: BatchKeys) -> bool:
+        return bool(keys.order_ids & self.order_ids or keys.transaction_ids & self.transaction_ids)
+
+
 class StoreOpenError(Exception):
     """The store cannot be opened; the message is one line naming the database and the problem."""
 
@@ -467,7 +491,9 @@ class Store(Protocol):
 
         Only the commit path (`usecases/commit.py`) calls this: it publishes what was committed.
 
-        Raises StoreUnavailable if the batch could not be committed; then nothing was written.
+        Raises StoreUnavailable if the batch could not be committed, StoreDataRefused if the
+        store refused its data, KeysBusy if rows it must write are locked by another session;
+        in each case nothing was written.
         """
 
     # Reads return the store's head revision too, read in the same snapshot as the data, so it is

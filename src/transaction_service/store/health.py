@@ -1,9 +1,19 @@
-"""Whether the store can write, and how its failures are logged.
+"""Whether the store can write, and how its faults are logged.
 
-A store that cannot write (disk full, I/O error, database file gone, server unreachable) fails
-every batch until the cause is fixed. Logging a traceback per call would bury the cause, so each
-kind of failure is logged once when it starts, then at most every `repeat_seconds` with a count,
-and once more when writes succeed again. Listeners (health checks, readiness) hear of every flip.
+A store that cannot write (disk full, I/O error, database file gone, server unreachable, a lock
+held by another session) fails every batch until the cause is fixed; a store whose commits stall
+answers nobody. Either way the service must say so (health NOT_SERVING, /readyz 503) so that
+balancers send the traffic elsewhere, and say it steadily:
+
+- it turns unhealthy at the first failure, or as soon as a commit has run longer than
+  `stall_seconds` (the commit path reports that while the commit is still running);
+- it turns healthy again only once writes have succeeded for `recovery_seconds` with no failure
+  in between (hysteresis: on a disk that is nearly full, or a database that comes and goes, some
+  writes succeed between the failures, and health would otherwise flip with each);
+- the log names each kind of fault once, when it starts (no traceback: the kind says what is
+  wrong), and once when the episode ends, with how often each kind happened.
+
+Listeners (health checks, readiness) hear of every flip.
 """
 
 from __future__ import annotations
@@ -14,51 +24,77 @@ from collections.abc import Callable
 
 log = logging.getLogger("transaction_service.store")
 
+STALL_SECONDS = 5.0
+RECOVERY_SECONDS = 5.0
+
 
 class WriteHealth:
-    def __init__(self, description: str, repeat_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        description: str,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        recovery_seconds: float = RECOVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._description = description
-        self._repeat = repeat_seconds
+        self.stall_seconds = stall_seconds
+        self.recovery_seconds = recovery_seconds
+        self._clock = clock
         self._counts: dict[str, int] = {}
-        self._logged_at: dict[str, float] = {}
+        self._healthy = True
+        # When the current run of successes (with no failure since) began, while unhealthy.
+        self._clean_since: float | None = None
         self._listeners: list[Callable[[bool], None]] = []
+
+    def configure(self, *, stall_seconds: float, recovery_seconds: float) -> None:
+        self.stall_seconds = stall_seconds
+        self.recovery_seconds = recovery_seconds
 
     @property
     def healthy(self) -> bool:
-        return not self._counts
+        return self._healthy
 
     @property
     def failing(self) -> dict[str, int]:
-        """Failure kinds since the last success, each with how often it happened."""
+        """Fault kinds of the current episode, each with how often it happened."""
         return dict(self._counts)
 
     def subscribe(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
 
     def failed(self, kind: str) -> None:
-        was_healthy = self.healthy
+        """A write failed (or stalled) for `kind`, a short cause such as "disk full"."""
+        self._clean_since = None
         count = self._counts[kind] = self._counts.get(kind, 0) + 1
-        now = time.monotonic()
-        last = self._logged_at.get(kind)
-        if last is None or now - last >= self._repeat:
-            self._logged_at[kind] = now
+        if count == 1:
             log.error(
-                "store %s cannot write: %s (%d time%s so far); not serving until a write succeeds",
+                "store %s cannot write: %s; not serving until writes succeed for %gs",
                 self._description,
                 kind,
-                count,
-                "" if count == 1 else "s",
+                self.recovery_seconds,
             )
-        if was_healthy:
+        if self._healthy:
+            self._healthy = False
             self._notify(False)
 
+    def stalled(self, seconds: float) -> None:
+        """A commit has been running for `seconds` (over `stall_seconds`) and is still running."""
+        self.failed(f"commits stalled (one has run for over {seconds:g}s)")
+
     def succeeded(self) -> None:
-        if self.healthy:
+        if self._healthy:
+            return
+        now = self._clock()
+        if self._clean_since is None:
+            self._clean_since = now
+        if now - self._clean_since < self.recovery_seconds:
             return
         summary = ", ".join(f"{kind} x{count}" for kind, count in self._counts.items())
-        log.warning("store %s writes again after %s", self._description, summary)
+        log.warning("store %s writes again after %s; serving", self._description, summary)
         self._counts.clear()
-        self._logged_at.clear()
+        self._clean_since = None
+        self._healthy = True
         self._notify(True)
 
     def _notify(self, healthy: bool) -> None:

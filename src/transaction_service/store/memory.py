@@ -150,7 +150,9 @@ class MemoryStore:
                     p.due_at,
                     p.last_failure,
                 )
-            return AppliedBatch(batch, base, records), answer
+        # Like the real stores: a write that commits is news for health (after a stall).
+        self.health.succeeded()
+        return AppliedBatch(batch, base, records), answer
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
         return self._snapshot(transaction_id), self.head

@@ -16,6 +16,18 @@ Correct with concurrent writers (every replica ingests):
   notifications sent while a listener is disconnected are lost); every replica tails the change
   log on each wake-up, after each reconnect and on a timer (`watch.ChangeFeed`).
 - **One trimmer at a time**, by a try-lock: the others skip their turn.
+
+Under faults (another session holding locks, a stuck database):
+- every connection has a `lock_timeout` and a `statement_timeout`, well inside a caller's
+  deadline: a write that cannot get a lock fails in seconds, as UNAVAILABLE, instead of hanging
+  until every caller gave up;
+- rows of the batch's transactions and orders locked by another session (not by a writer of
+  this service, which takes the advisory locks first) are found without waiting (`FOR UPDATE
+  SKIP LOCKED`) and reported as KeysBusy: the commit path commits the batch without the
+  deliveries that touch them;
+- a data error (SQLSTATE class 22, or a program limit such as an index entry too large) is
+  StoreDataRefused: one delivery's data is to blame, and the commit path finds it;
+- `health` names the cause of a fault ("lock wait" is not "database unreachable").
 """
 
 from __future__ import annotations
@@ -41,9 +53,11 @@ from transaction_service.store.base import (
     BatchState,
     ChangeLogPage,
     HistoryEvent,
+    KeysBusy,
     ListFilter,
     PendingResults,
     Planner,
+    StoreDataRefused,
     StoredEvent,
     StoredEventBody,
     StoredResults,
@@ -79,6 +93,10 @@ _TRIM_LOCK = 0x7478_7472_696D_0000  # "txtrim"
 _TRIM_CHUNK = 5000
 _WRITE_ATTEMPTS = 5
 _RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
+LOCK_TIMEOUT_SECONDS = 2.0
+STATEMENT_TIMEOUT_SECONDS = 10.0
+# asyncpg's own limit on a statement, past the server's: a server that stops answering.
+_CLIENT_GRACE_SECONDS = 5.0
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -106,6 +124,12 @@ def lock_key(name: str) -> int:
 
 
 def _fault_kind(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return "lock wait timed out (another database session holds a lock on the service's tables)"
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return "statement timed out (the database is too slow, or waits on something)"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer from the database in time"
     if isinstance(exc, asyncpg.DiskFullError):
         return "disk full"
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
@@ -117,6 +141,19 @@ def _fault_kind(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError):
         return f"database error {exc.sqlstate}"
     return "database error"
+
+
+def _data_fault(exc: BaseException) -> str | None:
+    """The SQLSTATE of an error caused by the data written rather than by the store, if so."""
+    if isinstance(exc, asyncpg.DataError | asyncpg.ProgramLimitExceededError):
+        return f"PostgreSQL error {exc.sqlstate}"
+    if isinstance(exc, UnicodeEncodeError):
+        return "text that is not UTF-8"
+    return None
+
+
+class _ProbeDone(Exception):
+    """Rolls the probe's transaction back."""
 
 
 class _MoreKeys(Exception):
@@ -144,6 +181,18 @@ _LOCK = (
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(k, n)"
 )
 _TRY_LOCK = "SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k"
+# The rows the batch may write, locked without waiting: what another session holds is skipped.
+_ROW_LOCKS = (
+    "WITH t AS (SELECT id FROM transactions WHERE id = ANY($1::text[]) FOR UPDATE SKIP LOCKED),"
+    " o AS (SELECT order_id FROM order_transactions WHERE order_id = ANY($2::text[])"
+    " FOR UPDATE SKIP LOCKED)"
+    " SELECT (SELECT coalesce(array_agg(id), '{}') FROM t),"
+    " (SELECT coalesce(array_agg(order_id), '{}') FROM o)"
+)
+# Every table a batch writes, in the mode a write takes: blocked by any lock that blocks writes.
+_WRITE_TABLES = (
+    "events, transactions, order_transactions, changes, meta, transaction_results, results_pending"
+)
 _BUMP = "UPDATE meta SET value = value + $1 WHERE key = 'head_revision' RETURNING value"
 _INSERT_CHANGE = (
     f"INSERT INTO changes ({CHANGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -213,12 +262,21 @@ def _same_time(value: datetime) -> datetime:
 class PostgresStore:
     """PostgreSQL behind the `Store` interface. Open before use; always close."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+        statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+    ) -> None:
         self.url = url
         self.description = redact(url)
         self.health = WriteHealth(self.description)
         self.shared = True
         self._pool_size = pool_size
+        self._lock_timeout = lock_timeout
+        self._statement_timeout = statement_timeout
         self._pool: asyncpg.Pool | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -226,7 +284,15 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self._pool_size, command_timeout=60
+                self.url,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=self._statement_timeout + _CLIENT_GRACE_SECONDS,
+                # Each connection's defaults (a pooled connection is reset to them on release).
+                server_settings={
+                    "lock_timeout": f"{int(self._lock_timeout * 1000)}ms",
+                    "statement_timeout": f"{int(self._statement_timeout * 1000)}ms",
+                },
             )
         except _CONNECTION_ERRORS as exc:
             raise StoreOpenError(f"cannot connect to {self.description}: {_reason(exc)}") from None
@@ -242,6 +308,8 @@ class PostgresStore:
         assert self._pool is not None
         known = migrations("postgres")
         async with self._pool.acquire() as conn:
+            # A migration may rightly wait for locks and run long; the pool resets these.
+            await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
             await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
             try:
                 await conn.execute(
@@ -318,7 +386,10 @@ class PostgresStore:
                             raise
                 else:
                     raise StoreUnavailable("the batch could not lock its keys; retry later")
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+        except (asyncpg.PostgresError, UnicodeEncodeError, *_CONNECTION_ERRORS) as exc:
+            if (what := _data_fault(exc)) is not None:
+                # Not a fault of the store: health stays as it is.
+                raise StoreDataRefused(what) from None
             kind = _fault_kind(exc)
             self.health.failed(kind)
             raise StoreUnavailable(
@@ -342,8 +413,24 @@ class PostgresStore:
             # Locked now: read them again, as they are under the lock.
             keys = dataclasses.replace(keys, transaction_ids=keys.transaction_ids | needed)
             state = await self._load(conn, keys)
+        await self._lock_rows(conn, state)
         batch, answer = plan(state)
         return await self._apply(conn, batch), answer
+
+    async def _lock_rows(self, conn: asyncpg.Connection, state: BatchState) -> None:
+        """Lock the stored rows the batch may write; KeysBusy naming those another session
+        holds (the keys' advisory locks keep this service's own writers off them)."""
+        transactions, orders = set(state.transactions), set(state.order_index)
+        if not transactions and not orders:
+            return
+        got_transactions, got_orders = await conn.fetchrow(
+            _ROW_LOCKS, list(transactions), list(orders)
+        )
+        busy_transactions = transactions - set(got_transactions)
+        busy_orders = orders - set(got_orders)
+        if busy_transactions or busy_orders:
+            busy_orders |= {o for o, t in state.order_index.items() if t in busy_transactions}
+            raise KeysBusy(frozenset(busy_orders), frozenset(busy_transactions))
 
     async def _load(self, conn: asyncpg.Connection, keys: BatchKeys) -> BatchState:
         state = BatchState()
@@ -408,10 +495,20 @@ class PostgresStore:
         return AppliedBatch(batch, base, records)
 
     async def probe(self) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await self.write(
-                BatchKeys(frozenset(), frozenset(), frozenset()), lambda state: (BatchPlan(), None)
-            )
+        """What every batch needs, without writing: each table in the mode a write takes it
+        (any lock from another session that would block writes blocks this) and the revision
+        counter's row, within the lock timeout; then roll back."""
+        try:
+            async with self._pool_or_fail().acquire() as conn, conn.transaction():
+                await conn.execute(f"LOCK TABLE {_WRITE_TABLES} IN ROW EXCLUSIVE MODE")
+                await conn.execute("SELECT value FROM meta WHERE key = 'head_revision' FOR UPDATE")
+                raise _ProbeDone
+        except _ProbeDone:
+            self.health.succeeded()
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            self.health.failed(_fault_kind(exc))
+        except StoreUnavailable:
+            pass
 
     # -- reads ------------------------------------------------------------------------------------
 

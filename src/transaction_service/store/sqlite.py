@@ -46,6 +46,7 @@ from transaction_service.store.base import (
     ListFilter,
     PendingResults,
     Planner,
+    StoreDataRefused,
     StoredEvent,
     StoredEventBody,
     StoredResults,
@@ -208,12 +209,16 @@ class SqliteStore:
     """SQLite behind the `Store` interface. Open before use; always close (an open connection
     keeps the process from exiting)."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self, path: Path | str, *, synchronous: str = "FULL", lock_timeout: float = 2.0
+    ) -> None:
         self.path = sqlite_path(os.fspath(path))
         self.description = str(self.path)
         self.health = WriteHealth(self.description)
         self.shared = False
         self._synchronous = synchronous
+        # How long the writer waits for a lock another connection to the file holds.
+        self._lock_timeout_ms = int(lock_timeout * 1000)
         self._writer: aiosqlite.Connection | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
@@ -282,7 +287,7 @@ class SqliteStore:
             await self._check_file(conn)
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            await conn.execute("PRAGMA busy_timeout = 5000")
+            await conn.execute(f"PRAGMA busy_timeout = {self._lock_timeout_ms}")
             await self._migrate(conn)
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot use {self.path}: {_fault_kind(exc)}") from None
@@ -381,6 +386,10 @@ class SqliteStore:
                         with contextlib.suppress(sqlite3.Error):
                             await conn.execute("ROLLBACK")
                     raise
+            except (sqlite3.DataError, UnicodeEncodeError) as exc:
+                # The data written is to blame (a value SQLite cannot bind or hold), not the
+                # store: health stays as it is, and the commit path finds the delivery.
+                raise StoreDataRefused(f"SQLite: {type(exc).__name__}") from None
             except (sqlite3.Error, OSError, _FileGone) as exc:
                 kind = _fault_kind(exc)
                 self.health.failed(kind)

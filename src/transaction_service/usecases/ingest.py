@@ -1,9 +1,12 @@
 """The one use case that writes: ingest webhook deliveries.
 
 `decode_delivery` checks and parses a body (no I/O; bad input never reaches the store).
-`Ingestor` queues deliveries and commits them in groups: all deliveries waiting at a moment share
+`Ingestor` queues deliveries and commits them in groups: the deliveries waiting at a moment share
 one store transaction (`plan.py` decides every write of the group, the store applies it), and each
 is acknowledged only after that commit. That is what makes durable (fsync-per-commit) ingest fast.
+What may wait, and in which order batches are filled, is `admission.py`'s: bounded, and fair
+among webhooks, unary calls and bulk streams. A delivery whose caller's deadline passes while it
+waits is dropped before the commit, so it delays nobody.
 
 The gRPC servicer and the HTTP webhook receiver both call this; neither re-implements any of it.
 """
@@ -11,16 +14,18 @@ The gRPC servicer and the HTTP webhook receiver both call this; neither re-imple
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
+    NUL_ESCAPE,
     FieldViolation,
     OrderEvent,
     PayloadError,
@@ -28,17 +33,34 @@ from transaction_service.domain.payload import (
     canonical_bytes,
     decode_json_body,
     normalise_body,
+    nul_violations,
     parse_event,
 )
-from transaction_service.errors import AlreadyExists, ServiceError, Unavailable
+from transaction_service.errors import (
+    AlreadyExists,
+    DeadlinePassed,
+    InvalidArgument,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+    echo,
+)
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import StoreUnavailable
-from transaction_service.usecases.commit import CommitPath
+from transaction_service.store.base import (
+    BatchKeys,
+    KeysBusy,
+    Planner,
+    StoreDataRefused,
+    StoreUnavailable,
+)
+from transaction_service.usecases.admission import AdmissionQueue, Flow, Lane, Ticket
+from transaction_service.usecases.commit import CommitPath, Committed
 from transaction_service.usecases.plan import (
     Delivery,
     EventIdConflict,
     IngestResult,
     Outcome,
+    Planned,
     batch_keys,
     plan_batch,
 )
@@ -59,6 +81,20 @@ log = logging.getLogger(__name__)
 event_log = logging.getLogger("transaction_service.events")
 
 MAX_EVENT_ID_LENGTH = 256
+# Bounds of the deliveries waiting for a commit (settings ingest_queue_limit, _bytes).
+DEFAULT_QUEUE_LIMIT = 4096
+DEFAULT_QUEUE_BYTES = 256 * 1024 * 1024
+# What a caller refused for a full queue, or for a locked transaction, is told to wait.
+RETRY_AFTER_SECONDS = 1.0
+# Dropped deliveries are logged in one line per this many seconds, with counts.
+DROP_LOG_SECONDS = 5.0
+# While webhooks or unary calls came in the last INTERACTIVE_SECONDS, a batch takes at most
+# BULK_SLICE stream deliveries: a caller waits for the batch being committed and then its own,
+# so batches stay short while such callers are about. Measured with 20 flooding streams
+# (bench/abuse_ingest.py fairness): a slice of 32 gave unary calls a p50 of 94 ms, a slice of 8
+# 22 ms, and the streams' own throughput was the same (decoding them is what bounds it).
+INTERACTIVE_SECONDS = 1.0
+BULK_SLICE = 8
 
 
 class IngestorStopped(Unavailable):
@@ -103,6 +139,8 @@ def decode_delivery(
             raise _too_large(root, len(raw), max_body_bytes)
         try:
             body = decode_json_body(payload_json)
+            if NUL_ESCAPE in payload_json and (violations := nul_violations(body)):
+                raise PayloadError(violations)
             digest = body_digest(body)
             event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
@@ -120,6 +158,8 @@ def decode_delivery(
             raise _too_large(root, len(raw), max_body_bytes)
         digest = hashlib.sha256(raw).hexdigest()
         try:
+            if NUL_ESCAPE.encode() in raw and (violations := nul_violations(body)):
+                raise PayloadError(violations)
             event = parse_event(body, digest, limits=limits)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
@@ -151,10 +191,20 @@ def _discard_outcome(done: asyncio.Future[IngestResult]) -> None:
         done.exception()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     delivery: Delivery
     done: asyncio.Future[IngestResult] = field(repr=False)
+    # loop.time() by which the caller stops waiting; None: no deadline.
+    deadline: float | None = None
+
+
+def default_flow(delivery: Delivery) -> Flow:
+    """The flow of a delivery whose transport named none: webhooks share one flow; the others
+    (reconciliation's `api`, tests) are unary calls, a flow per source."""
+    if delivery.source == "webhook":
+        return Flow(Lane.WEBHOOK, "webhook")
+    return Flow(Lane.UNARY, delivery.source)
 
 
 class Ingestor:
@@ -164,6 +214,12 @@ class Ingestor:
     logged here, once, whichever way it came. Call `start()` before use and `stop()` to drain:
     deliveries already queued are committed and answered, later ones are refused with
     IngestorStopped.
+
+    The queue is bounded (`queue_limit` deliveries, `queue_bytes` of bodies) and shared fairly
+    (see `admission.py`). A delivery that finds its share full is refused with Overloaded, or,
+    if its caller asked to `wait` (a stream), waits for room. A delivery whose caller's deadline
+    passes, or whose caller goes away, before it is taken into a batch is dropped: never
+    committed, never acknowledged.
     """
 
     def __init__(
@@ -175,6 +231,8 @@ class Ingestor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
         want_results: bool = False,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
         self._commits = commits
@@ -183,32 +241,78 @@ class Ingestor:
         self._clock = clock
         # Whether completions mark combined results to fetch (Junction's API is configured).
         self._want_results = want_results
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue: AdmissionQueue[_Pending] = AdmissionQueue(queue_limit, queue_bytes)
+        # Deliveries waiting for room in their flow's share, oldest first per flow.
+        self._waiters: collections.OrderedDict[
+            Flow, collections.deque[tuple[Ticket[_Pending], asyncio.Future[None]]]
+        ] = collections.OrderedDict()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._interactive_at = float("-inf")
+        self._drops: collections.Counter[str] = collections.Counter()
+        self._drop_log: asyncio.TimerHandle | None = None
+        self._metrics.count_ingest_queue(lambda lane: self._queue.depth(Lane(lane)))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ingestor")
 
     async def stop(self) -> None:
         self._stopping = True
+        for waiters in self._waiters.values():
+            for _, room in waiters:
+                if not room.done():
+                    room.set_exception(IngestorStopped())
+        self._waiters.clear()
         if self._task is not None:
-            self._queue.put_nowait(None)
+            self._arrived.set()
             await self._task
             self._task = None
+        if self._drop_log is not None:
+            self._drop_log.cancel()
+            self._log_drops()
 
-    async def ingest(self, delivery: Delivery) -> IngestResult:
+    @property
+    def queued(self) -> int:
+        """Deliveries waiting for a commit now."""
+        return len(self._queue)
+
+    async def ingest(
+        self,
+        delivery: Delivery,
+        *,
+        flow: Flow | None = None,
+        time_remaining: float | None = None,
+        wait: bool | None = None,
+    ) -> IngestResult:
         """Ingest a decoded delivery; answered after the commit that holds it. Counted and
-        logged (one line per delivery) under the delivery's `source`."""
+        logged (one line per delivery) under the delivery's `source`.
+
+        `flow` is who it waits for (default: by source, see `default_flow`); `time_remaining`,
+        the seconds its caller still waits (gRPC's time remaining, Svix's 15 s): if they pass before
+        it is taken into a batch, it is dropped and DeadlinePassed raised. `wait`: when its
+        flow's share is full, wait for room rather than be refused with Overloaded (default:
+        only for reconciliation's own ingests, source `api`).
+        """
         source = delivery.source
         started = time.perf_counter()
+        if flow is None:
+            flow = default_flow(delivery)
+        if wait is None:
+            wait = source == "api"
         try:
-            result = await self._enqueue(delivery)
+            result = await self._enqueue(delivery, flow, time_remaining, wait)
         except AlreadyExists:
             self._metrics.ingest_refused(source, "conflict")
             raise
         except Unavailable:
             self._metrics.ingest_refused(source, "unavailable")
+            raise
+        except Overloaded:
+            self._metrics.ingest_refused(source, "overloaded")
+            raise
+        except DeadlinePassed:
+            self._metrics.ingest_refused(source, "dropped")
             raise
         seconds = time.perf_counter() - started
         self._metrics.ingested(source, result.outcome.value, seconds)
@@ -225,64 +329,220 @@ class Ingestor:
         event_log.info("ingested", extra={"fields": fields})
         return result
 
-    async def _enqueue(self, delivery: Delivery) -> IngestResult:
+    async def _enqueue(
+        self, delivery: Delivery, flow: Flow, time_remaining: float | None, wait: bool
+    ) -> IngestResult:
         if self._stopping or self._task is None:
             raise IngestorStopped
-        done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(delivery, done))
-        # Shielded: a caller that goes away does not stop its delivery from being committed (it
-        # may already be in the batch being written); it is simply not told.
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining is None else loop.time() + time_remaining
+        pending = _Pending(delivery, loop.create_future(), deadline)
+        ticket = Ticket(pending, flow, len(delivery.body))
+        if flow.lane is not Lane.STREAM:
+            self._interactive_at = loop.time()
+        if self._queue.has_room(flow, ticket.size) and flow not in self._waiters:
+            self._queue.put(ticket)
+        elif wait:
+            await self._wait_for_room(ticket)
+        else:
+            raise self._overloaded(flow)
+        self._arrived.set()
+        return await self._committed(ticket)
+
+    def _overloaded(self, flow: Flow) -> Overloaded:
+        return Overloaded(
+            f"too many deliveries are waiting for a commit (the {flow.lane.value} share of the "
+            f"ingest queue, or this caller's part of it, is full); nothing was stored: retry in "
+            f"{RETRY_AFTER_SECONDS:g} s",
+            reason="INGEST_QUEUE_FULL",
+            metadata={"lane": flow.lane.value},
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+
+    async def _wait_for_room(self, ticket: Ticket[_Pending]) -> None:
+        """Wait until `_admit_waiters` queued `ticket`; DeadlinePassed if the caller's deadline
+        passes first."""
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(ticket.flow, collections.deque()).append((ticket, room))
+        deadline = ticket.item.deadline
         try:
-            return await asyncio.shield(done)
+            async with asyncio.timeout_at(deadline):
+                await room
+        except TimeoutError:
+            self._dropped(ticket.item.delivery, "deadline")
+            raise _deadline_passed() from None
         except asyncio.CancelledError:
-            done.add_done_callback(_discard_outcome)
+            # Queued just before the caller went away: take it out again.
+            if room.done() and not room.cancelled() and self._queue.withdraw(ticket):
+                self._dropped(ticket.item.delivery, "caller_gone")
+                self._admit_waiters()
             raise
 
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop_after = False
-            while len(batch) < self._max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stop_after = True
+    def _admit_waiters(self) -> None:
+        """Queue waiting deliveries, oldest first in each flow, while their flows have room."""
+        for flow in list(self._waiters):
+            waiters = self._waiters[flow]
+            while waiters:
+                ticket, room = waiters[0]
+                if room.done():  # its caller gave up
+                    waiters.popleft()
+                    continue
+                if not self._queue.has_room(flow, ticket.size):
                     break
-                batch.append(item)
-            await self._commit(batch)
-            if stop_after:
-                return
+                waiters.popleft()
+                self._queue.put(ticket)
+                room.set_result(None)
+                self._arrived.set()
+            if not waiters:
+                del self._waiters[flow]
+
+    async def _committed(self, ticket: Ticket[_Pending]) -> IngestResult:
+        """The delivery's answer once committed. Shielded: a caller that goes away once its
+        delivery is in the batch being written does not stop it from being committed; it is
+        simply not told. Before that, its delivery is dropped."""
+        pending = ticket.item
+        done = pending.done
+        try:
+            try:
+                async with asyncio.timeout_at(pending.deadline):
+                    return await asyncio.shield(done)
+            except TimeoutError:
+                if self._queue.withdraw(ticket):
+                    self._dropped(pending.delivery, "deadline")
+                    self._admit_waiters()
+                    raise _deadline_passed() from None
+                return await asyncio.shield(done)  # being committed: its outcome is near
+        except asyncio.CancelledError:
+            if self._queue.withdraw(ticket):
+                self._dropped(pending.delivery, "caller_gone")
+                self._admit_waiters()
+            else:
+                done.add_done_callback(_discard_outcome)
+            raise
+
+    def _dropped(self, delivery: Delivery, reason: str) -> None:
+        """Count a delivery dropped before its commit; log the drops once per few seconds."""
+        self._metrics.ingest_dropped(delivery.source, reason)
+        self._drops[reason] += 1
+        if self._drop_log is None:
+            self._drop_log = asyncio.get_running_loop().call_later(
+                DROP_LOG_SECONDS, self._log_drops
+            )
+
+    def _log_drops(self) -> None:
+        self._drop_log = None
+        if not self._drops:
+            return
+        log.warning(
+            "dropped %d deliveries before their commit in the last %gs (none acknowledged, "
+            "nothing stored): deadline passed %d, caller went away %d",
+            sum(self._drops.values()),
+            DROP_LOG_SECONDS,
+            self._drops["deadline"],
+            self._drops["caller_gone"],
+        )
+        self._drops.clear()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not len(self._queue):
+                if self._stopping:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            interactive = loop.time() - self._interactive_at < INTERACTIVE_SECONDS
+            most_bulk = BULK_SLICE if interactive else None
+            tickets = self._queue.take(self._max_batch, most_bulk)
+            self._admit_waiters()
+            now = loop.time()
+            batch = []
+            for ticket in tickets:
+                pending = ticket.item
+                if pending.deadline is not None and pending.deadline <= now:
+                    # Its caller stopped waiting: committing it would only delay the others.
+                    self._dropped(pending.delivery, "deadline")
+                    if not pending.done.done():
+                        pending.done.set_exception(_deadline_passed())
+                else:
+                    batch.append(pending)
+            if batch:
+                await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         now = self._clock()
-        deliveries = [p.delivery for p in batch]
-        try:
-            applied, answers = await self._commits.commit(
-                batch_keys(deliveries),
-                lambda state: plan_batch(
-                    deliveries, state, now, self._limits, want_results=self._want_results
-                ),
+
+        def keys_of(deliveries: Sequence[Delivery]) -> BatchKeys:
+            return batch_keys(list(deliveries))
+
+        def plan_of(deliveries: Sequence[Delivery]) -> Planner[Sequence[Planned | ServiceError]]:
+            chosen = list(deliveries)
+            return lambda state: plan_batch(
+                chosen, state, now, self._limits, want_results=self._want_results
             )
-        except Exception as exc:
-            refusal = exc if isinstance(exc, ServiceError) else _unexpected(exc, len(batch))
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(refusal)
-            return
-        self._metrics.batch_committed(len(batch))
-        for pending, answer in zip(batch, answers, strict=True):
+
+        results = await self._commits.commit_each([p.delivery for p in batch], keys_of, plan_of)
+        committed = sum(isinstance(result, Committed) for result in results)
+        if committed:
+            self._metrics.batch_committed(committed)
+        failures: dict[int, ServiceError] = {}
+        for pending, result in zip(batch, results, strict=True):
             if pending.done.done():
                 continue
-            if isinstance(answer, ServiceError):
-                pending.done.set_exception(answer)
-            else:
-                pending.done.set_result(answer.resolve(applied))
+            if isinstance(result, Committed):
+                answer = result.answer
+                if isinstance(answer, ServiceError):
+                    pending.done.set_exception(answer)
+                else:
+                    pending.done.set_result(answer.resolve(result.applied))
+                continue
+            # One error object per failed part: refusals built (and logged) once each.
+            refusal = failures.get(id(result))
+            if refusal is None:
+                refusal = failures[id(result)] = _refusal(result, pending.delivery)
+            pending.done.set_exception(refusal)
 
 
-def _unexpected(exc: Exception, size: int) -> StoreUnavailable:
+def _refusal(exc: Exception, delivery: Delivery) -> ServiceError:
+    """What the callers of a part of a batch that did not commit are told."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, KeysBusy):
+        return Unavailable(
+            "the transaction is locked by another database session; nothing was stored: "
+            f"retry in {RETRY_AFTER_SECONDS:g} s",
+            reason="TRANSACTION_LOCKED",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+    if isinstance(exc, StoreDataRefused):
+        # Validation should have refused it: say so loudly, once, without the data.
+        log.error(
+            "the store refused the data of event %s (%s); it alone was not stored",
+            echo(delivery.event_id),
+            exc.what,
+        )
+        return InvalidArgument(
+            [
+                FieldViolation(
+                    "", f"the store cannot hold this delivery's data ({exc.what}); nothing stored"
+                )
+            ]
+        )
+    return _unexpected(exc)
+
+
+def _deadline_passed() -> DeadlinePassed:
+    return DeadlinePassed(
+        "the caller's deadline passed before the delivery could be committed; it was dropped "
+        "and nothing was stored: send it again",
+        reason="DEADLINE_PASSED",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
+
+
+def _unexpected(exc: Exception) -> StoreUnavailable:
     # A bug or a fault the store did not classify: log it once with its traceback; the callers
     # are told only that nothing was stored.
-    log.error("commit of %d deliveries failed; none acknowledged", size, exc_info=exc)
+    log.error("commit failed; none of its deliveries acknowledged", exc_info=exc)
     return StoreUnavailable("the event was not stored: the store could not commit. Retry later.")
