@@ -22,7 +22,8 @@ are the totals over all rounds.
  2. IngestEvent: distinct deliveries (fresh copies of the fixtures), C in flight; durable
     (fsync per commit).                                                              [echo 1]
  3. GetTransaction: random known order ids, C in flight.                             [echo 1]
- 4. IngestEvents: one stream of distinct deliveries; against bare sqlite3 group commit of the
+ 4. IngestEvents: one stream of distinct deliveries, 100 per request (`deliveries`), as a bulk
+    loader sends them; against bare sqlite3 group commit of the
     same rows (per delivery: the event with its body, a change, the transaction upserted with
     body-sized knowledge and view, its orders indexed; a commit per 256 deliveries, WAL,
     synchronous=FULL, one thread, no gRPC, no parsing).                         [sqlite3 rows]
@@ -306,15 +307,30 @@ async def closed_loop(
     return load
 
 
-async def stream_all(stub: Any, requests: list[pb.IngestEventRequest]) -> tuple[float, list[Any]]:
-    """IngestEvents with every request; (seconds, responses)."""
+# Deliveries per IngestEvents request in the bulk rows (4, 7 and PostgreSQL), as a bulk loader
+# sends them (`transaction-service ingest` does too).
+PER_REQUEST = 100
+
+
+async def stream_all(
+    stub: Any, requests: list[pb.IngestEventRequest], per_request: int | None = None
+) -> tuple[float, list[Any]]:
+    """IngestEvents with every delivery, `per_request` (default PER_REQUEST) to a request;
+    (seconds, one response per delivery)."""
+    per_request = per_request or PER_REQUEST
 
     async def produce() -> Any:
-        for item in requests:
-            yield item
+        if per_request == 1:
+            for item in requests:
+                yield item
+            return
+        for i in range(0, len(requests), per_request):
+            yield pb.IngestEventRequest(deliveries=requests[i : i + per_request])
 
     started = time.perf_counter()
-    responses = [r async for r in stub.IngestEvents(produce())]
+    responses = []
+    async for response in stub.IngestEvents(produce()):
+        responses.extend(response.results if per_request > 1 else [response])
     return time.perf_counter() - started, responses
 
 
@@ -482,23 +498,34 @@ async def unary_rows(size: Size, folder: Path, results: dict[str, Any]) -> None:
         "get_response": got.ByteSize(),
     }
 
-    # Row 4: one stream against bare sqlite3, alternating parts of the deliveries likewise.
+    # Row 4: one stream against bare sqlite3, alternating parts of the deliveries likewise; the
+    # same with one delivery per request (as before requests carried several) for comparison.
     requests = first_deliveries(size.stream_events)
+    singles = first_deliveries(size.stream_events // 4)
     part = -(-len(requests) // size.rounds)
+    single_part = -(-len(singles) // size.rounds)
     streamed, ceiling, ratios = 0.0, 0.0, []
+    single_streamed, single_ratios = 0.0, []
     with server(str(folder / "stream.db")) as (_process, address):
         async with channel(address) as ch:
             stub = pb_grpc.TransactionServiceStub(ch)
-            for k in range(0, len(requests), part):
+            for turn, k in enumerate(range(0, len(requests), part)):
                 chunk = requests[k : k + part]
                 bare = sqlite_group_commit(chunk, folder / f"ceiling-{k}.db")
                 took, responses = await stream_all(stub, chunk)
                 assert all(r.outcome == pb.INGEST_OUTCOME_APPLIED for r in responses), "refused"
                 streamed, ceiling = streamed + took, ceiling + bare
                 ratios.append(bare / took)
+                few = singles[turn * single_part : (turn + 1) * single_part]
+                took, responses = await stream_all(stub, few, per_request=1)
+                assert all(r.outcome == pb.INGEST_OUTCOME_APPLIED for r in responses), "refused"
+                single_streamed += took
+                single_ratios.append(bare / len(chunk) / (took / len(few)))
     results["ingest_events_per_s"] = len(requests) / streamed
     results["sqlite_group_commit_per_s"] = len(requests) / ceiling
     results["ingest_events_ratio"] = median(ratios)
+    results["ingest_events_single_per_s"] = len(singles) / single_streamed
+    results["ingest_events_single_ratio"] = median(single_ratios)
 
 
 async def latency(stub: Any, order_ids: list[str], calls: int) -> tuple[float, float]:
@@ -552,7 +579,11 @@ async def run_watchers(spec_path: str) -> None:
     opened = 0
     everything_opened = asyncio.Event()
     total = len(singles) + feeds
-    channels = [channel(spec["address"]) for _ in range(4)]
+    # One connection carries at most grpc_max_concurrent_streams streams (docs/limits.md): as a
+    # client with this many watches must, spread them over enough channels (each its own
+    # connection: `channel` uses a local subchannel pool).
+    per_channel = Settings.model_fields["grpc_max_concurrent_streams"].default
+    channels = [channel(spec["address"]) for _ in range(max(4, -(-total // per_channel)))]
 
     async def consume(index: int, call: Any) -> None:
         nonlocal opened
@@ -574,13 +605,13 @@ async def run_watchers(spec_path: str) -> None:
 
     tasks = []
     for i, txn_id in enumerate(singles):
-        stub = pb_grpc.TransactionServiceStub(channels[i % 4])
+        stub = pb_grpc.TransactionServiceStub(channels[i % len(channels)])
         call = stub.WatchTransaction(
             pb.WatchTransactionRequest(transaction_id=txn_id, batch_changes=spec["batch"])
         )
         tasks.append(asyncio.create_task(consume(i, call)))
     for j in range(feeds):
-        stub = pb_grpc.TransactionServiceStub(channels[j % 4])
+        stub = pb_grpc.TransactionServiceStub(channels[j % len(channels)])
         call = stub.WatchTransactions(pb.WatchTransactionsRequest(batch_changes=spec["batch"]))
         tasks.append(asyncio.create_task(consume(len(singles) + j, call)))
     await everything_opened.wait()
@@ -867,9 +898,14 @@ def table(results: dict[str, Any]) -> str:
         ),
         ("3 GetTransaction", f"{r['get_rps']:.0f} rps", f"{r['get_ratio']:.2f} x echo"),
         (
-            "4 IngestEvents, one stream",
+            f"4 IngestEvents, one stream, {PER_REQUEST} per request",
             f"{r['ingest_events_per_s']:.0f} events/s",
             f"{r['ingest_events_ratio']:.2f} x sqlite3 ({r['sqlite_group_commit_per_s']:.0f}/s)",
+        ),
+        (
+            "4 IngestEvents, one stream, 1 per request",
+            f"{r['ingest_events_single_per_s']:.0f} events/s",
+            f"{r['ingest_events_single_ratio']:.2f} x sqlite3",
         ),
     ]
     for key, label in (("fanout", "5 fan-out"), ("fanout_many_feeds", "6 fan-out")):
@@ -996,7 +1032,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ),
         ("row 7", lambda: store_size_rows(size, folder, results)),
     ]
-    if not args.no_postgres:
+    if args.only == "ingest":
+        stages = stages[:1]
+    elif not args.no_postgres:
         reason = await pg_unavailable(args.postgres)
         if reason is None:
             stages.append(("PostgreSQL rows", lambda: postgres_rows(size, args.postgres, results)))
@@ -1019,6 +1057,7 @@ async def _set(results: dict[str, Any], key: str, value: Awaitable[Any]) -> None
 
 
 def main() -> int:
+    global PER_REQUEST
     if len(sys.argv) > 1 and sys.argv[1] == "echo":
         asyncio.run(run_echo(sys.argv[2]))
         return 0
@@ -1031,7 +1070,21 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--postgres", default=DEFAULT_PG, help="server for the PostgreSQL rows")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--per-request",
+        type=int,
+        default=PER_REQUEST,
+        help=f"deliveries per IngestEvents request in the bulk rows (default {PER_REQUEST}; 1 "
+        "for a server without `deliveries`)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["ingest"],
+        help="ingest: rows 1-4 only (the echo and sqlite3 ceilings with IngestEvent, "
+        "GetTransaction and IngestEvents), for A/B runs of the write path",
+    )
     args = parser.parse_args()
+    PER_REQUEST = args.per_request
     results = asyncio.run(main_async(args))
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tests.pg import table_counts
+from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -36,6 +37,19 @@ class Running:
             return table_counts(str(self.db), TABLES)
         with sqlite3.connect(self.db) as conn:
             return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+# The streams one connection carries at once (grpc_max_concurrent_streams, docs/limits.md).
+STREAMS_PER_CONNECTION = Settings.model_fields["grpc_max_concurrent_streams"].default
+
+
+def separate_channels(address: str, streams: int) -> list[grpc.aio.Channel]:
+    """Enough channels for `streams` long-lived streams, each channel its own connection (gRPC
+    shares one connection between channels to the same address unless told not to): what a
+    client with more watches than a connection carries must do."""
+    count = -(-streams // STREAMS_PER_CONNECTION)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
 
 
 def struct(body: dict[str, Any]) -> struct_pb2.Struct:

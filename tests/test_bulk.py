@@ -24,7 +24,7 @@ from tests.test_security import (  # noqa: F401 (`started` is a fixture)
     settings_for,
     started,
 )
-from transaction_service.api.servicer import MAX_BATCH_LOOKUPS
+from transaction_service.api.servicer import MAX_BATCH_LOOKUPS, MAX_DELIVERIES_PER_REQUEST
 from transaction_service.api.window import OrderedWindow
 from transaction_service.config import Settings
 from transaction_service.server import TransactionService
@@ -249,6 +249,110 @@ async def test_an_undecodable_request_in_the_stream_is_answered_in_place(api: Ru
     assert all(not r.HasField("error") for i, r in enumerate(responses) if i != 1)
 
 
+async def test_requests_of_several_deliveries_are_answered_like_single_ones(api: Running) -> None:
+    """The same deliveries, retries and refusals sent as requests of several deliveries, mixed
+    with single requests: each delivery's result is the one it gets alone, in order, with its
+    own error and field paths; the state comes out as expected."""
+    runs = [with_fresh_ids(s) for s in SCENARIOS]
+    singles = [
+        request(d, as_json=k % 3 != 0)
+        for k, d in enumerate(d for r in runs for d in r["deliveries"])
+    ]
+    bad = pb.IngestEventRequest(event_id="bad", payload=struct({"data": {}}))
+    nested = pb.IngestEventRequest(deliveries=[singles[0]])
+    conflict = pb.IngestEventRequest(
+        event_id=singles[1].event_id,
+        payload_json=json.dumps({"event_type": "labtest.appointment.updated", "data": {}}),
+    )
+    several = [
+        pb.IngestEventRequest(deliveries=singles[:5]),
+        singles[5],
+        pb.IngestEventRequest(deliveries=[*singles[6:], bad, singles[0], nested, conflict]),
+    ]
+    responses = [r async for r in api.stub.IngestEvents(stream_of(several))]
+
+    assert len(responses) == 3
+    first, single, last = responses
+    assert not single.results
+    assert single.event_id == singles[5].event_id
+    results = [*first.results, single, *last.results]
+    sent = [*singles, bad, singles[0], nested, conflict]
+    assert [r.event_id for r in results] == [r.event_id for r in sent]
+    assert all(not r.HasField("error") for r in results[: len(singles)])
+    assert [r.outcome for r in results[: len(singles)]].count(DUPLICATE) == 0
+    refused, duplicate, nested_answer, conflicted = results[len(singles) :]
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [v.field for v in refused.error.field_violations] == ["payload.event_type"]
+    assert duplicate.outcome == DUPLICATE
+    assert not duplicate.HasField("error")
+    assert [v.field for v in nested_answer.error.field_violations] == ["deliveries"]
+    assert conflicted.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    revisions = [r.revision for r in results if r.outcome == APPLIED]
+    assert revisions == sorted(set(revisions))
+    for r in runs:
+        got = await api.stub.GetTransaction(
+            pb.GetTransactionRequest(transaction_id=r["expect"]["transaction_id"])
+        )
+        check_expect(got.transaction, r["expect"])
+
+
+async def test_a_request_of_deliveries_that_cannot_be_taken_whole_is_refused_whole(
+    api: Running,
+) -> None:
+    """Over MAX_DELIVERIES_PER_REQUEST, or deliveries beside a body of its own: the request's
+    own `error` (INVALID_ARGUMENT naming `deliveries`), nothing stored, the stream goes on.
+    IngestEvent refuses deliveries outright."""
+    run = with_fresh_ids(SCENARIOS[0])
+    one = request(run["deliveries"][0])
+    too_many = pb.IngestEventRequest(deliveries=[one] * (MAX_DELIVERIES_PER_REQUEST + 1))
+    both = pb.IngestEventRequest(
+        event_id=one.event_id, payload_json=one.payload_json, deliveries=[one]
+    )
+    responses = [r async for r in api.stub.IngestEvents(stream_of([too_many, both]))]
+    for response in responses:
+        assert response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [v.field for v in response.error.field_violations] == ["deliveries"]
+        assert not response.results
+    assert "at most 500 deliveries per request, got 501" in responses[0].error.message
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.IngestEvent(pb.IngestEventRequest(deliveries=[one]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.GetTransaction(
+            pb.GetTransactionRequest(order_id=run["deliveries"][0]["body"]["data"]["id"])
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def windowed_service(tmp_path: Path, window: int) -> TransactionService:
+    """A service (not started) whose IngestEvents streams read `window` deliveries ahead."""
+    return TransactionService(
+        Settings(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            db=str(tmp_path / "x.db"),
+            sqlite_synchronous="NORMAL",
+            ingest_stream_window=window,
+            shutdown_grace_seconds=1,
+        )
+    )
+
+
+class Written:
+    """A stream's requests, counting how many the client has written."""
+
+    def __init__(self, requests: list[pb.IngestEventRequest]) -> None:
+        self.requests = requests
+        self.count = 0
+
+    async def __aiter__(self) -> AsyncIterator[pb.IngestEventRequest]:
+        for item in self.requests:
+            yield item
+            self.count += 1
+
+
 class GatedWrites:
     """Holds every store write until `open()`: ingest answers nothing meanwhile."""
 
@@ -272,39 +376,23 @@ async def test_ingest_events_stops_reading_while_its_window_is_full(tmp_path: Pa
     more, although the client has written more (HTTP/2 holds them); once commits go on, every
     request is answered, in order."""
     window = 4
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=str(tmp_path / "x.db"),
-        sqlite_synchronous="NORMAL",
-        ingest_stream_window=window,
-        shutdown_grace_seconds=1,
-    )
-    service = TransactionService(settings)
+    service = windowed_service(tmp_path, window)
     port = await service.start()
     gate = GatedWrites(service)
     metrics = service.app.metrics.registry
     in_flight = "transaction_service_ingest_stream_requests_in_flight"
     runs = [with_fresh_ids(SCENARIOS[i % len(SCENARIOS)]) for i in range(8)]
     requests = [request(d) for r in runs for d in r["deliveries"]]
-    written = 0
-
-    async def produce() -> AsyncIterator[pb.IngestEventRequest]:
-        nonlocal written
-        for item in requests:
-            yield item
-            written += 1
+    written = Written(requests)
 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
-            call = stub.IngestEvents(produce())
+            call = stub.IngestEvents(written)
             reading = asyncio.create_task(_collect(call))
             await until(lambda: metrics.get_sample_value(in_flight) == window, "window full")
             # The client goes on writing into the connection's buffers...
-            await until(lambda: written >= 2 * window, "the client wrote past the window")
+            await until(lambda: written.count >= 2 * window, "the client wrote past the window")
             # ...but the server has read no further.
             assert metrics.get_sample_value(in_flight) == window
             assert not reading.done()
@@ -312,6 +400,39 @@ async def test_ingest_events_stops_reading_while_its_window_is_full(tmp_path: Pa
             responses = await reading
         assert [r.event_id for r in responses] == [r.event_id for r in requests]
         assert all(not r.HasField("error") for r in responses)
+        assert metrics.get_sample_value(in_flight) == 0
+    finally:
+        gate.open()
+        await service.stop()
+
+
+async def test_the_window_counts_each_delivery_of_a_request(tmp_path: Path) -> None:
+    """A request of several deliveries takes that many places in the window: with commits held
+    up and a window of 4, requests of 3 deliveries are read two at a time (the second overshoots
+    by its own size), not four."""
+    service = windowed_service(tmp_path, 4)
+    port = await service.start()
+    gate = GatedWrites(service)
+    metrics = service.app.metrics.registry
+    in_flight = "transaction_service_ingest_stream_requests_in_flight"
+    runs = [with_fresh_ids(SCENARIOS[i % len(SCENARIOS)]) for i in range(6)]
+    singles = [request(r["deliveries"][0]) for r in runs]
+    requests = [pb.IngestEventRequest(deliveries=singles[i : i + 3]) for i in (0, 3)]
+    requests += [pb.IngestEventRequest(deliveries=[request(d)]) for d in runs[0]["deliveries"][1:]]
+    written = Written(requests)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TransactionServiceStub(channel)
+            reading = asyncio.create_task(_collect(stub.IngestEvents(written)))
+            await until(lambda: metrics.get_sample_value(in_flight) == 6, "two requests read")
+            await until(lambda: written.count == len(requests), "the client wrote every request")
+            assert metrics.get_sample_value(in_flight) == 6
+            assert not reading.done()
+            gate.open()
+            responses = await reading
+        answered = [r.event_id for response in responses for r in response.results]
+        assert answered == [r.event_id for q in requests for r in q.deliveries]
         assert metrics.get_sample_value(in_flight) == 0
     finally:
         gate.open()

@@ -30,7 +30,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from tests.conftest import BODY_LIMIT, SCENARIOS
-from tests.harness import error_info, violated_fields
+from tests.harness import error_info, separate_channels, violated_fields
 from tests.process import (
     GRPCURL,
     SERVICE,
@@ -289,7 +289,7 @@ def test_a_full_disk_is_unavailable_logged_once_and_recovers_by_itself(small_dis
 
 
 async def _open_watches(address: str, count: int) -> collections.Counter[str]:
-    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    channels = separate_channels(address, count)
     calls = []
 
     async def one(i: int) -> str:

@@ -376,9 +376,9 @@ def test_allow_unsigned_accepts_and_warns_loudly(tmp_path: Path) -> None:
 
 
 def test_json_logs_one_line_per_ingested_event(tmp_path: Path) -> None:
-    """--log-format json: every log line is a JSON object; each ingested event has one, with
-    event id, order, transaction, outcome, revision, source and milliseconds."""
-    with serve_http(tmp_path, "--log-format", "json") as server:
+    """--log-format json: every log line is a JSON object; with --log-events each ingested event
+    has one, with event id, order, transaction, outcome, revision, source and milliseconds."""
+    with serve_http(tmp_path, "--log-format", "json", "--log-events") as server:
         delivery = RICHEST["deliveries"][0]
         answer = send_signed(server.http_port, delivery).json()
         ingest(server, RICHEST["deliveries"][1])
@@ -397,7 +397,7 @@ def test_json_logs_one_line_per_ingested_event(tmp_path: Path) -> None:
 
 def test_text_log_lines_cannot_be_forged(tmp_path: Path) -> None:
     """An id carrying a newline and a fake log line stays inside its own, quoted, line."""
-    with serve_http(tmp_path) as server:
+    with serve_http(tmp_path, "--log-events") as server:
         delivery = json.loads(json.dumps(RICHEST["deliveries"][0]))
         forged = "x\n2026-01-01 00:00:00,000 INFO transaction_service.events: ingested"
         delivery["body"]["data"]["id"] = forged
@@ -419,6 +419,16 @@ def test_text_log_lines_cannot_be_forged(tmp_path: Path) -> None:
         (("--tls-cert", "missing.pem", "--tls-key", "missing.key"), "cannot read it"),
         (("--tls-client-ca", "ca.pem"), "--tls-client-ca needs --tls-cert"),
         (("--read-token", "has space"), "token #1 has characters"),
+        (("--read-token", "guessable-token"), "token #1 is shorter than 16 characters"),
+        (
+            (
+                "--ingest-token",
+                "one-token-for-both-roles",
+                "--read-token",
+                "one-token-for-both-roles",
+            ),
+            "a token is given both as an ingest token and as a read token",
+        ),
     ],
 )
 def test_setting_mistakes_are_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -385,3 +386,26 @@ async def test_erased_bodies_keep_dedupe_and_the_audit_trail(harness: Harness) -
 
 def first_digest(body: dict[str, Any]) -> str:
     return decode_delivery("x", payload=body, max_body_bytes=LIMIT).event.digest
+
+
+async def test_one_log_line_per_event_only_when_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without log_events an ingested event writes no log line (the metrics count it); with it,
+    one INFO line of transaction_service.events per event."""
+    run = with_fresh_ids(SCENARIOS[0])
+    for log_events, want in ((False, 0), (True, 1)):
+        store = SqliteStore(tmp_path / f"{log_events}.db", synchronous="NORMAL")
+        await store.open()
+        ingestor = Ingestor(CommitPath(store), log_events=log_events)
+        ingestor.start()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transaction_service.events"):
+            delivery = run["deliveries"][0]
+            await ingestor.ingest(
+                decode_delivery(delivery["svix_id"], payload=delivery["body"], max_body_bytes=LIMIT)
+            )
+        await ingestor.stop()
+        await store.close()
+        lines = [r for r in caplog.records if r.name == "transaction_service.events"]
+        assert len(lines) == want

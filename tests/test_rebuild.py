@@ -9,6 +9,7 @@ PostgreSQL, with watchers; the command on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import sqlite3
 import subprocess
@@ -297,6 +298,18 @@ def test_rebuild_command_reports_changed_and_incomplete_transactions(tmp_path: P
     # Run again: nothing left to change.
     again = cli("rebuild", "--db", str(db), cwd=tmp_path)
     assert again.stdout.startswith("rebuilt 3 transactions: 0 changed, 0 changed only")
+
+
+def test_rebuild_command_on_a_sqlite_file_in_use_says_to_stop_the_service(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    # The lock a running server holds on its SQLite file (see SqliteStore._take_lock).
+    with open(f"{db}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("rebuild", "--db", str(db), cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "is in use by another transaction-service process" in line
+    assert line.endswith("(on SQLite, rebuild runs with the service stopped)")
 
 
 def test_stored_bodies_replay_in_both_formats() -> None:

@@ -713,7 +713,7 @@ async def test_backfill_resend_asks_junction_and_a_window_over_60_days_is_refuse
 async def test_only_one_replica_holds_a_job_lock(tmp_path: Path, store_kind: str) -> None:
     """On PostgreSQL the sweep's lock is held by one store (replica) at a time; on SQLite one
     process owns the database, so it always gets it."""
-    from transaction_service.app import open_store
+    from transaction_service.store import open_store
 
     with database(store_kind, tmp_path) as db:
         stores = [

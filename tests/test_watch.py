@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tests.conftest import SCENARIOS
-from tests.harness import Running, error_info, ingest
+from tests.harness import Running, error_info, ingest, separate_channels
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.api.wire import ChangeEncoder
 from transaction_service.config import Settings
@@ -311,9 +311,11 @@ async def test_subscribers_that_drop_and_resume_see_every_change_once_in_order(
 
 
 async def test_a_thousand_subscribers_all_receive_every_change(api: Running) -> None:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") for _ in range(10)]
+    channels = separate_channels(f"127.0.0.1:{api.service.port}", 1000)
     stubs = [pb_grpc.TransactionServiceStub(c) for c in channels]
-    calls = [stubs[i % 10].WatchTransactions(pb.WatchTransactionsRequest()) for i in range(1000)]
+    calls = [
+        stubs[i % len(stubs)].WatchTransactions(pb.WatchTransactionsRequest()) for i in range(1000)
+    ]
     try:
         # Every stream has opened (its first message is progress at the head).
         openings = await asyncio.gather(*(c.read() for c in calls))

@@ -18,8 +18,8 @@ from transaction_service.config import Settings
 from transaction_service.domain.limits import StateLimits
 from transaction_service.junction.client import JunctionClient, junction_base_url
 from transaction_service.metrics import Metrics
+from transaction_service.store import open_store
 from transaction_service.store.base import Store, StoreOpenError
-from transaction_service.store.sqlite import SqliteStore
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.housekeeping import housekeeping_forever, probe_store_forever
 from transaction_service.usecases.ingest import Ingestor
@@ -32,33 +32,6 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """A mistake that stops the service from starting; its message is one line for the operator."""
-
-
-def open_store(settings: Settings) -> Store:
-    """The store `--db` names: a PostgreSQL URL, or a SQLite file path or URL."""
-    if settings.db.startswith(("postgresql://", "postgres://")):
-        from transaction_service.store.postgres import PostgresStore
-
-        store: Store = PostgresStore(
-            settings.db,
-            pool_size=settings.db_pool_size,
-            lock_timeout=settings.db_lock_timeout_seconds,
-            statement_timeout=settings.db_statement_timeout_seconds,
-        )
-    else:
-        try:
-            store = SqliteStore(
-                settings.db,
-                synchronous=settings.sqlite_synchronous,
-                lock_timeout=settings.db_lock_timeout_seconds,
-            )
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
-    store.health.configure(
-        stall_seconds=settings.store_stall_seconds,
-        recovery_seconds=settings.store_recovery_seconds,
-    )
-    return store
 
 
 def junction_client(settings: Settings) -> JunctionClient | None:
@@ -83,7 +56,12 @@ class App:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
-        self.store = store if store is not None else open_store(settings)
+        if store is None:
+            try:
+                store = open_store(settings)
+            except StoreOpenError as exc:
+                raise StartupError(str(exc)) from None
+        self.store = store
         self.metrics = Metrics()
         self.hub = ChangeHub(
             self.store,
@@ -110,6 +88,7 @@ class App:
             want_results=self.junction is not None,
             queue_limit=settings.ingest_queue_limit,
             queue_bytes=settings.ingest_queue_bytes,
+            log_events=settings.log_events,
         )
         self.results = (
             ResultsFetcher(

@@ -11,7 +11,7 @@ import enum
 import hmac
 from collections.abc import Sequence
 
-from transaction_service.errors import PermissionDenied, Unauthenticated
+from transaction_service.errors import PermissionDenied, Reason, Unauthenticated
 
 
 class Role(enum.Enum):
@@ -51,11 +51,11 @@ class BearerTokens:
         if token is None:
             raise Unauthenticated(
                 "this service requires a token: send the header 'authorization: Bearer <token>'",
-                reason="MISSING_TOKEN",
+                reason=Reason.MISSING_TOKEN,
             )
         role = self.role_of(token)
         if role is None:
-            raise Unauthenticated("the bearer token is not valid here", reason="UNKNOWN_TOKEN")
+            raise Unauthenticated("the bearer token is not valid here", reason=Reason.UNKNOWN_TOKEN)
         if needed is Role.INGEST and role is not Role.INGEST:
             raise PermissionDenied("this token may only read; ingesting needs an ingest token")
 

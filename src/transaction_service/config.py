@@ -45,11 +45,12 @@ def _flag(name: str, **extra: Any) -> dict[str, Any]:
 
 
 # `json_schema_extra` marking a setting whose values are secrets: errors never show them.
-_SECRET = {"secret": True}
+_SECRET: dict[str, Any] = {"secret": True}
 PathText = Annotated[str, BeforeValidator(_path_text)]
 # RFC 6750's b64token: what can follow "Bearer " in an authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -190,8 +191,9 @@ class Settings(BaseSettings):
     ingest_stream_window: int = Field(
         default=512,
         gt=0,
-        description="requests of one IngestEvents stream read ahead of their answers; while "
-        "this many wait for their commit the stream is not read (HTTP/2 pushes back)",
+        description="deliveries of one IngestEvents stream read ahead of their answers (a "
+        "request of several counts each); while this many wait for their commit the stream is "
+        "not read (HTTP/2 pushes back)",
     )
     ingest_stream_window_bytes: int = Field(
         default=16 * MiB,
@@ -217,6 +219,58 @@ class Settings(BaseSettings):
         "max_message_bytes so every transaction and change fits in a response",
     )
 
+    # -- the edge: what one caller can hold (docs/limits.md) ---------------------------------------
+    http_max_connections: int = Field(
+        default=4096,
+        gt=0,
+        description="HTTP connections open at once, and never more than half the process's file "
+        "descriptor limit, so an HTTP flood leaves gRPC and the store theirs; past it a new "
+        "connection is answered 503 and closed",
+    )
+    http_idle_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="an HTTP connection that sends nothing for this long, after opening or "
+        "between requests, is closed",
+    )
+    http_head_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="time from the first byte of an HTTP request head to its end; slower: the "
+        "connection is closed",
+    )
+    http_max_head_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="largest HTTP request head (request line and headers); larger: 431 and the "
+        "connection is closed",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="time for a webhook body to arrive once its head has (Svix gives up after "
+        "15 s); slower: 408 and the connection is closed",
+    )
+    http_max_body_reads: int = Field(
+        default=16,
+        gt=0,
+        description="webhook bodies still arriving at once (unverified: a signature is checked "
+        "on the whole body); one more: 503 with Retry-After. A body that came whole with its "
+        "head is not counted. Bounds their memory to this times max_body_bytes",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        default=100,
+        gt=0,
+        description="gRPC calls in progress at once on one connection (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS); a client's further calls on it wait until one ends",
+    )
+    grpc_handshake_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="time a new gRPC connection has to finish its TLS handshake and HTTP/2 "
+        "preface; slower: closed",
+    )
+
     # -- lifecycle ---------------------------------------------------------------------------------
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="time given to calls in flight on SIGTERM"
@@ -232,6 +286,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text lines, or one JSON object per line"
+    )
+    log_events: bool = Field(
+        default=False,
+        description="one INFO line per ingested event (logger transaction_service.events: "
+        "event, order and transaction ids, outcome, revision, source, ms); off by default, "
+        "since writing it costs more than decoding the event (docs/performance.md)",
     )
 
     # -- watch -------------------------------------------------------------------------------------
@@ -337,6 +397,12 @@ class Settings(BaseSettings):
                     f"token #{number} has characters a bearer token cannot have "
                     "(letters, digits and -._~+/ then optional =)"
                 )
+            if len(token) < MIN_TOKEN_LENGTH:
+                # A short token can be guessed; tokens are made by machines, not remembered.
+                raise ValueError(
+                    f"token #{number} is shorter than {MIN_TOKEN_LENGTH} characters: use a long "
+                    "random one (e.g. `openssl rand -hex 32`)"
+                )
         return tokens
 
     @model_validator(mode="after")
@@ -345,6 +411,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--webhook-allow-unsigned and --webhook-secret exclude each other: with a "
                 "secret every webhook must be signed"
+            )
+        if set(self.ingest_tokens) & set(self.read_tokens):
+            # Which role would it have? The ingest one, silently: refuse the ambiguity.
+            raise ValueError(
+                "a token is given both as an ingest token and as a read token: give each token "
+                "one role (an ingest token may also read)"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: set both or neither")

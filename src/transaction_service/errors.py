@@ -10,6 +10,7 @@ fault; transports answer it with a generic INTERNAL / 500 and log it once.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 # Echoed input is cut to this many characters, so an error message cannot be used to reflect a
@@ -32,17 +33,54 @@ class FieldViolation:
     description: str
 
 
+class Reason(enum.StrEnum):
+    """Why a call was refused, where a client can act on it: the `reason` of the
+    google.rpc.ErrorInfo over gRPC and of the JSON error body over HTTP (lower-cased, the label of
+    the refused-webhooks metric). Part of the API: a value never changes once released."""
+
+    # UNAUTHENTICATED: a bearer token (both transports).
+    MISSING_TOKEN = "MISSING_TOKEN"
+    UNKNOWN_TOKEN = "UNKNOWN_TOKEN"
+    # UNAUTHENTICATED: a webhook's Svix signature.
+    MISSING_SIGNATURE = "MISSING_SIGNATURE"
+    BAD_TIMESTAMP = "BAD_TIMESTAMP"
+    TIMESTAMP_OUT_OF_TOLERANCE = "TIMESTAMP_OUT_OF_TOLERANCE"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    # FAILED_PRECONDITION
+    WEBHOOKS_DISABLED = "WEBHOOKS_DISABLED"
+    JUNCTION_NOT_CONFIGURED = "JUNCTION_NOT_CONFIGURED"
+    JUNCTION_REFUSED = "JUNCTION_REFUSED"
+    ANSWER_BEYOND_LIMITS = "ANSWER_BEYOND_LIMITS"
+    RESULTS_NOT_READY = "RESULTS_NOT_READY"
+    RESULTS_ERASED = "RESULTS_ERASED"
+    # OUT_OF_RANGE: a watch's start revision.
+    REVISION_COMPACTED = "REVISION_COMPACTED"
+    REVISION_IN_FUTURE = "REVISION_IN_FUTURE"
+    # RESOURCE_EXHAUSTED (Overloaded): the ingest queue's share is full; retry after a while.
+    INGEST_QUEUE_FULL = "INGEST_QUEUE_FULL"
+    # DEADLINE_EXCEEDED (DeadlinePassed): dropped before the commit; send it again.
+    DEADLINE_PASSED = "DEADLINE_PASSED"
+    # 408 over HTTP: a webhook body did not arrive within its deadline.
+    BODY_TIMEOUT = "BODY_TIMEOUT"
+    # UNAVAILABLE: retry.
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    # 503 over HTTP: too many webhook bodies arriving at once (retry after Retry-After).
+    BUSY = "BUSY"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    TRANSACTION_LOCKED = "TRANSACTION_LOCKED"
+    JUNCTION_UNAVAILABLE = "JUNCTION_UNAVAILABLE"
+
+
 class ServiceError(Exception):
-    """Base of every error a caller is meant to see. `reason` (a constant such as
-    `REVISION_COMPACTED`) and `metadata`, when set, tell the client what it can do about it:
-    transports send them as a google.rpc.ErrorInfo, or in the JSON error body. `retry_after`
-    (seconds), when set, is when a retry may succeed: a google.rpc.RetryInfo over gRPC, the
-    `Retry-After` header over HTTP."""
+    """Base of every error a caller is meant to see. `reason` and `metadata`, when set, tell the
+    client what it can do about it: transports send them as a google.rpc.ErrorInfo, or in the
+    JSON error body. `retry_after` (seconds), when set, is when a retry may succeed: a
+    google.rpc.RetryInfo over gRPC, the `Retry-After` header over HTTP."""
 
     def __init__(
         self,
         message: str,
-        reason: str = "",
+        reason: Reason | None = None,
         metadata: dict[str, str] | None = None,
         *,
         retry_after: float | None = None,
@@ -82,6 +120,11 @@ class PermissionDenied(ServiceError):
 
 class TooLarge(ServiceError):
     """The request is larger than the service accepts; nothing of it was stored."""
+
+
+class RequestTimeout(ServiceError):
+    """The caller took too long to send its request (a webhook body trickling in); nothing of
+    it was stored."""
 
 
 class NotFound(ServiceError):

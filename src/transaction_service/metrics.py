@@ -8,6 +8,7 @@ call the methods below; `GET /metrics` serves `exposition()`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +21,7 @@ from prometheus_client import (
 )
 
 # No `*_created` series next to every counter: they double the output and no query here uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it untyped
 
 PREFIX = "transaction_service"
 SOURCES = ("grpc", "webhook", "api")
@@ -43,6 +44,10 @@ OUTCOMES = (
 # Why a delivery was dropped before its commit.
 DROP_REASONS = ("deadline", "caller_gone")
 LANES = ("webhook", "unary", "stream")
+# What the HTTP listener sheds when full (a new connection, a webhook body still arriving), and
+# why it closes a connection itself.
+SHED = ("connection", "body")
+HTTP_CLOSES = ("idle_timeout", "head_timeout", "head_too_large", "body_timeout")
 # Group commit takes up to `max_batch` (default 256) deliveries at once.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # An ingest is one fsync'ed commit away: milliseconds normally, seconds when the disk stalls.
@@ -102,8 +107,8 @@ class Metrics:
         )
         self.ingest_stream_in_flight = Gauge(
             f"{PREFIX}_ingest_stream_requests_in_flight",
-            "Requests read from IngestEvents streams and not yet answered (bounded per stream "
-            "by the ingest stream window).",
+            "Deliveries read from IngestEvents streams and not yet answered (a request of "
+            "several counts each; bounded per stream by the ingest stream window).",
             registry=registry,
         )
         self.head_revision = Gauge(
@@ -114,6 +119,23 @@ class Metrics:
         self.webhooks_refused = Counter(
             f"{PREFIX}_webhooks_refused",
             "Webhook requests answered with an error, by reason (e.g. bad_signature).",
+            ["reason"],
+            registry=registry,
+        )
+        self.http_connections = Gauge(
+            f"{PREFIX}_http_connections", "HTTP connections open now.", registry=registry
+        )
+        self.http_shed = Counter(
+            f"{PREFIX}_http_shed",
+            "HTTP work refused because a limit was reached: a new connection past "
+            "http_max_connections, a webhook body past http_max_body_reads.",
+            ["what"],
+            registry=registry,
+        )
+        self.http_closed = Counter(
+            f"{PREFIX}_http_closed",
+            "HTTP connections the server closed because the client was too slow or sent too "
+            "much, by reason (idle_timeout, head_timeout, head_too_large, body_timeout).",
             ["reason"],
             registry=registry,
         )
@@ -136,6 +158,10 @@ class Metrics:
                 self.reconciles.labels(trigger, outcome)
         for outcome in RESULTS_OUTCOMES:
             self.results_fetches.labels(outcome)
+        for what in SHED:
+            self.http_shed.labels(what)
+        for reason in HTTP_CLOSES:
+            self.http_closed.labels(reason)
         # Every source/outcome pair from the start, so rates work before the first event.
         for source in SOURCES:
             self.ingest_seconds.labels(source)
@@ -160,13 +186,13 @@ class Metrics:
     def count_ingest_queue(self, depth: Callable[[str], int]) -> None:
         """Read the queue's depth per lane from `depth` at every scrape."""
         for lane in LANES:
-            self.ingest_queue_depth.labels(lane).set_function(lambda lane=lane: depth(lane))
+            self.ingest_queue_depth.labels(lane).set_function(partial(depth, lane))
 
     def batch_committed(self, size: int) -> None:
         self.batch_size.observe(size)
 
     def ingest_stream_read(self, count: int) -> None:
-        """`count` requests of an IngestEvents stream were read (positive) or answered."""
+        """`count` deliveries of an IngestEvents stream were read (positive) or answered."""
         self.ingest_stream_in_flight.inc(count)
 
     def revision_committed(self, revision: int) -> None:
@@ -196,6 +222,17 @@ class Metrics:
 
     def webhook_refused(self, reason: str) -> None:
         self.webhooks_refused.labels(reason).inc()
+
+    # -- the HTTP listener's limits ----------------------------------------------------------------
+
+    def count_http_connections(self, count: Callable[[], int]) -> None:
+        self.http_connections.set_function(count)
+
+    def http_shed_one(self, what: str) -> None:
+        self.http_shed.labels(what).inc()
+
+    def http_closed_one(self, reason: str) -> None:
+        self.http_closed.labels(reason).inc()
 
     # -- exposition --------------------------------------------------------------------------------
 

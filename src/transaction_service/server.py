@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -66,6 +67,17 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Let clients ping as often as every 10 s without being sent GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # What one connection can hold (docs/limits.md). Streams in progress at once, advertised
+        # as SETTINGS_MAX_CONCURRENT_STREAMS; a stream past it is refused (REFUSED_STREAM)
+        # before any of it reaches Python.
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        # A stream the client reset keeps counting until the server has let go of it (gRPC's
+        # default, stated here because the cap rests on it): without it, streams opened and
+        # reset at once slip past the cap, and 150,000 of them cost 20 s of CPU instead of 4.
+        ("grpc.http.overload_protection", 1),
+        # A connection that has not finished its TLS handshake and HTTP/2 preface by then is
+        # closed (gRPC's default is 120 s).
+        ("grpc.server_handshake_timeout_ms", int(settings.grpc_handshake_timeout_seconds * 1000)),
     ]
 
 
@@ -199,6 +211,15 @@ def log_security(settings: Settings) -> None:
     else:
         guard = "no tokens configured: every caller may ingest and read"
     log.info("grpc: %s; %s", transport_mode(settings), guard)
+    if not any(tokens) and not settings.tls_client_ca and not is_loopback(settings.grpc_host):
+        log.warning(
+            "grpc: OPEN TO THE NETWORK: listening on %s with neither tokens nor mutual TLS, so "
+            "anyone who can reach the port can ingest, read and change every transaction (turn "
+            "a completed one into a cancelled one). Set TRANSACTION_SERVICE_INGEST_TOKENS and "
+            "TRANSACTION_SERVICE_READ_TOKENS, or --tls-client-ca; or listen on 127.0.0.1 only "
+            "(see docs/security.md)",
+            settings.grpc_host,
+        )
     mode = webhook_mode(settings)
     if mode == "signed":
         log.info(
@@ -216,6 +237,17 @@ def log_security(settings: Settings) -> None:
             "webhooks: POST /webhooks/junction is off (answers 503): no webhook secret "
             "configured; set TRANSACTION_SERVICE_WEBHOOK_SECRETS"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, IPv6 in brackets or not) is this machine only."""
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve to anything
 
 
 def log_junction(settings: Settings, junction: JunctionClient | None) -> None:
@@ -238,7 +270,44 @@ def log_junction(settings: Settings, junction: JunctionClient | None) -> None:
     )
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft file descriptor limit to the hard one: the soft one is often 1,024, which a
+    modest flood of HTTP connections would use up (the HTTP listener takes at most half of it;
+    see `connection_cap` in http/guard.py)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return  # macOS reports an unlimited hard limit that setrlimit refuses: keep the soft one
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def log_http_limits(settings: Settings, listener: HttpListener) -> None:
+    cap, fd_limit = listener.max_connections, listener.fd_limit
+    if fd_limit is None:
+        log.info("http: at most %d connections at once", cap)
+        return
+    log.info(
+        "http: at most %d connections at once; file descriptor limit %d, the rest kept for gRPC "
+        "and the store",
+        cap,
+        fd_limit,
+    )
+    if cap < settings.http_max_connections:
+        log.warning(
+            "http: --http-max-connections lowered from %d to %d, half the file descriptor limit "
+            "(%d); raise the limit (ulimit -n) to allow more",
+            settings.http_max_connections,
+            cap,
+            fd_limit,
+        )
+
+
 async def serve(settings: Settings) -> None:
+    raise_fd_limit()
     service = TransactionService(settings)
     signals = asyncio.Queue[signal.Signals]()
     loop = asyncio.get_running_loop()
@@ -247,6 +316,7 @@ async def serve(settings: Settings) -> None:
     port = await service.start()
     log_junction(settings, service.app.junction)
     log_security(settings)
+    log_http_limits(settings, service.http)
     # The HTTP line first: once the gRPC line is there, both ports are known.
     log.info("http listening on %s:%d", settings.http_host, service.http_port)
     log.info(

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
 QUIET_SECONDS = 0.2
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 class CallArrivals(grpc.aio.ServerInterceptor):
@@ -26,9 +29,11 @@ class CallArrivals(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Request, Response] | None:
         self.last = time.monotonic()
         return await continuation(handler_call_details)
 

@@ -13,12 +13,14 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError, Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+# googleapis-common-protos ships no type information (and typeshed has none for it).
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
 from transaction_service.domain.limits import MAX_BODY_DEPTH
@@ -32,6 +34,7 @@ from transaction_service.errors import (
     OutOfRange,
     Overloaded,
     PermissionDenied,
+    RequestTimeout,
     ServiceError,
     TooLarge,
     Unauthenticated,
@@ -46,6 +49,12 @@ MAX_MESSAGE = 2000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+if TYPE_CHECKING:
+    # What a handler is handed; the request and response types change nothing it does with it.
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+
 
 # Most specific first (a subclass maps as its base does).
 CODES: tuple[tuple[type[ServiceError], int], ...] = (
@@ -59,6 +68,7 @@ CODES: tuple[tuple[type[ServiceError], int], ...] = (
     (DeadlinePassed, code_pb2.DEADLINE_EXCEEDED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (Unavailable, code_pb2.UNAVAILABLE),
+    (RequestTimeout, code_pb2.DEADLINE_EXCEEDED),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
 )
 
@@ -106,7 +116,7 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
     return pb.IngestError(
         code=status.code,
         message=status.message,
-        reason=exc.reason,
+        reason=exc.reason or "",
         field_violations=[
             pb.IngestError.FieldViolation(field=v.field, description=v.description)
             for v in violations
@@ -114,12 +124,12 @@ def ingest_error(exc: ServiceError) -> pb.IngestError:
     )
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> NoReturn:
+async def abort(context: Context, exc: ServiceError) -> NoReturn:
     await context.abort_with_status(rpc_status.to_status(status_for(exc)))
     raise AssertionError("unreachable: abort_with_status raises")  # pragma: no cover
 
 
-async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+async def _abort_internal(context: Context, method: str) -> NoReturn:
     log.exception("unexpected error in %s", method)
     await context.abort(
         grpc.StatusCode.INTERNAL, "internal error; it was logged on the server. Retry later."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 from importlib import resources
+from typing import cast
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -31,10 +32,16 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
         super().__init__(service_names)
         self._documented = _documented_files()
 
-    async def ServerReflectionInfo(
+    # types-grpcio-reflection declares the base method a coroutine returning an iterable; it is an
+    # async generator, as this one.
+    async def ServerReflectionInfo(  # type: ignore[override]
         self, request_iterator: AsyncIterable[rpb.ServerReflectionRequest], context: object
     ) -> AsyncIterator[rpb.ServerReflectionResponse]:
-        async for response in super().ServerReflectionInfo(request_iterator, context):
+        responses = cast(
+            "AsyncIterator[rpb.ServerReflectionResponse]",
+            super().ServerReflectionInfo(request_iterator, context),
+        )
+        async for response in responses:
             if response.HasField("file_descriptor_response"):
                 protos = response.file_descriptor_response.file_descriptor_proto
                 for i, serialized in enumerate(protos):

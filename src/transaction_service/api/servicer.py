@@ -24,8 +24,10 @@ from transaction_service.api.convert import (
     snapshot_to_pb,
     status_from_pb,
     struct_to_dict,
+    transaction_to_pb,
 )
 from transaction_service.api.errors import (
+    Context,
     UndecodableRequest,
     grpc_errors,
     ingest_error,
@@ -46,14 +48,26 @@ from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     TooLarge,
     Unavailable,
     echo,
 )
-from transaction_service.store.base import ChangeRecord, ListFilter, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeRecord,
+    ListFilter,
+    Results,
+    TransactionReads,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.admission import Flow, Lane
-from transaction_service.usecases.history import Lookup, state_at, transaction_history
+from transaction_service.usecases.history import (
+    HistoryStore,
+    Lookup,
+    state_at,
+    transaction_history,
+)
 from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
 from transaction_service.usecases.results import results_pdf, stored_results
 from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
@@ -73,12 +87,25 @@ _FEED_BATCH_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["chan
 _ONE_BATCH_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["changes"].number
 # Lookups in one BatchGetTransactions call (documented in the proto).
 MAX_BATCH_LOOKUPS = 500
+# Deliveries in one IngestEvents request (documented in the proto): a request is at most
+# max_message_bytes anyway; this bounds what one request holds decoded and in the queue.
+MAX_DELIVERIES_PER_REQUEST = 500
+# The `results` field of an IngestEventResponse answering a request of several deliveries.
+_RESULTS_FIELD = pb.IngestEventResponse.DESCRIPTOR.fields_by_name["results"].number
 
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
+    """The API. A method answers with the response message, or with its bytes already encoded
+    (`bytes`: built from cached parts, api/wire.py), which `passthrough_serializer` sends as
+    they are. The generated base declares messages only: the methods that answer with bytes
+    override it on purpose (`type: ignore[override]`)."""
+
     def __init__(self, app: App) -> None:
         self._app = app
-        self._store = app.store
+        # The roles it reads (see store/base.py); it never writes but through the use cases.
+        self._reads: TransactionReads = app.store
+        self._results: Results = app.store
+        self._history: HistoryStore = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
@@ -92,16 +119,26 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._streams = itertools.count(1)
 
     @grpc_errors
-    async def IngestEvent(
-        self, request: pb.IngestEventRequest, context: grpc.aio.ServicerContext
-    ) -> pb.IngestEventResponse:
+    async def IngestEvent(  # type: ignore[override]
+        self, request: pb.IngestEventRequest, context: Context
+    ) -> bytes:
+        if request.deliveries:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "deliveries",
+                        "IngestEvent takes one delivery (event_id and a body); send several "
+                        "deliveries per request in an IngestEvents stream",
+                    )
+                ]
+            )
         # Each client connection is a flow of the unary lane; its deadline bounds the wait.
         result = await self._app.ingestor.ingest(
             self._decode(request),
             flow=Flow(Lane.UNARY, context.peer()),
             time_remaining=context.time_remaining(),
         )
-        return self._ingest_response(result)  # type: ignore[return-value]
+        return self._ingest_response(result)
 
     def _ingest_response(self, result: IngestResult) -> bytes:
         """IngestEventResponse, built from the transaction's cached bytes (api/wire.py)."""
@@ -125,9 +162,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         )
 
     @grpc_errors
-    async def GetTransaction(
-        self, request: pb.GetTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetTransactionResponse:
+    async def GetTransaction(self, request: pb.GetTransactionRequest, context: Context) -> bytes:  # type: ignore[override]
         lookup = request.WhichOneof("lookup")
         violations = _lookup_violations(request)
         if violations:
@@ -139,22 +174,22 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             if request.revision < 0:
                 raise InvalidArgument([FieldViolation("revision", "must not be negative")])
             found = Lookup(key, by_order=lookup == "order_id")
-            snapshot = await state_at(self._store, found, request.revision)
-            head = await self._store.head_revision()
+            snapshot = await state_at(self._history, found, request.revision)
+            head = await self._history.head_revision()
         elif lookup == "transaction_id":
-            snapshot, head = await self._store.get(key)
+            snapshot, head = await self._reads.get(key)
         else:
-            snapshot, head = await self._store.get_by_order(key)
+            snapshot, head = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py): a
         # revision names one state of one transaction, as-of reads included.
-        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)  # type: ignore[return-value]
+        return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)
 
     @grpc_errors
-    async def ListTransactions(
-        self, request: pb.ListTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListTransactionsResponse:
+    async def ListTransactions(  # type: ignore[override]
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> bytes:
         violations = []
         try:
             status = status_from_pb(request.status)
@@ -185,7 +220,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise InvalidArgument(violations)
         limit = request.page_size or DEFAULT_PAGE_SIZE
         # One extra row tells whether another page follows.
-        snapshots, head = await self._store.list(where, after, limit + 1)
+        snapshots, head = await self._reads.list_transactions(where, after, limit + 1)
         page = snapshots[:limit]
         next_token = (
             _encode_page_token(page[-1].revision, _filter_fingerprint(where))
@@ -193,16 +228,16 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             else ""
         )
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
-        return (  # type: ignore[return-value]
+        return (
             b"".join(field(1, self._transactions.encode(s)) for s in page)
             + string_field(2, next_token)
             + varint_field(3, head)
         )
 
     @grpc_errors
-    async def WatchTransaction(
-        self, request: pb.WatchTransactionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionResponse]:
+    async def WatchTransaction(  # type: ignore[override]
+        self, request: pb.WatchTransactionRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionResponse | bytes]:
         lookup = request.WhichOneof("lookup")
         violations = _start_revision_violations(request) + _lookup_violations(request)
         if violations:
@@ -211,7 +246,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         key = getattr(request, lookup)
         where = WatchFilter(**{lookup: key})
         read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
-            self._store.get if lookup == "transaction_id" else self._store.get_by_order
+            self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
         )
         async for event in self._watch(where, request, partial(read, key)):
             if isinstance(event, Current):
@@ -230,9 +265,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     yield message
 
     @grpc_errors
-    async def WatchTransactions(
-        self, request: pb.WatchTransactionsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchTransactionsResponse]:
+    async def WatchTransactions(  # type: ignore[override]
+        self, request: pb.WatchTransactionsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTransactionsResponse | bytes]:
         violations = _start_revision_violations(request)
         kinds = set()
         for i, value in enumerate(request.kinds):
@@ -254,7 +289,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def ReconcileTransaction(
-        self, request: pb.ReconcileTransactionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReconcileTransactionRequest, context: Context
     ) -> pb.ReconcileTransactionResponse:
         key, lookup = _lookup(request)
         reconciled = await self._app.reconciler.reconcile(**{lookup: key}, trigger="rpc")
@@ -262,7 +297,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def BackfillTransactions(
-        self, request: pb.BackfillTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BackfillTransactionsRequest, context: Context
     ) -> AsyncIterator[pb.BackfillTransactionsResponse]:
         violations = []
         since = until = None
@@ -290,20 +325,20 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 raise Unavailable(
                     "the server is shutting down; run the back-fill again (what it took in is "
                     "kept, and taking it in again changes nothing)",
-                    reason="SHUTTING_DOWN",
+                    reason=Reason.SHUTTING_DOWN,
                 )
             yield backfill_progress_to_pb(progress)
 
     @grpc_errors
     async def GetTransactionResults(
-        self, request: pb.GetTransactionResultsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsRequest, context: Context
     ) -> pb.GetTransactionResultsResponse:
         snapshot = await self._find(request)
-        return results_to_pb(await stored_results(self._store, snapshot.view))
+        return results_to_pb(await stored_results(self._results, snapshot.view))
 
     @grpc_errors
     async def GetTransactionResultsPdf(
-        self, request: pb.GetTransactionResultsPdfRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTransactionResultsPdfRequest, context: Context
     ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
         snapshot = await self._find(request)
         async for chunk in results_pdf(self._app.junction, snapshot.view):
@@ -313,19 +348,19 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
         key, lookup = _lookup(request)
         if lookup == "transaction_id":
-            snapshot, _ = await self._store.get(key)
+            snapshot, _ = await self._reads.get(key)
         else:
-            snapshot, _ = await self._store.get_by_order(key)
+            snapshot, _ = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
         return snapshot
 
     @grpc_errors
-    async def IngestEvents(
+    async def IngestEvents(  # type: ignore[override]
         self,
         requests: AsyncIterator[pb.IngestEventRequest | UndecodableRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.IngestEventResponse]:
+        context: Context,
+    ) -> AsyncIterator[pb.IngestEventResponse | bytes]:
         settings = self._app.settings
         # Each stream is a flow of the stream lane: it waits for room in its share of the
         # ingest queue (its window then stops reading) instead of being refused.
@@ -336,6 +371,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             max_requests=settings.ingest_stream_window,
             max_bytes=settings.ingest_stream_window_bytes,
             size=_body_size,
+            weight=_deliveries,
             # On shutdown: stop reading, answer what was read, then end the stream.
             keep_reading=lambda: not self._app.stopping,
             on_read=self._app.metrics.ingest_stream_read,
@@ -348,7 +384,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise Unavailable(
                 f"the server is shutting down; the first {answered} requests of this stream "
                 "were answered: send the others again, on another replica or later",
-                reason="SHUTTING_DOWN",
+                reason=Reason.SHUTTING_DOWN,
                 metadata={"answered": str(answered)},
             )
 
@@ -357,11 +393,13 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         request: pb.IngestEventRequest | UndecodableRequest,
         *,
         flow: Flow,
-        context: grpc.aio.ServicerContext,
-    ) -> pb.IngestEventResponse:
+        context: Context,
+    ) -> pb.IngestEventResponse | bytes:
         """One request of an IngestEvents stream: its response, or its error in the response."""
         if isinstance(request, UndecodableRequest):
             return pb.IngestEventResponse(error=ingest_error(request.error))
+        if request.deliveries:
+            return await self._ingest_several(request, flow=flow, context=context)
         event_id = request.event_id
         try:
             delivery = self._decode(request)
@@ -369,23 +407,73 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             result = await self._app.ingestor.ingest(
                 delivery, flow=flow, time_remaining=context.time_remaining(), wait=True
             )
-        except ServiceError as exc:
-            return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
-        except Exception:
-            # A bug: logged with its traceback; the caller learns only that it was not stored.
-            log.exception("unexpected error ingesting a request of IngestEvents")
-            return pb.IngestEventResponse(
-                event_id=event_id,
-                error=pb.IngestError(
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    message="internal error; it was logged on the server. Retry later.",
-                ),
+        except Exception as exc:
+            # A bug is logged with its traceback; the caller learns only it was not stored.
+            return _refused(event_id, exc)
+        return self._ingest_response(result)
+
+    async def _ingest_several(
+        self,
+        request: pb.IngestEventRequest,
+        *,
+        flow: Flow,
+        context: Context,
+    ) -> pb.IngestEventResponse | bytes:
+        """A request of several deliveries: one response per delivery in `results`, in order,
+        each what the delivery alone would have got. The deliveries are queued together, so
+        they share group commits (and the stream's place in the queue) like single requests."""
+        deliveries = request.deliveries
+        violations = []
+        if len(deliveries) > MAX_DELIVERIES_PER_REQUEST:
+            violations.append(
+                FieldViolation(
+                    "deliveries",
+                    f"at most {MAX_DELIVERIES_PER_REQUEST} deliveries per request, got "
+                    f"{len(deliveries)}",
+                )
             )
-        return self._ingest_response(result)  # type: ignore[return-value]
+        if request.event_id or request.WhichOneof("body") is not None:
+            violations.append(
+                FieldViolation(
+                    "deliveries",
+                    "set either deliveries or the request's own event_id and body, not both",
+                )
+            )
+        if violations:
+            return pb.IngestEventResponse(error=ingest_error(InvalidArgument(violations)))
+        answers: list[bytes] = [b""] * len(deliveries)
+        decoded: list[Delivery] = []
+        places: list[int] = []
+        for i, one in enumerate(deliveries):
+            try:
+                if one.deliveries:
+                    raise InvalidArgument(
+                        [
+                            FieldViolation(
+                                "deliveries", "a delivery cannot carry deliveries of its own"
+                            )
+                        ]
+                    )
+                decoded.append(self._decode(one))
+                places.append(i)
+            except ServiceError as exc:
+                answers[i] = pb.IngestEventResponse(
+                    event_id=one.event_id, error=ingest_error(exc)
+                ).SerializeToString()
+        outcomes = await self._app.ingestor.ingest_many(
+            decoded, flow=flow, time_remaining=context.time_remaining(), wait=True
+        )
+        for i, delivery, outcome in zip(places, decoded, outcomes, strict=True):
+            if isinstance(outcome, IngestResult):
+                answers[i] = self._ingest_response(outcome)
+            else:
+                answers[i] = _refused(delivery.event_id, outcome).SerializeToString()
+        # IngestEventResponse with `results`, built from bytes (api/wire.py).
+        return b"".join(field(_RESULTS_FIELD, answer) for answer in answers)
 
     @grpc_errors
     async def BatchGetTransactions(
-        self, request: pb.BatchGetTransactionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.BatchGetTransactionsRequest, context: Context
     ) -> pb.BatchGetTransactionsResponse:
         lookups = request.lookups
         violations = []
@@ -411,11 +499,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                         f"lookups[{i}]" + (f".{field}" if field else ""), violation.description
                     )
                 )
-            kind = lookup.WhichOneof("lookup")
-            keys.append((kind or "", getattr(lookup, kind) if kind else ""))
+            which = lookup.WhichOneof("lookup")
+            keys.append((which or "", getattr(lookup, which) if which else ""))
         if violations:
             raise InvalidArgument(violations)
-        by_id, by_order, head = await self._store.get_many(
+        by_id, by_order, head = await self._reads.get_many(
             [key for kind, key in keys if kind == "transaction_id"],
             [key for kind, key in keys if kind == "order_id"],
         )
@@ -429,7 +517,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 continue
             message = converted.get(id(found))
             if message is None:
-                message = converted[id(found)] = snapshot_to_pb(found)
+                message = converted[id(found)] = transaction_to_pb(found.view, found.revision)
             results.append(pb.BatchGetTransactionsResult(found=True, transaction=message))
         response = pb.BatchGetTransactionsResponse(results=results, revision=head)
         size = response.ByteSize()
@@ -443,7 +531,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
 
     @grpc_errors
     async def ListTransactionEvents(
-        self, request: pb.ListTransactionEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListTransactionEventsRequest, context: Context
     ) -> pb.ListTransactionEventsResponse:
         violations = _lookup_violations(request)
         if not 0 <= request.page_size <= MAX_HISTORY_PAGE_SIZE:
@@ -467,7 +555,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             # Bodies hold patient data: the ingest role only (reads need only a read token).
             self._tokens.authorize(_authorization(context), Role.INGEST)
         page = await transaction_history(
-            self._store,
+            self._history,
             Lookup(getattr(request, lookup), by_order=lookup == "order_id"),
             after_seq=after,
             limit=request.page_size or DEFAULT_HISTORY_PAGE_SIZE,
@@ -513,6 +601,27 @@ def _body_size(request: pb.IngestEventRequest | UndecodableRequest) -> int:
     if request.WhichOneof("body") == "payload_json":
         return len(request.payload_json)
     return request.ByteSize()
+
+
+def _deliveries(request: pb.IngestEventRequest | UndecodableRequest) -> int:
+    """How many deliveries a request carries, for the stream's window (at least 1)."""
+    if isinstance(request, UndecodableRequest):
+        return 1
+    return max(1, len(request.deliveries))
+
+
+def _refused(event_id: str, exc: Exception) -> pb.IngestEventResponse:
+    """The response of one refused delivery of a stream; a bug is logged and not shown."""
+    if isinstance(exc, ServiceError):
+        return pb.IngestEventResponse(event_id=event_id, error=ingest_error(exc))
+    log.error("unexpected error ingesting a delivery of IngestEvents", exc_info=exc)
+    return pb.IngestEventResponse(
+        event_id=event_id,
+        error=pb.IngestError(
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message="internal error; it was logged on the server. Retry later.",
+        ),
+    )
 
 
 _LookupRequest = (
@@ -581,7 +690,7 @@ def _decode_page_token(token: str, fingerprint: str, bound_to: str = "filters") 
     return after
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+def _authorization(context: Context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
             return value if isinstance(value, str) else None
@@ -605,7 +714,7 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
         handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_deserializer(request_type),
-            # Watch streams send pre-built bytes (api/wire.py); everything else is a message.
+            # Some answers are pre-built bytes (api/wire.py); the others are messages.
             response_serializer=passthrough_serializer,
         )
     server.add_generic_rpc_handlers(

@@ -24,10 +24,13 @@ Answer = TypeVar("Answer")
 class OrderedWindow(Generic[Request, Answer]):
     """`answers()` yields `answer(request)` for each request, in request order.
 
-    At most `max_requests` requests (and about `max_bytes` of them, by `size`) are read and not
-    yet answered-and-taken; while the window is full no further request is read. `keep_reading`
-    is asked before every read: once it says no, reading stops, the requests already read are
-    still answered, and `stopped_early` is set (the servicer uses it for shutdown).
+    At most `max_requests` requests (each counted as `weight` of them: a request carrying
+    several deliveries counts as that many) and about `max_bytes` of them, by `size`, are read
+    and not yet answered-and-taken; while the window is full no further request is read (one
+    request read into a window with room may overshoot it by its own weight and size).
+    `keep_reading` is asked before every read: once it says no, reading stops, the requests
+    already read are still answered, and `stopped_early` is set (the servicer uses it for
+    shutdown).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class OrderedWindow(Generic[Request, Answer]):
         max_requests: int,
         max_bytes: int,
         size: Callable[[Request], int] = lambda _: 0,
+        weight: Callable[[Request], int] = lambda _: 1,
         keep_reading: Callable[[], bool] = lambda: True,
         on_read: Callable[[int], None] = lambda _: None,
     ) -> None:
@@ -46,8 +50,9 @@ class OrderedWindow(Generic[Request, Answer]):
         self._max_requests = max_requests
         self._max_bytes = max_bytes
         self._size = size
+        self._weight = weight
         self._keep_reading = keep_reading
-        # Told +1 when a request is read and -1 when its answer is taken (a metric's gauge).
+        # Told +weight when a request is read and -weight when its answer is taken (a gauge).
         self._on_read = on_read
         self.in_flight = 0
         self.in_flight_bytes = 0
@@ -56,7 +61,7 @@ class OrderedWindow(Generic[Request, Answer]):
         self.read_count = 0
         self.stopped_early = False
         self._room = asyncio.Event()
-        self._queue: asyncio.Queue[tuple[asyncio.Future[Answer], int] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[asyncio.Future[Answer], int, int] | None] = asyncio.Queue()
 
     def _full(self) -> bool:
         return self.in_flight >= self._max_requests or self.in_flight_bytes >= self._max_bytes
@@ -76,12 +81,13 @@ class OrderedWindow(Generic[Request, Answer]):
                 except StopAsyncIteration:
                     return
                 size = self._size(request)
+                weight = self._weight(request)
                 self.read_count += 1
-                self.in_flight += 1
+                self.in_flight += weight
                 self.in_flight_bytes += size
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                self._on_read(1)
-                self._queue.put_nowait((asyncio.ensure_future(self._answer(request)), size))
+                self._on_read(weight)
+                self._queue.put_nowait((asyncio.ensure_future(self._answer(request)), size, weight))
         finally:
             self._queue.put_nowait(None)
 
@@ -90,15 +96,15 @@ class OrderedWindow(Generic[Request, Answer]):
         pending: list[asyncio.Future[Answer]] = []
         try:
             while (item := await self._queue.get()) is not None:
-                future, size = item
+                future, size, weight = item
                 pending.append(future)
                 answer = await future
                 pending.pop()
                 yield answer
                 # Taken: its place in the window is free.
-                self.in_flight -= 1
+                self.in_flight -= weight
                 self.in_flight_bytes -= size
-                self._on_read(-1)
+                self._on_read(-weight)
                 self._room.set()
             # The request stream ended, or failed: a failure is raised here, after every answer
             # to the requests read before it.

@@ -66,22 +66,18 @@ def tls_of(args: argparse.Namespace) -> TLS | None:
     return TLS(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
 
 
-def client_for(args: argparse.Namespace, **options: float) -> TransactionClient:
+def client_for(args: argparse.Namespace) -> TransactionClient:
     """The asyncio client the options describe. Raises ClientSetupError (an unreadable
     certificate file, --cert without --key)."""
     from transaction_client import TransactionClient
 
     quiet_grpc()
-    return TransactionClient(
-        args.address, token=getattr(args, "token", None), tls=tls_of(args), **options
-    )
+    return TransactionClient(args.address, token=getattr(args, "token", None), tls=tls_of(args))
 
 
-def sync_client_for(args: argparse.Namespace, **options: float) -> SyncTransactionClient:
+def sync_client_for(args: argparse.Namespace) -> SyncTransactionClient:
     """`client_for`, blocking (transaction_client.sync)."""
     from transaction_client.sync import TransactionClient
 
     quiet_grpc()
-    return TransactionClient(
-        args.address, token=getattr(args, "token", None), tls=tls_of(args), **options
-    )
+    return TransactionClient(args.address, token=getattr(args, "token", None), tls=tls_of(args))

@@ -33,7 +33,8 @@ def run_health(args: argparse.Namespace) -> int:
         return 2
     with channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
+            # types-grpcio-health-checking declares no methods on HealthStub.
+            response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:

@@ -16,10 +16,11 @@ import sys
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from transaction_service.app import StartupError, open_store
+from transaction_service.app import StartupError
 from transaction_service.config import Settings, describe_errors
 from transaction_service.domain.limits import StateLimits
-from transaction_service.store.base import StoreOpenError, StoreUnavailable
+from transaction_service.store import open_store
+from transaction_service.store.base import StoreInUse, StoreOpenError, StoreUnavailable
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import RebuildOutcome
 from transaction_service.usecases.rebuild import DEFAULT_BATCH_SIZE, RebuildReport, rebuild
@@ -57,9 +58,11 @@ def summary(report: RebuildReport) -> list[str]:
 
 
 async def _run(settings: Settings, batch_size: int) -> RebuildReport:
-    store = open_store(settings)
     try:
+        store = open_store(settings)
         await store.open()
+    except StoreInUse as exc:
+        raise StartupError(f"{exc} (on SQLite, rebuild runs with the service stopped)") from None
     except StoreOpenError as exc:
         raise StartupError(str(exc)) from None
     try:
@@ -95,10 +98,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(_run(settings, args.batch_size))
     except StartupError as exc:
-        hint = (
-            " (on SQLite, rebuild runs with the service stopped)" if "in use by" in str(exc) else ""
-        )
-        print(f"transaction-service rebuild: {exc}{hint}", file=sys.stderr)
+        print(f"transaction-service rebuild: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
         print(f"transaction-service rebuild: stopped: {exc.message}", file=sys.stderr)

@@ -24,6 +24,7 @@ from transaction_service.errors import (
     OutOfRange,
     Overloaded,
     PermissionDenied,
+    RequestTimeout,
     ServiceError,
     TooLarge,
     Unauthenticated,
@@ -39,6 +40,7 @@ STATUSES: tuple[tuple[type[ServiceError], int, str], ...] = (
     (Unauthenticated, 401, "UNAUTHENTICATED"),
     (PermissionDenied, 403, "PERMISSION_DENIED"),
     (NotFound, 404, "NOT_FOUND"),
+    (RequestTimeout, 408, "REQUEST_TIMEOUT"),
     (AlreadyExists, 409, "ALREADY_EXISTS"),
     (FailedPrecondition, 400, "FAILED_PRECONDITION"),
     (TooLarge, 413, "TOO_LARGE"),
@@ -54,7 +56,7 @@ DEFAULT_RETRY_AFTER = 5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called with the request and the error it was refused with (for counting and logging).
 RefusalListener = Callable[[web.Request, ServiceError], None]
-REFUSAL_LISTENER = web.AppKey("refusal_listener", RefusalListener)
+REFUSAL_LISTENER: web.AppKey[RefusalListener] = web.AppKey("refusal_listener")
 
 
 def status_for(exc: ServiceError) -> tuple[int, str]:

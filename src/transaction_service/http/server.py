@@ -11,6 +11,7 @@ to the same use case as `IngestEvent` (`decode_delivery`, then `Ingestor.ingest`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -22,9 +23,26 @@ from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.config import Settings
 from transaction_service.domain.payload import PayloadError
-from transaction_service.errors import FieldViolation, InvalidArgument, ServiceError, TooLarge
+from transaction_service.errors import (
+    FieldViolation,
+    InvalidArgument,
+    Reason,
+    ServiceError,
+    TooLarge,
+)
 from transaction_service.errors import Unavailable as ServiceUnavailable
 from transaction_service.http.errors import REFUSAL_LISTENER, json_errors, reason_of, status_for
+from transaction_service.http.guard import (
+    LINGER_SECONDS,
+    BodySlots,
+    Connections,
+    EdgeLimits,
+    MalformedRequests,
+    ResponseWritten,
+    Shedding,
+    connection_cap,
+    guarded_requests,
+)
 from transaction_service.http.webhooks import WebhookVerifier, event_id_header
 from transaction_service.usecases.admission import Flow, Lane
 from transaction_service.usecases.ingest import IngestorStopped, decode_delivery
@@ -37,6 +55,9 @@ WEBHOOK_ROUTE = "webhook"
 _GRPC_BODY_FIELD = "payload_json"
 _HTTP_BODY_FIELD = "body"
 _READ_CHUNK = 64 * 1024
+# Connections waiting to be accepted (the kernel holds them, not the process): room for a burst,
+# so that a flood of connections does not leave a real webhook's SYN unanswered for a second.
+_BACKLOG = 1024
 # Webhooks come from Svix alone (they are signed): one flow of the webhook lane.
 WEBHOOK_FLOW = Flow(Lane.WEBHOOK, "webhook")
 
@@ -44,9 +65,10 @@ WEBHOOK_FLOW = Flow(Lane.WEBHOOK, "webhook")
 class WebhookReceiver:
     """`POST /webhooks/junction`: check size and signature, then ingest like IngestEvent."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, bodies: BodySlots) -> None:
         settings = app.settings
         self._app = app
+        self._bodies = bodies
         self._limit = settings.max_body_bytes
         self._allow_unsigned = settings.webhook_allow_unsigned
         self._deadline = settings.webhook_deadline_seconds
@@ -63,12 +85,12 @@ class WebhookReceiver:
             # an operator adds the secret.
             raise ServiceUnavailable(
                 "the webhook endpoint is off: no webhook secret is configured on this server",
-                reason="WEBHOOKS_DISABLED",
+                reason=Reason.WEBHOOKS_DISABLED,
             )
         if request.content_length is not None and request.content_length > self._limit:
             raise _too_large(self._limit)
         signed = self._verifier.check_headers(request.headers) if self._verifier else None
-        body = await _read_body(request, self._limit)
+        body = await _read_body(request, self._limit, self._bodies)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -111,8 +133,23 @@ def _too_large(limit: int) -> TooLarge:
     return TooLarge(f"the body is larger than {limit} bytes, the limit of this server")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused as soon as it passes `limit` (a chunked body has no length)."""
+async def _read_body(request: web.Request, limit: int, bodies: BodySlots) -> bytes:
+    """The whole body, refused as soon as it passes `limit` (a chunked body has no length).
+
+    A body still arriving takes one of the listener's few body slots, and has until its
+    deadline: a signature can only be checked on the whole body, so until then the bytes are
+    anyone's. A body already whole when its head was read needs neither."""
+    if request.content.is_eof():
+        return await _read_all(request, limit)
+    with bodies.slot() as seconds:
+        try:
+            async with asyncio.timeout(seconds):
+                return await _read_all(request, limit)
+        except TimeoutError:
+            raise bodies.timed_out() from None
+
+
+async def _read_all(request: web.Request, limit: int) -> bytes:
     chunks, size = [], 0
     while chunk := await request.content.read(_READ_CHUNK):
         size += len(chunk)
@@ -161,10 +198,12 @@ class Operations:
         return web.json_response({"status": "not ready", "reason": why}, status=503)
 
 
-def build_http_app(app: App) -> web.Application:
+def build_http_app(app: App, bodies: BodySlots) -> web.Application:
     """The aiohttp application for `app`: routes, error mapping, refusal accounting."""
-    http = web.Application(middlewares=[json_errors], client_max_size=app.settings.max_body_bytes)
-    receiver = WebhookReceiver(app)
+    http = web.Application(
+        middlewares=[guarded_requests, json_errors], client_max_size=app.settings.max_body_bytes
+    )
+    receiver = WebhookReceiver(app, bodies)
     operations = Operations(app)
     http.router.add_post(WEBHOOK_PATH, receiver.handle, name=WEBHOOK_ROUTE)
     http.router.add_get("/metrics", operations.metrics)
@@ -201,13 +240,16 @@ def webhook_mode(settings: Settings) -> str:
 
 class HttpListener:
     """Binds the HTTP port (`bind`, before the app starts, so a port in use stops the start
-    early), serves (`start`) and drains (`stop`)."""
+    early), serves (`start`) and drains (`stop`). Every connection goes through the guard of
+    http/guard.py: the limits of docs/limits.md."""
 
     def __init__(self, app: App) -> None:
         self._app = app
         self._socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
+        self._shedding: Shedding | None = None
         self.port = 0
+        self.max_connections, self.fd_limit = connection_cap(app.settings.http_max_connections)
 
     def bind(self) -> int:
         settings = self._app.settings
@@ -221,9 +263,10 @@ class HttpListener:
                     (host, settings.http_port),
                     family=socket.AF_INET6,
                     dualstack_ipv6=host == "::",
+                    backlog=_BACKLOG,
                 )
             else:
-                self._socket = socket.create_server((host, settings.http_port))
+                self._socket = socket.create_server((host, settings.http_port), backlog=_BACKLOG)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {address} for HTTP: {exc.strerror or exc} "
@@ -234,21 +277,70 @@ class HttpListener:
 
     async def start(self) -> None:
         assert self._socket is not None, "bind() first"
+        settings, metrics = self._app.settings, self._app.metrics
+        limits = EdgeLimits.of(settings, self.max_connections)
+        self._shedding = Shedding(
+            metrics, {"connection": limits.max_connections, "body": settings.http_max_body_reads}
+        )
+        bodies = BodySlots(
+            settings.http_max_body_reads,
+            settings.http_body_timeout_seconds,
+            self._shedding,
+            metrics,
+        )
+        logging.getLogger("aiohttp.server").addFilter(_MALFORMED)
         self._runner = web.AppRunner(
-            build_http_app(self._app),
+            build_http_app(self._app, bodies),
             handle_signals=False,
-            # Webhook outcomes are logged one line each; an access log would repeat them.
-            access_log=None,
-            shutdown_timeout=self._app.settings.shutdown_grace_seconds,
+            # Not an access log (webhook outcomes are logged one line each): the guard's signal
+            # that a response is written.
+            access_log_class=ResponseWritten,
+            access_log=log,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            # The guard closes idle and slow connections; aiohttp's own timer is a backstop.
+            keepalive_timeout=limits.idle_timeout + limits.head_timeout,
+            lingering_time=LINGER_SECONDS,
+            # The guard refuses a head past max_head_bytes with 431 before any line of it can
+            # pass aiohttp's own limits (which would answer 400).
+            max_line_size=limits.max_head_bytes,
+            max_field_size=limits.max_head_bytes,
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, self._socket).start()
+        assert self._runner.server is not None
+        connections = Connections(limits, self._runner.server, self._shedding, metrics)
+        await _GuardedSite(self._runner, self._socket, connections).start()
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace period), close."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._shedding is not None:
+            self._shedding.close()
+            self._shedding = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+_MALFORMED = MalformedRequests()
+
+
+class _GuardedSite(web.BaseSite):
+    """aiohttp's site for a socket we bound, with every connection behind a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, connections: Connections):
+        super().__init__(runner, backlog=_BACKLOG)
+        self._sock = sock
+        self._connections = connections
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connections, sock=self._sock, backlog=self._backlog
+        )

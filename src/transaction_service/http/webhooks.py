@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from transaction_service.errors import Unauthenticated
+from transaction_service.errors import Reason, Unauthenticated
 
 # Svix's tolerance, and the one `standardwebhooks` applies; checked here too, to name the reason.
 TOLERANCE_SECONDS = 5 * 60
@@ -73,7 +73,7 @@ class WebhookVerifier:
             raise Unauthenticated(
                 "missing signature headers: svix-id, svix-timestamp and svix-signature "
                 "(or webhook-id, webhook-timestamp and webhook-signature)",
-                reason="MISSING_SIGNATURE",
+                reason=Reason.MISSING_SIGNATURE,
             )
         try:
             sent_at = float(signed.timestamp)
@@ -81,12 +81,12 @@ class WebhookVerifier:
             sent_at = math.nan
         if not math.isfinite(sent_at):
             raise Unauthenticated(
-                "the signature timestamp is not a number of seconds", reason="BAD_TIMESTAMP"
+                "the signature timestamp is not a number of seconds", reason=Reason.BAD_TIMESTAMP
             )
         if abs(self._clock() - sent_at) > TOLERANCE_SECONDS:
             raise Unauthenticated(
                 "the signature timestamp is more than 5 minutes away from this server's clock",
-                reason="TIMESTAMP_OUT_OF_TOLERANCE",
+                reason=Reason.TIMESTAMP_OUT_OF_TOLERANCE,
             )
         return signed
 
@@ -103,5 +103,5 @@ class WebhookVerifier:
                 continue
         raise Unauthenticated(
             "no valid signature for this body with the configured secret(s)",
-            reason="BAD_SIGNATURE",
+            reason=Reason.BAD_SIGNATURE,
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from transaction_service.domain.payload import OrderData, TransactionBlock
+from transaction_service.domain.payload import OrderDataModel, TransactionBlockModel
 
 
 class _Lenient(BaseModel):
@@ -20,7 +20,7 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class OrderTransactionAnswer(TransactionBlock):
+class OrderTransactionAnswer(TransactionBlockModel):
     """`GET /v3/order_transaction/{id}`: `{id, team_id, status, orders}`.
 
     Its orders name their status `last_status` / `last_status_created_at`; `TransactionOrderEntry`
@@ -43,7 +43,7 @@ class _ResultsAnswer(_Lenient):
     # A list of biomarker results, or (older payloads) an object keyed by marker.
     results: list[Any] | dict[str, Any] | None = None
     missing_results: list[Any] | None = None
-    order_transaction: TransactionBlock | None = None
+    order_transaction: TransactionBlockModel | None = None
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,12 @@ class OrderAnswer:
     """`GET /v3/order/{id}`, or one entry of `GET /v3/orders`."""
 
     raw: dict[str, Any]
-    order: OrderData
+    order: OrderDataModel
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any]) -> OrderAnswer:
         """Parse one order object; raises pydantic's ValidationError if it is not one."""
-        return cls(raw=raw, order=OrderData.model_validate(raw))
+        return cls(raw=raw, order=OrderDataModel.model_validate(raw))
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TransactionResults:
     result_count: int
     missing_result_count: int
     # The transaction as the results endpoint saw it (webhook spelling); None on older answers.
-    order_transaction: TransactionBlock | None
+    order_transaction: TransactionBlockModel | None
 
     @property
     def is_final(self) -> bool:
@@ -108,7 +108,7 @@ class TransactionResults:
 
 class _OrdersPageAnswer(_Lenient):
     # Parsed here, not one by one, so a bad field is named from the page: `orders[3].id`.
-    orders: list[OrderData] = Field(default_factory=list)
+    orders: list[OrderDataModel] = Field(default_factory=list)
     total: int | None = None
     page: int | None = None
     size: int | None = None

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import random as _random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -186,7 +186,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rand: Callable[[], float]) -> float:
         """Full jitter: spreads the retries of many callers over the whole window."""
-        return rand() * min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return rand() * min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -304,7 +304,7 @@ class JunctionClient:
 
     async def stream_transaction_results_pdf(
         self, transaction_id: str, *, chunk_size: int = 64 * 1024
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes]:
         """`GET /v3/order_transaction/{id}/result/pdf`, as chunks of bytes.
 
         Failures before the first chunk are retried like any call; a stream that breaks off after

@@ -20,6 +20,7 @@ from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     Unavailable,
 )
@@ -41,7 +42,7 @@ class JunctionNotConfigured(FailedPrecondition):
         super().__init__(
             f"Junction's API is not configured on this server: set {API_KEY_SETTING} (and "
             "TRANSACTION_SERVICE_JUNCTION_REGION / _ENVIRONMENT, or _BASE_URL) and restart it",
-            reason="JUNCTION_NOT_CONFIGURED",
+            reason=Reason.JUNCTION_NOT_CONFIGURED,
             metadata={"setting": API_KEY_SETTING},
         )
 
@@ -55,7 +56,7 @@ def service_error(exc: JunctionError, *, field: str = "") -> ServiceError:
             metadata["retry_after_seconds"] = str(round(exc.retry_after))
         return Unavailable(
             f"Junction's API is unavailable; try again later: {exc.message}",
-            reason="JUNCTION_UNAVAILABLE",
+            reason=Reason.JUNCTION_UNAVAILABLE,
             metadata=metadata,
         )
     if isinstance(exc, JunctionNotFound):
@@ -63,12 +64,12 @@ def service_error(exc: JunctionError, *, field: str = "") -> ServiceError:
     if isinstance(exc, JunctionPermanentError):
         return FailedPrecondition(
             f"Junction refused the request: {exc.message}",
-            reason="JUNCTION_REFUSED",
+            reason=Reason.JUNCTION_REFUSED,
             metadata={"endpoint": exc.endpoint, "status": str(exc.status)},
         )
     if isinstance(exc, JunctionRequestInvalid):
         return InvalidArgument([FieldViolation(field, exc.message)])
-    return Unavailable(f"Junction's API failed: {exc.message}", reason="JUNCTION_UNAVAILABLE")
+    return Unavailable(f"Junction's API failed: {exc.message}", reason=Reason.JUNCTION_UNAVAILABLE)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ change log) is stored explicitly.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +33,7 @@ from transaction_service.domain.state import (
     TransactionView,
     view_from_json,
 )
-from transaction_service.errors import Unavailable
+from transaction_service.errors import Reason, Unavailable
 from transaction_service.store.health import WriteHealth
 
 
@@ -42,7 +42,7 @@ class StoreUnavailable(Unavailable):
     Nothing of the batch was stored; the caller may retry."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, reason="STORE_UNAVAILABLE")
+        super().__init__(message, reason=Reason.STORE_UNAVAILABLE)
 
 
 class StoreDataRefused(Exception):
@@ -71,6 +71,10 @@ class KeysBusy(Exception):
 
 class StoreOpenError(Exception):
     """The store cannot be opened; the message is one line naming the database and the problem."""
+
+
+class StoreInUse(StoreOpenError):
+    """Another process owns the database (SQLite: one process writes a file)."""
 
 
 # -- what is stored ---------------------------------------------------------------------------
@@ -241,10 +245,25 @@ class StoredResults:
 
 @dataclass(frozen=True)
 class ListFilter:
+    """Which transactions `list_transactions` returns: those matching every field given."""
+
     status: TransactionStatus | None = None
     team_id: str = ""
     user_id: str = ""
     updated_since: datetime | None = None
+
+    def matches(self, view: TransactionView) -> bool:
+        """The filter in Python (the in-memory store); the SQL stores share `rows.list_condition`,
+        and the store contract tests hold the two equal."""
+        return (
+            (self.status is None or view.status == self.status)
+            and (not self.team_id or view.team_id == self.team_id)
+            and (not self.user_id or view.user_id == self.user_id)
+            and (
+                self.updated_since is None
+                or (view.updated_at is not None and view.updated_at >= self.updated_since)
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -275,14 +294,6 @@ class BatchKeys:
     # Transactions whose combined results and results marker the plan reads (they must be among
     # `transaction_ids`, whose locks cover them). Ingest reads none.
     results_of: frozenset[str] = frozenset()
-
-    def lock_names(self) -> list[str]:
-        """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
-        return sorted(
-            [f"e:{k}" for k in self.event_ids]
-            + [f"o:{k}" for k in self.order_ids]
-            + [f"t:{k}" for k in self.transaction_ids]
-        )
 
 
 @dataclass
@@ -455,6 +466,8 @@ class AppliedBatch:
     """A committed plan: its changes with their revisions."""
 
     plan: BatchPlan
+    # The head revision just before the batch's changes; 0 if it made none (then the store read
+    # no revision).
     base_revision: int
     changes: list[ChangeRecord]
 
@@ -462,48 +475,60 @@ class AppliedBatch:
         return self.base_revision + change + 1 if change is not None else otherwise
 
 
-# -- the store ----------------------------------------------------------------------------------
+# -- the store, role by role ---------------------------------------------------------------------
+#
+# Each consumer asks for the roles it uses (the commit path a BatchWriter, the watch hub the
+# change log and reads, the results fetcher Results and Jobs, ...); one store class implements
+# them all (`Store`), and tests/test_store_contract.py runs every method of every role against the
+# in-memory, SQLite and PostgreSQL stores alike. Every method of a closed store raises
+# StoreUnavailable, as does a batch the database cannot commit.
 
 
-class Store(Protocol):
-    """Open before use; always close."""
+class StoreLifecycle(Protocol):
+    """Opening and closing. Open before use; always close."""
 
     # A short description for logs: the path or the URL without a password.
     description: str
-    # Whether writes succeed; listeners hear of every flip (health checks, readiness).
-    health: WriteHealth
-    # Whether other processes may write to it too (replicas): then watchers must tail the shared
-    # change log instead of relying on this process's commits alone.
-    shared: bool
 
     async def open(self) -> None:
         """Raises StoreOpenError, with one line naming the database and the problem."""
 
+    async def close(self) -> None: ...
+
+
+class BatchWriter(Protocol):
+    """The one way to write what callers see, and whether writes succeed. Only the commit path
+    (`usecases/commit.py`) calls `write`: it publishes what was committed."""
+
+    # Whether writes succeed; listeners hear of every flip (health checks, readiness).
+    health: WriteHealth
+
     async def probe(self) -> None:
         """Try a tiny write; updates `health`. Used to notice recovery when no traffic comes."""
-
-    async def close(self) -> None: ...
 
     async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
         """Lock `keys`, load their state, call `plan` on it (pure, maybe more than once: it is
         repeated if the store had to retry), apply the plan and commit; the committed batch and
         the answer of the plan applied.
 
-        Only the commit path (`usecases/commit.py`) calls this: it publishes what was committed.
-
         Raises StoreUnavailable if the batch could not be committed, StoreDataRefused if the
         store refused its data, KeysBusy if rows it must write are locked by another session;
-        in each case nothing was written.
+        in each case nothing was written. An exception the planner raises passes through; then
+        nothing was written either.
         """
 
-    # Reads return the store's head revision too, read in the same snapshot as the data, so it is
-    # never older than what it is returned with.
+
+class TransactionReads(Protocol):
+    """The current state of transactions.
+
+    Reads return the store's head revision too, read in the same snapshot as the data, so it is
+    never older than what it is returned with."""
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]: ...
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]: ...
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
         """Transactions matching `where` with revision > after_revision, by revision."""
@@ -513,36 +538,6 @@ class Store(Protocol):
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
         """Transactions by id and by order id, all read in one snapshot: (found by transaction
         id, found by order id, head revision). Ids not known are absent from the dicts."""
-
-    async def head_revision(self) -> int: ...
-
-    async def changes_after(
-        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
-    ) -> ChangeLogPage:
-        """Up to `limit` changes with revision > after_revision, oldest first; only those of
-        `transaction_ids` if given. Read in one snapshot with the log's bounds."""
-
-    async def changes_through(
-        self, revision: int, limit: int, transaction_ids: Sequence[str]
-    ) -> ChangeLogPage:
-        """Up to `limit` changes of `transaction_ids` with revision <= `revision`, newest
-        first. Read in one snapshot with the log's bounds."""
-
-    async def transaction_events(
-        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
-    ) -> Sequence[HistoryEvent]:
-        """Up to `limit` rows of a transaction's delivery history after `after_seq`, in arrival
-        order: the events of its orders (whichever transaction they were merged into then), and
-        the rows the service recorded for it (results fetches, rebuilds). Each with the kinds and
-        diff of its change while the change log keeps it; with its body if `bodies`."""
-
-    async def trim_changes(self, recorded_before: datetime) -> int:
-        """Delete changes recorded before the time; return the compacted revision after it.
-        With several replicas, one trims at a time; the others return at once."""
-
-    async def erase_bodies(self, received_before: datetime) -> int:
-        """Erase the bodies of events received before the time (privacy); their id, digest,
-        outcome and revision stay, for dedupe and audit. Returns how many were erased."""
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
         """Up to `limit` transaction ids greater than `after_id`, in id order: a stable walk over
@@ -556,13 +551,49 @@ class Store(Protocol):
         """The stored events of each transaction's orders, oldest first. `write` loads the same
         under its locks for the transactions of `BatchKeys.replay`."""
 
-    def change_notifications(self) -> AsyncIterator[None]:
+
+class ChangeLog(Protocol):
+    """The numbered changes, for watchers: contiguous revisions, the oldest trimmed away."""
+
+    # Whether other processes may write to it too (replicas): then watchers must tail the shared
+    # change log instead of relying on this process's commits alone.
+    shared: bool
+
+    async def head_revision(self) -> int: ...
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> ChangeLogPage:
+        """Up to `limit` changes with revision > after_revision, oldest first; only those of
+        `transaction_ids` if given. Read in one snapshot with the log's bounds."""
+
+    async def changes_through(
+        self, revision: int, limit: int, transaction_ids: Sequence[str]
+    ) -> ChangeLogPage:
+        """Up to `limit` changes of `transaction_ids` with revision <= `revision`, newest
+        first (as-of reads). Read in one snapshot with the log's bounds."""
+
+    def change_notifications(self) -> AsyncGenerator[None]:
         """Yields whenever changes may have been committed by another process (and after every
-        reconnect, when notifications may have been lost). A store with a single writer process
-        never yields."""
+        reconnect, when notifications may have been lost). A store that is not `shared` never
+        yields."""
         ...
 
-    # -- combined results and reconciliation --------------------------------------------------
+
+class DeliveryHistory(Protocol):
+    """Each transaction's deliveries as committed, for ListTransactionEvents."""
+
+    async def transaction_events(
+        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
+    ) -> Sequence[HistoryEvent]:
+        """Up to `limit` rows of a transaction's delivery history after `after_seq`, in arrival
+        order: the events of its orders (whichever transaction they were merged into then), and
+        the rows the service recorded for it (results fetches, rebuilds). Each with the kinds and
+        diff of its change while the change log keeps it; with its body if `bodies`."""
+
+
+class Results(Protocol):
+    """Combined results and their fetch markers (written by `write`, read here)."""
 
     async def get_results(
         self, transaction_id: str
@@ -572,9 +603,9 @@ class Store(Protocol):
     async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
         """Up to `limit` results markers due at `now`, the longest due first."""
 
-    async def erase_results(self, fetched_before: datetime) -> int:
-        """Erase the bodies of combined results fetched before the time (privacy); status,
-        digest, time and revision stay. Returns how many were erased."""
+
+class ReconcileChecks(Protocol):
+    """Which transactions reconciliation should ask Junction about."""
 
     async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
         """Up to `limit` ids of ACTIVE transactions with no provider time and no reconcile check
@@ -585,8 +616,45 @@ class Store(Protocol):
     ) -> None:
         """Remember that these transactions were reconciled at `checked_at`."""
 
+
+class Housekeeping(Protocol):
+    """Compaction and erasure, run by the housekeeping loop."""
+
+    async def trim_changes(self, recorded_before: datetime) -> int:
+        """Delete changes recorded before the time (and any older revision, so the log stays
+        contiguous); return the compacted revision after it. With several replicas, one trims
+        at a time; the others return at once."""
+
+    async def erase_bodies(self, received_before: datetime) -> int:
+        """Erase the bodies of events received before the time (privacy); their id, digest,
+        outcome and revision stay, for dedupe and audit. Returns how many were erased."""
+
+    async def erase_results(self, fetched_before: datetime) -> int:
+        """Erase the bodies of combined results fetched before the time (privacy); status,
+        digest, time and revision stay. Returns how many were erased."""
+
+
+class Jobs(Protocol):
+    """Background jobs that one replica runs at a time."""
+
     def exclusive(self, name: str) -> AbstractAsyncContextManager[bool]:
         """Enter to take the job lock `name` if no other process holds it: yields whether this
-        process got it (then it holds it until exit). A store with a single writer process
-        always gets it."""
+        process got it (then it holds it until exit). A store that is not `shared` always gets
+        it."""
         ...
+
+
+class Store(
+    StoreLifecycle,
+    BatchWriter,
+    TransactionReads,
+    ChangeLog,
+    DeliveryHistory,
+    Results,
+    ReconcileChecks,
+    Housekeeping,
+    Jobs,
+    Protocol,
+):
+    """Every role: what a store class implements, and what the composition root (`App`) and the
+    commands that open a store hold."""

@@ -1,7 +1,7 @@
 """An in-memory store: the contract of `store/base.py` with dictionaries, nothing durable.
 
-It proves the interface is one (the same conformance suite runs against it, SQLite and
-PostgreSQL) and makes use-case tests fast. Not for production: everything is gone at exit.
+It proves the interface is one (tests/test_store_contract.py runs against it, SQLite and
+PostgreSQL alike) and makes use-case tests fast. Not for production: everything is gone at exit.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
 from transaction_service.domain.diff import diff_from_json
@@ -34,6 +34,7 @@ from transaction_service.store.base import (
     StoredEventBody,
     StoredResults,
     StoredTransaction,
+    StoreUnavailable,
     TransactionSnapshot,
 )
 from transaction_service.store.health import WriteHealth
@@ -45,6 +46,9 @@ class MemoryStore:
         self.description = "memory"
         self.health = WriteHealth(self.description)
         self.shared = False
+        # Nothing to open: usable from the start (tests write without `open`), refused once
+        # closed, like the other stores.
+        self._closed = False
         self._lock = asyncio.Lock()
         self.head = 0
         self.compacted = 0
@@ -62,10 +66,14 @@ class MemoryStore:
         self.reconcile_checks: dict[str, datetime] = {}
 
     async def open(self) -> None:
-        return None
+        self._closed = False
 
     async def close(self) -> None:
-        return None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
 
     async def probe(self) -> None:
         self.health.succeeded()
@@ -75,6 +83,7 @@ class MemoryStore:
         return TransactionSnapshot(stored.view, stored.revision) if stored else None
 
     async def write(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
+        self._check_open()
         async with self._lock:
             state = BatchState()
             for event_id in keys.event_ids:
@@ -99,7 +108,8 @@ class MemoryStore:
                 if txn_id in self.results_pending:
                     state.results_pending[txn_id] = self.results_pending[txn_id]
             batch, answer = plan(state)
-            base = self.head
+            # As the SQL stores: a batch without changes reads no revision.
+            base = self.head if batch.changes else 0
             self.head += len(batch.changes)
             records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
             # The log holds what a real store reads back (the diff through its JSON).
@@ -155,35 +165,33 @@ class MemoryStore:
         return AppliedBatch(batch, base, records), answer
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
+        self._check_open()
         return self._snapshot(transaction_id), self.head
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
+        self._check_open()
         return self._snapshot(self.order_index.get(order_id)), self.head
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
+        self._check_open()
         found = [
             TransactionSnapshot(t.view, t.revision)
             for t in self.transactions.values()
-            if t.revision > after_revision
-            and (where.status is None or t.view.status == where.status)
-            and (not where.team_id or t.view.team_id == where.team_id)
-            and (not where.user_id or t.view.user_id == where.user_id)
-            and (
-                where.updated_since is None
-                or (t.view.updated_at is not None and t.view.updated_at >= where.updated_since)
-            )
+            if t.revision > after_revision and where.matches(t.view)
         ]
         found.sort(key=lambda s: s.revision)
         return found[:limit], self.head
 
     async def head_revision(self) -> int:
+        self._check_open()
         return self.head
 
     async def get_many(
         self, transaction_ids: Sequence[str], order_ids: Sequence[str]
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+        self._check_open()
         by_id = {t: s for t in transaction_ids if (s := self._snapshot(t)) is not None}
         by_order = {
             o: s for o in order_ids if (s := self._snapshot(self.order_index.get(o))) is not None
@@ -191,14 +199,17 @@ class MemoryStore:
         return by_id, by_order, self.head
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
+        self._check_open()
         return sorted(t for t in self.transactions if t > after_id)[:limit]
 
     async def count_transactions(self) -> int:
+        self._check_open()
         return len(self.transactions)
 
     async def replay_events(
         self, transaction_ids: Sequence[str]
     ) -> dict[str, list[StoredEventBody]]:
+        self._check_open()
         return self._replay_events(transaction_ids)
 
     def _replay_events(self, transaction_ids: Iterable[str]) -> dict[str, list[StoredEventBody]]:
@@ -226,6 +237,7 @@ class MemoryStore:
     async def changes_after(
         self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
     ) -> ChangeLogPage:
+        self._check_open()
         wanted = set(transaction_ids)
         found = [
             c
@@ -237,6 +249,7 @@ class MemoryStore:
     async def changes_through(
         self, revision: int, limit: int, transaction_ids: Sequence[str]
     ) -> ChangeLogPage:
+        self._check_open()
         wanted = set(transaction_ids)
         found = [
             c
@@ -248,6 +261,7 @@ class MemoryStore:
     async def transaction_events(
         self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
     ) -> Sequence[HistoryEvent]:
+        self._check_open()
         changes = {c.revision: c for c in self.changes}
         found: list[HistoryEvent] = []
         for seq, (event_id, e) in enumerate(self.event_writes.items(), start=1):
@@ -289,6 +303,7 @@ class MemoryStore:
         return found
 
     async def trim_changes(self, recorded_before: datetime) -> int:
+        self._check_open()
         through = max(
             (c.revision for c in self.changes if c.recorded_at < recorded_before), default=0
         )
@@ -297,6 +312,7 @@ class MemoryStore:
         return self.compacted
 
     async def erase_bodies(self, received_before: datetime) -> int:
+        self._check_open()
         erased = 0
         for event_id, (digest, order_id, body, received_at) in self.events.items():
             if body is not None and received_at < received_before:
@@ -304,22 +320,25 @@ class MemoryStore:
                 erased += 1
         return erased
 
-    async def change_notifications(self) -> AsyncIterator[None]:
+    async def change_notifications(self) -> AsyncGenerator[None]:
         await asyncio.Event().wait()
         yield
 
     async def get_results(
         self, transaction_id: str
     ) -> tuple[StoredResults | None, PendingResults | None]:
+        self._check_open()
         return self.results.get(transaction_id), self.results_pending.get(transaction_id)
 
     async def results_due(self, now: datetime, limit: int) -> list[PendingResults]:
+        self._check_open()
         due = sorted(
             (p for p in self.results_pending.values() if p.due_at <= now), key=lambda p: p.due_at
         )
         return due[:limit]
 
     async def erase_results(self, fetched_before: datetime) -> int:
+        self._check_open()
         erased = 0
         for txn_id, stored in self.results.items():
             if stored.body is not None and stored.fetched_at < fetched_before:
@@ -328,6 +347,8 @@ class MemoryStore:
         return erased
 
     async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
+        self._check_open()
+
         def silent(txn_id: str, stored: StoredTransaction) -> bool:
             updated = stored.view.updated_at
             checked = self.reconcile_checks.get(txn_id)
@@ -344,9 +365,11 @@ class MemoryStore:
     async def record_reconcile_checks(
         self, transaction_ids: Sequence[str], checked_at: datetime
     ) -> None:
+        self._check_open()
         for txn_id in transaction_ids:
             self.reconcile_checks[txn_id] = checked_at
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        self._check_open()
         yield True

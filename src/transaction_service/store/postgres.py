@@ -2,7 +2,7 @@
 
 Correct with concurrent writers (every replica ingests):
 - **Keys are locked, in one global order.** A batch takes a transaction-scoped advisory lock on
-  every key it touches (event ids, order ids, transaction ids; `BatchKeys.lock_names`), sorted,
+  every key it touches (event ids, order ids, transaction ids; `lock_names`), sorted,
   before it reads anything. Sorted order means two writers can never wait on each other in a
   cycle; locking event ids means a duplicate delivered to two replicas at once is applied once (the
   second waits, then sees the first's event). If the loaded state points at a transaction the keys
@@ -37,9 +37,9 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -75,6 +75,7 @@ from transaction_service.store.rows import (
     change_log_page,
     found_from_rows,
     history_event,
+    list_condition,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -82,7 +83,13 @@ from transaction_service.store.rows import (
     snapshot,
     stored_transaction,
 )
-from transaction_service.store.sqlite import migrations
+from transaction_service.store.schema import migrations
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection of the pool, as `pool.acquire()` hands it out.
+    _Connection = PoolConnectionProxy[asyncpg.Record]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,15 @@ def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory lock key for a namespaced name."""
     return int.from_bytes(
         hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def lock_names(keys: BatchKeys) -> list[str]:
+    """Sorted, namespaced: taking locks in one global order is what prevents deadlocks."""
+    return sorted(
+        [f"e:{k}" for k in keys.event_ids]
+        + [f"o:{k}" for k in keys.order_ids]
+        + [f"t:{k}" for k in keys.transaction_ids]
     )
 
 
@@ -399,9 +415,9 @@ class PostgresStore:
         return applied, answer
 
     async def _write_once(
-        self, conn: asyncpg.Connection, keys: BatchKeys, plan: Planner[Answer]
+        self, conn: _Connection, keys: BatchKeys, plan: Planner[Answer]
     ) -> tuple[AppliedBatch, Answer]:
-        locked = {lock_key(name) for name in keys.lock_names()}
+        locked = {lock_key(name) for name in lock_names(keys)}
         await conn.fetchval(_LOCK, sorted(locked))
         state = await self._load(conn, keys)
         needed = state.transaction_ids_needed() - keys.transaction_ids
@@ -417,22 +433,22 @@ class PostgresStore:
         batch, answer = plan(state)
         return await self._apply(conn, batch), answer
 
-    async def _lock_rows(self, conn: asyncpg.Connection, state: BatchState) -> None:
+    async def _lock_rows(self, conn: _Connection, state: BatchState) -> None:
         """Lock the stored rows the batch may write; KeysBusy naming those another session
         holds (the keys' advisory locks keep this service's own writers off them)."""
         transactions, orders = set(state.transactions), set(state.order_index)
         if not transactions and not orders:
             return
-        got_transactions, got_orders = await conn.fetchrow(
-            _ROW_LOCKS, list(transactions), list(orders)
-        )
+        row = await conn.fetchrow(_ROW_LOCKS, list(transactions), list(orders))
+        assert row is not None  # two aggregates: always one row
+        got_transactions, got_orders = row
         busy_transactions = transactions - set(got_transactions)
         busy_orders = orders - set(got_orders)
         if busy_transactions or busy_orders:
             busy_orders |= {o for o, t in state.order_index.items() if t in busy_transactions}
             raise KeysBusy(frozenset(busy_orders), frozenset(busy_transactions))
 
-    async def _load(self, conn: asyncpg.Connection, keys: BatchKeys) -> BatchState:
+    async def _load(self, conn: _Connection, keys: BatchKeys) -> BatchState:
         state = BatchState()
         for event_id, digest, order_id, view, revision in await conn.fetch(
             _EVENTS, list(keys.event_ids)
@@ -462,7 +478,7 @@ class PostgresStore:
                 state.results_pending[row[0]] = pending_results(*row)
         return state
 
-    async def _apply(self, conn: asyncpg.Connection, batch: BatchPlan) -> AppliedBatch:
+    async def _apply(self, conn: _Connection, batch: BatchPlan) -> AppliedBatch:
         rows = plan_rows(batch, 0, _same_time)
         for statement, key in (
             (_UPSERT_ORDER, "orders"),
@@ -541,27 +557,14 @@ class PostgresStore:
         head, view, revision = rows[0]
         return (snapshot(view, revision) if view is not None else None), head
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
-        clauses: list[str] = ["revision > $1"]
-        params: list[object] = [after_revision]
-        if where.status is not None:
-            params.append(where.status.value)
-            clauses.append(f"status = ${len(params)}")
-        if where.team_id:
-            params.append(where.team_id)
-            clauses.append(f"team_id = ${len(params)}")
-        if where.user_id:
-            params.append(where.user_id)
-            clauses.append(f"user_id = ${len(params)}")
-        if where.updated_since is not None:
-            params.append(where.updated_since)
-            clauses.append(f"updated_at >= ${len(params)}")
+        condition, params = list_condition(where, after_revision, _same_time, lambda n: f"${n}")
         params.append(limit)
         rows = await self._fetch(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) AS one LEFT JOIN"
-            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            f" (SELECT view, revision FROM transactions WHERE {condition}"
             f" ORDER BY revision LIMIT ${len(params)}) t ON true ORDER BY t.revision",
             *params,
         )
@@ -569,7 +572,7 @@ class PostgresStore:
         return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return (await self._fetch(f"SELECT {_HEAD}"))[0][0]
+        return int((await self._fetch(f"SELECT {_HEAD}"))[0][0])
 
     async def get_many(
         self, transaction_ids: Sequence[str], order_ids: Sequence[str]
@@ -594,7 +597,7 @@ class PostgresStore:
         return [row[0] for row in rows]
 
     async def count_transactions(self) -> int:
-        return (await self._fetch("SELECT count(*) FROM transactions"))[0][0]
+        return int((await self._fetch("SELECT count(*) FROM transactions"))[0][0])
 
     async def replay_events(
         self, transaction_ids: Sequence[str]
@@ -666,7 +669,7 @@ class PostgresStore:
                 )
             if int(status.split()[-1]) < _TRIM_CHUNK:
                 break
-        return await pool.fetchval(f"SELECT {_COMPACTED}")
+        return int(await pool.fetchval(f"SELECT {_COMPACTED}"))
 
     async def erase_bodies(self, received_before: datetime) -> int:
         pool = self._pool_or_fail()
@@ -775,7 +778,7 @@ class PostgresStore:
             self.health.failed(kind)
             raise StoreUnavailable(f"the database cannot write ({kind}). Retry later.") from None
 
-    async def change_notifications(self) -> AsyncIterator[None]:
+    async def change_notifications(self) -> AsyncGenerator[None]:
         """Yields after every (re)connect of a LISTEN connection and on every notification."""
         failures = 0
         while True:

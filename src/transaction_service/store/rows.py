@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from transaction_service.store.base import (
     ChangeRecord,
     EventWrite,
     HistoryEvent,
+    ListFilter,
     PendingResults,
     StoredEventBody,
     StoredResults,
@@ -316,7 +317,36 @@ def plan_rows(
     }
 
 
-def replay_events_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, list[StoredEventBody]]:
+def list_condition(
+    where: ListFilter,
+    after_revision: int,
+    time: Callable[[datetime], Any],
+    placeholder: Callable[[int], str],
+) -> tuple[str, list[Any]]:
+    """`list_transactions`'s WHERE condition on the transactions table, and its parameters.
+    `placeholder(n)` spells the n-th parameter (`?` in SQLite, `$n` in PostgreSQL); `time`
+    encodes a time as in `plan_rows`. `ListFilter.matches` is the same filter in Python."""
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    def add(column: str, operator: str, value: Any) -> None:
+        params.append(value)
+        clauses.append(f"{column} {operator} {placeholder(len(params))}")
+
+    add("revision", ">", after_revision)
+    if where.status is not None:
+        add("status", "=", where.status.value)
+    if where.team_id:
+        add("team_id", "=", where.team_id)
+    if where.user_id:
+        add("user_id", "=", where.user_id)
+    if where.updated_since is not None:
+        add("updated_at", ">=", time(where.updated_since))
+    return " AND ".join(clauses), params
+
+
+def replay_events_from_rows(rows: Iterable[Any]) -> dict[str, list[StoredEventBody]]:
+    """The rows of the replay query (a driver's row type each) by transaction, in row order."""
     found: dict[str, list[StoredEventBody]] = {}
     for txn_id, event_id, event_type, source, body_format, body, digest, order_id in rows:
         found.setdefault(txn_id, []).append(

@@ -26,11 +26,10 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -51,6 +50,7 @@ from transaction_service.store.base import (
     StoredEventBody,
     StoredResults,
     StoredTransaction,
+    StoreInUse,
     StoreOpenError,
     StoreUnavailable,
     TransactionSnapshot,
@@ -65,6 +65,7 @@ from transaction_service.store.rows import (
     found_from_rows,
     history_event,
     iso,
+    list_condition,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -72,21 +73,12 @@ from transaction_service.store.rows import (
     snapshot,
     stored_transaction,
 )
+from transaction_service.store.schema import migrations
 
 log = logging.getLogger(__name__)
 
 _READERS = 2
 _TRIM_CHUNK = 5000
-
-
-def migrations(dialect: str) -> list[tuple[int, str, str]]:
-    """(version, file name, script) of each migration of a dialect, in order."""
-    folder = resources.files("transaction_service.store") / "migrations" / dialect
-    found = []
-    for item in folder.iterdir():
-        if item.name.endswith(".sql"):
-            found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text()))
-    return sorted(found)
 
 
 def sqlite_path(url: str) -> Path:
@@ -97,6 +89,11 @@ def sqlite_path(url: str) -> Path:
             raise ValueError(f"not a SQLite URL: {url} (use sqlite:///path/to/file.db)")
         return Path(rest[1:])
     return Path(url)
+
+
+async def _rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """All rows of a statement (a list, though aiosqlite declares an Iterable)."""
+    return cast(list[Any], await conn.execute_fetchall(sql, params))
 
 
 class _FileGone(Exception):
@@ -269,7 +266,7 @@ class SqliteStore:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StoreOpenError(
+            raise StoreInUse(
                 f"{self.path} is in use by another transaction-service process (pid {holder}); "
                 "one process owns a SQLite database: stop it, or use another --db"
             ) from None
@@ -308,7 +305,7 @@ class SqliteStore:
                 f"{self.path} failed its integrity check ({len(problems)} problem(s), first: "
                 f"{problems[0][:100]}); restore it from a backup"
             )
-        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        version = (await _rows(conn, "PRAGMA user_version"))[0][0]
         known = migrations("sqlite")[-1][0]
         if version > known:
             raise StoreOpenError(
@@ -316,7 +313,7 @@ class SqliteStore:
                 f"({known}); run a newer transaction-service"
             )
         if version == 0:
-            tables = (await conn.execute_fetchall("SELECT count(*) FROM sqlite_master"))[0][0]
+            tables = (await _rows(conn, "SELECT count(*) FROM sqlite_master"))[0][0]
             if tables:
                 raise StoreOpenError(
                     f"{self.path} is a SQLite database of something else (it has tables but no "
@@ -324,7 +321,7 @@ class SqliteStore:
                 )
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        current = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        current = (await _rows(conn, "PRAGMA user_version"))[0][0]
         for version, name, script in migrations("sqlite"):
             if version <= current:
                 continue
@@ -421,7 +418,7 @@ class SqliteStore:
                 decoded[txn_id] = stored_transaction(knowledge, view, revision)
         state.transactions = decoded
         if keys.replay:
-            rows = await conn.execute_fetchall(_REPLAY, (json.dumps(list(keys.replay)),))
+            rows = await _rows(conn, _REPLAY, (json.dumps(list(keys.replay)),))
             state.replay_events = replay_events_from_rows(rows)
         if keys.results_of:
             wanted_json = json.dumps(sorted(keys.results_of))
@@ -434,7 +431,7 @@ class SqliteStore:
     async def _apply(self, conn: aiosqlite.Connection, batch: BatchPlan) -> AppliedBatch:
         base = 0
         if batch.changes:
-            (head,) = (await conn.execute_fetchall(_BUMP, (len(batch.changes),)))[0]
+            (head,) = (await _rows(conn, _BUMP, (len(batch.changes),)))[0]
             base = head - len(batch.changes)
         rows = plan_rows(batch, base, iso)
         for statement, key in (
@@ -466,6 +463,9 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        if not self._all_readers:
+            # Closed (or never opened): the queue would wait forever.
+            raise StoreUnavailable("the store is closed")
         conn = await self._readers.get()
         try:
             yield conn
@@ -486,7 +486,7 @@ class SqliteStore:
         # One statement is one snapshot: every read below asks for the data and the revisions it
         # reports in a single statement, so they always agree.
         async with self._reader() as conn:
-            return list(await conn.execute_fetchall(sql, params))
+            return list(await _rows(conn, sql, params))
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
         rows = await self._fetch_point(
@@ -507,26 +507,13 @@ class SqliteStore:
         head, view, revision = rows[0]
         return (snapshot(view, revision) if view is not None else None), head
 
-    async def list(
+    async def list_transactions(
         self, where: ListFilter, after_revision: int, limit: int
     ) -> tuple[list[TransactionSnapshot], int]:
-        clauses: list[str] = ["revision > ?"]
-        params: list[object] = [after_revision]
-        if where.status is not None:
-            clauses.append("status = ?")
-            params.append(where.status.value)
-        if where.team_id:
-            clauses.append("team_id = ?")
-            params.append(where.team_id)
-        if where.user_id:
-            clauses.append("user_id = ?")
-            params.append(where.user_id)
-        if where.updated_since is not None:
-            clauses.append("updated_at >= ?")
-            params.append(iso(where.updated_since))
+        condition, params = list_condition(where, after_revision, iso, lambda _: "?")
         rows = await self._fetch(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1) LEFT JOIN"
-            f" (SELECT view, revision FROM transactions WHERE {' AND '.join(clauses)}"
+            f" (SELECT view, revision FROM transactions WHERE {condition}"
             " ORDER BY revision LIMIT ?) t ON 1 ORDER BY t.revision",
             (*params, limit),
         )
@@ -534,7 +521,7 @@ class SqliteStore:
         return [snapshot(view, revision) for _, view, revision in rows if view is not None], head
 
     async def head_revision(self) -> int:
-        return (await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0]
+        return int((await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0])
 
     async def get_many(
         self, transaction_ids: Sequence[str], order_ids: Sequence[str]
@@ -559,7 +546,7 @@ class SqliteStore:
         return [row[0] for row in rows]
 
     async def count_transactions(self) -> int:
-        return (await self._fetch("SELECT count(*) FROM transactions", ()))[0][0]
+        return int((await self._fetch("SELECT count(*) FROM transactions", ()))[0][0])
 
     async def replay_events(
         self, transaction_ids: Sequence[str]
@@ -639,7 +626,7 @@ class SqliteStore:
                     raise
             if deleted < _TRIM_CHUNK:
                 break
-        return (await self._fetch(f"SELECT {_COMPACTED}", ()))[0][0]
+        return int((await self._fetch(f"SELECT {_COMPACTED}", ()))[0][0])
 
     async def erase_bodies(self, received_before: datetime) -> int:
         """Erase the bodies of events received before the time; id, digest, outcome and revision
@@ -650,7 +637,7 @@ class SqliteStore:
             async with self._write_lock:
                 conn = self._writer
                 if conn is None:
-                    return erased
+                    raise StoreUnavailable("the store is closed")
                 cursor = await conn.execute(
                     "UPDATE events SET body = NULL WHERE seq IN (SELECT seq FROM events"
                     f" WHERE body IS NOT NULL AND received_at < ? LIMIT {_TRIM_CHUNK})",
@@ -661,7 +648,7 @@ class SqliteStore:
             if count < _TRIM_CHUNK:
                 return erased
 
-    async def change_notifications(self) -> AsyncIterator[None]:
+    async def change_notifications(self) -> AsyncGenerator[None]:
         # One process owns the file: every change is committed, and published, by this process.
         await asyncio.Event().wait()
         yield
@@ -716,6 +703,8 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
         # One process owns the database file (see `_take_lock`): it is always the only runner.
         yield True
 

@@ -1,7 +1,7 @@
 """The one commit path: every write that can change what callers see goes through `CommitPath`.
 
 A writer (ingest, the results fetcher, reconcile, rebuild) names the keys of its batch and hands
-over a pure planner; the store locks, loads, plans and commits (`Store.write`). Then, here and
+over a pure planner; the store locks, loads, plans and commits (`BatchWriter.write`). Then, here and
 nowhere else, what was committed is made known, in revision order:
 
 - the changes are published to the watch hub (through the change feed, which keeps publishing in
@@ -36,10 +36,10 @@ from transaction_service.store.base import (
     Answer,
     AppliedBatch,
     BatchKeys,
+    BatchWriter,
     ChangeRecord,
     KeysBusy,
     Planner,
-    Store,
     StoreDataRefused,
 )
 
@@ -74,29 +74,29 @@ class CommitPath:
 
     def __init__(
         self,
-        store: Store,
+        writer: BatchWriter,
         *,
         publish: Publish | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.store = store
+        self._writer = writer
         self._publish = publish
         self._metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self.results_wanted = asyncio.Event()
 
     async def commit(self, keys: BatchKeys, plan: Planner[Answer]) -> tuple[AppliedBatch, Answer]:
-        """Commit the batch `plan` makes of the state of `keys` (see `Store.write`), then make
+        """Commit the batch `plan` makes of the state of `keys` (see `BatchWriter.write`), then make
         its changes known. Raises what the store raises; then nothing was written."""
-        health = self.store.health
+        health = self._writer.health
         started = time.monotonic()
         # Reported while the commit still runs: a commit that hangs has no end to report at.
         stall = asyncio.get_running_loop().call_later(
             health.stall_seconds, lambda: health.stalled(time.monotonic() - started)
         )
         try:
-            applied, answer = await self.store.write(keys, plan)
+            applied, answer = await self._writer.write(keys, plan)
         finally:
             stall.cancel()
         self._committed(applied)

@@ -16,14 +16,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import NotFound, echo
-from transaction_service.store.base import ChangeRecord, HistoryEvent, Store, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeLog,
+    ChangeRecord,
+    DeliveryHistory,
+    HistoryEvent,
+    TransactionReads,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.watch import Compacted, RevisionInFuture, WatchFilter
 
 # Changes read per query while looking for the one at or below a revision.
 _PAGE = 100
+
+
+class HistoryStore(TransactionReads, ChangeLog, DeliveryHistory, Protocol):
+    """The roles of the store these reads take: the transactions (to find one by an id), the
+    change log (as-of reads) and the delivery history."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class Lookup:
     def field(self) -> str:
         return "order_id" if self.by_order else "transaction_id"
 
-    async def current(self, store: Store) -> tuple[TransactionSnapshot | None, int]:
+    async def current(self, store: HistoryStore) -> tuple[TransactionSnapshot | None, int]:
         """The transaction's current state (None if not known) and the head revision."""
         if self.by_order:
             return await store.get_by_order(self.key)
@@ -58,7 +71,7 @@ class HistoryPage:
 
 
 async def transaction_history(
-    store: Store, lookup: Lookup, *, after_seq: int, limit: int, bodies: bool
+    store: HistoryStore, lookup: Lookup, *, after_seq: int, limit: int, bodies: bool
 ) -> HistoryPage:
     """Up to `limit` entries of the transaction's history after `after_seq`, in arrival order."""
     snapshot, head = await lookup.current(store)
@@ -70,7 +83,7 @@ async def transaction_history(
     return HistoryPage(transaction_id, found[:limit], len(found) > limit, head)
 
 
-async def state_at(store: Store, lookup: Lookup, revision: int) -> TransactionSnapshot:
+async def state_at(store: HistoryStore, lookup: Lookup, revision: int) -> TransactionSnapshot:
     """The transaction's state at `revision`: after every change up to it, none after it."""
     current, head = await lookup.current(store)
     if revision > head:

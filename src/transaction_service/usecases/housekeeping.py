@@ -8,7 +8,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
-from transaction_service.store.base import Store
+from transaction_service.store.base import BatchWriter, Housekeeping
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ STORE_PROBE_SECONDS = 2.0
 
 
 async def housekeeping_forever(
-    store: Store, *, change_retention: timedelta, body_retention: timedelta, interval: float
+    store: Housekeeping, *, change_retention: timedelta, body_retention: timedelta, interval: float
 ) -> None:
     """Trim the change log and erase expired bodies, every `interval` seconds."""
     while True:
@@ -33,7 +33,7 @@ async def housekeeping_forever(
         await asyncio.sleep(interval)
 
 
-async def probe_store_forever(store: Store, *, interval: float = STORE_PROBE_SECONDS) -> None:
+async def probe_store_forever(store: BatchWriter, *, interval: float = STORE_PROBE_SECONDS) -> None:
     """A store that cannot write reports NOT_SERVING, so balancers send no more traffic, and
     without traffic nothing would notice the fault is fixed: try a tiny write now and then."""
     while True:

@@ -26,12 +26,11 @@ from typing import Any
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     NUL_ESCAPE,
-    FieldViolation,
     OrderEvent,
     PayloadError,
-    body_digest,
     canonical_bytes,
     decode_json_body,
+    digest_of,
     normalise_body,
     nul_violations,
     parse_event,
@@ -39,8 +38,10 @@ from transaction_service.domain.payload import (
 from transaction_service.errors import (
     AlreadyExists,
     DeadlinePassed,
+    FieldViolation,
     InvalidArgument,
     Overloaded,
+    Reason,
     ServiceError,
     Unavailable,
     echo,
@@ -103,7 +104,7 @@ class IngestorStopped(Unavailable):
     def __init__(self) -> None:
         super().__init__(
             "the service is shutting down; nothing was stored: retry on another replica or later",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
         )
 
 
@@ -141,8 +142,8 @@ def decode_delivery(
             body = decode_json_body(payload_json)
             if NUL_ESCAPE in payload_json and (violations := nul_violations(body)):
                 raise PayloadError(violations)
-            digest = body_digest(body)
-            event = parse_event(body, digest, limits=limits)
+            digest, canonical = digest_of(body)
+            event = parse_event(body, digest, limits=limits, canonical=canonical)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     else:
@@ -160,7 +161,7 @@ def decode_delivery(
         try:
             if NUL_ESCAPE.encode() in raw and (violations := nul_violations(body)):
                 raise PayloadError(violations)
-            event = parse_event(body, digest, limits=limits)
+            event = parse_event(body, digest, limits=limits, canonical=raw)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
     return Delivery(
@@ -210,10 +211,10 @@ def default_flow(delivery: Delivery) -> Flow:
 class Ingestor:
     """Queues deliveries and commits them in groups; each caller is answered after its commit.
 
-    Every transport calls `ingest` (gRPC, webhooks, reconcile); each delivery is counted and
-    logged here, once, whichever way it came. Call `start()` before use and `stop()` to drain:
-    deliveries already queued are committed and answered, later ones are refused with
-    IngestorStopped.
+    Every transport calls `ingest` (gRPC, webhooks, reconcile); each delivery is counted (and,
+    with `log_events`, logged) here, once, whichever way it came. Call `start()` before use and
+    `stop()` to drain: deliveries already queued are committed and answered, later ones are
+    refused with IngestorStopped.
 
     The queue is bounded (`queue_limit` deliveries, `queue_bytes` of bodies) and shared fairly
     (see `admission.py`). A delivery that finds its share full is refused with Overloaded, or,
@@ -233,6 +234,7 @@ class Ingestor:
         want_results: bool = False,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        log_events: bool = False,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
         self._commits = commits
@@ -241,6 +243,9 @@ class Ingestor:
         self._clock = clock
         # Whether completions mark combined results to fetch (Junction's API is configured).
         self._want_results = want_results
+        # One log line per event (setting log_events): off by default, it cost more than the
+        # event's decoding (docs/performance.md); the metrics count every event either way.
+        self._log_events = log_events
         self._queue: AdmissionQueue[_Pending] = AdmissionQueue(queue_limit, queue_bytes)
         # Deliveries waiting for room in their flow's share, oldest first per flow.
         self._waiters: collections.OrderedDict[
@@ -285,8 +290,8 @@ class Ingestor:
         time_remaining: float | None = None,
         wait: bool | None = None,
     ) -> IngestResult:
-        """Ingest a decoded delivery; answered after the commit that holds it. Counted and
-        logged (one line per delivery) under the delivery's `source`.
+        """Ingest a decoded delivery; answered after the commit that holds it. Counted under
+        the delivery's `source` (and logged, one line per delivery, with `log_events`).
 
         `flow` is who it waits for (default: by source, see `default_flow`); `time_remaining`,
         the seconds its caller still waits (gRPC's time remaining, Svix's 15 s): if they pass before
@@ -316,6 +321,8 @@ class Ingestor:
             raise
         seconds = time.perf_counter() - started
         self._metrics.ingested(source, result.outcome.value, seconds)
+        if not self._log_events:
+            return result
         event = delivery.event
         fields = {
             "event_id": result.event_id,
@@ -328,6 +335,29 @@ class Ingestor:
         }
         event_log.info("ingested", extra={"fields": fields})
         return result
+
+    async def ingest_many(
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        flow: Flow,
+        time_remaining: float | None = None,
+        wait: bool = False,
+    ) -> list[IngestResult | Exception]:
+        """`ingest` for each delivery, all queued at once (so they share group commits); each
+        delivery's result or the error refusing it, in order. One refused delivery does not
+        fail the others."""
+        results = await asyncio.gather(
+            *(
+                self.ingest(d, flow=flow, time_remaining=time_remaining, wait=wait)
+                for d in deliveries
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]
 
     async def _enqueue(
         self, delivery: Delivery, flow: Flow, time_remaining: float | None, wait: bool
@@ -354,7 +384,7 @@ class Ingestor:
             f"too many deliveries are waiting for a commit (the {flow.lane.value} share of the "
             f"ingest queue, or this caller's part of it, is full); nothing was stored: retry in "
             f"{RETRY_AFTER_SECONDS:g} s",
-            reason="INGEST_QUEUE_FULL",
+            reason=Reason.INGEST_QUEUE_FULL,
             metadata={"lane": flow.lane.value},
             retry_after=RETRY_AFTER_SECONDS,
         )
@@ -512,7 +542,7 @@ def _refusal(exc: Exception, delivery: Delivery) -> ServiceError:
         return Unavailable(
             "the transaction is locked by another database session; nothing was stored: "
             f"retry in {RETRY_AFTER_SECONDS:g} s",
-            reason="TRANSACTION_LOCKED",
+            reason=Reason.TRANSACTION_LOCKED,
             retry_after=RETRY_AFTER_SECONDS,
         )
     if isinstance(exc, StoreDataRefused):
@@ -536,7 +566,7 @@ def _deadline_passed() -> DeadlinePassed:
     return DeadlinePassed(
         "the caller's deadline passed before the delivery could be committed; it was dropped "
         "and nothing was stored: send it again",
-        reason="DEADLINE_PASSED",
+        reason=Reason.DEADLINE_PASSED,
         retry_after=RETRY_AFTER_SECONDS,
     )
 

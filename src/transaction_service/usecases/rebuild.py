@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
-from transaction_service.store.base import BatchKeys, Store
+from transaction_service.store.base import BatchKeys, BatchPlan, BatchState, TransactionReads
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.plan import RebuildOutcome, plan_rebuild
 
@@ -53,13 +53,13 @@ class RebuildReport:
 
 
 async def rebuild(
-    store: Store,
+    store: TransactionReads,
     commits: CommitPath,
     *,
     limits: StateLimits = DEFAULT_LIMITS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     now: datetime | None = None,
-    on_progress: Callable[[int], None] = lambda _: None,
+    on_progress: Callable[[int], object] = lambda _: None,
 ) -> RebuildReport:
     """Rebuild every transaction of an open store, a batch at a time through the commit path
     (which publishes the changes to whoever listens); `on_progress(n)` after each batch of n."""
@@ -68,9 +68,13 @@ async def rebuild(
     after = ""
     while ids := await store.transaction_ids(after, batch_size):
         keys = BatchKeys(frozenset(), frozenset(), frozenset(ids), replay=frozenset(ids))
-        applied, outcomes = await commits.commit(
-            keys, lambda state, ids=ids: plan_rebuild(ids, state, started, limits)
-        )
+
+        def plan(
+            state: BatchState, ids: list[str] = ids
+        ) -> tuple[BatchPlan, dict[str, RebuildOutcome]]:
+            return plan_rebuild(ids, state, started, limits)
+
+        applied, outcomes = await commits.commit(keys, plan)
         report.outcomes.update(outcomes.values())
         if applied.changes:
             report.first_revision = report.first_revision or applied.changes[0].revision

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from transaction_service.domain.limits import StateLimits
 from transaction_service.domain.state import TransactionStatus
@@ -32,6 +33,7 @@ from transaction_service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ServiceError,
     Unavailable,
     echo,
@@ -46,7 +48,13 @@ from transaction_service.junction.mapping import (
     transaction_event,
 )
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import Store, TransactionSnapshot
+from transaction_service.store.base import (
+    Jobs,
+    ReconcileChecks,
+    Results,
+    TransactionReads,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import Delivery, IngestResult, Outcome, decode_delivery
 from transaction_service.usecases.results import plan_missing_results, results_keys
@@ -129,13 +137,18 @@ class _Counts:
         )
 
 
+class ReconcileStore(TransactionReads, Results, ReconcileChecks, Jobs, Protocol):
+    """What reconciliation reads and records: the current state and results of a transaction,
+    the sweep's candidates and checks, under the job lock that one replica holds."""
+
+
 class Reconciler:
     """The reconcile use case. `client` is None when no API key is configured: every call then
     fails with FAILED_PRECONDITION naming the setting."""
 
     def __init__(
         self,
-        store: Store,
+        store: ReconcileStore,
         commits: CommitPath,
         client: JunctionClient | None,
         *,
@@ -299,7 +312,7 @@ class Reconciler:
             raise FailedPrecondition(
                 f"Junction's answer from {_endpoint(event)} about order {echo(event.order_id)} "
                 f"cannot be taken in: {exc.message}",
-                reason="ANSWER_BEYOND_LIMITS",
+                reason=Reason.ANSWER_BEYOND_LIMITS,
             ) from None
 
     # ---------------------------------------------------------------------------------------- sweep

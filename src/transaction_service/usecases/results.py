@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from transaction_service.domain.diff import NOTHING, diff_to_json
 from transaction_service.domain.explain import bounded
@@ -43,7 +44,7 @@ from transaction_service.domain.state import (
     knowledge_to_json,
     view_to_json,
 )
-from transaction_service.errors import FailedPrecondition, echo
+from transaction_service.errors import FailedPrecondition, Reason, echo
 from transaction_service.junction.answers import TransactionResults
 from transaction_service.junction.client import (
     JunctionClient,
@@ -59,10 +60,11 @@ from transaction_service.store.base import (
     BatchState,
     ChangeWrite,
     EventWrite,
+    Jobs,
     PendingResults,
     PendingResultsWrite,
+    Results,
     ResultsWrite,
-    Store,
     StoredResults,
     TransactionWrite,
 )
@@ -97,7 +99,7 @@ def retry_delay(
 ) -> float:
     """Seconds before attempt `attempts + 1`: exponential, with "equal jitter" (half fixed, half
     random), so a retry is never immediate and many markers do not retry in step."""
-    ceiling = min(most, base * 2 ** max(0, attempts - 1))
+    ceiling = min(most, base * 2.0 ** max(0, attempts - 1))
     return ceiling / 2 + rand() * ceiling / 2
 
 
@@ -286,13 +288,17 @@ class FetchOutcome:
     outcome: str
 
 
+class ResultsStore(Results, Jobs, Protocol):
+    """What the fetcher reads: due markers, under the job lock that one replica holds."""
+
+
 class ResultsFetcher:
     """Works through due results markers until cancelled; a commit that marks results due
     (`CommitPath.results_wanted`) makes it look at once."""
 
     def __init__(
         self,
-        store: Store,
+        store: ResultsStore,
         commits: CommitPath,
         client: JunctionClient,
         *,
@@ -405,7 +411,7 @@ class ResultsFetcher:
 # --------------------------------------------------------------------------------------------------
 
 
-async def stored_results(store: Store, view: TransactionView) -> StoredResults:
+async def stored_results(store: Results, view: TransactionView) -> StoredResults:
     """The transaction's stored results with their body; FailedPrecondition saying why not."""
     results, pending = await store.get_results(view.id)
     if results is not None and results.body is not None:
@@ -414,7 +420,7 @@ async def stored_results(store: Store, view: TransactionView) -> StoredResults:
         raise FailedPrecondition(
             f"the results of transaction {echo(view.id)} were erased: they are kept for the "
             "body retention period (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS)",
-            reason="RESULTS_ERASED",
+            reason=Reason.RESULTS_ERASED,
         )
     if pending is not None:
         detail = f"{pending.attempts} attempt(s) so far"
@@ -440,7 +446,7 @@ async def stored_results(store: Store, view: TransactionView) -> StoredResults:
             "Junction's API was not configured, or fetching them gave up after the body "
             "retention; ReconcileTransaction fetches them"
         )
-    raise FailedPrecondition(message, reason="RESULTS_NOT_READY")
+    raise FailedPrecondition(message, reason=Reason.RESULTS_NOT_READY)
 
 
 async def results_pdf(client: JunctionClient | None, view: TransactionView) -> AsyncIterator[bytes]:
@@ -451,7 +457,7 @@ async def results_pdf(client: JunctionClient | None, view: TransactionView) -> A
         raise FailedPrecondition(
             f"transaction {echo(view.id)} stands in for a legacy order, which has no order "
             "transaction at Junction and so no combined results",
-            reason="RESULTS_NOT_READY",
+            reason=Reason.RESULTS_NOT_READY,
         )
     with provider_errors():
         async with aclosing(

@@ -30,11 +30,17 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transaction_service.domain.state import ChangeKind
-from transaction_service.errors import OutOfRange, Unavailable
+from transaction_service.errors import OutOfRange, Reason, Unavailable
 from transaction_service.metrics import Metrics
-from transaction_service.store.base import ChangeRecord, Store, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeLog,
+    ChangeRecord,
+    TransactionReads,
+    TransactionSnapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +147,7 @@ class Compacted(OutOfRange):
                 f"{compacted_revision} have been compacted (the change log keeps "
                 "TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS). Read a newer revision."
             )
-        super().__init__(message, reason="REVISION_COMPACTED", metadata=metadata)
+        super().__init__(message, reason=Reason.REVISION_COMPACTED, metadata=metadata)
         self.compacted_revision = compacted_revision
         self.last_sent_revision = last_sent_revision
 
@@ -155,7 +161,7 @@ class RevisionInFuture(OutOfRange):
         super().__init__(
             f"{field} {start_revision} is ahead of the newest revision, {head_revision}: "
             "a revision comes from a message of this service; use one you received",
-            reason="REVISION_IN_FUTURE",
+            reason=Reason.REVISION_IN_FUTURE,
             metadata={"head_revision": str(head_revision)},
         )
 
@@ -166,7 +172,7 @@ class WatchClosed(Unavailable):
     def __init__(self, last_sent_revision: int) -> None:
         super().__init__(
             f"the server is shutting down; resume with start_revision={last_sent_revision}",
-            reason="SHUTTING_DOWN",
+            reason=Reason.SHUTTING_DOWN,
             metadata={"last_sent_revision": str(last_sent_revision)},
         )
         self.last_sent_revision = last_sent_revision
@@ -223,12 +229,16 @@ class Subscription:
         self.progress_due = False
 
 
+class WatchStore(ChangeLog, TransactionReads, Protocol):
+    """What the hub reads: the change log, and the current state of a transaction."""
+
+
 class ChangeHub:
     """Fans committed changes out to watchers; replays the change log for them."""
 
     def __init__(
         self,
-        store: Store,
+        store: WatchStore,
         *,
         queue_size: int = 1024,
         page_size: int = 500,
@@ -552,7 +562,7 @@ class ChangeFeed:
 
     def __init__(
         self,
-        store: Store,
+        store: ChangeLog,
         hub: ChangeHub,
         *,
         poll_seconds: float = 1.0,

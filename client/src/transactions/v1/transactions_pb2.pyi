@@ -320,6 +320,7 @@ class IngestEventRequest(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The delivery's message id: the `svix-id` (or `webhook-id`) header, e.g. "msg_2Z...". Svix keeps
     it across retries, so it is the deduplication key: an id seen before is never applied twice.
@@ -340,16 +341,25 @@ class IngestEventRequest(_message.Message):
         JSON), and so is a body nested deeper than 32 levels of objects and arrays.
         """
 
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestEventRequest]:
+        """Only in IngestEvents streams: several deliveries in one request, each with its own
+        `event_id` and body (and no `deliveries` of its own); at most 500. Set either these or the
+        request's own `event_id` and body. IngestEvent refuses a request that sets them
+        (INVALID_ARGUMENT): it answers one delivery.
+        """
+
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
         payload: _struct_pb2.Struct | None = ...,
         payload_json: _builtins.str = ...,
+        deliveries: _abc.Iterable[Global___IngestEventRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "payload", b"payload", "payload_json", b"payload_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "event_id", b"event_id", "payload", b"payload", "payload_json", b"payload_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "deliveries", b"deliveries", "event_id", b"event_id", "payload", b"payload", "payload_json", b"payload_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["payload", "payload_json"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -368,6 +378,7 @@ class IngestEventResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     outcome: Global___IngestOutcome.ValueType
     """What the event did."""
     revision: _builtins.int
@@ -388,6 +399,13 @@ class IngestEventResponse(_message.Message):
         which ends the call with the error's status instead.
         """
 
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestEventResponse]:
+        """Only in IngestEvents streams, in answer to a request with `deliveries`: one response per
+        delivery, in the order of the request's `deliveries`, each as for a request of that delivery
+        alone (with its own `error` if it was refused). The other fields are then unset.
+        """
+
     def __init__(
         self,
         *,
@@ -396,10 +414,11 @@ class IngestEventResponse(_message.Message):
         revision: _builtins.int = ...,
         event_id: _builtins.str = ...,
         error: Global___IngestError | None = ...,
+        results: _abc.Iterable[Global___IngestEventResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event_id", b"event_id", "outcome", b"outcome", "revision", b"revision", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event_id", b"event_id", "outcome", b"outcome", "results", b"results", "revision", b"revision", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -133,7 +133,8 @@ class TransactionServiceServicer:
         transaction block lists more than 50 orders (max_orders_per_transaction);
         or the merged transaction would hold more than max_orders_per_transaction
         orders or a state larger than max_view_bytes (1 MiB of JSON);
-        or the request is not a protobuf message this service can decode. Details
+        or the request is not a protobuf message this service can decode, or
+        sets `deliveries` (only IngestEvents takes several). Details
         carry a google.rpc.BadRequest naming each field at fault (and the limit,
         if one was exceeded). Input echoed in messages is quoted and cut short.
         Nothing is stored.
@@ -239,8 +240,8 @@ class TransactionServiceServicer:
         decode is refused the same way (INVALID_ARGUMENT).
 
         Flow control: the server reads at most a window of requests ahead of the responses it has
-        sent (`ingest_stream_window` requests, or `ingest_stream_window_bytes` of bodies, whichever
-        comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
+        sent (`ingest_stream_window` deliveries, or `ingest_stream_window_bytes` of bodies,
+        whichever comes first). While the window is full it stops reading, so HTTP/2 flow control makes the
         client's writes wait: a fast producer cannot make the server buffer without bound. A client
         that stops reading responses stops the stream the same way.
 
@@ -250,6 +251,17 @@ class TransactionServiceServicer:
         before were answered; send those without a response again (retries of an
         event id are harmless), on another replica or later.
         UNAUTHENTICATED / PERMISSION_DENIED  as for IngestEvent, before any request is read.
+
+        Several deliveries per request: a request may carry up to 500 deliveries in `deliveries`
+        (each an IngestEventRequest of one delivery) instead of one; its response then carries one
+        IngestEventResponse per delivery in `results`, in the same order, each exactly what the
+        delivery would have got alone (a refused delivery has its `error`; the others go on). Fewer,
+        larger messages cost the server and the network far less per delivery: a bulk loader should
+        send 50 to 500 deliveries per request. A request with deliveries counts as that many requests
+        of the window. Requests of one delivery and requests of several may be mixed in a stream.
+        A request the server cannot take whole (more than 500 deliveries, or `deliveries` together
+        with a body of its own) is answered with `error` (INVALID_ARGUMENT) and nothing of it is
+        stored.
 
         The messages are IngestEvent's on purpose, so a forwarder moves to the stream by changing the
         call alone (hence the lint exceptions below).

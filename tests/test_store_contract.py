@@ -1,0 +1,890 @@
+"""The store contract (`store/base.py`), role by role, against the in-memory, SQLite and
+PostgreSQL stores alike: each test runs on all three and expects the same answers.
+
+Plans are written by hand here (not by the planner), so each test says exactly what is stored and
+checks only what the store does with it: revisions, what a batch loads for its planner, reads and
+their head revision, the change log and its compaction, erasure, results markers, reconcile
+candidates and job locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import database
+from transaction_service.domain.state import (
+    ChangeKind,
+    Knowledge,
+    OrderView,
+    TransactionStatus,
+    TransactionView,
+    knowledge_to_json,
+    view_to_json,
+)
+from transaction_service.store.base import (
+    AppliedBatch,
+    BatchKeys,
+    BatchPlan,
+    BatchState,
+    ChangeWrite,
+    DuplicateWrite,
+    EventWrite,
+    ListFilter,
+    PendingResults,
+    PendingResultsWrite,
+    ResultsWrite,
+    Store,
+    StoreUnavailable,
+    TransactionWrite,
+)
+from transaction_service.store.memory import MemoryStore
+from transaction_service.store.postgres import PostgresStore
+from transaction_service.store.sqlite import SqliteStore
+
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+ACTIVE, COMPLETED, CANCELLED = (
+    TransactionStatus.ACTIVE,
+    TransactionStatus.COMPLETED,
+    TransactionStatus.CANCELLED,
+)
+NO_KEYS = BatchKeys(frozenset(), frozenset(), frozenset())
+# Generous: a deadline for a call that must answer, never a measure of speed.
+DEADLINE = 30
+
+
+@contextmanager
+def _database(kind: str, tmp_path: Path) -> Iterator[str]:
+    if kind == "memory":
+        yield ""
+    else:
+        with database(kind, tmp_path) as db:
+            yield db
+
+
+def _new_store(kind: str, db: str) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "postgres":
+        return PostgresStore(db, pool_size=4)
+    return SqliteStore(db, synchronous="NORMAL")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    with _database(request.param, tmp_path) as db:
+        opened = _new_store(request.param, db)
+        await opened.open()
+        try:
+            yield opened
+        finally:
+            await opened.close()
+
+
+# -- writing by hand ------------------------------------------------------------------------------
+
+
+def view(
+    txn_id: str,
+    *orders: str,
+    status: TransactionStatus = ACTIVE,
+    team_id: str = "",
+    user_id: str = "",
+    updated_at: datetime | None = None,
+) -> TransactionView:
+    return TransactionView(
+        id=txn_id,
+        status=status,
+        orders=[OrderView(id=o) for o in orders],
+        team_id=team_id,
+        user_id=user_id,
+        updated_at=updated_at,
+    )
+
+
+def digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class Plan:
+    """A hand-written batch: each `change` writes a transaction, its change and the event that
+    made it."""
+
+    def __init__(self, at: datetime = T0) -> None:
+        self.plan = BatchPlan()
+        self.at = at
+
+    def change(
+        self,
+        txn: TransactionView,
+        event_id: str,
+        *,
+        order_id: str | None = None,
+        kinds: tuple[ChangeKind, ...] = (ChangeKind.DETAILS_CHANGED,),
+        merged: tuple[tuple[str, frozenset[ChangeKind]], ...] = (),
+        recorded_at: datetime | None = None,
+        received_at: datetime | None = None,
+        body: bytes | None = None,
+    ) -> int:
+        index = len(self.plan.changes)
+        view_json = view_to_json(txn)
+        knowledge = Knowledge(id=txn.id)
+        self.plan.changes.append(
+            ChangeWrite(
+                transaction_id=txn.id,
+                event_id=event_id,
+                order_id=order_id,
+                kinds=kinds,
+                view=txn,
+                recorded_at=recorded_at or self.at,
+                merged=merged,
+                view_json=view_json,
+            )
+        )
+        self.plan.transactions[txn.id] = TransactionWrite(
+            knowledge=knowledge,
+            view=txn,
+            change=index,
+            revision=0,
+            knowledge_json=knowledge_to_json(knowledge),
+            view_json=view_json,
+        )
+        for order in txn.orders:
+            self.plan.order_index[order.id] = txn.id
+        self.event(event_id, order_id, txn.id, index, received_at=received_at, body=body)
+        return index
+
+    def event(
+        self,
+        event_id: str,
+        order_id: str | None,
+        txn_id: str | None,
+        change: int | None,
+        *,
+        received_at: datetime | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        body = body if body is not None else f'{{"id": "{event_id}"}}'.encode()
+        self.plan.events.append(
+            EventWrite(
+                event_id=event_id,
+                event_type="labtest.order.updated",
+                source="webhook",
+                body_format="json",
+                body=body,
+                digest=digest(body),
+                order_id=order_id,
+                transaction_id=txn_id,
+                outcome="applied" if change is not None else "duplicate",
+                change=change,
+                received_at=received_at or self.at,
+            )
+        )
+
+    def results(
+        self, txn_id: str, change: int, *, status: str = "final", at: datetime = T0
+    ) -> None:
+        body = f'{{"results": "{txn_id}"}}'.encode()
+        self.plan.results.append(
+            ResultsWrite(txn_id, status, digest(body), body, fetched_at=at, change=change)
+        )
+
+    def marker(
+        self,
+        txn_id: str,
+        *,
+        change: int | None = None,
+        requested_revision: int = 0,
+        due_at: datetime = T0,
+        attempts: int = 0,
+        last_failure: str = "",
+    ) -> None:
+        self.plan.results_pending[txn_id] = PendingResultsWrite(
+            transaction_id=txn_id,
+            change=change,
+            requested_revision=requested_revision,
+            requested_at=T0,
+            attempts=attempts,
+            due_at=due_at,
+            last_failure=last_failure,
+        )
+
+
+async def commit(
+    store: Store, plan: Plan, keys: BatchKeys = NO_KEYS
+) -> tuple[AppliedBatch, list[BatchState]]:
+    """Write the plan; the batch, and each state the store handed the planner."""
+    seen: list[BatchState] = []
+
+    def planner(state: BatchState) -> tuple[BatchPlan, None]:
+        seen.append(state)
+        return plan.plan, None
+
+    applied, _ = await store.write(keys, planner)
+    return applied, seen
+
+
+async def put(store: Store, *txns: TransactionView, at: datetime = T0) -> AppliedBatch:
+    """One batch changing each transaction once (event `e-<id>-<revision>`-like ids)."""
+    plan = Plan(at)
+    head = await store.head_revision()
+    for i, txn in enumerate(txns):
+        plan.change(
+            txn, f"e-{txn.id}-{head + i + 1}", order_id=txn.orders[0].id if txn.orders else None
+        )
+    applied, _ = await commit(store, plan)
+    return applied
+
+
+def keys(
+    events: tuple[str, ...] = (),
+    orders: tuple[str, ...] = (),
+    txns: tuple[str, ...] = (),
+    *,
+    replay: tuple[str, ...] = (),
+    results_of: tuple[str, ...] = (),
+) -> BatchKeys:
+    return BatchKeys(
+        frozenset(events),
+        frozenset(orders),
+        frozenset(txns) | frozenset(replay) | frozenset(results_of),
+        replay=frozenset(replay),
+        results_of=frozenset(results_of),
+    )
+
+
+def ids_of(found: list[Any]) -> list[str]:
+    return [s.view.id for s in found]
+
+
+# -- an empty store -------------------------------------------------------------------------------
+
+
+async def test_an_empty_store_answers_every_read_with_nothing_at_revision_zero(
+    store: Store,
+) -> None:
+    assert await store.get("t") == (None, 0)
+    assert await store.get_by_order("o") == (None, 0)
+    assert await store.list_transactions(ListFilter(), 0, 10) == ([], 0)
+    assert await store.get_many(["t"], ["o"]) == ({}, {}, 0)
+    assert await store.transaction_ids("", 10) == []
+    assert await store.count_transactions() == 0
+    assert await store.replay_events(["t"]) == {}
+    assert await store.head_revision() == 0
+    page = await store.changes_after(0, 10)
+    assert (page.changes, page.compacted_revision, page.head_revision) == ([], 0, 0)
+    assert await store.get_results("t") == (None, None)
+    assert await store.results_due(T0 + HOUR, 10) == []
+    assert await store.reconcile_candidates(T0, 10) == []
+    assert await store.trim_changes(T0 + HOUR) == 0
+    assert await store.erase_bodies(T0 + HOUR) == 0
+    assert await store.erase_results(T0 + HOUR) == 0
+    assert store.description
+    assert store.health.healthy
+
+
+# -- BatchWriter ----------------------------------------------------------------------------------
+
+
+async def test_revisions_are_contiguous_in_commit_order_and_a_batch_without_changes_takes_none(
+    store: Store,
+) -> None:
+    first = await put(store, view("t1", "o1"), view("t2", "o2"))
+    assert first.base_revision == 0
+    assert [c.revision for c in first.changes] == [1, 2]
+    assert [c.transaction_id for c in first.changes] == ["t1", "t2"]
+    assert first.revision_of(1) == 2
+    assert first.revision_of(None, otherwise=7) == 7
+
+    nothing, _ = await commit(store, Plan())
+    assert (nothing.base_revision, nothing.changes) == (0, [])
+    assert await store.head_revision() == 2
+
+    third = await put(store, view("t3"), view("t1", "o1", status=COMPLETED))
+    assert third.base_revision == 2
+    assert [c.revision for c in third.changes] == [3, 4]
+    assert await store.head_revision() == 4
+    t1, head = await store.get("t1")
+    assert t1 is not None
+    assert (t1.revision, t1.view.status, head) == (4, COMPLETED, 4)
+
+
+async def test_write_returns_the_planners_answer_and_a_failing_planner_writes_nothing(
+    store: Store,
+) -> None:
+    plan = Plan()
+    plan.change(view("t1", "o1"), "e1", order_id="o1")
+    applied, answer = await store.write(NO_KEYS, lambda state: (plan.plan, "the answer"))
+    assert (answer, applied.plan) == ("the answer", plan.plan)
+
+    class PlannerBug(Exception):
+        pass
+
+    def broken(state: BatchState) -> tuple[BatchPlan, None]:
+        raise PlannerBug
+
+    with pytest.raises(PlannerBug):
+        await store.write(keys(("e2",), ("o2",)), broken)
+    assert await store.head_revision() == 1
+    assert await store.count_transactions() == 1
+    assert store.health.healthy
+
+
+async def test_the_planner_sees_what_the_keys_name_as_stored(store: Store) -> None:
+    plan = Plan()
+    first = plan.change(view("t1", "o1", "o2"), "e1", order_id="o1")
+    plan.change(view("t2", "o3"), "e2", order_id="o3")
+    plan.event("e3", None, None, None)  # an event of no order
+    plan.results("t1", first)
+    plan.marker("t1", change=first, due_at=T0 + HOUR, attempts=2, last_failure="503")
+    await commit(store, plan)
+
+    # o2's transaction is loaded through the order index, though the keys do not name t1.
+    _, (state,) = await commit(
+        store,
+        Plan(),
+        keys(("e1", "e3", "e-unknown"), ("o2", "o-unknown"), ("t2", "t-unknown")),
+    )
+    assert set(state.events) == {"e1", "e3"}
+    e1 = state.events["e1"]
+    assert (e1.event_id, e1.order_id, e1.digest) == ("e1", "o1", digest(b'{"id": "e1"}'))
+    assert e1.current is not None
+    assert (e1.current.revision, e1.current.view) == (1, view("t1", "o1", "o2"))
+    assert (state.events["e3"].order_id, state.events["e3"].current) == (None, None)
+    assert state.order_index == {"o2": "t1"}
+    assert state.transaction_ids_needed() == {"t1"}
+    assert set(state.transactions) == {"t1", "t2"}
+    assert state.transactions["t2"].view == view("t2", "o3")
+    assert state.transactions["t2"].revision == 2
+    assert state.transactions["t2"].knowledge == Knowledge(id="t2")
+    # Nothing of replays and results unless asked for.
+    assert (state.replay_events, state.results_kept, state.results_pending) == ({}, {}, {})
+
+    _, (state,) = await commit(store, Plan(), keys(replay=("t1",), results_of=("t1", "t2")))
+    assert [e.event_id for e in state.replay_events["t1"]] == ["e1"]
+    assert list(state.replay_events) == ["t1"]
+    assert list(state.results_kept) == ["t1"]
+    assert state.results_pending == {
+        "t1": PendingResults("t1", 1, T0, attempts=2, due_at=T0 + HOUR, last_failure="503")
+    }
+
+
+async def test_knowledge_alone_keeps_the_revision_and_a_folded_stand_in_is_gone(
+    store: Store,
+) -> None:
+    await put(store, view("o9", "o9"), view("t1", "o1"))  # o9: a legacy order's stand-in
+    plan = Plan()
+    # Only the knowledge grew: no change, the revision stays.
+    knowledge = Knowledge(id="t1", legacy=False)
+    plan.plan.transactions["t1"] = TransactionWrite(
+        knowledge=knowledge,
+        view=view("t1", "o1"),
+        change=None,
+        revision=2,
+        knowledge_json=knowledge_to_json(knowledge),
+        view_json=view_to_json(view("t1", "o1")),
+    )
+    plan.plan.deleted.add("o9")
+    plan.change(
+        view("t2", "o2", "o9"),
+        "e-fold",
+        order_id="o9",
+        kinds=(ChangeKind.LEGACY_MERGED,),
+        merged=(("o9", frozenset({ChangeKind.TRANSACTION_CREATED})),),
+    )
+    applied, _ = await commit(store, plan)
+    assert [c.revision for c in applied.changes] == [3]
+    assert (await store.get("o9"))[0] is None
+    by_order, head = await store.get_by_order("o9")
+    assert by_order is not None
+    assert (by_order.view.id, by_order.revision, head) == ("t2", 3, 3)
+    t1, _ = await store.get("t1")
+    assert t1 is not None
+    assert t1.revision == 2
+    assert await store.transaction_ids("", 10) == ["t1", "t2"]
+
+
+# -- TransactionReads -----------------------------------------------------------------------------
+
+
+async def test_reads_find_by_id_and_order_with_the_head_revision_of_their_snapshot(
+    store: Store,
+) -> None:
+    await put(store, view("t1", "o1", "o2"), view("t2", "o3"))
+    await put(store, view("t3", "o4"))
+    t1, head = await store.get("t1")
+    assert t1 is not None
+    assert (t1.revision, t1.view, head) == (1, view("t1", "o1", "o2"), 3)
+    by_order, head = await store.get_by_order("o2")
+    assert (by_order, head) == (t1, 3)
+    assert await store.get("o1") == (None, 3)
+    assert await store.get_by_order("t1") == (None, 3)
+
+    by_id, by_order_ids, head = await store.get_many(["t1", "t3", "t1", "nope"], ["o3", "o1", "x"])
+    assert head == 3
+    assert {k: (s.view.id, s.revision) for k, s in by_id.items()} == {
+        "t1": ("t1", 1),
+        "t3": ("t3", 3),
+    }
+    assert {k: (s.view.id, s.revision) for k, s in by_order_ids.items()} == {
+        "o3": ("t2", 2),
+        "o1": ("t1", 1),
+    }
+    assert await store.get_many([], []) == ({}, {}, 3)
+
+
+async def test_list_filters_pages_by_revision_and_reports_the_head(store: Store) -> None:
+    await put(
+        store,
+        view("t1", status=ACTIVE, team_id="a", user_id="u", updated_at=T0),
+        view("t2", status=COMPLETED, team_id="a", user_id="v", updated_at=T0 + HOUR),
+        view("t3", status=ACTIVE, team_id="b", user_id="u"),
+        view("t4", status=CANCELLED, team_id="b", user_id="v", updated_at=T0 - HOUR),
+    )
+
+    async def listed(where: ListFilter, after: int = 0, limit: int = 10) -> list[str]:
+        found, head = await store.list_transactions(where, after, limit)
+        assert head == await store.head_revision()
+        assert [s.revision for s in found] == sorted(s.revision for s in found)
+        return ids_of(found)
+
+    assert await listed(ListFilter()) == ["t1", "t2", "t3", "t4"]
+    assert await listed(ListFilter(status=ACTIVE)) == ["t1", "t3"]
+    assert await listed(ListFilter(team_id="a")) == ["t1", "t2"]
+    assert await listed(ListFilter(user_id="u")) == ["t1", "t3"]
+    # A transaction with no provider time is not "updated since" any time.
+    assert await listed(ListFilter(updated_since=T0)) == ["t1", "t2"]
+    assert await listed(ListFilter(status=ACTIVE, team_id="b", user_id="u")) == ["t3"]
+    assert await listed(ListFilter(team_id="nobody")) == []
+    assert await listed(ListFilter(), limit=2) == ["t1", "t2"]
+    assert await listed(ListFilter(), after=2, limit=2) == ["t3", "t4"]
+    assert await listed(ListFilter(status=CANCELLED), after=3) == ["t4"]
+
+    # A change moves a transaction to the end: paging by revision sees it again.
+    await put(store, view("t1", status=ACTIVE, team_id="a", user_id="u", updated_at=T0 + MINUTE))
+    assert await listed(ListFilter(), after=4) == ["t1"]
+    assert await listed(ListFilter(status=ACTIVE)) == ["t3", "t1"]
+
+
+async def test_transaction_ids_walk_every_transaction_in_id_order(store: Store) -> None:
+    await put(store, view("t3"), view("t1"), view("t2"))
+    await put(store, view("t0"))
+    assert await store.count_transactions() == 4
+    assert await store.transaction_ids("", 3) == ["t0", "t1", "t2"]
+    assert await store.transaction_ids("t2", 3) == ["t3"]
+    assert await store.transaction_ids("t1x", 1) == ["t2"]
+    assert await store.transaction_ids("t3", 3) == []
+
+
+async def test_replay_events_are_each_transactions_events_oldest_first(store: Store) -> None:
+    plan = Plan()
+    plan.change(view("t1", "o1", "o2"), "e1", order_id="o1", body=b'{"n": 1}')
+    plan.change(view("t2", "o3"), "e2", order_id="o3")
+    await commit(store, plan)
+    later = Plan(T0 + HOUR)
+    later.change(view("t1", "o1", "o2"), "e3", order_id="o2", body=b'{"n": 3}')
+    later.event("e4", "o1", "t1", None, body=b'{"n": 4}')  # a duplicate: stored, no change
+    await commit(store, later)
+
+    found = await store.replay_events(["t1", "t-unknown"])
+    assert list(found) == ["t1"]
+    assert [(e.event_id, e.order_id, e.body) for e in found["t1"]] == [
+        ("e1", "o1", b'{"n": 1}'),
+        ("e3", "o2", b'{"n": 3}'),
+        ("e4", "o1", b'{"n": 4}'),
+    ]
+    first = found["t1"][0]
+    assert (first.event_type, first.source, first.body_format, first.digest) == (
+        "labtest.order.updated",
+        "webhook",
+        "json",
+        digest(b'{"n": 1}'),
+    )
+    assert set(await store.replay_events(["t1", "t2"])) == {"t1", "t2"}
+
+
+# -- ChangeLog ------------------------------------------------------------------------------------
+
+
+async def test_the_change_log_pages_and_filters_and_keeps_every_field(store: Store) -> None:
+    plan = Plan()
+    merged = (("o9", frozenset({ChangeKind.TRANSACTION_CREATED, ChangeKind.ORDER_ADDED})),)
+    plan.change(
+        view("t1", "o1", status=COMPLETED, updated_at=T0),
+        "e1",
+        order_id="o1",
+        kinds=(ChangeKind.TRANSACTION_COMPLETED, ChangeKind.ORDER_STATUS_CHANGED),
+        merged=merged,
+        recorded_at=T0 + MINUTE,
+    )
+    plan.change(view("t2"), "e2")
+    await commit(store, plan)
+    await put(store, view("t1", "o1"), view("t3"))
+
+    page = await store.changes_after(0, 10)
+    assert (page.compacted_revision, page.head_revision) == (0, 4)
+    assert [(c.revision, c.transaction_id) for c in page.changes] == [
+        (1, "t1"),
+        (2, "t2"),
+        (3, "t1"),
+        (4, "t3"),
+    ]
+    first = page.changes[0]
+    assert (first.event_id, first.order_id, first.recorded_at) == ("e1", "o1", T0 + MINUTE)
+    assert first.kinds == (ChangeKind.TRANSACTION_COMPLETED, ChangeKind.ORDER_STATUS_CHANGED)
+    assert first.merged == merged
+    assert first.view == view("t1", "o1", status=COMPLETED, updated_at=T0)
+    assert (page.changes[1].order_id, page.changes[1].merged) == (None, ())
+
+    assert [c.revision for c in (await store.changes_after(1, 2)).changes] == [2, 3]
+    assert [c.revision for c in (await store.changes_after(0, 10, ["t1"])).changes] == [1, 3]
+    assert [c.revision for c in (await store.changes_after(1, 10, ["t1", "t3"])).changes] == [3, 4]
+    assert [c.revision for c in (await store.changes_after(0, 1, ["t3"])).changes] == [4]
+    end = await store.changes_after(4, 10)
+    assert (end.changes, end.head_revision) == ([], 4)
+    assert await store.head_revision() == 4
+
+
+async def test_changes_through_a_revision_come_newest_first_for_the_ids_asked(
+    store: Store,
+) -> None:
+    await put(store, view("t1"), view("t2"))
+    await put(store, view("t1"), view("t3"))
+    page = await store.changes_through(3, 10, ["t1", "t3"])
+    assert [(c.revision, c.transaction_id) for c in page.changes] == [(3, "t1"), (1, "t1")]
+    assert (page.compacted_revision, page.head_revision) == (0, 4)
+    assert [c.revision for c in (await store.changes_through(4, 1, ["t1", "t3"])).changes] == [4]
+    assert (await store.changes_through(0, 10, ["t1"])).changes == []
+    await store.trim_changes(T0 + HOUR)
+    assert (await store.changes_through(4, 10, ["t1"])).compacted_revision == 4
+
+
+# -- DeliveryHistory ------------------------------------------------------------------------------
+
+
+async def test_a_transactions_history_is_its_orders_events_and_its_own_rows_in_arrival_order(
+    store: Store,
+) -> None:
+    """Events of the transaction's orders (whichever transaction they were recorded under), the
+    rows the service recorded for it, retries counted on their event, each with its change's
+    kinds and diff while the log keeps it; bodies only when asked, and erased ones flagged."""
+    plan = Plan()
+    # o2 first stood in a transaction of its own (a legacy stand-in), then joined t1.
+    plan.change(view("o2", "o2"), "e1", order_id="o2", body=b'{"b": 1}')
+    plan.change(view("t9", "o9"), "e2", order_id="o9")
+    plan.change(view("t1", "o1", "o2"), "e3", order_id="o1")
+    plan.event("e4", "o1", "t1", None)  # stale: no change
+    plan.plan.events[-1] = dataclasses.replace(
+        plan.plan.events[-1],
+        outcome="stale",
+        reason="older than order o1's `completed`",
+        claimed_status="received.walk_in_test.ordered",
+        claimed_transaction_status="active",
+        provider_time=T0 - HOUR,
+    )
+    await commit(store, plan)
+    retries = Plan(T0 + MINUTE)
+    retries.plan.duplicates["e4"] = DuplicateWrite("e4", 2, T0 + MINUTE)
+    retries.plan.history.append(
+        EventWrite(
+            event_id="results:t1",
+            event_type="results.fetched",
+            source="results",
+            body_format="json",
+            body=None,
+            digest="d",
+            order_id=None,
+            transaction_id="t1",
+            outcome="stale",
+            change=None,
+            received_at=T0 + MINUTE,
+            reason="the same combined results",
+        )
+    )
+    await commit(store, retries)
+    again = Plan(T0 + 2 * MINUTE)
+    again.plan.history.append(dataclasses.replace(retries.plan.history[0], received_at=T0))
+    await commit(store, again)  # the same row again: counted on it
+
+    found = await store.transaction_events("t1", 0, 10, bodies=False)
+    assert [(e.event_id, e.order_id, e.revision, e.duplicates) for e in found] == [
+        ("e1", "o2", 1, 0),
+        ("e3", "o1", 3, 0),
+        ("e4", "o1", None, 2),
+        ("results:t1", None, None, 1),
+    ]
+    assert [e.seq for e in found] == sorted(e.seq for e in found)
+    stale = found[2]
+    assert (
+        stale.outcome,
+        stale.reason,
+        stale.claimed_status,
+        stale.claimed_transaction_status,
+    ) == (
+        "stale",
+        "older than order o1's `completed`",
+        "received.walk_in_test.ordered",
+        "active",
+    )
+    assert (stale.provider_time, stale.last_duplicate_at) == (T0 - HOUR, T0 + MINUTE)
+    assert (stale.kinds, stale.diff) == (None, None)
+    assert found[0].kinds == (ChangeKind.DETAILS_CHANGED,)
+    assert found[3].last_duplicate_at == T0
+    assert all(e.body is None for e in found)
+    assert not any(e.body_erased for e in found)
+
+    after_first = await store.transaction_events("t1", found[0].seq, 2, bodies=True)
+    assert [e.event_id for e in after_first] == ["e3", "e4"]
+    assert after_first[0].body == b'{"id": "e3"}'
+    await store.erase_bodies(T0 + HOUR)
+    await store.trim_changes(T0 + HOUR)
+    kept = await store.transaction_events("t1", 0, 10, bodies=True)
+    assert [e.event_id for e in kept] == [e.event_id for e in found]
+    assert [e.body_erased for e in kept] == [True, True, True, False]
+    assert all(e.body is None and e.kinds is None for e in kept)
+    assert await store.transaction_events("t2", 0, 10, bodies=False) == []
+
+
+async def test_trimming_compacts_the_oldest_changes_and_keeps_the_log_contiguous(
+    store: Store,
+) -> None:
+    plan = Plan()
+    plan.change(view("t1"), "e1", recorded_at=T0)
+    plan.change(view("t2"), "e2", recorded_at=T0 + HOUR)
+    # The clock stepped back: a later revision recorded earlier.
+    plan.change(view("t3"), "e3", recorded_at=T0 - HOUR)
+    plan.change(view("t4"), "e4", recorded_at=T0 + 2 * HOUR)
+    await commit(store, plan)
+
+    # Through the newest revision recorded before the cutoff, and everything below it.
+    assert await store.trim_changes(T0 + 30 * MINUTE) == 3
+    page = await store.changes_after(0, 10)
+    assert ([c.revision for c in page.changes], page.compacted_revision) == ([4], 3)
+    assert await store.trim_changes(T0) == 3  # nothing older is left
+    assert (await store.changes_after(0, 10)).compacted_revision == 3
+
+    assert await store.trim_changes(T0 + 3 * HOUR) == 4
+    page = await store.changes_after(0, 10)
+    assert (page.changes, page.compacted_revision, page.head_revision) == ([], 4, 4)
+    # The transactions themselves stay.
+    assert await store.count_transactions() == 4
+
+    await put(store, view("t5"), at=T0 + 4 * HOUR)
+    page = await store.changes_after(0, 10)
+    assert ([c.revision for c in page.changes], page.compacted_revision) == ([5], 4)
+
+
+async def test_change_notifications_come_from_a_shared_log_only(store: Store) -> None:
+    notifications = store.change_notifications()
+    try:
+        if store.shared:
+            # Once on (re)connecting, as anything may have been missed before, then per commit.
+            async with asyncio.timeout(DEADLINE):
+                await anext(notifications)
+            await put(store, view("t1"))
+            async with asyncio.timeout(DEADLINE):
+                await anext(notifications)
+        else:
+            # One process commits everything: it publishes its own commits, nothing to hear.
+            waiting = asyncio.ensure_future(anext(notifications))
+            await put(store, view("t1"))
+            done, _ = await asyncio.wait([waiting], timeout=0.3)
+            assert not done
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+    finally:
+        await notifications.aclose()
+
+
+# -- Housekeeping: erasure ------------------------------------------------------------------------
+
+
+async def test_erasing_bodies_keeps_what_dedupe_and_audit_need(store: Store) -> None:
+    plan = Plan()
+    plan.change(view("t1", "o1"), "e1", order_id="o1", received_at=T0, body=b'{"old": 1}')
+    plan.change(view("t1", "o1"), "e2", order_id="o1", received_at=T0 + 2 * HOUR)
+    await commit(store, plan)
+
+    assert await store.erase_bodies(T0 + HOUR) == 1
+    assert await store.erase_bodies(T0 + HOUR) == 0
+    events = (await store.replay_events(["t1"]))["t1"]
+    assert [(e.event_id, e.body is None, e.digest) for e in events] == [
+        ("e1", True, digest(b'{"old": 1}')),
+        ("e2", False, digest(b'{"id": "e2"}')),
+    ]
+    _, (state,) = await commit(store, Plan(), keys(("e1",)))
+    assert state.events["e1"].digest == digest(b'{"old": 1}')
+    assert await store.erase_bodies(T0 + 3 * HOUR) == 1
+
+
+async def test_erasing_results_keeps_their_status_digest_time_and_revision(store: Store) -> None:
+    plan = Plan()
+    plan.results("t1", plan.change(view("t1"), "e1"), at=T0)
+    plan.results("t2", plan.change(view("t2"), "e2"), status="partial", at=T0 + 2 * HOUR)
+    await commit(store, plan)
+
+    assert await store.erase_results(T0 + HOUR) == 1
+    assert await store.erase_results(T0 + HOUR) == 0
+    erased, _ = await store.get_results("t1")
+    assert erased is not None
+    assert (erased.status, erased.body, erased.fetched_at, erased.revision) == (
+        "final",
+        None,
+        T0,
+        1,
+    )
+    assert erased.digest == digest(b'{"results": "t1"}')
+    kept, _ = await store.get_results("t2")
+    assert kept is not None
+    assert (kept.status, kept.body, kept.revision) == ("partial", b'{"results": "t2"}', 2)
+    # A batch sees only results whose body is kept.
+    _, (state,) = await commit(store, Plan(), keys(results_of=("t1", "t2")))
+    assert state.results_kept == {"t2": digest(b'{"results": "t2"}')}
+
+
+# -- Results --------------------------------------------------------------------------------------
+
+
+async def test_results_markers_are_written_due_in_order_and_cleared(store: Store) -> None:
+    plan = Plan()
+    first = plan.change(view("t1"), "e1")
+    plan.marker("t1", change=first, due_at=T0 + MINUTE)
+    plan.marker("t2", requested_revision=7, due_at=T0 - HOUR, attempts=3, last_failure="timeout")
+    plan.marker("t3", requested_revision=8, due_at=T0 + HOUR)
+    await commit(store, plan)
+
+    assert await store.get_results("t1") == (
+        None,
+        PendingResults("t1", 1, T0, attempts=0, due_at=T0 + MINUTE, last_failure=""),
+    )
+    due = await store.results_due(T0 + 2 * MINUTE, 10)
+    assert [(p.transaction_id, p.requested_revision) for p in due] == [("t2", 7), ("t1", 1)]
+    assert due[0] == PendingResults("t2", 7, T0, 3, T0 - HOUR, "timeout")
+    assert [p.transaction_id for p in await store.results_due(T0 + 2 * MINUTE, 1)] == ["t2"]
+    assert await store.results_due(T0 - 2 * HOUR, 10) == []
+
+    # Fetched: results stored with their change, the marker cleared; another marker replaced.
+    done = Plan()
+    done.results("t1", done.change(view("t1"), "e-results", kinds=(ChangeKind.RESULTS_READY,)))
+    done.plan.results_done.add("t1")
+    done.marker("t2", requested_revision=7, due_at=T0 + HOUR, attempts=4, last_failure="503")
+    await commit(store, done)
+    results, marker = await store.get_results("t1")
+    assert marker is None
+    assert results is not None
+    assert (results.transaction_id, results.status, results.revision) == ("t1", "final", 2)
+    assert results.body == b'{"results": "t1"}'
+    assert results.fetched_at == T0
+    assert [p.transaction_id for p in await store.results_due(T0 + 2 * MINUTE, 10)] == []
+    assert await store.get_results("t2") == (None, PendingResults("t2", 7, T0, 4, T0 + HOUR, "503"))
+
+
+# -- ReconcileChecks ------------------------------------------------------------------------------
+
+
+async def test_reconcile_candidates_are_silent_active_transactions_longest_silent_first(
+    store: Store,
+) -> None:
+    await put(
+        store,
+        view("t-c", updated_at=T0 - 2 * HOUR),
+        view("t-f"),
+        view("t-b", updated_at=T0 - 3 * HOUR),
+        view("t-d", status=COMPLETED, updated_at=T0 - 5 * HOUR),
+        view("t-e", updated_at=T0 + HOUR),
+        view("t-a"),
+    )
+    # No provider time first (by id), then the oldest; never a finished or recent one.
+    assert await store.reconcile_candidates(T0, 10) == ["t-a", "t-f", "t-b", "t-c"]
+    assert await store.reconcile_candidates(T0, 2) == ["t-a", "t-f"]
+
+    await store.record_reconcile_checks(["t-a", "t-b"], T0 + MINUTE)
+    await store.record_reconcile_checks([], T0)
+    assert await store.reconcile_candidates(T0, 10) == ["t-f", "t-c"]
+    # A check before the silence period does not count.
+    assert await store.reconcile_candidates(T0 + 2 * MINUTE, 10) == ["t-a", "t-f", "t-b", "t-c"]
+    await store.record_reconcile_checks(["t-a"], T0 + 5 * MINUTE)
+    assert await store.reconcile_candidates(T0 + 2 * MINUTE, 10) == ["t-f", "t-b", "t-c"]
+
+
+# -- Jobs -----------------------------------------------------------------------------------------
+
+
+async def test_a_job_lock_has_one_holder_at_a_time_where_others_may_write(store: Store) -> None:
+    async with store.exclusive("job") as first:
+        assert first
+        async with store.exclusive("job") as second:
+            # A store with a single writer process is the only runner there is.
+            assert second is (not store.shared)
+        async with store.exclusive("another job") as other:
+            assert other
+    async with store.exclusive("job") as again:
+        assert again
+
+
+# -- StoreLifecycle -------------------------------------------------------------------------------
+
+
+async def test_probing_a_healthy_store_keeps_it_healthy_and_writes_nothing(store: Store) -> None:
+    await put(store, view("t1"))
+    await store.probe()
+    assert store.health.healthy
+    assert await store.head_revision() == 1
+    assert (await store.changes_after(0, 10)).head_revision == 1
+
+
+CALLS: dict[str, Callable[[Store], Awaitable[Any]]] = {
+    "write": lambda s: s.write(NO_KEYS, lambda state: (BatchPlan(), None)),
+    "get": lambda s: s.get("t"),
+    "get_by_order": lambda s: s.get_by_order("o"),
+    "list_transactions": lambda s: s.list_transactions(ListFilter(), 0, 10),
+    "get_many": lambda s: s.get_many(["t"], ["o"]),
+    "transaction_ids": lambda s: s.transaction_ids("", 10),
+    "count_transactions": lambda s: s.count_transactions(),
+    "replay_events": lambda s: s.replay_events(["t"]),
+    "head_revision": lambda s: s.head_revision(),
+    "changes_after": lambda s: s.changes_after(0, 10),
+    "changes_through": lambda s: s.changes_through(10, 10, ["t"]),
+    "transaction_events": lambda s: s.transaction_events("t", 0, 10, bodies=False),
+    "get_results": lambda s: s.get_results("t"),
+    "results_due": lambda s: s.results_due(T0, 10),
+    "reconcile_candidates": lambda s: s.reconcile_candidates(T0, 10),
+    "record_reconcile_checks": lambda s: s.record_reconcile_checks(["t"], T0),
+    "trim_changes": lambda s: s.trim_changes(T0),
+    "erase_bodies": lambda s: s.erase_bodies(T0),
+    "erase_results": lambda s: s.erase_results(T0),
+}
+
+
+async def _take_job(store: Store) -> None:
+    async with store.exclusive("job"):
+        pass
+
+
+async def _refused(store: Store, call: Callable[[Store], Awaitable[Any]]) -> bool:
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await call(store)
+    except StoreUnavailable:
+        return True
+    return False
+
+
+async def test_a_closed_store_refuses_every_call_as_unavailable(store: Store) -> None:
+    await put(store, view("t1"))
+    await store.close()
+    calls = [*CALLS.items(), ("exclusive", _take_job)]
+    assert [name for name, call in calls if not await _refused(store, call)] == []
+    # Probing never raises; it only tells `health`.
+    await store.probe()
