@@ -34,3 +34,34 @@ def test_bench_smoke_run_prints_the_table_and_writes_json(tmp_path: Path) -> Non
     # Correctness is checked even in the smallest run: no watcher missed a change.
     assert results["fanout"]["missed"] == 0
     assert results["fanout_many_feeds"]["missed"] == 0
+
+
+def test_outcomes_bench_runs_against_another_version(tmp_path: Path) -> None:
+    """bench/outcomes.py, at its smallest, against this very tree (as DIR): every figure is
+    printed with a ratio."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "outcomes.py"),
+            "--against",
+            str(ROOT),
+            "--rounds",
+            "1",
+            "--events",
+            "20",
+            "--alone",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert set(figures) == {
+        f"{outcome}_{unit}"
+        for outcome in ("applied", "duplicate", "stale")
+        for unit in ("per_s", "cpu_us")
+    } | {"applied_alone_p50_ms", "duplicate_alone_p50_ms"}
+    assert all(f["ratio"] > 0 for f in figures.values())

@@ -191,13 +191,23 @@ async def test_calls_are_typed_and_errors_say_what_is_wrong(server: Server) -> N
         assert [v.field for v in invalid.value.field_violations] == ["payload_json"]
         with pytest.raises(ValueError, match="exactly one"):
             await client.get_transaction()
+        history = client.list_transaction_events(order_id=order_id, page_size=2)
+        events = [e async for e in history]
+        assert [e.event_id for e in events] == [d["svix_id"] for d in run["deliveries"]]
+        assert history.transaction_id == run["expect"]["transaction_id"]
+        first = next(e for e in events if e.revision)
+        then = await client.get_transaction(order_id=order_id, revision=first.revision)
+        assert then.transaction.revision == first.revision
 
     with sync_client.TransactionClient(server.address) as blocking:
         assert blocking.get_transaction(order_id=order_id).transaction == got.transaction
         assert {t.id for t in blocking.list_transactions(page_size=1)} == set(listed)
-        first = next(iter(blocking.watch_transactions(start_revision=0)))
-        assert isinstance(first, pb.TransactionChange)
-        assert first.revision == 1
+        change = next(iter(blocking.watch_transactions(start_revision=0)))
+        assert isinstance(change, pb.TransactionChange)
+        assert change.revision == 1
+        assert list(blocking.list_transaction_events(order_id=order_id, page_size=2)) == events
+        at = blocking.get_transaction(order_id=order_id, revision=first.revision)
+        assert at.transaction == then.transaction
 
 
 async def test_the_token_comes_from_the_environment(tmp_path: Path, monkeypatch: Any) -> None:
@@ -528,11 +538,11 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     return output
 
 
-@pytest.mark.parametrize("command", ["health", "watch", "reconcile"])
+@pytest.mark.parametrize("command", ["health", "watch", "reconcile", "history"])
 def test_setup_mistakes_are_one_line_with_a_hint(tmp_path: Path, pki: Path, command: str) -> None:
     """A wrong port, plaintext against TLS, and TLS against plaintext: one line each, saying
     what to check."""
-    extra = ["--order-id", "o"] if command == "reconcile" else []
+    extra = {"reconcile": ["--order-id", "o"], "history": ["o"]}.get(command, [])
     wrong_port = one_line(cli(command, "--address", "localhost:1", *extra))
     assert "nothing accepts connections at localhost:1" in wrong_port
     tls = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))

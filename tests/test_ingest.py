@@ -117,6 +117,28 @@ async def test_a_resend_under_a_new_id_is_stale_and_recorded(harness: Harness) -
     ]
 
 
+async def test_retries_are_counted_on_their_delivery_even_within_its_commit(
+    harness: Harness,
+) -> None:
+    """A delivery and two retries sent together (one commit): one row, the retries counted on
+    it with the time; a later retry counts on; the answers are unchanged (DUPLICATE)."""
+    d = with_fresh_ids(SCENARIOS[0])["deliveries"][0]
+    results = await asyncio.gather(*(harness.send(d["svix_id"], d["body"]) for _ in range(3)))
+    assert sorted(r.outcome for r in results) == [
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+        Outcome.DUPLICATE,
+    ]
+    (row,) = harness.rows("events")
+    assert row["duplicates"] == 2
+    assert row["last_duplicate_at"] is not None
+    again = await harness.send(d["svix_id"], d["body"], raw=True)
+    assert again.outcome == Outcome.DUPLICATE
+    assert again.transaction == results[0].transaction
+    (row,) = harness.rows("events")
+    assert row["duplicates"] == 3
+
+
 async def test_an_old_update_arriving_late_is_stale(harness: Harness) -> None:
     s = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
     newest, middle = s["deliveries"][2], s["deliveries"][1]

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
-from transaction_service.domain.state import ChangeKind
+from transaction_service.domain.diff import diff_to_json, diff_views
+from transaction_service.domain.state import ChangeKind, TransactionView
 from transaction_service.errors import ServiceError
 from transaction_service.store.memory import MemoryStore
 from transaction_service.usecases.ingest import decode_delivery
@@ -73,14 +74,14 @@ def test_any_grouping_into_batches_gives_the_same_state_and_outcomes(data: st.Da
     cuts = data.draw(st.lists(st.integers(0, len(order)), max_size=6), label="cuts")
     deliveries = [delivery(event_id, body) for event_id, body in order]
 
-    async def run() -> tuple[MemoryStore, list[IngestResult | ServiceError]]:
+    async def run(cuts: list[int]) -> tuple[MemoryStore, list[IngestResult | ServiceError]]:
         store = MemoryStore()
         results: list[IngestResult | ServiceError] = []
         for batch in split(deliveries, cuts):
             results += await commit(store, batch)
         return store, results
 
-    store, results = asyncio.run(run())
+    store, results = asyncio.run(run(cuts))
     seen: set[str] = set()
     for d, result in zip(deliveries, results, strict=True):
         assert isinstance(result, IngestResult), result
@@ -95,6 +96,31 @@ def test_any_grouping_into_batches_gives_the_same_state_and_outcomes(data: st.Da
     for txn_id, stored in store.transactions.items():
         last = [c for c in store.changes if c.transaction_id == txn_id][-1]
         assert (last.revision, last.view) == (stored.revision, stored.view)
+    # Each change's diff is the difference from its transaction's change before it.
+    before: dict[str, TransactionView] = {}
+    for change in store.changes:
+        expected = diff_views(before.get(change.transaction_id), change.view)
+        assert change.diff is not None
+        assert diff_to_json(change.diff) == diff_to_json(expected)
+        before[change.transaction_id] = change.view
+    # The history (outcomes, reasons, claims, retries) does not depend on the grouping either:
+    # each delivery is explained by what was known just before it, as if it came alone.
+    alone, _ = asyncio.run(run(list(range(len(deliveries) + 1))))
+    assert history_of(store) == history_of(alone)
+
+
+def history_of(store: MemoryStore) -> list[tuple[Any, ...]]:
+    return [
+        (
+            e.event_id,
+            e.outcome,
+            e.reason,
+            e.claimed_status,
+            e.change,
+            store.duplicates.get(e.event_id, (0,))[0],
+        )
+        for e in store.event_writes.values()
+    ]
 
 
 def test_a_legacy_fold_does_not_repeat_once_kinds_for_the_standins_order() -> None:

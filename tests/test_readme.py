@@ -1,4 +1,5 @@
-"""The documentation's settings table and its commands (curl, TLS, tokens, operations, bulk), and
+"""The documentation's settings table and its commands (curl, TLS, tokens, operations, bulk,
+history), and
 the Dockerfile's health check, run as written against real server processes. (The README's
 grpcurl tour is run in test_server_process.py.)"""
 
@@ -176,3 +177,38 @@ def test_readme_bulk_examples_work_as_written(tmp_path: Path) -> None:
             assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
     assert result.stdout.count('"found": true') == 1, result.stdout
     assert "654d24d7-3252-5d9c-ac4c-723a3def2ebf" in result.stdout
+
+
+def test_history_examples_work_as_written(tmp_path: Path) -> None:
+    """The history section's deliveries and questions, as written, against a server: the late
+    webhook is STALE with its reason, the retry counted on it, the re-send STALE; the as-of
+    read finds revision 1; the command prints the timeline and JSON lines."""
+    deliver, ask = sh_blocks("history.md", "## Try it")
+    with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db") as server:
+        for command in commands(deliver):
+            result = run_bash(for_server(command, server))
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        outputs = []
+        for command in commands(ask):
+            if command.startswith(".venv/bin/transaction-service"):
+                command += f" --address {server.address}"
+            result = run_bash(for_server(command, server))
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+            outputs.append(result.stdout)
+    events = json.loads(outputs[0])["events"]
+    assert [e["outcome"] for e in events] == [
+        "INGEST_OUTCOME_APPLIED",
+        "INGEST_OUTCOME_STALE",
+        "INGEST_OUTCOME_STALE",
+    ]
+    assert events[1]["reason"] == (
+        "older than order 654d24d7…'s `completed` at 2026-03-12T09:00:00Z"
+    )
+    assert events[1]["duplicateCount"] == "1"
+    assert events[2]["reason"].startswith("a re-send: the same body was taken in before")
+    assert json.loads(outputs[1])["transaction"]["revision"] == "1"
+    timeline = outputs[2]
+    assert "why: older than order 654d24d7…'s `completed` at 2026-03-12T09:00:00Z" in timeline
+    assert "delivered again 1 time (DUPLICATE)" in timeline
+    lines = [json.loads(line) for line in outputs[3].splitlines()]
+    assert [line["event_id"] for line in lines] == [e["eventId"] for e in events]

@@ -209,6 +209,24 @@ async def test_rebuild_writes_ordinary_changes_that_watchers_see(
         kept, _ = await store.get(erased["expect"]["transaction_id"])
         assert kept is not None
         assert kept.view == (await old_rule_state(erased["deliveries"])).view
+        # The rebuild is an entry of the transaction's history, after its deliveries, saying
+        # what it changed; the one it could not re-derive has none.
+        *deliveries, rebuilt = await store.transaction_events(
+            change.transaction_id, 0, 100, bodies=False
+        )
+        assert [e.source for e in deliveries] == ["grpc"] * len(fixed["deliveries"])
+        assert (rebuilt.source, rebuilt.outcome) == ("rebuild", "applied")
+        assert rebuilt.revision == change.revision
+        assert rebuilt.event_id == f"{change.event_id}:{change.transaction_id}"
+        assert rebuilt.reason.startswith("re-derived from its stored events by a rebuild: ")
+        assert "transaction ACTIVE → COMPLETED" in rebuilt.reason
+        assert rebuilt.kinds == change.kinds
+        assert rebuilt.diff == change.diff
+        assert not rebuilt.body_erased
+        untouched = await store.transaction_events(
+            erased["expect"]["transaction_id"], 0, 100, bodies=False
+        )
+        assert {e.source for e in untouched} == {"grpc"}
 
         # Resuming from before the rebuild: the change comes as any other.
         hub = ChangeHub(store)

@@ -407,6 +407,48 @@ async def test_completion_fetches_results_once_and_reports_results_ready(
     assert len(fake_junction.requests_to("transaction_result")) == 1
 
 
+async def test_reconciles_and_results_fetches_are_in_the_transactions_history(
+    start: Services, fake_junction: FakeJunction
+) -> None:
+    """The webhooks, a reconcile's answers (source JUNCTION_API) and the results fetch the
+    completion asked for (source RESULTS_FETCH, with its RESULTS_READY revision) are entries of
+    one history, in the order they were taken in, each with its outcome and reason."""
+    fake_junction.load_scenario(REDRAW)
+    api = await start(fake_junction)
+    transaction_id = REDRAW["expect"]["transaction_id"]
+    *delivered, missing = REDRAW["deliveries"]
+    for delivery in delivered:
+        await ingest(api, delivery["svix_id"], delivery["body"])
+    reconciled = await api.stub.ReconcileTransaction(
+        pb.ReconcileTransactionRequest(transaction_id=transaction_id)
+    )
+    ready = (await feed_until(api.stub, lambda c: pb.CHANGE_KIND_RESULTS_READY in c.kinds))[-1]
+    late = await ingest(api, missing["svix_id"], missing["body"])
+
+    page = await api.stub.ListTransactionEvents(
+        pb.ListTransactionEventsRequest(transaction_id=transaction_id)
+    )
+    sources = [e.source for e in page.events]
+    answers = len(reconciled.answers)
+    assert sources == [pb.EVENT_SOURCE_GRPC] * len(delivered) + [
+        pb.EVENT_SOURCE_JUNCTION_API
+    ] * answers + [pb.EVENT_SOURCE_RESULTS_FETCH, pb.EVENT_SOURCE_GRPC]
+    taken_in = page.events[len(delivered) : len(delivered) + answers]
+    assert [(e.event_id, e.outcome, e.revision) for e in taken_in] == [
+        (a.event_id, a.outcome, a.revision) for a in reconciled.answers
+    ]
+    assert all(e.reason for e in taken_in)
+    fetch = page.events[-2]
+    assert fetch.outcome == pb.INGEST_OUTCOME_APPLIED
+    assert fetch.revision == ready.revision
+    assert list(fetch.kinds) == [pb.CHANGE_KIND_RESULTS_READY]
+    assert not fetch.diff.changed_fields.paths
+    assert fetch.reason == "combined results fetched (`final`), reported with RESULTS_READY"
+    assert ready.event_id.removeprefix("api:results:sha256:") == fetch.digest
+    assert not fetch.body_erased
+    assert (page.events[-1].event_id, page.events[-1].outcome) == (missing["svix_id"], late.outcome)
+
+
 async def test_results_not_yet_fetched_are_fetched_after_a_restart(
     start: Services, fake_junction: FakeJunction
 ) -> None:

@@ -10,6 +10,7 @@ candidates and job locks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeWrite,
+    DuplicateWrite,
     EventWrite,
     ListFilter,
     PendingResults,
@@ -553,6 +555,106 @@ async def test_the_change_log_pages_and_filters_and_keeps_every_field(store: Sto
     assert await store.head_revision() == 4
 
 
+async def test_changes_through_a_revision_come_newest_first_for_the_ids_asked(
+    store: Store,
+) -> None:
+    await put(store, view("t1"), view("t2"))
+    await put(store, view("t1"), view("t3"))
+    page = await store.changes_through(3, 10, ["t1", "t3"])
+    assert [(c.revision, c.transaction_id) for c in page.changes] == [(3, "t1"), (1, "t1")]
+    assert (page.compacted_revision, page.head_revision) == (0, 4)
+    assert [c.revision for c in (await store.changes_through(4, 1, ["t1", "t3"])).changes] == [4]
+    assert (await store.changes_through(0, 10, ["t1"])).changes == []
+    await store.trim_changes(T0 + HOUR)
+    assert (await store.changes_through(4, 10, ["t1"])).compacted_revision == 4
+
+
+# -- DeliveryHistory ------------------------------------------------------------------------------
+
+
+async def test_a_transactions_history_is_its_orders_events_and_its_own_rows_in_arrival_order(
+    store: Store,
+) -> None:
+    """Events of the transaction's orders (whichever transaction they were recorded under), the
+    rows the service recorded for it, retries counted on their event, each with its change's
+    kinds and diff while the log keeps it; bodies only when asked, and erased ones flagged."""
+    plan = Plan()
+    # o2 first stood in a transaction of its own (a legacy stand-in), then joined t1.
+    plan.change(view("o2", "o2"), "e1", order_id="o2", body=b'{"b": 1}')
+    plan.change(view("t9", "o9"), "e2", order_id="o9")
+    plan.change(view("t1", "o1", "o2"), "e3", order_id="o1")
+    plan.event("e4", "o1", "t1", None)  # stale: no change
+    plan.plan.events[-1] = dataclasses.replace(
+        plan.plan.events[-1],
+        outcome="stale",
+        reason="older than order o1's `completed`",
+        claimed_status="received.walk_in_test.ordered",
+        claimed_transaction_status="active",
+        provider_time=T0 - HOUR,
+    )
+    await commit(store, plan)
+    retries = Plan(T0 + MINUTE)
+    retries.plan.duplicates["e4"] = DuplicateWrite("e4", 2, T0 + MINUTE)
+    retries.plan.history.append(
+        EventWrite(
+            event_id="results:t1",
+            event_type="results.fetched",
+            source="results",
+            body_format="json",
+            body=None,
+            digest="d",
+            order_id=None,
+            transaction_id="t1",
+            outcome="stale",
+            change=None,
+            received_at=T0 + MINUTE,
+            reason="the same combined results",
+        )
+    )
+    await commit(store, retries)
+    again = Plan(T0 + 2 * MINUTE)
+    again.plan.history.append(dataclasses.replace(retries.plan.history[0], received_at=T0))
+    await commit(store, again)  # the same row again: counted on it
+
+    found = await store.transaction_events("t1", 0, 10, bodies=False)
+    assert [(e.event_id, e.order_id, e.revision, e.duplicates) for e in found] == [
+        ("e1", "o2", 1, 0),
+        ("e3", "o1", 3, 0),
+        ("e4", "o1", None, 2),
+        ("results:t1", None, None, 1),
+    ]
+    assert [e.seq for e in found] == sorted(e.seq for e in found)
+    stale = found[2]
+    assert (
+        stale.outcome,
+        stale.reason,
+        stale.claimed_status,
+        stale.claimed_transaction_status,
+    ) == (
+        "stale",
+        "older than order o1's `completed`",
+        "received.walk_in_test.ordered",
+        "active",
+    )
+    assert (stale.provider_time, stale.last_duplicate_at) == (T0 - HOUR, T0 + MINUTE)
+    assert (stale.kinds, stale.diff) == (None, None)
+    assert found[0].kinds == (ChangeKind.DETAILS_CHANGED,)
+    assert found[3].last_duplicate_at == T0
+    assert all(e.body is None for e in found)
+    assert not any(e.body_erased for e in found)
+
+    after_first = await store.transaction_events("t1", found[0].seq, 2, bodies=True)
+    assert [e.event_id for e in after_first] == ["e3", "e4"]
+    assert after_first[0].body == b'{"id": "e3"}'
+    await store.erase_bodies(T0 + HOUR)
+    await store.trim_changes(T0 + HOUR)
+    kept = await store.transaction_events("t1", 0, 10, bodies=True)
+    assert [e.event_id for e in kept] == [e.event_id for e in found]
+    assert [e.body_erased for e in kept] == [True, True, True, False]
+    assert all(e.body is None and e.kinds is None for e in kept)
+    assert await store.transaction_events("t2", 0, 10, bodies=False) == []
+
+
 async def test_trimming_compacts_the_oldest_changes_and_keeps_the_log_contiguous(
     store: Store,
 ) -> None:
@@ -753,6 +855,8 @@ CALLS: dict[str, Callable[[Store], Awaitable[Any]]] = {
     "replay_events": lambda s: s.replay_events(["t"]),
     "head_revision": lambda s: s.head_revision(),
     "changes_after": lambda s: s.changes_after(0, 10),
+    "changes_through": lambda s: s.changes_through(10, 10, ["t"]),
+    "transaction_events": lambda s: s.transaction_events("t", 0, 10, bodies=False),
     "get_results": lambda s: s.get_results("t"),
     "results_due": lambda s: s.results_due(T0, 10),
     "reconcile_candidates": lambda s: s.reconcile_candidates(T0, 10),

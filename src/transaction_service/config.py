@@ -151,7 +151,8 @@ class Settings(BaseSettings):
         default=30 * 24 * 3600,
         gt=0,
         description="how long webhook bodies (patient names, birth dates, addresses) are kept; "
-        "then erased, keeping each event's id, digest, outcome and revision for dedupe and audit",
+        "then erased, keeping each event's id, digest, outcome, reason and revision for dedupe "
+        "and the history (ListTransactionEvents)",
     )
     max_batch: int = Field(
         default=256, gt=0, description="most deliveries committed together in one transaction"

@@ -13,7 +13,7 @@ a consumer meets most are re-exported here. See docs/client.md in the repository
 
 from transaction_client.cache import CacheStopped, HandlerCall, TransactionCache
 from transaction_client.checkpoint import Checkpoint, FileCheckpoint, MemoryCheckpoint, Saved
-from transaction_client.client import TransactionClient, TransactionList
+from transaction_client.client import TransactionClient, TransactionHistory, TransactionList
 from transaction_client.connection import TLS
 from transaction_client.errors import (
     AlreadyExists,
@@ -41,6 +41,7 @@ from transactions.v1.transactions_pb2 import (
     IngestOutcome,
     Transaction,
     TransactionChange,
+    TransactionEvent,
     TransactionStatus,
 )
 
@@ -75,6 +76,8 @@ __all__ = [
     "TransactionCache",
     "TransactionChange",
     "TransactionClient",
+    "TransactionEvent",
+    "TransactionHistory",
     "TransactionList",
     "TransactionServiceError",
     "TransactionStatus",

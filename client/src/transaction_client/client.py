@@ -32,6 +32,8 @@ Response = TypeVar("Response")
 
 # The service answers at most this many transactions per page.
 MAX_PAGE_SIZE = 500
+# ... and at most this many entries of a transaction's history per page.
+MAX_HISTORY_PAGE_SIZE = 1000
 RECONCILE_TIMEOUT = 120.0
 
 
@@ -44,6 +46,18 @@ def lookup(transaction_id: str | None, order_id: str | None) -> dict[str, str]:
         if transaction_id is not None
         else {"order_id": order_id or ""}
     )
+
+
+def _get_request(transaction_id: str | None, order_id: str | None) -> pb.GetTransactionRequest:
+    """A GetTransactionRequest by one of the two ids (GetTransactionRequest's constructor also
+    takes a revision, so the lookup dict cannot be passed to it as keywords)."""
+    ids = lookup(transaction_id, order_id)
+    request = pb.GetTransactionRequest()
+    if "transaction_id" in ids:
+        request.transaction_id = ids["transaction_id"]
+    else:
+        request.order_id = ids["order_id"]
+    return request
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -158,12 +172,39 @@ class TransactionClient:
         *,
         transaction_id: str | None = None,
         order_id: str | None = None,
+        revision: int | None = None,
         timeout: float | None = None,
     ) -> pb.GetTransactionResponse:
         """A transaction's state (`.transaction`) and the head revision of the read
-        (`.revision`), by its id or one of its orders'. NotFound if no webhook mentioned it."""
-        request = pb.GetTransactionRequest(**lookup(transaction_id, order_id))
+        (`.revision`), by its id or one of its orders'. NotFound if no webhook mentioned it.
+        With `revision`, its state as it was at that revision (RevisionCompacted once the
+        change log no longer holds it)."""
+        request = _get_request(transaction_id, order_id)
+        if revision is not None:
+            request.revision = revision
         return await self.call(self.stub.GetTransaction, request, timeout=timeout)
+
+    def list_transaction_events(
+        self,
+        *,
+        transaction_id: str | None = None,
+        order_id: str | None = None,
+        include_bodies: bool = False,
+        page_size: int = MAX_HISTORY_PAGE_SIZE,
+        timeout: float | None = None,
+    ) -> TransactionHistory:
+        """Why a transaction is in its state: every delivery the service took in for it, oldest
+        first, with its outcome and the reason in words (a `TransactionEvent` each), paging by
+        itself. `include_bodies` needs an ingest token (PermissionDenied otherwise)."""
+        lookup(transaction_id, order_id)  # exactly one
+        request = pb.ListTransactionEventsRequest(
+            include_bodies=include_bodies, page_size=page_size
+        )
+        if transaction_id is not None:
+            request.transaction_id = transaction_id
+        else:
+            request.order_id = order_id or ""
+        return TransactionHistory(self, request, timeout)
 
     def list_transactions(
         self,
@@ -440,6 +481,43 @@ class TransactionList:
                 yield transaction
 
 
+class TransactionHistory:
+    """The entries of a `list_transaction_events` call, read page by page as they are
+    iterated. `transaction_id` (the transaction the lookup found) and `revision` (the head
+    revision of the first page) are set once the first page is read."""
+
+    def __init__(
+        self,
+        client: TransactionClient,
+        request: pb.ListTransactionEventsRequest,
+        timeout: float | None,
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._timeout = timeout
+        self.transaction_id = ""
+        self.revision = 0
+
+    async def pages(self) -> AsyncIterator[pb.ListTransactionEventsResponse]:
+        request = pb.ListTransactionEventsRequest()
+        request.CopyFrom(self._request)
+        while True:
+            page = await self._client.call(
+                self._client.stub.ListTransactionEvents, request, timeout=self._timeout
+            )
+            if not self.revision:
+                self.transaction_id, self.revision = page.transaction_id, page.revision
+            yield page
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def __aiter__(self) -> AsyncIterator[pb.TransactionEvent]:
+        async for page in self.pages():
+            for event in page.events:
+                yield event
+
+
 def _options(
     attempts: int,
     keepalive: float,
@@ -458,4 +536,4 @@ def _options(
     )
 
 
-__all__ = ["Snapshot", "TransactionClient", "TransactionList"]
+__all__ = ["Snapshot", "TransactionClient", "TransactionHistory", "TransactionList"]

@@ -106,7 +106,8 @@ class OutOfRange(TransactionServiceError):
 
 
 class RevisionCompacted(OutOfRange):
-    """The change log no longer holds the changes a watch needs (reason REVISION_COMPACTED)."""
+    """The change log no longer holds the changes a watch needs, or the state an as-of read
+    (`get_transaction(revision=...)`) asks for (reason REVISION_COMPACTED)."""
 
     @property
     def compacted_revision(self) -> int:
@@ -115,12 +116,13 @@ class RevisionCompacted(OutOfRange):
 
     @property
     def last_sent_revision(self) -> int:
+        """Of a watch: the revision to resume from; 0 for an as-of read."""
         return self._int("last_sent_revision")
 
 
 class RevisionInFuture(OutOfRange):
-    """A watch asked to start after the newest revision committed (reason
-    REVISION_IN_FUTURE): the revision does not come from this server's history, e.g. a
+    """A watch asked to start after (or a read to read at) the newest revision committed
+    (reason REVISION_IN_FUTURE): the revision does not come from this server's history, e.g. a
     checkpoint kept across a database reset."""
 
     @property
@@ -139,6 +141,7 @@ class ShuttingDown(Unavailable):
 
     @property
     def last_sent_revision(self) -> int:
+        """Of a watch: the revision to resume from; 0 for an as-of read."""
         return self._int("last_sent_revision")
 
 

@@ -94,6 +94,22 @@ class SyncTransactionList(SyncIterator[pb.Transaction]):
         return self._listing.revision
 
 
+class SyncTransactionHistory(SyncIterator[pb.TransactionEvent]):
+    """`TransactionHistory`, blocking; `transaction_id` and `revision` as there."""
+
+    def __init__(self, loop: _LoopThread, history: _client.TransactionHistory) -> None:
+        super().__init__(loop, history.__aiter__())
+        self._history = history
+
+    @property
+    def transaction_id(self) -> str:
+        return self._history.transaction_id
+
+    @property
+    def revision(self) -> int:
+        return self._history.revision
+
+
 class SyncWatch(SyncIterator[T]):
     """`Watch`, blocking; `revision`, `reconnects` and `resyncs` as there."""
 
@@ -173,13 +189,32 @@ class TransactionClient:
         *,
         transaction_id: str | None = None,
         order_id: str | None = None,
+        revision: int | None = None,
         timeout: float | None = None,
     ) -> pb.GetTransactionResponse:
         return self._run(
             self.aio.get_transaction(
-                transaction_id=transaction_id, order_id=order_id, timeout=timeout
+                transaction_id=transaction_id, order_id=order_id, revision=revision, timeout=timeout
             )
         )
+
+    def list_transaction_events(
+        self,
+        *,
+        transaction_id: str | None = None,
+        order_id: str | None = None,
+        include_bodies: bool = False,
+        page_size: int = _client.MAX_HISTORY_PAGE_SIZE,
+        timeout: float | None = None,
+    ) -> SyncTransactionHistory:
+        history = self.aio.list_transaction_events(
+            transaction_id=transaction_id,
+            order_id=order_id,
+            include_bodies=include_bodies,
+            page_size=page_size,
+            timeout=timeout,
+        )
+        return SyncTransactionHistory(self._loop, history)
 
     def list_transactions(
         self,

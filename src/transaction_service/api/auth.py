@@ -30,6 +30,8 @@ READ_METHODS = frozenset(
         "BatchGetTransactions",
         "GetTransactionResults",
         "GetTransactionResultsPdf",
+        # Bodies (patient data) only to an ingest token: checked by the method itself.
+        "ListTransactionEvents",
     }
 )
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from transaction_service.domain.diff import ViewDiff
 from transaction_service.domain.state import (
     ChangeKind,
     OrderOrigin,
@@ -15,7 +17,12 @@ from transaction_service.domain.state import (
     TransactionStatus,
     TransactionView,
 )
-from transaction_service.store.base import ChangeRecord, StoredResults, TransactionSnapshot
+from transaction_service.store.base import (
+    ChangeRecord,
+    HistoryEvent,
+    StoredResults,
+    TransactionSnapshot,
+)
 from transaction_service.usecases.ingest import Outcome
 from transaction_service.usecases.reconcile import BackfillProgress, Reconciled
 from transactions.v1 import transactions_pb2 as pb
@@ -166,6 +173,77 @@ def change_to_pb(change: ChangeRecord) -> pb.TransactionChange:
         merged_transaction_ids=[standin for standin, _ in change.merged],
         trace_id=change.trace_id,
         span_id=change.span_id,
+        diff=diff_to_pb(change.diff),
+    )
+
+
+def diff_to_pb(diff: ViewDiff | None) -> pb.TransactionDiff | None:
+    """The diff; the values before are the view's before, masked to the fields that changed
+    (view field names are the proto's)."""
+    if diff is None:
+        return None
+    message = pb.TransactionDiff(changed_fields=FieldMask(paths=diff.fields))
+    if diff.before is None:
+        message.orders.extend(
+            pb.OrderDiff(order_id=o.id, added=True, changed_fields=FieldMask(paths=o.fields))
+            for o in diff.orders
+        )
+        return message
+    before = transaction_to_pb(diff.before, 0)
+    scalars = FieldMask(paths=[f for f in diff.fields if f != "orders"])
+    scalars.MergeMessage(before, message.previous, replace_message_field=True)
+    message.previous.SetInParent()
+    old_orders = {o.id: o for o in before.orders}
+    for order in diff.orders:
+        entry = message.orders.add(
+            order_id=order.id,
+            added=order.added,
+            removed=order.removed,
+            changed_fields=FieldMask(paths=order.fields),
+        )
+        previous = old_orders.get(order.id)
+        if previous is None:
+            continue
+        if order.removed:
+            entry.previous.CopyFrom(previous)
+        else:
+            FieldMask(paths=order.fields).MergeMessage(
+                previous, entry.previous, replace_message_field=True
+            )
+            entry.previous.SetInParent()
+    return message
+
+
+SOURCE_TO_PB = {
+    "webhook": pb.EVENT_SOURCE_WEBHOOK,
+    "grpc": pb.EVENT_SOURCE_GRPC,
+    "api": pb.EVENT_SOURCE_JUNCTION_API,
+    "results": pb.EVENT_SOURCE_RESULTS_FETCH,
+    "rebuild": pb.EVENT_SOURCE_REBUILD,
+}
+
+
+def history_event_to_pb(event: HistoryEvent) -> pb.TransactionEvent:
+    return pb.TransactionEvent(
+        event_id=event.event_id,
+        source=SOURCE_TO_PB.get(event.source, pb.EVENT_SOURCE_UNSPECIFIED),
+        event_type=event.event_type,
+        order_id=event.order_id or "",
+        received_at=timestamp(event.received_at),
+        provider_time=timestamp(event.provider_time),
+        claimed_status=event.claimed_status,
+        claimed_transaction_status=event.claimed_transaction_status,
+        outcome=_STORED_OUTCOME_TO_PB.get(event.outcome, pb.INGEST_OUTCOME_UNSPECIFIED),
+        reason=event.reason,
+        revision=event.revision or 0,
+        duplicate_count=event.duplicates,
+        last_duplicate_at=timestamp(event.last_duplicate_at),
+        kinds=[_KIND_TO_PB[k] for k in event.kinds or ()],
+        diff=diff_to_pb(event.diff),
+        digest=event.digest,
+        body_erased=event.body_erased,
+        # The body is UTF-8 JSON; a stray byte must not make the answer unserialisable.
+        body_json=event.body.decode("utf-8", "replace") if event.body is not None else "",
     )
 
 
@@ -175,6 +253,7 @@ OUTCOME_TO_PB = {
     Outcome.STALE: pb.INGEST_OUTCOME_STALE,
     Outcome.IGNORED: pb.INGEST_OUTCOME_IGNORED,
 }
+_STORED_OUTCOME_TO_PB = {outcome.value: value for outcome, value in OUTCOME_TO_PB.items()}
 _RECONCILE_OUTCOME_TO_PB = {
     "": pb.RECONCILE_OUTCOME_UNSPECIFIED,
     "changed": pb.RECONCILE_OUTCOME_CHANGED,

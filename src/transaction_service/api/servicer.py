@@ -18,6 +18,7 @@ from transaction_service.api.convert import (
     OUTCOME_TO_PB,
     backfill_progress_to_pb,
     from_timestamp,
+    history_event_to_pb,
     kind_from_pb,
     reconciled_to_pb,
     results_to_pb,
@@ -42,6 +43,7 @@ from transaction_service.api.wire import (
     varint_field,
 )
 from transaction_service.app import App
+from transaction_service.auth import BearerTokens, Role
 from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
@@ -60,6 +62,12 @@ from transaction_service.store.base import (
     TransactionSnapshot,
 )
 from transaction_service.usecases.admission import Flow, Lane
+from transaction_service.usecases.history import (
+    HistoryStore,
+    Lookup,
+    state_at,
+    transaction_history,
+)
 from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
 from transaction_service.usecases.results import results_pdf, stored_results
 from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
@@ -70,6 +78,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Entries of one ListTransactionEvents page (documented in the proto and docs/limits.md).
+DEFAULT_HISTORY_PAGE_SIZE = 100
+MAX_HISTORY_PAGE_SIZE = 1000
 # Field numbers in the watch responses: `change` (the same in both), and in each the
 # ChangeBatch `changes`, `current` and `progress`.
 _CHANGE_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["change"].number
@@ -98,12 +109,15 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         # The roles it reads (see store/base.py); it never writes but through the use cases.
         self._reads: TransactionReads = app.store
         self._results: Results = app.store
+        self._history: HistoryStore = app.store
         self._hub = app.hub
         self._max_body_bytes = app.settings.max_body_bytes
         self._limits = app.limits
         self._encoder = ChangeEncoder(_CHANGE_FIELD)
         self._transactions = TransactionEncoder()
         self._metrics = app.metrics
+        # Who may read bodies (the interceptor decides who may call at all).
+        self._tokens = BearerTokens(app.settings.ingest_tokens, app.settings.read_tokens)
         # A batch message stays well inside the largest message gRPC may send.
         self._batch_bytes = app.settings.max_message_bytes // 2
         # Names IngestEvents streams apart (each is a flow of the ingest queue).
@@ -160,13 +174,21 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             raise InvalidArgument(violations)
         assert lookup is not None
         key = getattr(request, lookup)
-        if lookup == "transaction_id":
+        snapshot: TransactionSnapshot | None
+        if request.HasField("revision"):
+            if request.revision < 0:
+                raise InvalidArgument([FieldViolation("revision", "must not be negative")])
+            found = Lookup(key, by_order=lookup == "order_id")
+            snapshot = await state_at(self._history, found, request.revision)
+            head = await self._history.head_revision()
+        elif lookup == "transaction_id":
             snapshot, head = await self._reads.get(key)
         else:
             snapshot, head = await self._reads.get_by_order(key)
         if snapshot is None:
             raise NotFound(f"no transaction known for {lookup} {echo(key)}")
-        # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py).
+        # GetTransactionResponse, built from the transaction's cached bytes (api/wire.py): a
+        # revision names one state of one transaction, as-of reads included.
         return field(1, self._transactions.encode(snapshot)) + varint_field(2, head)
 
     @grpc_errors
@@ -196,7 +218,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         after = 0
         if request.page_token:
             try:
-                after = _decode_page_token(request.page_token, where)
+                after = _decode_page_token(request.page_token, _filter_fingerprint(where))
             except ValueError as exc:
                 violations.append(FieldViolation("page_token", str(exc)))
         if violations:
@@ -205,7 +227,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         # One extra row tells whether another page follows.
         snapshots, head = await self._reads.list_transactions(where, after, limit + 1)
         page = snapshots[:limit]
-        next_token = _encode_page_token(page[-1].revision, where) if len(snapshots) > limit else ""
+        next_token = (
+            _encode_page_token(page[-1].revision, _filter_fingerprint(where))
+            if len(snapshots) > limit
+            else ""
+        )
         # ListTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
         return (
             b"".join(field(1, self._transactions.encode(s)) for s in page)
@@ -458,6 +484,13 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             )
         keys: list[tuple[str, str]] = []
         for i, lookup in enumerate(lookups[:MAX_BATCH_LOOKUPS]):
+            if lookup.HasField("revision"):
+                violations.append(
+                    FieldViolation(
+                        f"lookups[{i}].revision",
+                        "as-of reads are one at a time: use GetTransaction with a revision",
+                    )
+                )
             for violation in _lookup_violations(lookup):
                 field = violation.field if violation.field != "lookup" else ""
                 violations.append(
@@ -493,6 +526,54 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 f"than one response may carry ({self._app.settings.max_message_bytes}, "
                 "max_message_bytes); ask for fewer at a time"
             )
+        return response
+
+    @grpc_errors
+    async def ListTransactionEvents(
+        self, request: pb.ListTransactionEventsRequest, context: Context
+    ) -> pb.ListTransactionEventsResponse:
+        violations = _lookup_violations(request)
+        if not 0 <= request.page_size <= MAX_HISTORY_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be 0 to {MAX_HISTORY_PAGE_SIZE}"))
+        lookup = request.WhichOneof("lookup")
+        fingerprint = _fingerprint(
+            lookup, getattr(request, lookup or "transaction_id"), request.include_bodies
+        )
+        after = 0
+        if request.page_token:
+            try:
+                after = _decode_page_token(
+                    request.page_token, fingerprint, "lookup and include_bodies"
+                )
+            except ValueError as exc:
+                violations.append(FieldViolation("page_token", str(exc)))
+        if violations:
+            raise InvalidArgument(violations)
+        assert lookup is not None
+        if request.include_bodies:
+            # Bodies hold patient data: the ingest role only (reads need only a read token).
+            self._tokens.authorize(_authorization(context), Role.INGEST)
+        page = await transaction_history(
+            self._history,
+            Lookup(getattr(request, lookup), by_order=lookup == "order_id"),
+            after_seq=after,
+            limit=request.page_size or DEFAULT_HISTORY_PAGE_SIZE,
+            bodies=request.include_bodies,
+        )
+        response = pb.ListTransactionEventsResponse(
+            transaction_id=page.transaction_id, revision=page.head_revision
+        )
+        size = 0
+        last = after
+        for event in page.events:
+            entry = history_event_to_pb(event)
+            size += entry.ByteSize()
+            if response.events and size > self._batch_bytes:
+                break  # the page ends early: bodies (or large diffs) fill it
+            response.events.append(entry)
+            last = event.seq
+        if page.more or len(response.events) < len(page.events):
+            response.next_page_token = _encode_page_token(last, fingerprint)
         return response
 
     def _watch(
@@ -566,6 +647,7 @@ _LookupRequest = (
     | pb.ReconcileTransactionRequest
     | pb.GetTransactionResultsRequest
     | pb.GetTransactionResultsPdfRequest
+    | pb.ListTransactionEventsRequest
 )
 
 
@@ -596,27 +678,40 @@ def _start_revision_violations(
     return []
 
 
+def _fingerprint(*request: object) -> str:
+    """What a page token is bound to: the request's other fields that choose the list."""
+    return hashlib.sha256(repr(request).encode()).hexdigest()[:16]
+
+
 def _filter_fingerprint(where: ListFilter) -> str:
-    text = repr((where.status, where.team_id, where.user_id, where.updated_since))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _fingerprint(where.status, where.team_id, where.user_id, where.updated_since)
 
 
-def _encode_page_token(after_revision: int, where: ListFilter) -> str:
-    raw = json.dumps({"after": after_revision, "filter": _filter_fingerprint(where)})
+def _encode_page_token(after: int, fingerprint: str) -> str:
+    raw = json.dumps({"after": after, "filter": fingerprint})
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _decode_page_token(token: str, where: ListFilter) -> int:
+def _decode_page_token(token: str, fingerprint: str, bound_to: str = "filters") -> int:
+    """The position a token continues after; ValueError (for the caller) if it is not one of
+    ours or was issued for another request (other `bound_to`)."""
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
-        after, fingerprint = data["after"], data["filter"]
+        after, issued_for = data["after"], data["filter"]
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise ValueError("not a page token issued by this service") from None
     if not isinstance(after, int) or after < 0:
         raise ValueError("not a page token issued by this service")
-    if fingerprint != _filter_fingerprint(where):
-        raise ValueError("the token was issued for other filters; repeat the same filters")
+    if issued_for != fingerprint:
+        raise ValueError(f"the token was issued for other {bound_to}; repeat the same {bound_to}")
     return after
+
+
+def _authorization(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
 
 
 def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> None:

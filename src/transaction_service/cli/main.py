@@ -1,5 +1,5 @@
 """The command line: `transaction-service serve`, and the clients of a running server (`watch`,
-`health`, `reconcile`, `backfill`)."""
+`history`, `health`, `reconcile`, `backfill`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ log = logging.getLogger("transaction_service")
 
 # The commands that call a running server. The others (serve, rebuild) take their flags from the
 # server's settings and modules.
-CLIENT_COMMANDS = ("watch", "ingest", "health", "reconcile", "backfill")
+CLIENT_COMMANDS = ("watch", "ingest", "history", "health", "reconcile", "backfill")
 
 
 def command_of(argv: Sequence[str]) -> str | None:
@@ -130,6 +130,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
 
+    history = commands.add_parser(
+        "history",
+        help="why is a transaction in its state: every delivery, its outcome and the reason",
+        description="Print a transaction's delivery history (ListTransactionEvents) from a "
+        "running server, oldest first: when each delivery arrived and from where, the status "
+        "it claimed, what it did (applied, stale, ignored) and why, the revision it made and "
+        "what changed, and how often it was delivered again. ID may be the transaction's or "
+        "any of its orders'.",
+    )
+    add_connection_flags(history, token=True)
+    if wanted("history"):
+        from transaction_service.cli.history import add_arguments as add_history_arguments
+
+        add_history_arguments(history)
+
     reconcile = commands.add_parser(
         "reconcile",
         help="reconcile one transaction with Junction's API",
@@ -179,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging("WARNING")
         return run_rebuild(args)
+    if args.command == "history":
+        from transaction_service.cli.history import run_history
+
+        return run_history(args)
     if args.command == "health":
         from transaction_service.cli.health import run_health
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+from transaction_service.domain.diff import ViewDiff
 from transaction_service.domain.state import (
     ChangeKind,
     Knowledge,
@@ -158,6 +159,45 @@ class ChangeRecord:
     # traced (see tracing.py); empty otherwise.
     trace_id: str = ""
     span_id: str = ""
+    # What changed, field by field; None for changes recorded before diffs were kept.
+    diff: ViewDiff | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One row of a transaction's delivery history: a delivery as recorded in the commit that
+    took it in (or a results fetch or rebuild, which the service records likewise)."""
+
+    # Arrival order (the events table's sequence), also the paging key.
+    seq: int
+    event_id: str
+    event_type: str
+    # "webhook", "grpc", "api" (reconcile), "results" (a results fetch), "rebuild".
+    source: str
+    order_id: str | None
+    received_at: datetime
+    # What the delivery itself says: the order's newest status ("HIGH.METHOD.LOW") and the time
+    # of the update, and the status of its transaction block; empty for rows recorded before
+    # they were kept, and for other event types.
+    provider_time: datetime | None
+    claimed_status: str
+    claimed_transaction_status: str
+    outcome: str
+    # Why, in words; empty for rows recorded before reasons were kept.
+    reason: str
+    revision: int | None
+    # Retries of the same event id since (DUPLICATE), and when the last came.
+    duplicates: int
+    last_duplicate_at: datetime | None
+    digest: str
+    # The body was erased by the body retention (deliveries only; the service's own rows never
+    # had one).
+    body_erased: bool
+    # Only when asked for (and still kept).
+    body: bytes | None
+    # The change it made, while the change log keeps it: its kinds and diff.
+    kinds: tuple[ChangeKind, ...] | None
+    diff: ViewDiff | None
 
 
 @dataclass(frozen=True)
@@ -287,7 +327,8 @@ class EventWrite:
     event_type: str
     source: str
     body_format: str  # "json": raw bytes as sent; "struct": canonical JSON
-    body: bytes
+    # None for the rows the service records itself (results fetches, rebuilds).
+    body: bytes | None
     digest: str
     order_id: str | None
     transaction_id: str | None
@@ -295,6 +336,20 @@ class EventWrite:
     # Index into BatchPlan.changes of the change this event made, if any.
     change: int | None
     received_at: datetime
+    # Why, in words (see domain/explain.py), and what the delivery claimed (see HistoryEvent).
+    reason: str = ""
+    provider_time: datetime | None = None
+    claimed_status: str = ""
+    claimed_transaction_status: str = ""
+
+
+@dataclass(frozen=True)
+class DuplicateWrite:
+    """Retries of an event id recorded before (or earlier in the batch): counted on its row."""
+
+    event_id: str
+    count: int
+    seen_at: datetime
 
 
 @dataclass(frozen=True)
@@ -311,6 +366,9 @@ class ChangeWrite:
     # The trace of the delivery that caused the change (see ChangeRecord).
     trace_id: str = ""
     span_id: str = ""
+    # What changed, and its JSON for the change log (see domain/diff.py).
+    diff: ViewDiff | None = None
+    diff_json: str | None = None
 
     def record(self, revision: int) -> ChangeRecord:
         return ChangeRecord(
@@ -324,6 +382,7 @@ class ChangeWrite:
             merged=self.merged,
             trace_id=self.trace_id,
             span_id=self.span_id,
+            diff=self.diff,
         )
 
 
@@ -372,6 +431,11 @@ class BatchPlan:
     revision is `base + index + 1`, where `base` is the head revision just before the commit."""
 
     events: list[EventWrite] = field(default_factory=list)
+    # Retries of known event ids, by event id: counted on the original's row.
+    duplicates: dict[str, DuplicateWrite] = field(default_factory=dict)
+    # Rows of the delivery history the service writes itself (a results fetch, a rebuild): like
+    # `events`, but one whose event id is recorded already is counted again instead.
+    history: list[EventWrite] = field(default_factory=list)
     changes: list[ChangeWrite] = field(default_factory=list)
     # Final state of each transaction the batch changed, by id.
     transactions: dict[str, TransactionWrite] = field(default_factory=dict)
@@ -388,6 +452,8 @@ class BatchPlan:
     def empty(self) -> bool:
         return not (
             self.events
+            or self.duplicates
+            or self.history
             or self.transactions
             or self.deleted
             or self.order_index
@@ -510,11 +576,29 @@ class ChangeLog(Protocol):
         """Up to `limit` changes with revision > after_revision, oldest first; only those of
         `transaction_ids` if given. Read in one snapshot with the log's bounds."""
 
+    async def changes_through(
+        self, revision: int, limit: int, transaction_ids: Sequence[str]
+    ) -> ChangeLogPage:
+        """Up to `limit` changes of `transaction_ids` with revision <= `revision`, newest
+        first (as-of reads). Read in one snapshot with the log's bounds."""
+
     def change_notifications(self) -> AsyncGenerator[None]:
         """Yields whenever changes may have been committed by another process (and after every
         reconnect, when notifications may have been lost). A store that is not `shared` never
         yields."""
         ...
+
+
+class DeliveryHistory(Protocol):
+    """Each transaction's deliveries as committed, for ListTransactionEvents."""
+
+    async def transaction_events(
+        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
+    ) -> Sequence[HistoryEvent]:
+        """Up to `limit` rows of a transaction's delivery history after `after_seq`, in arrival
+        order: the events of its orders (whichever transaction they were merged into then), and
+        the rows the service recorded for it (results fetches, rebuilds). Each with the kinds and
+        diff of its change while the change log keeps it; with its body if `bodies`."""
 
 
 class Results(Protocol):
@@ -574,6 +658,7 @@ class Store(
     BatchWriter,
     TransactionReads,
     ChangeLog,
+    DeliveryHistory,
     Results,
     ReconcileChecks,
     Housekeeping,

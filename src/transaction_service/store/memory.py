@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from datetime import datetime
 
+from transaction_service.domain.diff import diff_from_json
 from transaction_service.domain.state import (
     TransactionStatus,
     knowledge_from_json,
@@ -25,6 +26,7 @@ from transaction_service.store.base import (
     ChangeLogPage,
     ChangeRecord,
     EventWrite,
+    HistoryEvent,
     ListFilter,
     PendingResults,
     Planner,
@@ -36,6 +38,7 @@ from transaction_service.store.base import (
     TransactionSnapshot,
 )
 from transaction_service.store.health import WriteHealth
+from transaction_service.store.rows import OWN_SOURCES
 
 
 class MemoryStore:
@@ -54,8 +57,10 @@ class MemoryStore:
         self.transactions: dict[str, StoredTransaction] = {}
         self.order_index: dict[str, str] = {}
         self.changes: list[ChangeRecord] = []
-        # What else is stored of each event (type, source, format), for replays.
+        # Everything else stored of each event, in arrival order; `change` holds its revision.
         self.event_writes: dict[str, EventWrite] = {}
+        # Retries counted on an event: (count, last seen).
+        self.duplicates: dict[str, tuple[int, datetime]] = {}
         self.results: dict[str, StoredResults] = {}
         self.results_pending: dict[str, PendingResults] = {}
         self.reconcile_checks: dict[str, datetime] = {}
@@ -107,7 +112,11 @@ class MemoryStore:
             base = self.head if batch.changes else 0
             self.head += len(batch.changes)
             records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
-            self.changes.extend(records)
+            # The log holds what a real store reads back (the diff through its JSON).
+            self.changes.extend(
+                dataclasses.replace(r, diff=diff_from_json(c.diff_json)) if c.diff_json else r
+                for r, c in zip(records, batch.changes, strict=True)
+            )
             for txn_id, write in batch.transactions.items():
                 # Round-trip through JSON, as a real store does, so tests see what it would.
                 self.transactions[txn_id] = StoredTransaction(
@@ -120,7 +129,21 @@ class MemoryStore:
             self.order_index.update(batch.order_index)
             for e in batch.events:
                 self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
-                self.event_writes[e.event_id] = e
+                self.event_writes[e.event_id] = dataclasses.replace(
+                    e, change=base + e.change + 1 if e.change is not None else None
+                )
+            for d in batch.duplicates.values():
+                count, _ = self.duplicates.get(d.event_id, (0, d.seen_at))
+                self.duplicates[d.event_id] = (count + d.count, d.seen_at)
+            for e in batch.history:
+                if e.event_id in self.event_writes:
+                    count, _ = self.duplicates.get(e.event_id, (0, e.received_at))
+                    self.duplicates[e.event_id] = (count + 1, e.received_at)
+                    continue
+                self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
+                self.event_writes[e.event_id] = dataclasses.replace(
+                    e, change=base + e.change + 1 if e.change is not None else None
+                )
             for r in batch.results:
                 self.results[r.transaction_id] = StoredResults(
                     r.transaction_id, r.status, r.digest, r.body, r.fetched_at, base + r.change + 1
@@ -222,6 +245,62 @@ class MemoryStore:
             if c.revision > after_revision and (not wanted or c.transaction_id in wanted)
         ]
         return ChangeLogPage(found[:limit], self.compacted, self.head)
+
+    async def changes_through(
+        self, revision: int, limit: int, transaction_ids: Sequence[str]
+    ) -> ChangeLogPage:
+        self._check_open()
+        wanted = set(transaction_ids)
+        found = [
+            c
+            for c in reversed(self.changes)
+            if c.revision <= revision and c.transaction_id in wanted
+        ]
+        return ChangeLogPage(found[:limit], self.compacted, self.head)
+
+    async def transaction_events(
+        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
+    ) -> Sequence[HistoryEvent]:
+        self._check_open()
+        changes = {c.revision: c for c in self.changes}
+        found: list[HistoryEvent] = []
+        for seq, (event_id, e) in enumerate(self.event_writes.items(), start=1):
+            if seq <= after_seq:
+                continue
+            if e.order_id is not None:
+                if self.order_index.get(e.order_id) != transaction_id:
+                    continue
+            elif e.transaction_id != transaction_id:
+                continue
+            _, _, body, _ = self.events[event_id]
+            count, last = self.duplicates.get(event_id, (0, None))
+            change = changes.get(e.change) if e.change is not None else None
+            found.append(
+                HistoryEvent(
+                    seq=seq,
+                    event_id=event_id,
+                    event_type=e.event_type,
+                    source=e.source,
+                    order_id=e.order_id,
+                    received_at=e.received_at,
+                    provider_time=e.provider_time,
+                    claimed_status=e.claimed_status,
+                    claimed_transaction_status=e.claimed_transaction_status,
+                    outcome=e.outcome,
+                    reason=e.reason,
+                    revision=e.change,
+                    duplicates=count,
+                    last_duplicate_at=last,
+                    digest=e.digest,
+                    body_erased=body is None and e.source not in OWN_SOURCES,
+                    body=body if bodies else None,
+                    kinds=change.kinds if change else None,
+                    diff=change.diff if change else None,
+                )
+            )
+            if len(found) == limit:
+                break
+        return found
 
     async def trim_changes(self, recorded_before: datetime) -> int:
         self._check_open()

@@ -52,6 +52,7 @@ from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeLogPage,
+    HistoryEvent,
     KeysBusy,
     ListFilter,
     PendingResults,
@@ -67,9 +68,13 @@ from transaction_service.store.base import (
 )
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
+    CHANGE_COLUMNS,
+    EVENT_COLUMNS,
+    HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
-    change_record,
+    change_log_page,
     found_from_rows,
+    history_event,
     list_condition,
     pending_results,
     plan_rows,
@@ -206,8 +211,7 @@ _WRITE_TABLES = (
 )
 _BUMP = "UPDATE meta SET value = value + $1 WHERE key = 'head_revision' RETURNING value"
 _INSERT_CHANGE = (
-    "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-    " merged, trace_id, span_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    f"INSERT INTO changes ({CHANGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 _UPSERT_TRANSACTION = (
     "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
@@ -221,9 +225,24 @@ _UPSERT_ORDER = (
     " ON CONFLICT (order_id) DO UPDATE SET transaction_id = excluded.transaction_id"
 )
 _INSERT_EVENT = (
-    "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
-    " transaction_id, outcome, revision, received_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+    " $12, $13, $14, $15)"
+)
+_COUNT_DUPLICATES = (
+    "UPDATE events SET duplicates = duplicates + $1, last_duplicate_at = $2 WHERE event_id = $3"
+)
+_UPSERT_HISTORY = (
+    f"{_INSERT_EVENT} ON CONFLICT (event_id) DO UPDATE SET duplicates = events.duplicates + 1,"
+    " last_duplicate_at = excluded.received_at"
+)
+# A transaction's history: the events of its orders, and the rows the service recorded for it.
+_HISTORY = (
+    f"SELECT {HISTORY_COLUMNS}, {{body}} FROM events e"
+    " LEFT JOIN changes c ON c.revision = e.revision"
+    " WHERE e.seq IN (SELECT seq FROM events WHERE order_id IN"
+    " (SELECT order_id FROM order_transactions WHERE transaction_id = $1) AND seq > $2"
+    " UNION ALL SELECT seq FROM events WHERE order_id IS NULL AND transaction_id = $1"
+    " AND seq > $2) ORDER BY e.seq LIMIT $3"
 )
 _UPSERT_RESULTS = (
     "INSERT INTO transaction_results (transaction_id, status, digest, body, fetched_at, revision)"
@@ -478,6 +497,8 @@ class PostgresStore:
             (_INSERT_CHANGE, "changes"),
             (_UPSERT_TRANSACTION, "transactions"),
             (_INSERT_EVENT, "events"),
+            (_COUNT_DUPLICATES, "duplicates"),
+            (_UPSERT_HISTORY, "history"),
             (_UPSERT_RESULTS, "results"),
             ("DELETE FROM results_pending WHERE transaction_id = $1", "results_done"),
             (_UPSERT_PENDING, "results_pending"),
@@ -594,15 +615,36 @@ class PostgresStore:
         params.append(limit)
         rows = await self._fetch(
             f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) AS one LEFT JOIN"
-            " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-            " merged, trace_id, span_id"
-            f" FROM changes WHERE {where} ORDER BY revision LIMIT ${len(params)}) c"
-            " ON true ORDER BY c.revision",
+            f" (SELECT {CHANGE_COLUMNS} FROM changes WHERE {where} ORDER BY revision"
+            f" LIMIT ${len(params)}) c ON true ORDER BY c.revision",
             *params,
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
+
+    async def changes_through(
+        self, revision: int, limit: int, transaction_ids: Sequence[str]
+    ) -> ChangeLogPage:
+        rows = await self._fetch(
+            f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) AS one LEFT JOIN"
+            f" (SELECT {CHANGE_COLUMNS} FROM changes WHERE revision <= $1"
+            " AND transaction_id = ANY($2::text[]) ORDER BY revision DESC LIMIT $3) c"
+            " ON true ORDER BY c.revision DESC",
+            revision,
+            list(transaction_ids),
+            limit,
+        )
+        return change_log_page(rows)
+
+    async def transaction_events(
+        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
+    ) -> Sequence[HistoryEvent]:
+        rows = await self._fetch(
+            _HISTORY.format(body="e.body" if bodies else "NULL::bytea"),
+            transaction_id,
+            after_seq,
+            limit,
+        )
+        return [history_event(tuple(row)[:-1], row[-1]) for row in rows]
 
     # -- housekeeping -----------------------------------------------------------------------------
 

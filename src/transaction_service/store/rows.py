@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from transaction_service.domain.diff import diff_from_json
 from transaction_service.domain.state import (
     ChangeKind,
     knowledge_from_json,
@@ -16,7 +17,10 @@ from transaction_service.domain.state import (
 )
 from transaction_service.store.base import (
     BatchPlan,
+    ChangeLogPage,
     ChangeRecord,
+    EventWrite,
+    HistoryEvent,
     ListFilter,
     PendingResults,
     StoredEventBody,
@@ -125,6 +129,18 @@ def snapshot(view: str | bytes, revision: int) -> TransactionSnapshot:
 
 # Change rows never change, and watchers replaying the log read the same rows; decoding the
 # stored view is most of the cost of a replay, so decoded changes are shared.
+# The columns of an event row `plan_rows` writes, in its order.
+EVENT_COLUMNS = (
+    "event_id, event_type, source, body_format, body, digest, order_id, transaction_id, outcome,"
+    " revision, received_at, reason, provider_time, claimed_status, claimed_transaction_status"
+)
+# The columns `change_record` decodes, in its order.
+CHANGE_COLUMNS = (
+    "revision, transaction_id, event_id, order_id, kinds, view, recorded_at, merged, trace_id,"
+    " span_id, diff"
+)
+
+
 @functools.lru_cache(maxsize=4096)
 def change_record(
     revision: int,
@@ -137,6 +153,7 @@ def change_record(
     merged: str | None,
     trace_id: str | None = None,
     span_id: str | None = None,
+    diff: str | None = None,
 ) -> ChangeRecord:
     return ChangeRecord(
         revision=revision,
@@ -145,14 +162,74 @@ def change_record(
         order_id=order_id,
         kinds=decode_kinds(kinds),
         view=view_from_json(view),
-        recorded_at=(
-            recorded_at
-            if isinstance(recorded_at, datetime)
-            else datetime.fromisoformat(recorded_at)
-        ),
+        recorded_at=_time(recorded_at),
         merged=decode_merged(merged),
         trace_id=trace_id or "",
         span_id=span_id or "",
+        diff=diff_from_json(diff) if diff else None,
+    )
+
+
+def change_log_page(rows: Sequence[Sequence[Any]]) -> ChangeLogPage:
+    """Rows of (compacted revision, head revision, CHANGE_COLUMNS...), the change columns NULL
+    on the one row that only carries the bounds when no change matched."""
+    changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
+    return ChangeLogPage(changes=changes, compacted_revision=rows[0][0], head_revision=rows[0][1])
+
+
+# The columns `history_event` decodes: an event (`e`) and its change (`c`, left-joined). The
+# body's column is chosen by the caller (NULL when bodies are not asked for).
+HISTORY_COLUMNS = (
+    "e.seq, e.event_id, e.event_type, e.source, e.order_id, e.received_at, e.provider_time,"
+    " e.claimed_status, e.claimed_transaction_status, e.outcome, e.reason, e.revision,"
+    " e.duplicates, e.last_duplicate_at, e.digest, e.body IS NULL, c.kinds, c.diff"
+)
+# Sources of rows the service writes itself: they never had a body.
+OWN_SOURCES = frozenset({"results", "rebuild"})
+
+
+def history_event(row: Sequence[Any], body: bytes | None) -> HistoryEvent:
+    """A row of HISTORY_COLUMNS, with the body selected beside it."""
+    (
+        seq,
+        event_id,
+        event_type,
+        source,
+        order_id,
+        received_at,
+        provider_time,
+        claimed,
+        block_status,
+        outcome,
+        reason,
+        revision,
+        duplicates,
+        last_duplicate_at,
+        digest,
+        no_body,
+        kinds,
+        diff,
+    ) = row
+    return HistoryEvent(
+        seq=seq,
+        event_id=event_id,
+        event_type=event_type,
+        source=source,
+        order_id=order_id,
+        received_at=_time(received_at),
+        provider_time=_time(provider_time) if provider_time is not None else None,
+        claimed_status=claimed or "",
+        claimed_transaction_status=block_status or "",
+        outcome=outcome,
+        reason=reason or "",
+        revision=revision,
+        duplicates=duplicates,
+        last_duplicate_at=_time(last_duplicate_at) if last_duplicate_at is not None else None,
+        digest=digest,
+        body_erased=bool(no_body) and source not in OWN_SOURCES,
+        body=bytes(body) if body is not None else None,
+        kinds=decode_kinds(kinds) if kinds is not None else None,
+        diff=diff_from_json(diff) if diff else None,
     )
 
 
@@ -173,6 +250,7 @@ def plan_rows(
             encode_merged(c.merged),
             c.trace_id or None,
             c.span_id or None,
+            c.diff_json,
         )
         for i, c in enumerate(batch.changes)
     ]
@@ -189,8 +267,9 @@ def plan_rows(
         )
         for transaction_id, t in batch.transactions.items()
     ]
-    events = [
-        (
+
+    def event_row(e: EventWrite) -> tuple[Any, ...]:
+        return (
             e.event_id,
             e.event_type,
             e.source,
@@ -202,9 +281,12 @@ def plan_rows(
             e.outcome,
             base + e.change + 1 if e.change is not None else None,
             time(e.received_at),
+            e.reason,
+            time(e.provider_time) if e.provider_time is not None else None,
+            e.claimed_status,
+            e.claimed_transaction_status,
         )
-        for e in batch.events
-    ]
+
     results = [
         (
             r.transaction_id,
@@ -235,7 +317,10 @@ def plan_rows(
         "transactions": transactions,
         "deleted": [(d,) for d in sorted(batch.deleted)],
         "orders": sorted(batch.order_index.items()),
-        "events": events,
+        "events": [event_row(e) for e in batch.events],
+        # After "events": a retry may count on a row the same batch inserts.
+        "duplicates": [(d.count, time(d.seen_at), d.event_id) for d in batch.duplicates.values()],
+        "history": [event_row(e) for e in batch.history],
     }
 
 

@@ -41,6 +41,7 @@ from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeLogPage,
+    HistoryEvent,
     ListFilter,
     PendingResults,
     Planner,
@@ -56,9 +57,13 @@ from transaction_service.store.base import (
 )
 from transaction_service.store.health import WriteHealth
 from transaction_service.store.rows import (
+    CHANGE_COLUMNS,
+    EVENT_COLUMNS,
+    HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
-    change_record,
+    change_log_page,
     found_from_rows,
+    history_event,
     iso,
     list_condition,
     pending_results,
@@ -138,10 +143,7 @@ _REPLAY = (
     " WHERE o.transaction_id IN (SELECT value FROM json_each(?)) ORDER BY e.seq"
 )
 _BUMP = "UPDATE meta SET value = value + ? WHERE key = 'head_revision' RETURNING value"
-_INSERT_CHANGE = (
-    "INSERT INTO changes (revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-    " merged, trace_id, span_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_INSERT_CHANGE = f"INSERT INTO changes ({CHANGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPSERT_TRANSACTION = (
     "INSERT INTO transactions (id, revision, status, team_id, user_id, updated_at, knowledge,"
     " view) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
@@ -154,8 +156,23 @@ _UPSERT_ORDER = (
     " ON CONFLICT (order_id) DO UPDATE SET transaction_id = excluded.transaction_id"
 )
 _INSERT_EVENT = (
-    "INSERT INTO events (event_id, event_type, source, body_format, body, digest, order_id,"
-    " transaction_id, outcome, revision, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COUNT_DUPLICATES = (
+    "UPDATE events SET duplicates = duplicates + ?, last_duplicate_at = ? WHERE event_id = ?"
+)
+_UPSERT_HISTORY = (
+    f"{_INSERT_EVENT} ON CONFLICT (event_id) DO UPDATE SET duplicates = duplicates + 1,"
+    " last_duplicate_at = excluded.received_at"
+)
+# A transaction's history: the events of its orders, and the rows the service recorded for it.
+_HISTORY = (
+    f"SELECT {HISTORY_COLUMNS}, {{body}} FROM events e"
+    " LEFT JOIN changes c ON c.revision = e.revision"
+    " WHERE e.seq IN (SELECT seq FROM events WHERE order_id IN"
+    " (SELECT order_id FROM order_transactions WHERE transaction_id = ?) AND seq > ?"
+    " UNION ALL SELECT seq FROM events WHERE order_id IS NULL AND transaction_id = ? AND seq > ?)"
+    " ORDER BY e.seq LIMIT ?"
 )
 _UPSERT_RESULTS = (
     "INSERT INTO transaction_results (transaction_id, status, digest, body, fetched_at, revision)"
@@ -423,6 +440,8 @@ class SqliteStore:
             ("DELETE FROM transactions WHERE id = ?", "deleted"),
             (_UPSERT_ORDER, "orders"),
             (_INSERT_EVENT, "events"),
+            (_COUNT_DUPLICATES, "duplicates"),
+            (_UPSERT_HISTORY, "history"),
             (_UPSERT_RESULTS, "results"),
             ("DELETE FROM results_pending WHERE transaction_id = ?", "results_done"),
             (_UPSERT_PENDING, "results_pending"),
@@ -546,15 +565,32 @@ class SqliteStore:
             params.append(json.dumps(list(transaction_ids)))
         rows = await self._fetch(
             f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) LEFT JOIN"
-            " (SELECT revision, transaction_id, event_id, order_id, kinds, view, recorded_at,"
-            " merged, trace_id, span_id"
-            f" FROM changes WHERE {where} ORDER BY revision LIMIT ?) c ON 1"
-            " ORDER BY c.revision",
+            f" (SELECT {CHANGE_COLUMNS} FROM changes WHERE {where} ORDER BY revision LIMIT ?) c"
+            " ON 1 ORDER BY c.revision",
             (*params, limit),
         )
-        compacted, head = rows[0][0], rows[0][1]
-        changes = [change_record(*row[2:]) for row in rows if row[2] is not None]
-        return ChangeLogPage(changes=changes, compacted_revision=compacted, head_revision=head)
+        return change_log_page(rows)
+
+    async def changes_through(
+        self, revision: int, limit: int, transaction_ids: Sequence[str]
+    ) -> ChangeLogPage:
+        rows = await self._fetch(
+            f"SELECT {_COMPACTED}, {_HEAD}, c.* FROM (SELECT 1) LEFT JOIN"
+            f" (SELECT {CHANGE_COLUMNS} FROM changes WHERE revision <= ? AND transaction_id IN"
+            " (SELECT value FROM json_each(?)) ORDER BY revision DESC LIMIT ?) c"
+            " ON 1 ORDER BY c.revision DESC",
+            (revision, json.dumps(list(transaction_ids)), limit),
+        )
+        return change_log_page(rows)
+
+    async def transaction_events(
+        self, transaction_id: str, after_seq: int, limit: int, *, bodies: bool
+    ) -> Sequence[HistoryEvent]:
+        rows = await self._fetch(
+            _HISTORY.format(body="e.body" if bodies else "NULL"),
+            (transaction_id, after_seq, transaction_id, after_seq, limit),
+        )
+        return [history_event(row[:-1], row[-1]) for row in rows]
 
     # -- housekeeping -----------------------------------------------------------------------------
 

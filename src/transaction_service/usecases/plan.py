@@ -17,6 +17,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from transaction_service.domain.diff import diff_to_json, diff_views
+from transaction_service.domain.explain import (
+    applied_reason,
+    bounded,
+    ignored_reason,
+    stale_reason,
+)
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
 from transaction_service.domain.payload import (
     OrderEvent,
@@ -51,6 +58,7 @@ from transaction_service.store.base import (
     BatchState,
     ChangeRecord,
     ChangeWrite,
+    DuplicateWrite,
     EventWrite,
     PendingResultsWrite,
     StoredEventBody,
@@ -233,6 +241,11 @@ class _Batch:
             digest, order_id = seen
             if digest != event.digest:
                 raise EventIdConflict(delivery.event_id)
+            # Counted on the original's row: a retry leaves a trace of bounded size.
+            counted = self.plan.duplicates.get(delivery.event_id)
+            self.plan.duplicates[delivery.event_id] = DuplicateWrite(
+                delivery.event_id, (counted.count if counted else 0) + 1, self.now
+            )
             # The current state of the transaction the event's order belongs to now (it may
             # have moved there from a legacy stand-in since).
             current = self.current_of_order(order_id)
@@ -242,7 +255,7 @@ class _Batch:
             return Planned(Outcome.DUPLICATE, delivery.event_id, current)
 
         if not isinstance(event, OrderEvent):
-            self.record(delivery, Outcome.IGNORED)
+            self.record(delivery, Outcome.IGNORED, ignored_reason(event.event_type))
             return Planned(Outcome.IGNORED, delivery.event_id, None)
 
         incoming = knowledge_from_event(event)
@@ -288,14 +301,19 @@ class _Batch:
         self.check_limits(after, view_json)
 
         if not kinds:
-            if stored is not None and knowledge != stored.knowledge:
+            assert stored is not None  # a transaction not known before always changes
+            grew = knowledge != stored.knowledge
+            # Explained from the knowledge as it was before this join: why it changed nothing.
+            reason = stale_reason(event, incoming, stored.knowledge, grew=grew)
+            if grew:
                 # Nothing visible changed, but keep the join complete so later merges stay
                 # independent of delivery order.
                 stored.knowledge, stored.knowledge_json = knowledge, None
                 self.dirty.add(target_id)
-            self.record(delivery, Outcome.STALE, transaction_id=target_id)
+            self.record(delivery, Outcome.STALE, reason, transaction_id=target_id)
             return Planned(Outcome.STALE, delivery.event_id, stored)
 
+        diff = diff_views(before, after)
         index = len(self.plan.changes)
         self.plan.changes.append(
             ChangeWrite(
@@ -309,6 +327,8 @@ class _Batch:
                 view_json=view_json,
                 trace_id=delivery.trace_id,
                 span_id=delivery.span_id,
+                diff=diff,
+                diff_json=diff_to_json(diff),
             )
         )
         current = _Current(
@@ -339,7 +359,13 @@ class _Batch:
                 attempts=0,
                 due_at=self.now,
             )
-        self.record(delivery, Outcome.APPLIED, transaction_id=target_id, change=index)
+        self.record(
+            delivery,
+            Outcome.APPLIED,
+            applied_reason(diff, after),
+            transaction_id=target_id,
+            change=index,
+        )
         return Planned(Outcome.APPLIED, delivery.event_id, current, change=index)
 
     def check_limits(self, after: TransactionView, view_json: str) -> None:
@@ -369,12 +395,20 @@ class _Batch:
         self,
         delivery: Delivery,
         outcome: Outcome,
+        reason: str,
         *,
         transaction_id: str | None = None,
         change: int | None = None,
     ) -> None:
         event = delivery.event
-        order_id = event.order.id if isinstance(event, OrderEvent) else None
+        order_id = claimed = block_status = None
+        provider_time = None
+        if isinstance(event, OrderEvent):
+            order = event.order
+            order_id = order.id
+            claimed, provider_time = claimed_status(event)
+            if order.order_transaction is not None:
+                block_status = order.order_transaction.status
         self.events[delivery.event_id] = (event.digest, order_id)
         self.plan.events.append(
             EventWrite(
@@ -389,8 +423,24 @@ class _Batch:
                 outcome=outcome.value,
                 change=change,
                 received_at=self.now,
+                reason=reason,
+                provider_time=provider_time,
+                claimed_status=claimed or "",
+                claimed_transaction_status=block_status or "",
             )
         )
+
+
+def claimed_status(event: OrderEvent) -> tuple[str | None, datetime | None]:
+    """The status an order event claims (its newest status event, "HIGH.METHOD.LOW" as sent)
+    and the time it claims to be from (the order's `updated_at`, else that status's time)."""
+    order = event.order
+    newest = order.last_event
+    for status in order.events or ():
+        if newest is None or (status.created_at, status.id) > (newest.created_at, newest.id):
+            newest = status
+    at = order.updated_at or (newest.created_at if newest is not None else None)
+    return (newest.status if newest is not None else None), at
 
 
 def plan_batch(
@@ -437,6 +487,9 @@ class RebuildOutcome(enum.StrEnum):
 
 
 REBUILD_EVENT_PREFIX = "rebuild:"
+# How a rebuild appears in a transaction's delivery history.
+REBUILD_SOURCE = "rebuild"
+REBUILD_EVENT_TYPE = "transaction.rebuilt"
 
 
 def replayed_knowledge(
@@ -500,6 +553,7 @@ def plan_rebuild(
         change = None
         if kinds:
             change = len(plan.changes)
+            diff = diff_views(stored.view, after)
             plan.changes.append(
                 ChangeWrite(
                     transaction_id=transaction_id,
@@ -509,8 +563,35 @@ def plan_rebuild(
                     view=after,
                     recorded_at=now,
                     view_json=view_json,
+                    diff=diff,
+                    diff_json=diff_to_json(diff),
                 )
             )
+            reason = "re-derived from its stored events by a rebuild: " + applied_reason(
+                diff, after
+            )
+        else:
+            reason = (
+                "re-derived from its stored events by a rebuild: what is known changed, "
+                "nothing a caller sees"
+            )
+        # In the transaction's history, as a row of its own (an event id per transaction).
+        plan.history.append(
+            EventWrite(
+                event_id=f"{event_id}:{transaction_id}",
+                event_type=REBUILD_EVENT_TYPE,
+                source=REBUILD_SOURCE,
+                body_format="json",
+                body=None,
+                digest="",
+                order_id=None,
+                transaction_id=transaction_id,
+                outcome=(Outcome.APPLIED if kinds else Outcome.STALE).value,
+                change=change,
+                received_at=now,
+                reason=bounded(reason),
+            )
+        )
         plan.transactions[transaction_id] = TransactionWrite(
             knowledge=knowledge,
             view=after,

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from transaction_service.domain.diff import NOTHING, diff_to_json
+from transaction_service.domain.explain import bounded
 from transaction_service.domain.state import (
     ChangeKind,
     TransactionStatus,
@@ -57,6 +59,7 @@ from transaction_service.store.base import (
     BatchPlan,
     BatchState,
     ChangeWrite,
+    EventWrite,
     Jobs,
     PendingResults,
     PendingResultsWrite,
@@ -66,11 +69,15 @@ from transaction_service.store.base import (
     TransactionWrite,
 )
 from transaction_service.usecases.commit import CommitPath
+from transaction_service.usecases.plan import Outcome
 
 log = logging.getLogger(__name__)
 
 # The event id of a RESULTS_READY change: the results it reports, by digest.
 RESULTS_EVENT_PREFIX = "api:results:sha256:"
+# How a fetch appears in the transaction's delivery history.
+RESULTS_SOURCE = "results"
+RESULTS_EVENT_TYPE = "results.fetched"
 PARTIAL = "partial"
 # Backoff of failed (or partial) fetches: 5 s doubling up to an hour, with jitter; a marker is
 # retried until it succeeds or is older than the body retention.
@@ -149,6 +156,8 @@ def plan_fetched(
                 view=stored.view,
                 recorded_at=now,
                 view_json=view_json,
+                diff=NOTHING,
+                diff_json=diff_to_json(NOTHING),
             )
         )
         plan.transactions[transaction_id] = TransactionWrite(
@@ -170,6 +179,8 @@ def plan_fetched(
             )
         )
         ready = True
+    if stored is not None:
+        plan.history.append(_fetch_record(transaction_id, results.status, digest, now, ready))
     if marker is None or marker.requested_revision != pending.requested_revision:
         return plan, ready  # cleared already, or asked for again meanwhile: leave it
     if stored is None or results.status != PARTIAL or give_up:
@@ -177,6 +188,31 @@ def plan_fetched(
     else:
         plan.results_pending[transaction_id] = _again(marker, again_at, "partial results")
     return plan, ready
+
+
+def _fetch_record(
+    transaction_id: str, status: str, digest: str, now: datetime, ready: bool
+) -> EventWrite:
+    """The fetch, as a row of the transaction's delivery history: one row per version of the
+    results (fetching the same again counts on it, like a retried delivery)."""
+    if ready:
+        reason = f"combined results fetched (`{status}`), reported with RESULTS_READY"
+    else:
+        reason = f"the same combined results (`{status}`) as stored already"
+    return EventWrite(
+        event_id=f"{RESULTS_EVENT_PREFIX}{digest}:{transaction_id}",
+        event_type=RESULTS_EVENT_TYPE,
+        source=RESULTS_SOURCE,
+        body_format="json",
+        body=None,
+        digest=digest,
+        order_id=None,
+        transaction_id=transaction_id,
+        outcome=(Outcome.APPLIED if ready else Outcome.STALE).value,
+        change=0 if ready else None,
+        received_at=now,
+        reason=bounded(reason),
+    )
 
 
 def plan_missing_results(state: BatchState, transaction_id: str, now: datetime) -> BatchPlan:

@@ -201,30 +201,44 @@ class SendBudget:
 
 
 class Compacted(OutOfRange):
-    """The change log no longer holds the changes after `last_sent_revision`."""
+    """The change log no longer holds the changes after `last_sent_revision` (a watch), or the
+    state at `revision` (an as-of read: `last_sent_revision` None)."""
 
-    def __init__(self, compacted_revision: int, last_sent_revision: int) -> None:
-        super().__init__(
-            f"changes up to revision {compacted_revision} have been compacted; this watch needs "
-            f"those after revision {last_sent_revision}. Re-read the state and watch from its "
-            "revision.",
-            reason=Reason.REVISION_COMPACTED,
-            metadata={
-                "compacted_revision": str(compacted_revision),
-                "last_sent_revision": str(last_sent_revision),
-            },
-        )
+    def __init__(
+        self,
+        compacted_revision: int,
+        last_sent_revision: int | None,
+        *,
+        revision: int | None = None,
+    ) -> None:
+        metadata = {"compacted_revision": str(compacted_revision)}
+        if last_sent_revision is not None:
+            message = (
+                f"changes up to revision {compacted_revision} have been compacted; this watch "
+                f"needs those after revision {last_sent_revision}. Re-read the state and watch "
+                "from its revision."
+            )
+            metadata["last_sent_revision"] = str(last_sent_revision)
+        else:
+            message = (
+                f"the state at revision {revision} is no longer known: changes up to revision "
+                f"{compacted_revision} have been compacted (the change log keeps "
+                "TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS). Read a newer revision."
+            )
+        super().__init__(message, reason=Reason.REVISION_COMPACTED, metadata=metadata)
         self.compacted_revision = compacted_revision
         self.last_sent_revision = last_sent_revision
 
 
 class RevisionInFuture(OutOfRange):
-    """A watch asked to start after a revision that has not been committed yet."""
+    """A watch asked to start after (or a read to read at) a revision not committed yet."""
 
-    def __init__(self, start_revision: int, head_revision: int) -> None:
+    def __init__(
+        self, start_revision: int, head_revision: int, *, field: str = "start_revision"
+    ) -> None:
         super().__init__(
-            f"start_revision {start_revision} is ahead of the newest revision, {head_revision}: "
-            "a revision comes from a message of this service; resume from one you received",
+            f"{field} {start_revision} is ahead of the newest revision, {head_revision}: "
+            "a revision comes from a message of this service; use one you received",
             reason=Reason.REVISION_IN_FUTURE,
             metadata={"head_revision": str(head_revision)},
         )

@@ -19,6 +19,7 @@ revision can later tell whether what it holds is current.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -264,6 +265,52 @@ RECONCILE_OUTCOME_FAILED: ReconcileOutcome.ValueType  # 3
 """It failed for this transaction (see `error`); the back-fill went on."""
 Global___ReconcileOutcome: _TypeAlias = ReconcileOutcome  # noqa: Y015
 
+class _EventSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_SOURCE_UNSPECIFIED: _EventSource.ValueType  # 0
+    """Not known (a source added later)."""
+    EVENT_SOURCE_WEBHOOK: _EventSource.ValueType  # 1
+    """POST /webhooks/junction, signed by Svix."""
+    EVENT_SOURCE_GRPC: _EventSource.ValueType  # 2
+    """IngestEvent or IngestEvents (a forwarder, a back-fill from files)."""
+    EVENT_SOURCE_JUNCTION_API: _EventSource.ValueType  # 3
+    """Junction's API, read by a reconcile (ReconcileTransaction, the sweep, BackfillTransactions)."""
+    EVENT_SOURCE_RESULTS_FETCH: _EventSource.ValueType  # 4
+    """The combined results, fetched from Junction's API after the transaction completed (or its
+    results were corrected). `revision` is the RESULTS_READY change; fetching the same results
+    again counts as a duplicate.
+    """
+    EVENT_SOURCE_REBUILD: _EventSource.ValueType  # 5
+    """`transaction-service rebuild` re-derived the state from the stored events after a
+    merge-rule change.
+    """
+
+class EventSource(_EventSource, metaclass=_EventSourceEnumTypeWrapper):
+    """EventSource says how a delivery reached the service."""
+
+EVENT_SOURCE_UNSPECIFIED: EventSource.ValueType  # 0
+"""Not known (a source added later)."""
+EVENT_SOURCE_WEBHOOK: EventSource.ValueType  # 1
+"""POST /webhooks/junction, signed by Svix."""
+EVENT_SOURCE_GRPC: EventSource.ValueType  # 2
+"""IngestEvent or IngestEvents (a forwarder, a back-fill from files)."""
+EVENT_SOURCE_JUNCTION_API: EventSource.ValueType  # 3
+"""Junction's API, read by a reconcile (ReconcileTransaction, the sweep, BackfillTransactions)."""
+EVENT_SOURCE_RESULTS_FETCH: EventSource.ValueType  # 4
+"""The combined results, fetched from Junction's API after the transaction completed (or its
+results were corrected). `revision` is the RESULTS_READY change; fetching the same results
+again counts as a duplicate.
+"""
+EVENT_SOURCE_REBUILD: EventSource.ValueType  # 5
+"""`transaction-service rebuild` re-derived the state from the stored events after a
+merge-rule change.
+"""
+Global___EventSource: _TypeAlias = EventSource  # noqa: Y015
+
 @_typing.final
 class IngestEventRequest(_message.Message):
     """IngestEventRequest carries one webhook delivery as Junction (through Svix) sent it."""
@@ -385,22 +432,35 @@ class GetTransactionRequest(_message.Message):
 
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     """The Junction order transaction id (`data.order_transaction.id` in a webhook)."""
     order_id: _builtins.str
     """The id of any order in the transaction, initial, redraw or recreation."""
+    revision: _builtins.int
+    """Read the state as it was at this revision (every change up to it applied, none after):
+    for example a revision from a change, a history entry or an earlier read. Unset: the
+    current state. An order id finds the transaction the order belonged to at that revision.
+    Not allowed in BatchGetTransactions lookups (INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
         transaction_id: _builtins.str = ...,
         order_id: _builtins.str = ...,
+        revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup", "order_id", b"order_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_revision", b"_revision", "lookup", b"lookup", "order_id", b"order_id", "revision", b"revision", "transaction_id", b"transaction_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup", "order_id", b"order_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_revision", b"_revision", "lookup", b"lookup", "order_id", b"order_id", "revision", b"revision", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__revision: _TypeAlias = _typing.Literal["revision"]  # noqa: Y015
+    _WhichOneofArgType__revision: _TypeAlias = _typing.Literal["_revision", b"_revision"]  # noqa: Y015
     _WhichOneofReturnType_lookup: _TypeAlias = _typing.Literal["transaction_id", "order_id"]  # noqa: Y015
     _WhichOneofArgType_lookup: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__revision) -> _WhichOneofReturnType__revision | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_lookup) -> _WhichOneofReturnType_lookup | None: ...
 
 Global___GetTransactionRequest: _TypeAlias = GetTransactionRequest  # noqa: Y015
@@ -419,7 +479,9 @@ class GetTransactionResponse(_message.Message):
     """
     @_builtins.property
     def transaction(self) -> Global___Transaction:
-        """The transaction's current state."""
+        """The transaction's current state; with a request `revision`, its state at that revision
+        (`transaction.revision` is then the revision of its last change at or below it).
+        """
 
     def __init__(
         self,
@@ -951,6 +1013,7 @@ class TransactionChange(_message.Message):
     MERGED_TRANSACTION_IDS_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     SPAN_ID_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The change's revision: unique, and greater than every earlier change's."""
     order_id: _builtins.str
@@ -994,6 +1057,14 @@ class TransactionChange(_message.Message):
         continues with the transaction it was folded into.
         """
 
+    @_builtins.property
+    def diff(self) -> Global___TransactionDiff:
+        """What the change changed, field by field, with the values before: react to
+        `current_order_id` or an order's `low_level_status` without comparing states. Computed when
+        the change was committed and kept with it, so a replay says the same as the live change.
+        Unset for changes committed before the service kept diffs.
+        """
+
     def __init__(
         self,
         *,
@@ -1006,14 +1077,113 @@ class TransactionChange(_message.Message):
         merged_transaction_ids: _abc.Iterable[_builtins.str] | None = ...,
         trace_id: _builtins.str = ...,
         span_id: _builtins.str = ...,
+        diff: Global___TransactionDiff | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at", "transaction", b"transaction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "recorded_at", b"recorded_at", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "kinds", b"kinds", "merged_transaction_ids", b"merged_transaction_ids", "order_id", b"order_id", "recorded_at", b"recorded_at", "revision", b"revision", "span_id", b"span_id", "trace_id", b"trace_id", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "event_id", b"event_id", "kinds", b"kinds", "merged_transaction_ids", b"merged_transaction_ids", "order_id", b"order_id", "recorded_at", b"recorded_at", "revision", b"revision", "span_id", b"span_id", "trace_id", b"trace_id", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TransactionChange: _TypeAlias = TransactionChange  # noqa: Y015
+
+@_typing.final
+class TransactionDiff(_message.Message):
+    """TransactionDiff is what one change changed: the fields of the transaction whose value differs
+    from the state just before the change, and their values then. The values after are in the
+    change's `transaction`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changed_fields(self) -> _field_mask_pb2.FieldMask:
+        """The fields of Transaction that changed, by their names in this file (`status`,
+        `current_order_id`, `redraw_available`, `updated_at`, ...). `orders` when any order was
+        added, removed or changed; each such order is in `orders` below. `revision` changes with
+        every change and is never listed. For a new transaction (TRANSACTION_CREATED), every field
+        it has set. Empty when nothing in the state changed (RESULTS_READY, which reports results).
+        """
+
+    @_builtins.property
+    def previous(self) -> Global___Transaction:
+        """The transaction before the change, holding only the fields named in changed_fields (but
+        `orders`, see below): a field named there and unset here had no value (or its default)
+        before. Unset for a new transaction.
+        """
+
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderDiff]:
+        """Each order added, removed or changed, in the order of the transaction's orders (removed
+        ones last).
+        """
+
+    def __init__(
+        self,
+        *,
+        changed_fields: _field_mask_pb2.FieldMask | None = ...,
+        previous: Global___Transaction | None = ...,
+        orders: _abc.Iterable[Global___OrderDiff] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "orders", b"orders", "previous", b"previous"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionDiff: _TypeAlias = TransactionDiff  # noqa: Y015
+
+@_typing.final
+class OrderDiff(_message.Message):
+    """OrderDiff is what one change did to one order of the transaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order's id."""
+    added: _builtins.bool
+    """The order joined the transaction with this change (it is in `transaction.orders` now)."""
+    removed: _builtins.bool
+    """The order left the transaction with this change (it moved to another transaction); it is
+    in `previous` only.
+    """
+    @_builtins.property
+    def changed_fields(self) -> _field_mask_pb2.FieldMask:
+        """The fields of Order that changed (`low_level_status`, `high_level_status`,
+        `status_reached_at`, `sample_id`, ...); for an added order, every field it has set; empty
+        for a removed one.
+        """
+
+    @_builtins.property
+    def previous(self) -> Global___Order:
+        """The order before the change, holding only the fields named in changed_fields (the whole
+        order when removed); unset when added.
+        """
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        added: _builtins.bool = ...,
+        removed: _builtins.bool = ...,
+        changed_fields: _field_mask_pb2.FieldMask | None = ...,
+        previous: Global___Order | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "previous", b"previous"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed_fields", b"changed_fields", "order_id", b"order_id", "previous", b"previous", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderDiff: _TypeAlias = OrderDiff  # noqa: Y015
 
 @_typing.final
 class TransactionSnapshot(_message.Message):
@@ -1545,3 +1715,211 @@ class BatchGetTransactionsResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchGetTransactionsResult: _TypeAlias = BatchGetTransactionsResult  # noqa: Y015
+
+@_typing.final
+class ListTransactionEventsRequest(_message.Message):
+    """ListTransactionEventsRequest names the transaction whose delivery history to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_BODIES_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The Junction order transaction id."""
+    order_id: _builtins.str
+    """The id of any order in the transaction."""
+    page_size: _builtins.int
+    """The most entries to return, 1 to 1,000; 0 means 100. A page may hold fewer even when more
+    follow (see ListTransactionEvents).
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous response, to continue from there; empty for the first
+    page. A token works only with the same lookup and include_bodies it was issued for.
+    """
+    include_bodies: _builtins.bool
+    """Return each delivery's body (`body_json`) while the body retention keeps it. Needs an ingest
+    token when tokens are configured (PERMISSION_DENIED otherwise): bodies hold patient data.
+    """
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_bodies: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lookup", b"lookup", "order_id", b"order_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_bodies", b"include_bodies", "lookup", b"lookup", "order_id", b"order_id", "page_size", b"page_size", "page_token", b"page_token", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_lookup: _TypeAlias = _typing.Literal["transaction_id", "order_id"]  # noqa: Y015
+    _WhichOneofArgType_lookup: _TypeAlias = _typing.Literal["lookup", b"lookup"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_lookup) -> _WhichOneofReturnType_lookup | None: ...
+
+Global___ListTransactionEventsRequest: _TypeAlias = ListTransactionEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListTransactionEventsResponse(_message.Message):
+    """ListTransactionEventsResponse is one page of a transaction's delivery history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    """The transaction the entries belong to (the one the lookup found)."""
+    next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
+    revision: _builtins.int
+    """The store's head revision at the time of the read."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransactionEvent]:
+        """The entries of this page, in the order the service took them in."""
+
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        events: _abc.Iterable[Global___TransactionEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token", "revision", b"revision", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransactionEventsResponse: _TypeAlias = ListTransactionEventsResponse  # noqa: Y015
+
+@_typing.final
+class TransactionEvent(_message.Message):
+    """TransactionEvent is one entry of a transaction's delivery history: one delivery as recorded
+    in the commit that took it in (its outcome and reason are never reconstructed later).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    PROVIDER_TIME_FIELD_NUMBER: _builtins.int
+    CLAIMED_STATUS_FIELD_NUMBER: _builtins.int
+    CLAIMED_TRANSACTION_STATUS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_DUPLICATE_AT_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    BODY_ERASED_FIELD_NUMBER: _builtins.int
+    BODY_JSON_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The delivery's event id (see IngestEventRequest.event_id). For a results fetch:
+    "api:results:sha256:<digest>:<transaction id>"; for a rebuild: "rebuild:<start
+    time>:<transaction id>".
+    """
+    source: Global___EventSource.ValueType
+    """How it reached the service."""
+    event_type: _builtins.str
+    """The body's `event_type` (`labtest.order.updated`, ...); "results.fetched" for a results
+    fetch, "transaction.rebuilt" for a rebuild.
+    """
+    order_id: _builtins.str
+    """The order it is about (`data.id`); empty for results fetches and rebuilds."""
+    claimed_status: _builtins.str
+    """The order status the delivery claimed: its newest status event as sent, "HIGH.METHOD.LOW"
+    (e.g. "collecting_sample.walk_in_test.redraw_available").
+    """
+    claimed_transaction_status: _builtins.str
+    """The transaction status its `order_transaction` block claimed (`active`, `completed`, ...);
+    empty when it carried no block.
+    """
+    outcome: Global___IngestOutcome.ValueType
+    """What it did: APPLIED, STALE or IGNORED (retries are counted in `duplicate_count`)."""
+    reason: _builtins.str
+    """Why, in words, decided from what the service knew when it took the delivery in: for a STALE
+    delivery what made it change nothing ("older than order 2f1c0a9e…'s `completed` at
+    2026-03-12T10:42:07Z", "a re-send: the same body was taken in before, under another event
+    id"), for an APPLIED one what it changed. At most 300 characters; an id longer than 12
+    characters is cut to its first 8 and "…".
+    """
+    revision: _builtins.int
+    """The revision of the change it made; 0 unless outcome is APPLIED. Read the state it made
+    with GetTransaction and this revision.
+    """
+    duplicate_count: _builtins.int
+    """How many times the same event id was delivered again since (each answered DUPLICATE)."""
+    digest: _builtins.str
+    """sha256 of the body's canonical JSON, kept after the body is erased (of the results JSON,
+    for a results fetch; empty for a rebuild).
+    """
+    body_erased: _builtins.bool
+    """The body was erased by the body retention; its id, digest, outcome and reason stay."""
+    body_json: _builtins.str
+    """The body as received (raw JSON text for `payload_json` and webhooks, canonical JSON for a
+    `payload` Struct); only with include_bodies, and only while kept.
+    """
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """When the service took it in (committed it)."""
+
+    @_builtins.property
+    def provider_time(self) -> _timestamp_pb2.Timestamp:
+        """The time the delivery states for itself: the order's `updated_at`, or the time of its
+        newest status event. Unset when it states none.
+        """
+
+    @_builtins.property
+    def last_duplicate_at(self) -> _timestamp_pb2.Timestamp:
+        """When the last of those came; unset without any."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___ChangeKind.ValueType]:
+        """The kinds of the change it made, while the change log keeps the change (see
+        TransactionChange.kinds); empty otherwise.
+        """
+
+    @_builtins.property
+    def diff(self) -> Global___TransactionDiff:
+        """What that change changed, field by field, while the change log keeps it."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        source: Global___EventSource.ValueType = ...,
+        event_type: _builtins.str = ...,
+        order_id: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+        provider_time: _timestamp_pb2.Timestamp | None = ...,
+        claimed_status: _builtins.str = ...,
+        claimed_transaction_status: _builtins.str = ...,
+        outcome: Global___IngestOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        duplicate_count: _builtins.int = ...,
+        last_duplicate_at: _timestamp_pb2.Timestamp | None = ...,
+        kinds: _abc.Iterable[Global___ChangeKind.ValueType] | None = ...,
+        diff: Global___TransactionDiff | None = ...,
+        digest: _builtins.str = ...,
+        body_erased: _builtins.bool = ...,
+        body_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "last_duplicate_at", b"last_duplicate_at", "provider_time", b"provider_time", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_erased", b"body_erased", "body_json", b"body_json", "claimed_status", b"claimed_status", "claimed_transaction_status", b"claimed_transaction_status", "diff", b"diff", "digest", b"digest", "duplicate_count", b"duplicate_count", "event_id", b"event_id", "event_type", b"event_type", "kinds", b"kinds", "last_duplicate_at", b"last_duplicate_at", "order_id", b"order_id", "outcome", b"outcome", "provider_time", b"provider_time", "reason", b"reason", "received_at", b"received_at", "revision", b"revision", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionEvent: _TypeAlias = TransactionEvent  # noqa: Y015

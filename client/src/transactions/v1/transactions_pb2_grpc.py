@@ -31,10 +31,10 @@ class TransactionServiceStub:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     def __init__(self, channel):
@@ -98,6 +98,11 @@ class TransactionServiceStub:
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.SerializeToString,
                 response_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.FromString,
                 _registered_method=True)
+        self.ListTransactionEvents = channel.unary_unary(
+                '/transactions.v1.TransactionService/ListTransactionEvents',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TransactionServiceServicer:
@@ -106,10 +111,10 @@ class TransactionServiceServicer:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     def IngestEvent(self, request, context):
@@ -150,6 +155,18 @@ class TransactionServiceServicer:
         """GetTransaction returns the current state of one transaction, found by its own id or by the id of
         any of its orders. NOT_FOUND if no webhook has mentioned it yet; INVALID_ARGUMENT if no lookup
         is set or its id has no non-space character.
+
+        With `revision` it returns the state as it was at that revision instead (an "as-of" read),
+        from the change log: the state after the transaction's last change at or below it, with
+        that change's revision. Errors of an as-of read:
+        NOT_FOUND         the transaction did not exist yet at that revision (or, looked up by the
+        id of a legacy stand-in, had been folded into its real transaction).
+        OUT_OF_RANGE      the change log no longer holds the state at that revision (it keeps
+        the changes of TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS): ErrorInfo
+        reason REVISION_COMPACTED with `compacted_revision`, as for watches; or
+        the revision is newer than any committed: REVISION_IN_FUTURE with
+        `head_revision`.
+        INVALID_ARGUMENT  a negative revision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -347,6 +364,36 @@ class TransactionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTransactionEvents(self, request, context):
+        """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
+        service received for one transaction (found by its id or by one of its order ids), in the
+        order it took them in, each with what it claimed, what it did and why, in words. Deliveries
+        of the transaction's orders made before they joined it (a legacy stand-in folded in) are
+        included. A retry of a delivery (same event id, outcome DUPLICATE) is counted on the
+        delivery's entry, not listed again. Combined results fetched from Junction's API and
+        rebuilds are entries too (sources RESULTS_FETCH and REBUILD); reconciles are deliveries with
+        source JUNCTION_API. Deliveries recorded by a version of the service that kept no history
+        are listed with an empty reason and no claims, and their retries were not counted.
+
+        Pages (AIP-158): at most `page_size` entries (1 to 1,000; 0 means 100), and fewer when the
+        entries would not fit in half of the largest message (max_message_bytes), as bodies can
+        make them large; pass `next_page_token` back as `page_token` for the next page. Entries
+        committed after a page was read come in later pages, in order: paging to the end never
+        misses one.
+
+        Webhook bodies hold patient data: `include_bodies` returns them, to an ingest token only,
+        and only for bodies not yet erased by the body retention
+        (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS; the entry stays, `body_erased` set). A read
+        token sees everything else. Errors:
+        NOT_FOUND          no webhook has mentioned the transaction or order.
+        INVALID_ARGUMENT   no lookup, an id with no non-space character, a page_size out of range,
+        or a page_token not issued for this lookup and include_bodies.
+        PERMISSION_DENIED  include_bodies with a read token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransactionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -405,6 +452,11 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.FromString,
                     response_serializer=transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.SerializeToString,
             ),
+            'ListTransactionEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransactionEvents,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'transactions.v1.TransactionService', rpc_method_handlers)
@@ -419,10 +471,10 @@ class TransactionService:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     @staticmethod
@@ -712,6 +764,33 @@ class TransactionService:
             '/transactions.v1.TransactionService/GetTransactionResultsPdf',
             transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfRequest.SerializeToString,
             transactions_dot_v1_dot_transactions__pb2.GetTransactionResultsPdfResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransactionEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transactions.v1.TransactionService/ListTransactionEvents',
+            transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.ListTransactionEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,10 +46,10 @@ class TransactionServiceStub:
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     @_typing.overload
@@ -90,6 +90,18 @@ class TransactionServiceStub:
     """GetTransaction returns the current state of one transaction, found by its own id or by the id of
     any of its orders. NOT_FOUND if no webhook has mentioned it yet; INVALID_ARGUMENT if no lookup
     is set or its id has no non-space character.
+
+    With `revision` it returns the state as it was at that revision instead (an "as-of" read),
+    from the change log: the state after the transaction's last change at or below it, with
+    that change's revision. Errors of an as-of read:
+      NOT_FOUND         the transaction did not exist yet at that revision (or, looked up by the
+                        id of a legacy stand-in, had been folded into its real transaction).
+      OUT_OF_RANGE      the change log no longer holds the state at that revision (it keeps
+                        the changes of TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS): ErrorInfo
+                        reason REVISION_COMPACTED with `compacted_revision`, as for watches; or
+                        the revision is newer than any committed: REVISION_IN_FUTURE with
+                        `head_revision`.
+      INVALID_ARGUMENT  a negative revision.
     """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionsRequest, _transactions_pb2.ListTransactionsResponse]
     """ListTransactions pages through transactions, oldest change first (ordered by revision). A
@@ -247,6 +259,32 @@ class TransactionServiceStub:
     PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
     for GetTransactionResults.
     """
+    ListTransactionEvents: _grpc.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionEventsRequest, _transactions_pb2.ListTransactionEventsResponse]
+    """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
+    service received for one transaction (found by its id or by one of its order ids), in the
+    order it took them in, each with what it claimed, what it did and why, in words. Deliveries
+    of the transaction's orders made before they joined it (a legacy stand-in folded in) are
+    included. A retry of a delivery (same event id, outcome DUPLICATE) is counted on the
+    delivery's entry, not listed again. Combined results fetched from Junction's API and
+    rebuilds are entries too (sources RESULTS_FETCH and REBUILD); reconciles are deliveries with
+    source JUNCTION_API. Deliveries recorded by a version of the service that kept no history
+    are listed with an empty reason and no claims, and their retries were not counted.
+
+    Pages (AIP-158): at most `page_size` entries (1 to 1,000; 0 means 100), and fewer when the
+    entries would not fit in half of the largest message (max_message_bytes), as bodies can
+    make them large; pass `next_page_token` back as `page_token` for the next page. Entries
+    committed after a page was read come in later pages, in order: paging to the end never
+    misses one.
+
+    Webhook bodies hold patient data: `include_bodies` returns them, to an ingest token only,
+    and only for bodies not yet erased by the body retention
+    (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS; the entry stays, `body_erased` set). A read
+    token sees everything else. Errors:
+      NOT_FOUND          no webhook has mentioned the transaction or order.
+      INVALID_ARGUMENT   no lookup, an id with no non-space character, a page_size out of range,
+                         or a page_token not issued for this lookup and include_bodies.
+      PERMISSION_DENIED  include_bodies with a read token.
+    """
 
 @_typing.type_check_only
 class TransactionServiceAsyncStub(TransactionServiceStub):
@@ -255,10 +293,10 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -296,6 +334,18 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     """GetTransaction returns the current state of one transaction, found by its own id or by the id of
     any of its orders. NOT_FOUND if no webhook has mentioned it yet; INVALID_ARGUMENT if no lookup
     is set or its id has no non-space character.
+
+    With `revision` it returns the state as it was at that revision instead (an "as-of" read),
+    from the change log: the state after the transaction's last change at or below it, with
+    that change's revision. Errors of an as-of read:
+      NOT_FOUND         the transaction did not exist yet at that revision (or, looked up by the
+                        id of a legacy stand-in, had been folded into its real transaction).
+      OUT_OF_RANGE      the change log no longer holds the state at that revision (it keeps
+                        the changes of TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS): ErrorInfo
+                        reason REVISION_COMPACTED with `compacted_revision`, as for watches; or
+                        the revision is newer than any committed: REVISION_IN_FUTURE with
+                        `head_revision`.
+      INVALID_ARGUMENT  a negative revision.
     """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionsRequest, _transactions_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """ListTransactions pages through transactions, oldest change first (ordered by revision). A
@@ -453,6 +503,32 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
     for GetTransactionResults.
     """
+    ListTransactionEvents: _aio.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionEventsRequest, _transactions_pb2.ListTransactionEventsResponse]  # type: ignore[assignment]
+    """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
+    service received for one transaction (found by its id or by one of its order ids), in the
+    order it took them in, each with what it claimed, what it did and why, in words. Deliveries
+    of the transaction's orders made before they joined it (a legacy stand-in folded in) are
+    included. A retry of a delivery (same event id, outcome DUPLICATE) is counted on the
+    delivery's entry, not listed again. Combined results fetched from Junction's API and
+    rebuilds are entries too (sources RESULTS_FETCH and REBUILD); reconciles are deliveries with
+    source JUNCTION_API. Deliveries recorded by a version of the service that kept no history
+    are listed with an empty reason and no claims, and their retries were not counted.
+
+    Pages (AIP-158): at most `page_size` entries (1 to 1,000; 0 means 100), and fewer when the
+    entries would not fit in half of the largest message (max_message_bytes), as bodies can
+    make them large; pass `next_page_token` back as `page_token` for the next page. Entries
+    committed after a page was read come in later pages, in order: paging to the end never
+    misses one.
+
+    Webhook bodies hold patient data: `include_bodies` returns them, to an ingest token only,
+    and only for bodies not yet erased by the body retention
+    (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS; the entry stays, `body_erased` set). A read
+    token sees everything else. Errors:
+      NOT_FOUND          no webhook has mentioned the transaction or order.
+      INVALID_ARGUMENT   no lookup, an id with no non-space character, a page_size out of range,
+                         or a page_token not issued for this lookup and include_bodies.
+      PERMISSION_DENIED  include_bodies with a read token.
+    """
 
 class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
     """TransactionService ingests Junction webhooks and serves the order transactions they describe.
@@ -460,10 +536,10 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
     Authentication: when the server is configured with bearer tokens, every call of this service
     (streams included) needs the metadata `authorization: Bearer <token>`. Without a token, or with
     one the server does not know: UNAUTHENTICATED (google.rpc.ErrorInfo reason MISSING_TOKEN or
-    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults
-    and GetTransactionResultsPdf included); IngestEvent, ReconcileTransaction and
-    BackfillTransactions need an ingest token (which may also read), else PERMISSION_DENIED. Health
-    and reflection need none.
+    UNKNOWN_TOKEN). A read token may call the Get, List and Watch methods (GetTransactionResults,
+    GetTransactionResultsPdf and ListTransactionEvents included, though not for webhook bodies);
+    IngestEvent, ReconcileTransaction and BackfillTransactions need an ingest token (which may also
+    read), else PERMISSION_DENIED. Health and reflection need none.
     """
 
     @_abc_1.abstractmethod
@@ -511,6 +587,18 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetTransaction returns the current state of one transaction, found by its own id or by the id of
         any of its orders. NOT_FOUND if no webhook has mentioned it yet; INVALID_ARGUMENT if no lookup
         is set or its id has no non-space character.
+
+        With `revision` it returns the state as it was at that revision instead (an "as-of" read),
+        from the change log: the state after the transaction's last change at or below it, with
+        that change's revision. Errors of an as-of read:
+          NOT_FOUND         the transaction did not exist yet at that revision (or, looked up by the
+                            id of a legacy stand-in, had been folded into its real transaction).
+          OUT_OF_RANGE      the change log no longer holds the state at that revision (it keeps
+                            the changes of TRANSACTION_SERVICE_CHANGE_RETENTION_SECONDS): ErrorInfo
+                            reason REVISION_COMPACTED with `compacted_revision`, as for watches; or
+                            the revision is newer than any committed: REVISION_IN_FUTURE with
+                            `head_revision`.
+          INVALID_ARGUMENT  a negative revision.
         """
 
     @_abc_1.abstractmethod
@@ -721,6 +809,38 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
         PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
         for GetTransactionResults.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTransactionEvents(
+        self,
+        request: _transactions_pb2.ListTransactionEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transactions_pb2.ListTransactionEventsResponse, _abc.Awaitable[_transactions_pb2.ListTransactionEventsResponse]]:
+        """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
+        service received for one transaction (found by its id or by one of its order ids), in the
+        order it took them in, each with what it claimed, what it did and why, in words. Deliveries
+        of the transaction's orders made before they joined it (a legacy stand-in folded in) are
+        included. A retry of a delivery (same event id, outcome DUPLICATE) is counted on the
+        delivery's entry, not listed again. Combined results fetched from Junction's API and
+        rebuilds are entries too (sources RESULTS_FETCH and REBUILD); reconciles are deliveries with
+        source JUNCTION_API. Deliveries recorded by a version of the service that kept no history
+        are listed with an empty reason and no claims, and their retries were not counted.
+
+        Pages (AIP-158): at most `page_size` entries (1 to 1,000; 0 means 100), and fewer when the
+        entries would not fit in half of the largest message (max_message_bytes), as bodies can
+        make them large; pass `next_page_token` back as `page_token` for the next page. Entries
+        committed after a page was read come in later pages, in order: paging to the end never
+        misses one.
+
+        Webhook bodies hold patient data: `include_bodies` returns them, to an ingest token only,
+        and only for bodies not yet erased by the body retention
+        (TRANSACTION_SERVICE_BODY_RETENTION_SECONDS; the entry stays, `body_erased` set). A read
+        token sees everything else. Errors:
+          NOT_FOUND          no webhook has mentioned the transaction or order.
+          INVALID_ARGUMENT   no lookup, an id with no non-space character, a page_size out of range,
+                             or a page_token not issued for this lookup and include_bodies.
+          PERMISSION_DENIED  include_bodies with a read token.
         """
 
 def add_TransactionServiceServicer_to_server(servicer: TransactionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
