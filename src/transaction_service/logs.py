@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -97,6 +98,75 @@ class JsonFormatter(logging.Formatter):
 
 def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
+
+
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes lines in batches: one write for the lines of up to
+    `DELAY` seconds, instead of a write (and a wake-up of whoever reads the pipe) per line.
+
+    A record is formatted at once, in the thread that logs it (so it carries that call's
+    request id), and its line is kept; a thread of the handler writes what was kept `DELAY`
+    seconds after the first line of a batch arrived. WARNING and above are written at once,
+    with everything kept before them, and so is a batch that reaches `MAX_LINES`. `flush()`
+    (called at exit, by `logging.shutdown`) writes what is kept. Measured, on GetTransaction:
+    the access line's write was about 100 us of the server's 580 us of CPU per call, most
+    of it the write itself. What a SIGKILL can lose: the INFO lines of the last `DELAY`.
+    """
+
+    DELAY = 0.05
+    MAX_LINES = 512
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._kept: list[str] = []
+        self._wake = threading.Condition(threading.Lock())
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_batches, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called under the handler's lock (Handler.handle), which every write holds: batches
+        # go out in the order their lines were logged.
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        with self._wake:
+            self._kept.append(line)
+            if record.levelno < logging.WARNING and len(self._kept) < self.MAX_LINES:
+                if len(self._kept) == 1:
+                    self._wake.notify()
+                return
+        self.flush()
+
+    def _write_batches(self) -> None:
+        while True:
+            with self._wake:
+                while not self._kept and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            time.sleep(self.DELAY)
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            with self._wake:
+                lines, self._kept = self._kept, []
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                except Exception:
+                    return  # nowhere left to report it: the log is what failed
+            super().flush()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.flush()
+        super().close()
 
 
 # grpc-core (absl) log lines: `E1206 22:33:11.123456  1234 ssl_transport_security.cc:1677] text`.
