@@ -293,6 +293,8 @@ def _startup_error(message: str, native: NativeStderr | None = None) -> None:
         native.stop()  # the line goes out after everything logged before it
         log.error("transaction-service: error: %s", message)
         return
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # lines kept by the batching handler go out before this one
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
