@@ -22,8 +22,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import SCENARIOS
-from tests.process import Server, running_server, server_env
+from tests.process import Server, running_server, server_env, startup_error
 
 # Made up for these tests: it occurs nowhere but in the bodies they ingest.
 LAST_NAME = "Quixotefeld"
@@ -165,3 +167,26 @@ def test_an_open_grpc_port_and_unsigned_webhooks_are_warned_about_in_json_logs(
     warnings = [r["message"] for r in records if r["level"] == "WARNING"]
     assert any(m.startswith("grpc: OPEN TO THE NETWORK") for m in warnings), warnings
     assert any(m.startswith("webhooks: UNSIGNED WEBHOOKS ACCEPTED") for m in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"INGEST_TOKENS": "long-enough-token-0123,short-tok"}, "token #2 is shorter than 16"),
+        (
+            {"INGEST_TOKENS": "shared-token-0123456789", "READ_TOKENS": "shared-token-0123456789"},
+            "a token is given both as an ingest token and as a read token",
+        ),
+    ],
+    ids=["short", "both-roles"],
+)
+def test_bad_tokens_in_the_environment_stop_the_start_with_one_line(
+    tmp_path: Path, settings: dict[str, str], message: str
+) -> None:
+    """As with the flags (test_http_process.py): one line without the token, no traceback, exit
+    code 2, no database created."""
+    env = server_env(**{f"TRANSACTION_SERVICE_{k}": v for k, v in settings.items()})
+    line = startup_error(tmp_path, "--grpc-port", "0", "--db", "x.db", env=env)
+    assert message in line
+    assert not any(token in line for value in settings.values() for token in value.split(","))
+    assert not (tmp_path / "x.db").exists()
