@@ -350,8 +350,12 @@ class SqliteStore:
             fresh = (await _rows(conn, "PRAGMA user_version"))[0][0] == 0
             await self._migrate(conn)
             await self._zero_free_space(conn, fresh=fresh)
-            # A WAL left by a process that stopped between an erasure and its checkpoint.
-            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # A WAL left by a process that stopped between an erasure and its checkpoint. Not
+            # worth refusing to start over (a full disk, say): the next erasure pass tries again.
+            try:
+                await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                self._scrub_pending = True
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot use {self.path}: {_fault_kind(exc)}") from None
 
@@ -371,6 +375,7 @@ class SqliteStore:
             started = time.monotonic()
             try:
                 await conn.execute("VACUUM")
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('secure_delete', 1)")
             except sqlite3.Error as exc:
                 log.warning(
                     "could not zero the free space of %s (%s); tried again at the next start",
@@ -379,7 +384,8 @@ class SqliteStore:
                 )
                 return
             log.info("zeroed the free space of %s in %.1f s", self.path, time.monotonic() - started)
-        await conn.execute("INSERT INTO meta (key, value) VALUES ('secure_delete', 1)")
+        else:
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('secure_delete', 1)")
 
     async def _check_file(self, conn: aiosqlite.Connection) -> None:
         """The file is a healthy SQLite database of this service, of a schema it knows."""
