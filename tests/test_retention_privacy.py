@@ -26,6 +26,9 @@ import pytest
 
 from tests.conftest import SCENARIOS
 from tests.process import Server, running_server, server_env, startup_error
+from tests.test_store_contract import HOUR, T0, Plan, commit, digest, view
+from transaction_service.store.base import ResultsWrite
+from transaction_service.store.sqlite import SqliteStore
 
 # Made up for these tests: it occurs nowhere but in the bodies they ingest.
 LAST_NAME = "Quixotefeld"
@@ -190,3 +193,25 @@ def test_bad_tokens_in_the_environment_stop_the_start_with_one_line(
     assert message in line
     assert not any(token in line for value in settings.values() for token in value.split(","))
     assert not (tmp_path / "x.db").exists()
+
+
+async def test_erased_large_bodies_and_results_leave_no_copy(tmp_path: Path) -> None:
+    """Bodies and combined results larger than a page live in overflow pages, which an erasure
+    puts on the free list: `secure_delete` zeroes them there. Both kinds erased, no copy in any
+    file, with the store open and after it closes."""
+    store = SqliteStore(tmp_path / "store" / "t.db", synchronous="NORMAL")
+    await store.open()
+    try:
+        big = b'{"patient": "' + NAME + b'", "pad": "' + b"x" * 20_000 + b'"}'
+        plan = Plan()
+        change = plan.change(view("t1", "o1"), "e1", order_id="o1", received_at=T0, body=big)
+        plan.plan.results.append(ResultsWrite("t1", "final", digest(big), big, T0, change))
+        await commit(store, plan)
+        before = sum(copies(tmp_path / "store").values())
+        assert before >= 2, copies(tmp_path / "store")
+        assert await store.erase_bodies(T0 + HOUR) == 1
+        assert await store.erase_results(T0 + HOUR) == 1
+        assert sum(copies(tmp_path / "store").values()) == 0, copies(tmp_path / "store")
+    finally:
+        await store.close()
+    assert sum(copies(tmp_path / "store").values()) == 0, copies(tmp_path / "store")
