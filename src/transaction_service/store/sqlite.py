@@ -12,6 +12,13 @@ to their watchers, who would silently miss the other's).
 Durability: WAL with `synchronous=FULL` by default, so an acknowledged event survives power loss,
 not only a process crash. `NORMAL` is faster and still crash-safe, and can be chosen in settings.
 
+Privacy: webhook bodies and combined results hold patient data, and erasing them (the body
+retention) must leave no copy in any file of the store. The writer runs with `secure_delete`, so
+SQLite zeroes what it frees, in the pages and on the free list; after an erasure the WAL, which
+still holds the old page images, is checkpointed and truncated to nothing. The database, its
+`-wal`, `-shm` and `.lock` files are readable by their owner only (0600): created so, and
+tightened, with a warning, when found wider.
+
 Faults: before each commit the store checks that the file at the path is still the one it opened;
 a deleted or replaced file, a full disk or an I/O error fail the batch with StoreUnavailable
 (nothing acknowledged), flip `health`, and are logged once per kind with a count.
@@ -26,6 +33,8 @@ import json
 import logging
 import os
 import sqlite3
+import stat
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -79,6 +88,9 @@ log = logging.getLogger(__name__)
 
 _READERS = 2
 _TRIM_CHUNK = 5000
+# Every file of a database: its own, and those SQLite and the lock make beside it.
+_COMPANIONS = ("", "-wal", "-shm", "-journal", ".lock")
+_OWNER_ONLY = 0o600
 
 
 def sqlite_path(url: str) -> Path:
@@ -225,18 +237,21 @@ class SqliteStore:
         self._write_lock = asyncio.Lock()
         self._identity: tuple[int, int] | None = None
         self._lock_fd: int | None = None
+        # Bodies were erased but the WAL could not be emptied yet (a reader was in the way).
+        self._scrub_pending = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StoreOpenError(
                 f"cannot create the folder of {self.path}: {exc.strerror or exc}"
             ) from None
         self._take_lock()
         try:
+            self._create_owner_only()
             await self._open_writer()
             self._identity = self._stat()
             for _ in range(_READERS):
@@ -258,7 +273,7 @@ class SqliteStore:
     def _take_lock(self) -> None:
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, _OWNER_ONLY)
         except OSError as exc:
             raise StoreOpenError(f"cannot create {lock_path}: {exc.strerror or exc}") from None
         try:
@@ -274,6 +289,50 @@ class SqliteStore:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    def _create_owner_only(self) -> None:
+        """Create the database file readable by its owner only: it holds patient data, and
+        SQLite gives its `-wal` and `-shm` the database's mode."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _OWNER_ONLY))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreOpenError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+
+    def _tighten(self) -> None:
+        """Make the files of an existing database (known to be this service's) readable by their
+        owner only where they are wider. Tightened rather than refused, so that an upgrade keeps
+        running; a warning names each file, since whoever read it through a group or as another
+        user (a backup job, say) no longer can."""
+        tightened: list[str] = []
+        stuck: list[str] = []
+        for suffix in _COMPANIONS:
+            path = self.path.with_name(self.path.name + suffix)
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                if mode & 0o077:
+                    os.chmod(path, mode & 0o700)
+                    tightened.append(f"{path.name} (was {mode:04o})")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # not its owner, say
+                stuck.append(f"{path.name} ({exc.strerror or exc})")
+        if tightened:
+            log.warning(
+                "files of %s were readable by others and hold patient data: made readable by "
+                "their owner only: %s; whoever read them as another user or through a group no "
+                "longer can",
+                self.path,
+                ", ".join(tightened),
+            )
+        if stuck:
+            log.warning(
+                "files of %s may be readable by others and hold patient data, and could not be "
+                "made readable by their owner only: %s; chmod 600 them",
+                self.path,
+                ", ".join(stuck),
+            )
+
     async def _open_writer(self) -> None:
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -282,12 +341,51 @@ class SqliteStore:
         self._writer = conn
         try:
             await self._check_file(conn)
+            self._tighten()
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             await conn.execute(f"PRAGMA busy_timeout = {self._lock_timeout_ms}")
+            # Zero what is deleted, so that erased bodies leave nothing behind in the file.
+            await conn.execute("PRAGMA secure_delete = ON")
+            fresh = (await _rows(conn, "PRAGMA user_version"))[0][0] == 0
             await self._migrate(conn)
+            await self._zero_free_space(conn, fresh=fresh)
+            # A WAL left by a process that stopped between an erasure and its checkpoint. Not
+            # worth refusing to start over (a full disk, say): the next erasure pass tries again.
+            try:
+                await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                self._scrub_pending = True
         except sqlite3.Error as exc:
             raise StoreOpenError(f"cannot use {self.path}: {_fault_kind(exc)}") from None
+
+    async def _zero_free_space(self, conn: aiosqlite.Connection, *, fresh: bool) -> None:
+        """Once per database: one written before `secure_delete` may hold erased bodies in its
+        free space, which only a VACUUM (a fresh copy of what is live) clears. Recorded in
+        `meta`, so it runs once; a failure (a full disk, say) is retried at the next start."""
+        if await _rows(conn, "SELECT 1 FROM meta WHERE key = 'secure_delete'"):
+            return
+        if not fresh:
+            log.warning(
+                "zeroing the free space of %s once (VACUUM): it was written before erased "
+                "content was zeroed, so bodies erased before may remain in it; this rewrites "
+                "the whole file and takes a while on a large database",
+                self.path,
+            )
+            started = time.monotonic()
+            try:
+                await conn.execute("VACUUM")
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('secure_delete', 1)")
+            except sqlite3.Error as exc:
+                log.warning(
+                    "could not zero the free space of %s (%s); tried again at the next start",
+                    self.path,
+                    _fault_kind(exc),
+                )
+                return
+            log.info("zeroed the free space of %s in %.1f s", self.path, time.monotonic() - started)
+        else:
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('secure_delete', 1)")
 
     async def _check_file(self, conn: aiosqlite.Connection) -> None:
         """The file is a healthy SQLite database of this service, of a schema it knows."""
@@ -332,11 +430,8 @@ class SqliteStore:
             )
 
     async def close(self) -> None:
-        async with self._write_lock:
-            if self._writer is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._writer.close()
-                self._writer = None
+        # The readers first: the last connection to close checkpoints the WAL and deletes it,
+        # and a read-only one cannot, which would leave the WAL (old page images) behind.
         for reader in self._all_readers:
             with contextlib.suppress(sqlite3.Error):
                 await reader.close()
@@ -345,6 +440,13 @@ class SqliteStore:
         if self._point is not None:
             self._point.close()
             self._point = None
+        async with self._write_lock:
+            if self._writer is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.close()
+                self._writer = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -646,7 +748,38 @@ class SqliteStore:
                 count = cursor.rowcount
             erased += count
             if count < _TRIM_CHUNK:
-                return erased
+                break
+        await self._scrub(erased)
+        return erased
+
+    async def _scrub(self, erased: int) -> None:
+        """After an erasure, empty the WAL: its frames still hold the pages as they were before
+        (`secure_delete` zeroes only the pages written from now on). A TRUNCATE checkpoint copies
+        the newest frames into the database and truncates the WAL to nothing; a reader in the
+        way makes it give up, and it is tried again after the next erasure pass."""
+        if not erased and not self._scrub_pending:
+            return
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise StoreUnavailable("the store is closed")
+            try:
+                busy = (await _rows(conn, "PRAGMA wal_checkpoint(TRUNCATE)"))[0][0]
+            except sqlite3.Error as exc:
+                busy, fault = 1, _fault_kind(exc)
+            else:
+                fault = "a reader kept it busy"
+        if busy:
+            if not self._scrub_pending:
+                log.warning(
+                    "erased bodies may stay in %s-wal until the next erasure pass: its "
+                    "checkpoint did not complete (%s)",
+                    self.path,
+                    fault,
+                )
+            self._scrub_pending = True
+        else:
+            self._scrub_pending = False
 
     async def change_notifications(self) -> AsyncGenerator[None]:
         # One process owns the file: every change is committed, and published, by this process.
@@ -675,10 +808,12 @@ class SqliteStore:
         return [pending_results(*row) for row in rows]
 
     async def erase_results(self, fetched_before: datetime) -> int:
-        return await self._write_simple(
+        erased = await self._write_simple(
             "UPDATE transaction_results SET body = NULL WHERE body IS NOT NULL AND fetched_at < ?",
             [(iso(fetched_before),)],
         )
+        await self._scrub(erased)
+        return erased
 
     async def reconcile_candidates(self, silent_before: datetime, limit: int) -> list[str]:
         cutoff = iso(silent_before)
