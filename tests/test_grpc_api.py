@@ -315,6 +315,39 @@ BAD_INPUTS = [
         "event_id",
         "control characters",
     ),
+    # Issue 16, item 6: the prefixes of the service's own records; the history would lie.
+    (
+        "event id with the prefix of Junction API answers",
+        pb.IngestEventRequest(event_id="api:sha256:" + "0" * 64, payload=struct(order_body())),
+        "event_id",
+        "must not start with `api:`",
+    ),
+    (
+        "event id with the prefix of results fetches",
+        pb.IngestEventRequest(
+            event_id="api:results:sha256:0", payload_json=json.dumps(order_body())
+        ),
+        "event_id",
+        "the service names its own records so",
+    ),
+    (
+        "event id with the prefix of rebuilds",
+        pb.IngestEventRequest(event_id="rebuild:2026-12-07T00:00:00", payload=struct(order_body())),
+        "event_id",
+        "`rebuild:`",
+    ),
+    (
+        "event id with a reserved prefix in capitals",
+        pb.IngestEventRequest(event_id="API:x", payload=struct(order_body())),
+        "event_id",
+        "must not start with",
+    ),
+    (
+        "derived event id of another body",
+        pb.IngestEventRequest(event_id="sha256:" + "0" * 64, payload=struct(order_body())),
+        "event_id",
+        "derives from this body",
+    ),
     (
         "json nested 1000 deep",
         pb.IngestEventRequest(
@@ -445,6 +478,49 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_stores_nothing
     assert field in violated_fields(error)
     assert api.counts() == before
     assert await api.service.store.head_revision() == head
+
+
+async def test_reserved_event_ids_are_refused_in_streams_and_a_derived_id_may_be_quoted_back(
+    api: Running,
+) -> None:
+    """Issue 16, item 6, on the IngestEvents paths: a reserved prefix is refused in place (single
+    requests and requests of several deliveries), the rest of the stream goes on, nothing of the
+    refused deliveries is stored. An id the service derived (`sha256:` + digest) may be sent back
+    with its own body: a retry, DUPLICATE."""
+    run = with_fresh_ids(SCENARIOS[0])
+    first, second = run["deliveries"][:2]
+    derived = await api.stub.IngestEvent(pb.IngestEventRequest(payload=struct(first["body"])))
+    assert derived.event_id.startswith("sha256:")
+    before = api.counts()
+    head = await api.service.store.head_revision()
+
+    def forged(event_id: str, body: dict[str, Any]) -> pb.IngestEventRequest:
+        return pb.IngestEventRequest(event_id=event_id, payload_json=json.dumps(body))
+
+    requests = [
+        forged("rebuild:x", second["body"]),
+        pb.IngestEventRequest(
+            deliveries=[forged("api:sha256:forged", second["body"]), forged("ok-1", second["body"])]
+        ),
+        forged(derived.event_id, second["body"]),  # the derived id of another body
+        pb.IngestEventRequest(event_id=derived.event_id, payload=struct(first["body"])),
+    ]
+
+    async def stream() -> Any:
+        for r in requests:
+            yield r
+
+    single, several, other_body, retry = [r async for r in api.stub.IngestEvents(stream())]
+    refused = [single, several.results[0], other_body]
+    for answer in refused:
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [v.field for v in answer.error.field_violations] == ["event_id"]
+    assert several.results[1].outcome == pb.INGEST_OUTCOME_APPLIED
+    assert retry.outcome == pb.INGEST_OUTCOME_DUPLICATE
+    assert retry.event_id == derived.event_id
+    # Only "ok-1" was stored (and the retry counted on the derived id's row).
+    assert api.counts()["events"] == before["events"] + 1
+    assert await api.service.store.head_revision() == head + 1
 
 
 async def test_bodies_at_the_limits_are_accepted_in_both_forms(api: Running) -> None:
