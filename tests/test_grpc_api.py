@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import math
@@ -424,6 +425,35 @@ BAD_INPUTS = [
         "payload_json.data.order_transaction.orders[1].id",
         "non-space character",
     ),
+    # Issue 16, item 7: ids that would change the path of a Junction API request.
+    (
+        "order id `..`",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(id=".."))),
+        "payload.data.id",
+        "must not be `.` or `..`",
+    ),
+    (
+        "transaction id `.`",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload_json=json.dumps(
+                order_body(order_transaction={"id": ".", "status": "active", "orders": []})
+            ),
+        ),
+        "payload_json.data.order_transaction.id",
+        "change the path of a Junction API request",
+    ),
+    (
+        "id `..` of a transaction's order",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload=struct(
+                order_body(order_transaction={"id": "t", "orders": [{"id": "o"}, {"id": ".."}]})
+            ),
+        ),
+        "payload.data.order_transaction.orders[1].id",
+        "must not be `.` or `..`",
+    ),
     (
         "string longer than the state keeps",
         pb.IngestEventRequest(event_id="e", payload=struct(order_body(sample_id=LONG))),
@@ -732,6 +762,40 @@ async def test_get_errors(
         assert_invalid_argument(caught.value, lookup, "")
 
 
+@pytest.mark.parametrize("dots", [".", ".."])
+@pytest.mark.parametrize("lookup", ["transaction_id", "order_id"])
+async def test_lookups_of_dot_segment_ids_are_invalid_argument_naming_the_field(
+    api: Running, lookup: str, dots: str
+) -> None:
+    """Issue 16, item 7: `.` and `..` are refused by every lookup, alike on both stores (no such
+    id is ever stored; as a path segment of a Junction API request it names another path)."""
+    ids = {lookup: dots}
+    unary = [
+        (api.stub.GetTransaction, pb.GetTransactionRequest(**ids)),
+        (api.stub.ReconcileTransaction, pb.ReconcileTransactionRequest(**ids)),
+        (api.stub.GetTransactionResults, pb.GetTransactionResultsRequest(**ids)),
+        (api.stub.ListTransactionEvents, pb.ListTransactionEventsRequest(**ids)),
+    ]
+    for call, request_ in unary:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request_)  # type: ignore[operator]
+        assert_invalid_argument(caught.value, lookup, "must not be `.` or `..`")
+    streams = [
+        (api.stub.GetTransactionResultsPdf, pb.GetTransactionResultsPdfRequest(**ids)),
+        (api.stub.WatchTransaction, pb.WatchTransactionRequest(**ids)),
+    ]
+    for stream, request_ in streams:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream(request_):  # type: ignore[operator]
+                pass
+        assert_invalid_argument(caught.value, lookup, "must not be `.` or `..`")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.BatchGetTransactions(
+            pb.BatchGetTransactionsRequest(lookups=[pb.GetTransactionRequest(**ids)])
+        )
+    assert_invalid_argument(caught.value, f"lookups[0].{lookup}", "must not be `.` or `..`")
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -826,6 +890,65 @@ async def test_list_rejects_bad_arguments(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.stub.ListTransactions(request_)
     assert_invalid_argument(caught.value, field, field)
+
+
+def with_position(token: str, after: Any) -> str:
+    """A page token as the service issues it, continuing after another position (a forgery)."""
+    data = json.loads(base64.urlsafe_b64decode(token.encode()))
+    data["after"] = after
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "after", [2**63, 2**64 + 5, 10**30, True, -1, 1.5], ids=lambda v: f"after={v!r}"
+)
+async def test_page_tokens_out_of_range_are_invalid_argument_on_every_list(
+    api: Running, after: Any
+) -> None:
+    """Issue 16, item 7: a page token's position past 2^63 gave INTERNAL (SQLite) or
+    UNAVAILABLE (PostgreSQL). Now INVALID_ARGUMENT naming page_token on both stores, on
+    ListTransactions and ListTransactionEvents; the largest position still works."""
+    run = with_fresh_ids(SCENARIOS[0])
+    for d in run["deliveries"]:
+        await ingest(api, d["svix_id"], d["body"])
+    await ingest(api, "other", with_fresh_ids(SCENARIOS[0])["deliveries"][0]["body"])
+    transaction_id = run["expect"]["transaction_id"]
+    listed = await api.stub.ListTransactions(pb.ListTransactionsRequest(page_size=1))
+    history = await api.stub.ListTransactionEvents(
+        pb.ListTransactionEventsRequest(transaction_id=transaction_id, page_size=1)
+    )
+    assert listed.next_page_token
+    assert history.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactions(
+            pb.ListTransactionsRequest(
+                page_size=1, page_token=with_position(listed.next_page_token, after)
+            )
+        )
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactionEvents(
+            pb.ListTransactionEventsRequest(
+                transaction_id=transaction_id,
+                page_size=1,
+                page_token=with_position(history.next_page_token, after),
+            )
+        )
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+    # The largest position either store holds: an empty last page.
+    last = 2**63 - 1
+    page = await api.stub.ListTransactions(
+        pb.ListTransactionsRequest(page_token=with_position(listed.next_page_token, last))
+    )
+    assert (list(page.transactions), page.next_page_token) == ([], "")
+    events = await api.stub.ListTransactionEvents(
+        pb.ListTransactionEventsRequest(
+            transaction_id=transaction_id,
+            page_size=1,
+            page_token=with_position(history.next_page_token, last),
+        )
+    )
+    assert (list(events.events), events.next_page_token) == ([], "")
 
 
 async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> None:
