@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary
+from transaction_service.domain.diff import diff_views
+from transaction_service.domain.explain import applied_reason, stale_reason
 from transaction_service.domain.limits import MAX_BODY_DEPTH, StateLimits
 from transaction_service.domain.payload import (
     OrderEvent,
@@ -583,6 +585,38 @@ def test_in_any_order_the_newest_correction_is_announced_when_it_becomes_known()
             )
             assert (ChangeKind.RESULTS_CORRECTED in change_kinds(before, after)) == corrected_anew
             current = k
+
+
+def test_the_history_says_why_a_same_instant_status_lost_and_names_a_second_correction() -> None:
+    """The reasons recorded with those deliveries: the order's own `partial_results` is stale
+    because a more final status of the same instant is known (not "older"); the second
+    correction is named as such, not as "nothing a caller sees changed"."""
+    s = redraw_scenario()
+    known = fold(events_of({"deliveries": [{"body": body(s, i)} for i in (2, 3)]}))
+    (partial,) = events_of(
+        {"deliveries": [{"body": partial_results_at_the_instant_of_redraw_available()}]}
+    )
+    incoming = knowledge_from_event(partial)
+    assert view(join(known, incoming)) == view(known)
+    reason = stale_reason(partial, incoming, known, grew=True)
+    assert reason.startswith("of the same instant as the more final order ")
+    assert "`redraw_available` at 2026-03-06T15:00:00Z" in reason
+
+    plain = scenario_named("completed_without_redraw")
+    once = join(
+        fold(events_of({"deliveries": plain["deliveries"]})),
+        knowledge_from_event(parse_event(corrected_at(FIRST_CORRECTION, 99998))),
+    )
+    twice = join(
+        once,
+        knowledge_from_event(
+            parse_event(corrected_at(SECOND_CORRECTION, 99999, with_earlier=FIRST_CORRECTION))
+        ),
+    )
+    before, after = view(once), view(twice)
+    assert applied_reason(diff_views(before, after), after) == (
+        f"order {after.orders[0].id[:8]}… `corrected` again at 2026-03-11T14:30:00Z"
+    )
 
 
 # -- payloads without origins ---------------------------------------------------------------------
