@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
 from tests.scenario_tools import expected_summary, view_summary
+from transaction_service.domain.diff import diff_views
+from transaction_service.domain.explain import applied_reason, stale_reason
 from transaction_service.domain.limits import MAX_BODY_DEPTH, StateLimits
 from transaction_service.domain.payload import (
     OrderEvent,
@@ -412,6 +414,211 @@ def test_a_block_with_no_times_of_its_own_never_overrules_a_dated_block() -> Non
     assert alone.provider_status == "paused"
 
 
+# -- observations of the same instant: the more final status wins -------------------------------
+
+
+SAME_INSTANT = "2026-03-06T15:00:00Z"
+
+
+def partial_results_at_the_instant_of_redraw_available() -> dict[str, Any]:
+    """The initial order's `partial_results` webhook, its event at the very instant of the
+    `redraw_available` one that follows it (whose webhook may be lost); its block lists the
+    initial order alone, at `partial_results`."""
+    partial = body(redraw_scenario(), 2)
+    data = partial["data"]
+    event = {
+        "id": 9009,
+        "created_at": SAME_INSTANT,
+        "status": "sample_with_lab.walk_in_test.partial_results",
+        "status_detail": None,
+    }
+    data["events"][-1] = event
+    data["last_event"] = dict(event)
+    data["status"] = "sample_with_lab"
+    block = data["order_transaction"]
+    block["orders"] = block["orders"][:1]
+    block["orders"][0]["low_level_status"] = "partial_results"
+    return partial
+
+
+@pytest.mark.parametrize("with_redraw_available_webhook", [False, True])
+def test_a_block_listing_a_more_final_status_of_the_same_instant_beats_the_order_s_own_event(
+    with_redraw_available_webhook: bool,
+) -> None:
+    """Issue 16, item 8: `partial_results` and `redraw_available` share a timestamp and the
+    `redraw_available` webhook is lost; every later block lists the initial order at
+    `redraw_available`, at that instant. The more final status wins, in every delivery order."""
+    s = redraw_scenario()
+    bodies = [body(s, 0), partial_results_at_the_instant_of_redraw_available(), body(s, 3)]
+    if with_redraw_available_webhook:
+        bodies.append(body(s, 2))
+    while_active = final_view_in_every_order(bodies)
+    initial = next(o for o in while_active.orders if o.id == s["expect"]["initial_order_id"])
+    assert initial.low_level_status == "redraw_available"
+    assert while_active.status == TransactionStatus.ACTIVE
+    assert while_active.current_order_id == s["expect"]["redraw_order_id"]
+    if with_redraw_available_webhook:
+        # Its own event says the high level; a block entry never does.
+        assert initial.high_level_status == "collecting_sample"
+
+    done = final_view_in_every_order([*bodies, body(s, 5)])
+    assert view_summary(done) == expected_summary(s)
+
+
+@pytest.mark.parametrize(
+    ("own", "listed", "expected"),
+    [
+        ("partial_results", "redraw_available", "redraw_available"),
+        ("partial_results", "completed", "completed"),
+        ("requisition_created", "cancelled", "cancelled"),
+        ("cancelled", "completed", "completed"),
+        ("completed", "corrected", "corrected"),
+        # The order's own event is the more final one: it stays.
+        ("redraw_available", "partial_results", "redraw_available"),
+        ("corrected", "completed", "corrected"),
+        # Equally final: the order's own event wins, as before.
+        ("completed", "redraw_available", "completed"),
+        ("ordered", "some_new_status", "ordered"),
+    ],
+)
+def test_at_the_same_instant_the_more_final_status_wins_whichever_said_it(
+    own: str, listed: str, expected: str
+) -> None:
+    """An order's own event against a block entry of the same instant, joined both ways."""
+    own_body = partial_results_at_the_instant_of_redraw_available()
+    own_body["data"]["events"][-1]["status"] = f"sample_with_lab.walk_in_test.{own}"
+    own_body["data"]["last_event"]["status"] = f"sample_with_lab.walk_in_test.{own}"
+    own_body["data"]["order_transaction"]["orders"][0]["low_level_status"] = own
+    listing = body(redraw_scenario(), 3)  # the redraw order's webhook
+    listing["data"]["order_transaction"]["orders"][0]["low_level_status"] = listed
+    final = final_view_in_every_order([own_body, listing])
+    initial = next(o for o in final.orders if o.id == own_body["data"]["id"])
+    assert initial.low_level_status == expected
+    assert initial.status_reached_at is not None
+    assert initial.status_reached_at.isoformat() == "2026-03-06T15:00:00+00:00"
+
+
+# -- every correction is announced ----------------------------------------------------------------
+
+
+def corrected_at(at: str, event_id: int, *, with_earlier: str | None = None) -> dict[str, Any]:
+    """The order of `completed_without_redraw` corrected at `at` (after `with_earlier`, if given,
+    an earlier correction its events still list), with a block that says so."""
+    b = body(scenario_named("completed_without_redraw"), 2)
+    data = b["data"]
+    if with_earlier is not None:
+        data["events"].append(
+            {
+                "id": event_id - 1,
+                "created_at": with_earlier,
+                "status": "completed.walk_in_test.corrected",
+            }
+        )
+    data["events"].append(
+        {"id": event_id, "created_at": at, "status": "completed.walk_in_test.corrected"}
+    )
+    data["last_event"] = data["events"][-1]
+    data["updated_at"] = at
+    entry = data["order_transaction"]["orders"][0]
+    entry.update(low_level_status="corrected", low_level_status_created_at=at, updated_at=at)
+    return b
+
+
+FIRST_CORRECTION = "2026-03-09T09:00:00Z"
+SECOND_CORRECTION = "2026-03-11T14:30:00Z"
+
+
+def test_a_second_correction_is_announced_as_results_corrected() -> None:
+    """Issue 16, item 8: the second `corrected` changed the results again; it was announced as
+    DETAILS_CHANGED, so nothing fetched the results again."""
+    plain = scenario_named("completed_without_redraw")
+    done = fold(events_of({"deliveries": plain["deliveries"]}))
+    (first,) = events_of({"deliveries": [{"body": corrected_at(FIRST_CORRECTION, 99998)}]})
+    (second,) = events_of(
+        {
+            "deliveries": [
+                {"body": corrected_at(SECOND_CORRECTION, 99999, with_earlier=FIRST_CORRECTION)}
+            ]
+        }
+    )
+    once = join(done, knowledge_from_event(first))
+    twice = join(once, knowledge_from_event(second))
+    assert change_kinds(view(done), view(once)) == [
+        ChangeKind.ORDER_STATUS_CHANGED,
+        ChangeKind.RESULTS_CORRECTED,
+    ]
+    assert change_kinds(view(once), view(twice)) == [ChangeKind.RESULTS_CORRECTED]
+    assert view(twice).status == TransactionStatus.COMPLETED
+    # Seen again, the first correction is old news.
+    assert change_kinds(view(twice), view(join(twice, knowledge_from_event(first)))) == []
+
+
+def test_in_any_order_the_newest_correction_is_announced_when_it_becomes_known() -> None:
+    """Over every delivery order with every delivery doubled: each change that brings a newer
+    correction into the view says RESULTS_CORRECTED, and no other change does."""
+    plain = scenario_named("completed_without_redraw")
+    bodies = [
+        *(body(plain, i) for i in range(len(plain["deliveries"]))),
+        corrected_at(FIRST_CORRECTION, 99998),
+        corrected_at(SECOND_CORRECTION, 99999, with_earlier=FIRST_CORRECTION),
+    ]
+    final = final_view_in_every_order(bodies)
+    assert final.orders[0].low_level_status == "corrected"
+    assert final.orders[0].status_reached_at is not None
+    assert final.orders[0].status_reached_at.isoformat() == "2026-03-11T14:30:00+00:00"
+    events = events_of({"deliveries": [{"body": b} for b in bodies]})
+    for order in itertools.permutations(events):
+        current: Knowledge | None = None
+        for e in (e for e in order for _ in (0, 1)):
+            k = (
+                knowledge_from_event(e)
+                if current is None
+                else join(current, knowledge_from_event(e))
+            )
+            before, after = (view(current) if current else None), view(k)
+            old = before.orders[0] if before and before.orders else None
+            new = after.orders[0]
+            corrected_anew = new.low_level_status == "corrected" and (
+                old is None
+                or (old.low_level_status, old.status_reached_at)
+                != (new.low_level_status, new.status_reached_at)
+            )
+            assert (ChangeKind.RESULTS_CORRECTED in change_kinds(before, after)) == corrected_anew
+            current = k
+
+
+def test_the_history_says_why_a_same_instant_status_lost_and_names_a_second_correction() -> None:
+    """The reasons recorded with those deliveries: the order's own `partial_results` is stale
+    because a more final status of the same instant is known (not "older"); the second
+    correction is named as such, not as "nothing a caller sees changed"."""
+    s = redraw_scenario()
+    known = fold(events_of({"deliveries": [{"body": body(s, i)} for i in (2, 3)]}))
+    (partial,) = events_of(
+        {"deliveries": [{"body": partial_results_at_the_instant_of_redraw_available()}]}
+    )
+    incoming = knowledge_from_event(partial)
+    assert view(join(known, incoming)) == view(known)
+    reason = stale_reason(partial, incoming, known, grew=True)
+    assert reason.startswith("of the same instant as the more final order ")
+    assert "`redraw_available` at 2026-03-06T15:00:00Z" in reason
+
+    plain = scenario_named("completed_without_redraw")
+    once = join(
+        fold(events_of({"deliveries": plain["deliveries"]})),
+        knowledge_from_event(parse_event(corrected_at(FIRST_CORRECTION, 99998))),
+    )
+    twice = join(
+        once,
+        knowledge_from_event(
+            parse_event(corrected_at(SECOND_CORRECTION, 99999, with_earlier=FIRST_CORRECTION))
+        ),
+    )
+    before, after = view(once), view(twice)
+    assert applied_reason(diff_views(before, after), after) == (
+        f"order {after.orders[0].id[:8]}… `corrected` again at 2026-03-11T14:30:00Z"
+    )
+
+
 # -- payloads without origins ---------------------------------------------------------------------
 
 
@@ -481,6 +688,7 @@ def edge_case_pools() -> list[list[dict[str, Any]]]:
             *redraw_cancelled_bodies(initial_cancelled=True)[3:],
             *redraw_cancelled_bodies(initial_cancelled=False)[3:],
             without_origins(body(redraw, 3)),
+            partial_results_at_the_instant_of_redraw_available(),
         ],
         [
             *all_of(plain),
@@ -488,6 +696,8 @@ def edge_case_pools() -> list[list[dict[str, Any]]]:
             saying_active(body(plain, 2)),
             webhook_with_undated_block(),
             without_origins(body(plain, 1)),
+            corrected_at(FIRST_CORRECTION, 99998),
+            corrected_at(SECOND_CORRECTION, 99999, with_earlier=FIRST_CORRECTION),
         ],
         [*all_of(cancelled), saying_active(body(cancelled, 1)), reinstated_after_cancellation()],
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import math
@@ -315,6 +316,39 @@ BAD_INPUTS = [
         "event_id",
         "control characters",
     ),
+    # Issue 16, item 6: the prefixes of the service's own records; the history would lie.
+    (
+        "event id with the prefix of Junction API answers",
+        pb.IngestEventRequest(event_id="api:sha256:" + "0" * 64, payload=struct(order_body())),
+        "event_id",
+        "must not start with `api:`",
+    ),
+    (
+        "event id with the prefix of results fetches",
+        pb.IngestEventRequest(
+            event_id="api:results:sha256:0", payload_json=json.dumps(order_body())
+        ),
+        "event_id",
+        "the service names its own records so",
+    ),
+    (
+        "event id with the prefix of rebuilds",
+        pb.IngestEventRequest(event_id="rebuild:2026-12-07T00:00:00", payload=struct(order_body())),
+        "event_id",
+        "`rebuild:`",
+    ),
+    (
+        "event id with a reserved prefix in capitals",
+        pb.IngestEventRequest(event_id="API:x", payload=struct(order_body())),
+        "event_id",
+        "must not start with",
+    ),
+    (
+        "derived event id of another body",
+        pb.IngestEventRequest(event_id="sha256:" + "0" * 64, payload=struct(order_body())),
+        "event_id",
+        "derives from this body",
+    ),
     (
         "json nested 1000 deep",
         pb.IngestEventRequest(
@@ -391,6 +425,35 @@ BAD_INPUTS = [
         "payload_json.data.order_transaction.orders[1].id",
         "non-space character",
     ),
+    # Issue 16, item 7: ids that would change the path of a Junction API request.
+    (
+        "order id `..`",
+        pb.IngestEventRequest(event_id="e", payload=struct(order_body(id=".."))),
+        "payload.data.id",
+        "must not be `.` or `..`",
+    ),
+    (
+        "transaction id `.`",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload_json=json.dumps(
+                order_body(order_transaction={"id": ".", "status": "active", "orders": []})
+            ),
+        ),
+        "payload_json.data.order_transaction.id",
+        "change the path of a Junction API request",
+    ),
+    (
+        "id `..` of a transaction's order",
+        pb.IngestEventRequest(
+            event_id="e",
+            payload=struct(
+                order_body(order_transaction={"id": "t", "orders": [{"id": "o"}, {"id": ".."}]})
+            ),
+        ),
+        "payload.data.order_transaction.orders[1].id",
+        "must not be `.` or `..`",
+    ),
     (
         "string longer than the state keeps",
         pb.IngestEventRequest(event_id="e", payload=struct(order_body(sample_id=LONG))),
@@ -445,6 +508,49 @@ async def test_bad_input_is_invalid_argument_naming_the_field_and_stores_nothing
     assert field in violated_fields(error)
     assert api.counts() == before
     assert await api.service.store.head_revision() == head
+
+
+async def test_reserved_event_ids_are_refused_in_streams_and_a_derived_id_may_be_quoted_back(
+    api: Running,
+) -> None:
+    """Issue 16, item 6, on the IngestEvents paths: a reserved prefix is refused in place (single
+    requests and requests of several deliveries), the rest of the stream goes on, nothing of the
+    refused deliveries is stored. An id the service derived (`sha256:` + digest) may be sent back
+    with its own body: a retry, DUPLICATE."""
+    run = with_fresh_ids(SCENARIOS[0])
+    first, second = run["deliveries"][:2]
+    derived = await api.stub.IngestEvent(pb.IngestEventRequest(payload=struct(first["body"])))
+    assert derived.event_id.startswith("sha256:")
+    before = api.counts()
+    head = await api.service.store.head_revision()
+
+    def forged(event_id: str, body: dict[str, Any]) -> pb.IngestEventRequest:
+        return pb.IngestEventRequest(event_id=event_id, payload_json=json.dumps(body))
+
+    requests = [
+        forged("rebuild:x", second["body"]),
+        pb.IngestEventRequest(
+            deliveries=[forged("api:sha256:forged", second["body"]), forged("ok-1", second["body"])]
+        ),
+        forged(derived.event_id, second["body"]),  # the derived id of another body
+        pb.IngestEventRequest(event_id=derived.event_id, payload=struct(first["body"])),
+    ]
+
+    async def stream() -> Any:
+        for r in requests:
+            yield r
+
+    single, several, other_body, retry = [r async for r in api.stub.IngestEvents(stream())]
+    refused = [single, several.results[0], other_body]
+    for answer in refused:
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [v.field for v in answer.error.field_violations] == ["event_id"]
+    assert several.results[1].outcome == pb.INGEST_OUTCOME_APPLIED
+    assert retry.outcome == pb.INGEST_OUTCOME_DUPLICATE
+    assert retry.event_id == derived.event_id
+    # Only "ok-1" was stored (and the retry counted on the derived id's row).
+    assert api.counts()["events"] == before["events"] + 1
+    assert await api.service.store.head_revision() == head + 1
 
 
 async def test_bodies_at_the_limits_are_accepted_in_both_forms(api: Running) -> None:
@@ -656,6 +762,40 @@ async def test_get_errors(
         assert_invalid_argument(caught.value, lookup, "")
 
 
+@pytest.mark.parametrize("dots", [".", ".."])
+@pytest.mark.parametrize("lookup", ["transaction_id", "order_id"])
+async def test_lookups_of_dot_segment_ids_are_invalid_argument_naming_the_field(
+    api: Running, lookup: str, dots: str
+) -> None:
+    """Issue 16, item 7: `.` and `..` are refused by every lookup, alike on both stores (no such
+    id is ever stored; as a path segment of a Junction API request it names another path)."""
+    ids = {lookup: dots}
+    unary = [
+        (api.stub.GetTransaction, pb.GetTransactionRequest(**ids)),
+        (api.stub.ReconcileTransaction, pb.ReconcileTransactionRequest(**ids)),
+        (api.stub.GetTransactionResults, pb.GetTransactionResultsRequest(**ids)),
+        (api.stub.ListTransactionEvents, pb.ListTransactionEventsRequest(**ids)),
+    ]
+    for call, request_ in unary:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request_)  # type: ignore[operator]
+        assert_invalid_argument(caught.value, lookup, "must not be `.` or `..`")
+    streams = [
+        (api.stub.GetTransactionResultsPdf, pb.GetTransactionResultsPdfRequest(**ids)),
+        (api.stub.WatchTransaction, pb.WatchTransactionRequest(**ids)),
+    ]
+    for stream, request_ in streams:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream(request_):  # type: ignore[operator]
+                pass
+        assert_invalid_argument(caught.value, lookup, "must not be `.` or `..`")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.BatchGetTransactions(
+            pb.BatchGetTransactionsRequest(lookups=[pb.GetTransactionRequest(**ids)])
+        )
+    assert_invalid_argument(caught.value, f"lookups[0].{lookup}", "must not be `.` or `..`")
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -750,6 +890,65 @@ async def test_list_rejects_bad_arguments(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.stub.ListTransactions(request_)
     assert_invalid_argument(caught.value, field, field)
+
+
+def with_position(token: str, after: Any) -> str:
+    """A page token as the service issues it, continuing after another position (a forgery)."""
+    data = json.loads(base64.urlsafe_b64decode(token.encode()))
+    data["after"] = after
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "after", [2**63, 2**64 + 5, 10**30, True, -1, 1.5], ids=lambda v: f"after={v!r}"
+)
+async def test_page_tokens_out_of_range_are_invalid_argument_on_every_list(
+    api: Running, after: Any
+) -> None:
+    """Issue 16, item 7: a page token's position past 2^63 gave INTERNAL (SQLite) or
+    UNAVAILABLE (PostgreSQL). Now INVALID_ARGUMENT naming page_token on both stores, on
+    ListTransactions and ListTransactionEvents; the largest position still works."""
+    run = with_fresh_ids(SCENARIOS[0])
+    for d in run["deliveries"]:
+        await ingest(api, d["svix_id"], d["body"])
+    await ingest(api, "other", with_fresh_ids(SCENARIOS[0])["deliveries"][0]["body"])
+    transaction_id = run["expect"]["transaction_id"]
+    listed = await api.stub.ListTransactions(pb.ListTransactionsRequest(page_size=1))
+    history = await api.stub.ListTransactionEvents(
+        pb.ListTransactionEventsRequest(transaction_id=transaction_id, page_size=1)
+    )
+    assert listed.next_page_token
+    assert history.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactions(
+            pb.ListTransactionsRequest(
+                page_size=1, page_token=with_position(listed.next_page_token, after)
+            )
+        )
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactionEvents(
+            pb.ListTransactionEventsRequest(
+                transaction_id=transaction_id,
+                page_size=1,
+                page_token=with_position(history.next_page_token, after),
+            )
+        )
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+    # The largest position either store holds: an empty last page.
+    last = 2**63 - 1
+    page = await api.stub.ListTransactions(
+        pb.ListTransactionsRequest(page_token=with_position(listed.next_page_token, last))
+    )
+    assert (list(page.transactions), page.next_page_token) == ([], "")
+    events = await api.stub.ListTransactionEvents(
+        pb.ListTransactionEventsRequest(
+            transaction_id=transaction_id,
+            page_size=1,
+            page_token=with_position(history.next_page_token, last),
+        )
+    )
+    assert (list(events.events), events.next_page_token) == ([], "")
 
 
 async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> None:

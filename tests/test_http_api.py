@@ -95,6 +95,35 @@ async def test_webhook_gets_503_when_the_store_cannot_commit(
         await service.stop()
 
 
+@pytest.mark.parametrize("prefix", ["svix-", "webhook-"])
+async def test_webhooks_under_reserved_event_ids_are_refused_naming_the_header(
+    tmp_path: Path, session: aiohttp.ClientSession, prefix: str
+) -> None:
+    """Issue 16, item 6: a signed webhook whose id takes a prefix of the service's own records
+    (`api:`, `rebuild:`), or is a derived `sha256:` id of another body, is 400 naming the id's
+    header; nothing is stored. The same body under its own id is taken in."""
+    settings = settings_for(tmp_path)
+    service = TransactionService(settings)
+    await service.start()
+    try:
+        url = f"http://127.0.0.1:{service.http_port}{WEBHOOK_PATH}"
+        body = body_of(DELIVERY)
+        for event_id in ("api:sha256:" + "0" * 64, "rebuild:x:y", "Api:results:x", "sha256:0"):
+            headers = signed_headers(SECRET, event_id, body, prefix=prefix)
+            async with session.post(url, data=body, headers=headers) as response:
+                assert response.status == 400, event_id
+                error = (await response.json())["error"]
+            assert [v["field"] for v in error["field_violations"]] == [f"{prefix}id"]
+            assert "Traceback" not in error["message"]
+        assert stored_event_ids(settings.db) == set()
+        headers = signed_headers(SECRET, DELIVERY["svix_id"], body, prefix=prefix)
+        async with session.post(url, data=body, headers=headers) as response:
+            assert response.status == 200
+        assert stored_event_ids(settings.db) == {DELIVERY["svix_id"]}
+    finally:
+        await service.stop()
+
+
 class GatedStore(SqliteStore):
     """SQLite whose commits wait until `gate` is set; `blocked` is set once one is waiting."""
 

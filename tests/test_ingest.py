@@ -20,17 +20,22 @@ from tests.conftest import SCENARIOS, database
 from tests.pg import table_rows
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.payload import PayloadError
+from transaction_service.junction.mapping import EVENT_ID_PREFIX as API_EVENT_ID_PREFIX
 from transaction_service.store.base import Store
 from transaction_service.store.postgres import PostgresStore
 from transaction_service.store.sqlite import SqliteStore
 from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.ingest import (
+    DERIVED_EVENT_ID_PREFIX,
+    RESERVED_EVENT_ID_PREFIXES,
     EventIdConflict,
     Ingestor,
     IngestResult,
     Outcome,
     decode_delivery,
 )
+from transaction_service.usecases.plan import REBUILD_EVENT_PREFIX
+from transaction_service.usecases.results import RESULTS_EVENT_PREFIX
 
 LIMIT = 1 << 20
 
@@ -155,6 +160,33 @@ async def test_empty_event_id_is_derived_from_the_body_in_either_form(harness: H
     again = await harness.send("", body, raw=True)
     assert again.outcome == Outcome.DUPLICATE
     assert again.event_id == first.event_id
+
+
+def test_the_reserved_event_id_prefixes_cover_every_id_the_service_makes_itself() -> None:
+    """Issue 16, item 6: callers (gRPC, webhooks) may not take the prefixes of the service's own
+    records; Junction API answers (source `api`, the reconcile's) keep them."""
+    made = [
+        API_EVENT_ID_PREFIX + "0" * 64,
+        RESULTS_EVENT_PREFIX + "0" * 64,
+        REBUILD_EVENT_PREFIX + "2026-12-07T00:00:00",
+    ]
+    body = SCENARIOS[0]["deliveries"][0]["body"]
+    for event_id in made:
+        assert event_id.startswith(RESERVED_EVENT_ID_PREFIXES)
+        for source in ("grpc", "webhook"):
+            with pytest.raises(PayloadError) as caught:
+                decode_delivery(event_id, payload=body, max_body_bytes=LIMIT, source=source)
+            assert [v.field for v in caught.value.violations] == ["event_id"]
+    api = decode_delivery(made[0], payload=body, max_body_bytes=LIMIT, source="api")
+    assert api.event_id == made[0]
+    # An id the service derives: accepted back with its own body only.
+    derived = decode_delivery("", payload=body, max_body_bytes=LIMIT).event_id
+    assert derived.startswith(DERIVED_EVENT_ID_PREFIX)
+    quoted = decode_delivery(derived, payload_json=json.dumps(body), max_body_bytes=LIMIT)
+    assert quoted.event_id == derived
+    other = SCENARIOS[0]["deliveries"][1]["body"]
+    with pytest.raises(PayloadError):
+        decode_delivery(derived, payload=other, max_body_bytes=LIMIT)
 
 
 async def test_reusing_an_event_id_for_another_body_is_refused_and_stores_nothing(

@@ -522,6 +522,20 @@ async def test_an_id_cannot_reach_another_path_and_an_empty_one_is_refused(
         await client.get_order("")
     assert len(fake.requests) == 1
 
+    # Issue 16, item 7: quoting leaves `.` and `..` as they are, and the URL would name the
+    # parent path (`/v3/order_transaction/..` is `/v3/`): refused, nothing sent.
+    for dots in (".", ".."):
+        with pytest.raises(JunctionRequestInvalid, match="order_id must not be"):
+            await client.get_order(dots)
+        with pytest.raises(JunctionRequestInvalid, match="transaction_id must not be"):
+            await client.get_order_transaction(dots)
+        with pytest.raises(JunctionRequestInvalid, match="transaction_id must not be"):
+            await client.get_transaction_results(dots)
+        with pytest.raises(JunctionRequestInvalid, match="transaction_id must not be"):
+            async for _ in client.stream_transaction_results_pdf(dots):
+                pass
+    assert len(fake.requests) == 1
+
 
 # --------------------------------------------------------------------------------------------------
 # Concurrency, and the key

@@ -280,8 +280,9 @@ async def ingestor(tmp_path: Path) -> AsyncIterator[Ingestor]:
 
 
 async def ingest_api(ingestor: Ingestor, event: ApiEvent) -> Outcome:
+    # As the reconcile takes it in: its `api:` ids are the service's own (callers may not use them).
     delivery = decode_delivery(
-        event.event_id, payload_json=event.payload_json(), max_body_bytes=LIMIT
+        event.event_id, payload_json=event.payload_json(), max_body_bytes=LIMIT, source="api"
     )
     # The id is the digest ingest itself computes for the body.
     assert event.event_id == f"api:sha256:{delivery.event.digest}"

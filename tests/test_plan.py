@@ -175,3 +175,58 @@ def test_a_delivery_over_the_limits_is_refused_alone_and_stores_nothing() -> Non
         if isinstance(r, IngestResult)
     }
     assert set(store.events) == {small.event_id} | accepted
+
+
+def corrected(body: dict[str, Any], at: str, event_id: int) -> dict[str, Any]:
+    """The completing webhook of `completed_without_redraw`, its order corrected at `at`."""
+    b = copy.deepcopy(body)
+    data = b["data"]
+    data["events"].append(
+        {"id": event_id, "created_at": at, "status": "completed.walk_in_test.corrected"}
+    )
+    data["last_event"] = data["events"][-1]
+    data["updated_at"] = at
+    entry = data["order_transaction"]["orders"][0]
+    entry.update(low_level_status="corrected", low_level_status_created_at=at, updated_at=at)
+    return b
+
+
+def test_in_any_delivery_order_the_newest_correction_marks_the_results_to_be_fetched() -> None:
+    """Issue 16, item 8: the completion and two corrections of one order, in every order. The
+    change that makes the newest correction known says RESULTS_CORRECTED and marks the combined
+    results to be fetched again, whichever correction came before it."""
+    scenario = next(s for s in SCENARIOS if s["scenario"] == "completed_without_redraw")
+    completing = scenario["deliveries"][-1]["body"]
+    first = corrected(completing, "2026-03-09T09:00:00Z", 99998)
+    second = corrected(first, "2026-03-11T14:30:00Z", 99999)
+    sends = [
+        *((d["svix_id"], d["body"]) for d in scenario["deliveries"]),
+        ("fix", first),
+        ("fix-again", second),
+    ]
+    transaction_id = scenario["expect"]["transaction_id"]
+
+    async def run(order: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+        store = MemoryStore()
+        for event_id, body in order:
+            batch = [delivery(event_id, body)]
+            applied, answers = await store.write(
+                batch_keys(batch),
+                lambda state, batch=batch: plan_batch(batch, state, NOW, want_results=True),
+            )
+            (answer,) = answers
+            assert not isinstance(answer, ServiceError)
+            if event_id == "fix-again":
+                # The newest correction: a change that announces it and asks for the results.
+                change = answer.resolve(applied).change
+                assert change is not None
+                assert ChangeKind.RESULTS_CORRECTED in change.kinds
+                assert ChangeKind.DETAILS_CHANGED not in change.kinds
+                pending = store.results_pending[transaction_id]
+                assert pending.requested_revision == change.revision
+        order_view = store.transactions[transaction_id].view.orders[0]
+        assert order_view.low_level_status == "corrected"
+        assert order_view.status_reached_at == datetime(2026, 3, 11, 14, 30, tzinfo=UTC)
+
+    for order in itertools.permutations(sends):
+        asyncio.run(run(order))

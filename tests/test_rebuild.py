@@ -9,6 +9,7 @@ PostgreSQL, with watchers; the command on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import sqlite3
@@ -22,7 +23,7 @@ from tests.conftest import SCENARIOS, database
 from tests.pg import run_sync
 from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
 from tests.test_plan import commit, delivery, legacy_variant
-from transaction_service.domain.state import ChangeKind, knowledge_to_json, view_to_json
+from transaction_service.domain.state import ChangeKind, knowledge_to_json, view, view_to_json
 from transaction_service.store.base import Store, StoredTransaction
 from transaction_service.store.memory import MemoryStore
 from transaction_service.store.postgres import PostgresStore
@@ -96,6 +97,42 @@ def test_rebuild_replaces_stale_knowledge_and_reports_the_change_kinds() -> None
     assert ChangeKind.TRANSACTION_COMPLETED in change.kinds
     assert view_summary(store.transactions[txn_id].view) == expected_summary(run)
     assert store.transactions[txn_id].revision == change.revision
+
+
+def test_a_rebuild_puts_right_an_order_the_old_same_instant_tie_break_left_behind() -> None:
+    """Issue 16, item 8: under the old rule an initial order whose `partial_results` and
+    `redraw_available` shared a timestamp stayed at `partial_results` (its own event beat the
+    blocks). Transactions stored so are put right by a rebuild, as an ordinary change."""
+    scenario = next(
+        s
+        for s in SCENARIOS
+        if s["scenario"] == "redraw_available_lost_at_the_instant_of_partial_results"
+    )
+    run = with_fresh_ids(scenario)
+    txn_id = run["expect"]["transaction_id"]
+    initial_id = run["expect"]["initial_order_id"]
+
+    async def go() -> tuple[MemoryStore, Any]:
+        store = MemoryStore()
+        for d in run["deliveries"]:
+            await commit(store, [delivery(d["svix_id"], d["body"])])
+        stored = store.transactions[txn_id]
+        # What the old rule stored: the order's own `partial_results` won the tie.
+        order = stored.knowledge.orders[initial_id]
+        orders = dict(stored.knowledge.orders)
+        orders[initial_id] = dataclasses.replace(order, status=order.own_status)
+        old = dataclasses.replace(stored.knowledge, orders=orders)
+        old_view = view(old)
+        assert {o.id: o.low_level_status for o in old_view.orders}[initial_id] == "partial_results"
+        store.transactions[txn_id] = StoredTransaction(old, old_view, stored.revision)
+        return store, await rebuild(store, CommitPath(store))
+
+    store, report = asyncio.run(go())
+    assert report.count(RebuildOutcome.CHANGED) == 1
+    change = store.changes[-1]
+    assert change.event_id.startswith(REBUILD_EVENT_PREFIX)
+    assert ChangeKind.ORDER_STATUS_CHANGED in change.kinds
+    assert view_summary(store.transactions[txn_id].view) == expected_summary(run)
 
 
 def test_erased_bodies_keep_the_state_and_are_counted() -> None:

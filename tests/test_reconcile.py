@@ -319,6 +319,22 @@ def _corrected(body: dict[str, Any]) -> dict[str, Any]:
     return corrected
 
 
+def _corrected_again(body: dict[str, Any]) -> dict[str, Any]:
+    """The redraw order's completion, corrected two days later and once more a day after that:
+    a second correction event of the same low-level status, at a later time."""
+    again = _corrected(body)
+    data = again["data"]
+    data["updated_at"] = "2026-03-15T11:00:00Z"
+    data["events"].append(
+        {"id": 9031, "created_at": data["updated_at"], "status": "completed.walk_in_test.corrected"}
+    )
+    data["last_event"] = data["events"][-1]
+    for entry in data["order_transaction"]["orders"]:
+        if entry["id"] == data["id"]:
+            entry["low_level_status_created_at"] = entry["updated_at"] = data["updated_at"]
+    return again
+
+
 async def _commit(store: MemoryStore, deliveries: list[Delivery], want: bool) -> int:
     """Commit in one batch; the revision of the last change."""
 
@@ -348,6 +364,12 @@ async def test_completion_and_correction_mark_results_in_their_own_commit_and_le
     )
     assert corrected_at > completed_at
     assert store.results_pending[transaction_id].requested_revision == corrected_at
+    # A second correction (issue 16, item 8) marks them again: every correction changes them.
+    again_at = await _commit(
+        store, [delivery("fix-again", _corrected_again(completing["body"]))], want=True
+    )
+    assert again_at > corrected_at
+    assert store.results_pending[transaction_id].requested_revision == again_at
 
     # Without Junction's API configured, or for a legacy order, nothing is marked.
     bare = MemoryStore()
@@ -405,6 +427,53 @@ async def test_completion_fetches_results_once_and_reports_results_ready(
     )
     await api.service.app.results.fetch_due()  # type: ignore[union-attr]
     assert len(fake_junction.requests_to("transaction_result")) == 1
+
+
+async def test_every_correction_is_announced_and_fetches_the_results_again(
+    start: Services, fake_junction: FakeJunction
+) -> None:
+    """Issue 16, item 8: completion, a correction, and a second correction each fetch the combined
+    results; GetTransactionResults hands out the newest version. The second correction used to
+    be announced as DETAILS_CHANGED, and the results it changed were never fetched."""
+    fake_junction.load_scenario(REDRAW)
+    api = await start(fake_junction)
+    transaction_id = REDRAW["expect"]["transaction_id"]
+    completing = REDRAW["deliveries"][-1]
+    for delivery in REDRAW["deliveries"]:
+        await ingest(api, delivery["svix_id"], delivery["body"])
+    await feed_until(api.stub, lambda c: pb.CHANGE_KIND_RESULTS_READY in c.kinds)
+
+    def version(n: int) -> dict[str, Any]:
+        return {
+            "metadata": {"status": "final", "interpretation": "normal"},
+            "results": [{"name": "Glucose", "slug": "glucose", "result": str(90 + n)}],
+            "missing_results": [],
+        }
+
+    for n, (event_id, body) in enumerate(
+        [
+            ("fix", _corrected(completing["body"])),
+            ("fix-again", _corrected_again(completing["body"])),
+        ],
+        start=1,
+    ):
+        fake_junction.set_results(transaction_id, version(n))
+        answer = await ingest(api, event_id, body)
+        assert answer.outcome == pb.INGEST_OUTCOME_APPLIED
+        after = answer.revision
+        changes = await feed_until(
+            api.stub,
+            lambda c, after=after: pb.CHANGE_KIND_RESULTS_READY in c.kinds and c.revision > after,
+        )
+        (announced,) = [c for c in changes if c.revision == answer.revision]
+        assert pb.CHANGE_KIND_RESULTS_CORRECTED in announced.kinds
+        assert pb.CHANGE_KIND_DETAILS_CHANGED not in announced.kinds
+        got = await api.stub.GetTransactionResults(
+            pb.GetTransactionResultsRequest(transaction_id=transaction_id)
+        )
+        assert json.loads(got.results_json) == version(n)
+        assert got.revision == changes[-1].revision
+    assert len(fake_junction.requests_to("transaction_result")) == 3
 
 
 async def test_reconciles_and_results_fetches_are_in_the_transactions_history(

@@ -44,6 +44,7 @@ from transaction_service.api.wire import (
 )
 from transaction_service.app import App
 from transaction_service.auth import BearerTokens, Role
+from transaction_service.domain.payload import DOT_SEGMENT_MESSAGE, DOT_SEGMENTS
 from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
@@ -665,8 +666,13 @@ def _lookup_violations(request: _LookupRequest) -> list[FieldViolation]:
     lookup = request.WhichOneof("lookup")
     if lookup is None:
         return [FieldViolation("lookup", "set transaction_id or order_id")]
-    if not getattr(request, lookup).strip():
+    value = getattr(request, lookup)
+    if not value.strip():
         return [FieldViolation(lookup, "must contain a non-space character")]
+    if value in DOT_SEGMENTS:
+        # No such id is ever stored (ingest refuses it), and a reconcile or results request
+        # would reach another path of Junction's API.
+        return [FieldViolation(lookup, DOT_SEGMENT_MESSAGE)]
     return []
 
 
@@ -692,6 +698,9 @@ def _encode_page_token(after: int, fingerprint: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
+_MAX_POSITION = 2**63 - 1
+
+
 def _decode_page_token(token: str, fingerprint: str, bound_to: str = "filters") -> int:
     """The position a token continues after; ValueError (for the caller) if it is not one of
     ours or was issued for another request (other `bound_to`)."""
@@ -700,7 +709,9 @@ def _decode_page_token(token: str, fingerprint: str, bound_to: str = "filters") 
         after, issued_for = data["after"], data["filter"]
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise ValueError("not a page token issued by this service") from None
-    if not isinstance(after, int) or after < 0:
+    # Positions are revisions and event sequence numbers, 64-bit in both stores: a forged token
+    # past them must be refused here, not reach the store (SQLite overflows, PostgreSQL refuses).
+    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= _MAX_POSITION:
         raise ValueError("not a page token issued by this service")
     if issued_for != fingerprint:
         raise ValueError(f"the token was issued for other {bound_to}; repeat the same {bound_to}")

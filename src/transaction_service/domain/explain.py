@@ -22,6 +22,7 @@ from transaction_service.domain.state import (
     OrderKnowledge,
     StatusObservation,
     TransactionView,
+    order_finality,
 )
 
 MAX_REASON_LENGTH = 300
@@ -71,7 +72,12 @@ def stale_reason(event: OrderEvent, incoming: Knowledge, known: Knowledge, *, gr
     new, current = mine.own_status, theirs.status
     if new is not None and current is not None and new.key() < current.key():
         # The usual case, and the whole story: a late delivery of an old update.
-        parts.append(f"older than {_status(order_id, current)}")
+        if new.reached_at == current.reached_at and order_finality(new.low) < order_finality(
+            current.low
+        ):
+            parts.append(f"of the same instant as the more final {_status(order_id, current)}")
+        else:
+            parts.append(f"older than {_status(order_id, current)}")
         if grew:
             parts.append("what else it adds is kept for later merges but shows nowhere")
         return bounded("; ".join(parts))
@@ -128,6 +134,13 @@ def applied_reason(diff: ViewDiff, after: TransactionView) -> str:
                 parts.append(
                     f"order {short(order.id)} `{previous.low_level_status or '?'}` → "
                     f"`{now.low_level_status}`{also}"
+                )
+            elif "status_reached_at" in order.fields and now.low_level_status:
+                # The same status reached again by a newer event (a second correction).
+                also = f" (and {others})" if others else ""
+                parts.append(
+                    f"order {short(order.id)} `{now.low_level_status}` again at "
+                    f"{when(now.status_reached_at)}{also}"
                 )
             elif others:
                 parts.append(f"order {short(order.id)}: {others}")

@@ -103,9 +103,17 @@ def _key(value: str, info: ValidationInfo) -> str:
     return value
 
 
+# Ids that are path segments of their own: in a Junction API request's path
+# (`/v3/order/{order_id}`) they would name another resource, however they are quoted.
+DOT_SEGMENTS = frozenset({".", ".."})
+DOT_SEGMENT_MESSAGE = "must not be `.` or `..`: it would change the path of a Junction API request"
+
+
 def _id(value: str, info: ValidationInfo) -> str:
     if not value.strip():
         raise PydanticCustomError("blank_id", "must contain a non-space character")
+    if value in DOT_SEGMENTS:
+        raise PydanticCustomError("dot_segment_id", DOT_SEGMENT_MESSAGE)
     return _key(value, info)
 
 
@@ -124,7 +132,8 @@ def _order_count(value: Any, info: ValidationInfo) -> Any:
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
 # A string the state keeps: at most `max_string_length` characters.
 Text = Annotated[str, AfterValidator(_bounded)]
-# An id: kept, indexed (at most MAX_KEY_BYTES), and with at least one non-space character.
+# An id: kept, indexed (at most MAX_KEY_BYTES), with at least one non-space character, and not a
+# dot segment.
 Id = Annotated[str, AfterValidator(_id)]
 # A user or team id: kept and indexed.
 Key = Annotated[str, AfterValidator(_key)]
@@ -340,7 +349,7 @@ def _key_ok(value: str | None, limit: int) -> bool:
 
 
 def _id_ok(value: str, limit: int) -> bool:
-    return bool(value.strip()) and _key_ok(value, limit)
+    return bool(value.strip()) and value not in DOT_SEGMENTS and _key_ok(value, limit)
 
 
 def _within_limits(order: OrderData, limits: StateLimits) -> bool:

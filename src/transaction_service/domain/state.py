@@ -3,10 +3,10 @@
 The merge rule is the heart of the service. Webhooks arrive duplicated and in any order, so the
 state must be a function of the *set* of events seen. `Knowledge` is built so that adding an event
 is a join: every piece of knowledge keeps the greatest observation under a total order that depends
-only on content (provider times, provider event ids, then a digest of the body as the last
-tie-breaker). A join is commutative, associative and idempotent, so any delivery order, with any
-duplicates, ends in the same knowledge. `view()` derives what callers see from knowledge alone, and
-`change_kinds()` says what a change meant.
+only on content (provider times, then at the same instant how final a status is, provider event
+ids, then a digest of the body as the last tie-breaker). A join is commutative, associative and
+idempotent, so any delivery order, with any duplicates, ends in the same knowledge. `view()`
+derives what callers see from knowledge alone, and `change_kinds()` says what a change meant.
 
 Nothing here does I/O.
 """
@@ -47,9 +47,42 @@ class StatusObservation:
     high: str = ""
     method: str = ""
 
-    def key(self) -> tuple[datetime, bool, int, str, str]:
-        # At the same time an order's own event beats a block entry: it also knows the high level.
-        return (self.reached_at, self.event_id is not None, self.event_id or 0, self.low, self.high)
+    def key(self) -> tuple[datetime, int, bool, int, str, str]:
+        # At the same time the more final status wins, as between transaction blocks: an order's
+        # own older event must not beat a block that already lists it at a more final status (a
+        # `partial_results` and a `redraw_available` of the same instant, the latter's webhook
+        # lost). At the same time and finality an order's own event beats a block entry: it also
+        # knows the high level.
+        return (
+            self.reached_at,
+            order_finality(self.low),
+            self.event_id is not None,
+            self.event_id or 0,
+            self.low,
+            self.high,
+        )
+
+
+# How final an order's low-level status is, for the tie-break between observations of the same
+# instant. Lab work done (`redraw_available` is final for the initial order); `corrected` always
+# follows `completed`; ended without lab work (`cancelled` can be reinstated, failures may be
+# retried); everything else, unknown statuses included, is in progress.
+_ORDER_FINALITY = {
+    "completed": 2,
+    "redraw_available": 2,
+    "corrected": 3,
+    "cancelled": 1,
+    "do_not_process": 1,
+    "lost": 1,
+    "sample_error": 1,
+    "failure_to_deliver_to_lab": 1,
+    "failure_to_deliver_to_customer": 1,
+}
+
+
+def order_finality(low: str) -> int:
+    """The tie-break rank of an order's low-level status among observations of one instant."""
+    return _ORDER_FINALITY.get(low, 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -569,11 +602,7 @@ def change_kinds(before: TransactionView | None, after: TransactionView) -> list
         for o in after.orders
     ):
         kinds.append(ChangeKind.ORDER_STATUS_CHANGED)
-    if any(
-        o.low_level_status == CORRECTED
-        and (o.id not in old_orders or old_orders[o.id].low_level_status != CORRECTED)
-        for o in after.orders
-    ):
+    if any(_newly_corrected(old_orders.get(o.id), o) for o in after.orders):
         kinds.append(ChangeKind.RESULTS_CORRECTED)
     if after.redraw_available and not (before and before.redraw_available):
         kinds.append(ChangeKind.REDRAW_AVAILABLE)
@@ -593,6 +622,19 @@ def change_kinds(before: TransactionView | None, after: TransactionView) -> list
     if not kinds:
         kinds.append(ChangeKind.DETAILS_CHANGED)
     return kinds
+
+
+def _newly_corrected(before: OrderView | None, after: OrderView) -> bool:
+    """Whether `after` knows a correction of the order's results that `before` did not: the order
+    became `corrected`, or was `corrected` again (a newer correction event, at a later time).
+    Every correction changes the results, so each one is announced and the results fetched anew."""
+    if after.low_level_status != CORRECTED:
+        return False
+    return (
+        before is None
+        or before.low_level_status != CORRECTED
+        or before.status_reached_at != after.status_reached_at
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ class WebhookReceiver:
                 limits=self._app.limits,
             )
         except PayloadError as exc:
-            raise InvalidArgument([_http_field(v) for v in exc.violations]) from None
+            id_header = "svix-id" if request.headers.get("svix-id") else "webhook-id"
+            raise InvalidArgument([_http_field(v, id_header) for v in exc.violations]) from None
         # Svix stops waiting after 15 s: a webhook still queued by then is dropped unstored,
         # rather than committed for nobody and delaying the webhooks after it.
         result = await self._app.ingestor.ingest(
@@ -168,11 +169,14 @@ async def _read_all(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _http_field(violation: FieldViolation) -> FieldViolation:
-    """`payload_json.data.id` -> `body.data.id`: the field as an HTTP caller knows it."""
+def _http_field(violation: FieldViolation, id_header: str) -> FieldViolation:
+    """`payload_json.data.id` -> `body.data.id`, `event_id` -> the header that carried it
+    (`svix-id` or `webhook-id`): the field as an HTTP caller knows it."""
     field = violation.field
     if field == _GRPC_BODY_FIELD or field.startswith(_GRPC_BODY_FIELD + "."):
         field = _HTTP_BODY_FIELD + field.removeprefix(_GRPC_BODY_FIELD)
+    elif field == "event_id":
+        field = id_header
     return FieldViolation(field, violation.description)
 
 

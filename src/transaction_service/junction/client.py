@@ -703,7 +703,12 @@ def _id(value: str, name: str, endpoint: str) -> str:
 
 
 def _segment(value: str, name: str, endpoint: str) -> str:
-    # Quoted so that an id can never reach another path.
+    # Quoted so that an id can never reach another path; `.` and `..` are refused, since quoting
+    # leaves them as they are and the URL would then name the parent path.
+    if value in (".", ".."):
+        raise JunctionRequestInvalid(
+            f"{endpoint}: {name} must not be `.` or `..`", endpoint=endpoint
+        )
     return quote(_id(value, name, endpoint), safe="")
 
 

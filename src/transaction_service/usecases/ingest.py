@@ -87,6 +87,17 @@ log = logging.getLogger(__name__)
 event_log = logging.getLogger("transaction_service.events")
 
 MAX_EVENT_ID_LENGTH = 256
+# Event-id prefixes the service gives records of its own: Junction's API answers
+# (`api:sha256:`) and results fetches (`api:results:sha256:`), rebuilds (`rebuild:`). A caller's
+# id may not start with one (in any case), or the delivery history would say the service wrote
+# what a caller sent.
+RESERVED_EVENT_ID_PREFIXES = ("api:", "rebuild:")
+# What an event id left empty becomes: this and the digest of the body. A caller may send such an
+# id only for that same body (a retry quoting the id it was answered with); any other body under
+# it would pass for a delivery that came without an id.
+DERIVED_EVENT_ID_PREFIX = "sha256:"
+# The sources whose event ids a caller chose (gRPC, webhooks); `api` ids are the service's own.
+CALLER_SOURCES = frozenset({"grpc", "webhook"})
 # Bounds of the deliveries waiting for a commit (settings ingest_queue_limit, _bytes).
 DEFAULT_QUEUE_LIMIT = 4096
 DEFAULT_QUEUE_BYTES = 256 * 1024 * 1024
@@ -136,6 +147,18 @@ def decode_delivery(
         raise PayloadError(
             [FieldViolation("event_id", "must not have surrounding spaces or control characters")]
         )
+    caller = source in CALLER_SOURCES
+    if caller and event_id.lower().startswith(RESERVED_EVENT_ID_PREFIXES):
+        raise PayloadError(
+            [
+                FieldViolation(
+                    "event_id",
+                    "must not start with "
+                    + " or ".join(f"`{p}`" for p in RESERVED_EVENT_ID_PREFIXES)
+                    + ": the service names its own records so",
+                )
+            ]
+        )
     if (payload_json is None) == (payload is None):
         raise PayloadError([FieldViolation("body", "set exactly one of payload or payload_json")])
     if payload_json is not None:
@@ -169,8 +192,20 @@ def decode_delivery(
             event = parse_event(body, digest, limits=limits, canonical=raw)
         except PayloadError as exc:
             raise _rooted(exc, root) from None
+    derived = DERIVED_EVENT_ID_PREFIX + digest
+    if caller and event_id.lower().startswith(DERIVED_EVENT_ID_PREFIX) and event_id != derived:
+        raise PayloadError(
+            [
+                FieldViolation(
+                    "event_id",
+                    f"an id starting with `{DERIVED_EVENT_ID_PREFIX}` must be the one the service "
+                    "derives from this body (`sha256:` and its digest); leave event_id empty to "
+                    "have it derived",
+                )
+            ]
+        )
     return Delivery(
-        event_id=event_id or f"sha256:{digest}",
+        event_id=event_id or derived,
         event=event,
         body_format=body_format,
         body=raw,
