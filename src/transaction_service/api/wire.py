@@ -118,7 +118,7 @@ class TransactionEncoder:
     def encode(self, snapshot: TransactionSnapshot) -> bytes:
         encoded = self._cache.get(snapshot.revision)
         if encoded is None:
-            encoded = transaction_to_pb(snapshot.view, snapshot.revision).SerializeToString()
+            encoded = transaction_to_pb(snapshot.view_once(), snapshot.revision).SerializeToString()
             self._cache[snapshot.revision] = encoded
             if len(self._cache) > self._size:
                 self._cache.popitem(last=False)
