@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import statistics
 import threading
 import time
@@ -191,6 +192,8 @@ class StalledReader:
         self.ended.set()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's recv
         self._stack.close()
         self._thread.join(timeout=10)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -10,10 +11,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing
 from functools import partial
 
 import grpc
 
+from transaction_service.api.access import current_call
 from transaction_service.api.convert import (
     OUTCOME_TO_PB,
     backfill_progress_to_pb,
@@ -342,9 +345,37 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def GetTransactionResultsPdf(
         self, request: pb.GetTransactionResultsPdfRequest, context: Context
     ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
+        # Only a transaction the service knows may cause a request to Junction: NOT_FOUND first.
         snapshot = await self._find(request)
-        async for chunk in results_pdf(self._app.junction, snapshot.view):
-            yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+        settings = self._app.settings
+        # The whole call, fetching and sending, has a deadline of the server's own: a caller
+        # that stops reading would otherwise keep its place in the PDF budget (and the PDF in
+        # memory) for as long as its connection lives. At the deadline the call's task is
+        # cancelled, which closes the PDF's iterator and gives its place back; the access line
+        # says DEADLINE_EXCEEDED.
+        task = asyncio.current_task()
+        assert task is not None
+        call = current_call.get()
+
+        def expire() -> None:
+            if call is not None:
+                call.deadline = time.monotonic()
+            task.cancel()
+
+        deadline = asyncio.get_running_loop().call_later(settings.results_pdf_call_seconds, expire)
+        try:
+            async with aclosing(
+                results_pdf(
+                    self._app.junction,
+                    snapshot.view,
+                    self._app.pdf_budget,
+                    max_bytes=settings.results_pdf_max_bytes,
+                )
+            ) as chunks:
+                async for chunk in chunks:
+                    yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+        finally:
+            deadline.cancel()
 
     async def _find(self, request: _LookupRequest) -> TransactionSnapshot:
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
