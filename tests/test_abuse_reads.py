@@ -33,6 +33,9 @@ from tests.read_tools import (
     known_transaction,
 )
 from tests.test_abuse_ingest import retry_delay
+from tests.test_grpc_api import largest_view
+from transaction_service.api.wire import TransactionEncoder
+from transaction_service.store.base import TransactionSnapshot
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -275,3 +278,16 @@ async def test_a_pdf_call_ends_at_its_deadline_and_an_oversize_pdf_is_refused(
                     error = await pdf_error(stub, transaction_id=transaction_id)
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert "TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES" in (error.details() or "")
+
+
+def test_the_cache_of_serialized_transactions_is_bounded_by_bytes() -> None:
+    """Reads of many large transactions must not make the server keep each one's bytes: the
+    cache of serialized transactions (one per revision) is bounded by bytes as well as count."""
+    view = largest_view("x")
+    one = len(TransactionEncoder().encode(TransactionSnapshot(view, 1)))
+    assert one > 400_000
+    encoder = TransactionEncoder(max_bytes=3 * one)
+    for revision in range(1, 21):
+        assert len(encoder.encode(TransactionSnapshot(view, revision))) == one
+        assert encoder.cached_bytes <= 3 * one
+    assert encoder.cached_bytes == 3 * one  # the newest three
