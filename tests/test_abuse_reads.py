@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import database
 from tests.fake_junction import FakeJunction
 from tests.harness import error_info
 from tests.process import running_server, server_env
@@ -44,10 +45,14 @@ MAX_MESSAGE_BYTES = 4 * MiB
 DEADLINE = 60.0
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
 async def test_batches_of_a_large_transaction_are_refused_with_bounded_memory(
-    tmp_path: Path,
+    tmp_path: Path, store_kind: str
 ) -> None:
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db")) as server:
+    with (
+        database(store_kind, tmp_path) as db,
+        running_server(tmp_path, "--grpc-port", "0", "--db", db) as server,
+    ):
         attack = await batch_attack(server.address, server.process.pid, calls=8, rounds=2)
     # Each answer would be 500 x 100 KB: over the 4 MiB cap, and refused as such.
     assert attack.transaction_bytes > 90_000
@@ -57,10 +62,14 @@ async def test_batches_of_a_large_transaction_are_refused_with_bounded_memory(
     assert attack.growth < 8 * MAX_MESSAGE_BYTES * 4, attack.summary()
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
 async def test_batches_of_many_large_transactions_stop_reading_past_the_cap(
-    tmp_path: Path,
+    tmp_path: Path, store_kind: str
 ) -> None:
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db")) as server:
+    with (
+        database(store_kind, tmp_path) as db,
+        running_server(tmp_path, "--grpc-port", "0", "--db", db) as server,
+    ):
         attack = await batch_attack(
             server.address, server.process.pid, calls=8, rounds=2, distinct=100
         )
@@ -71,10 +80,14 @@ async def test_batches_of_many_large_transactions_stop_reading_past_the_cap(
     assert attack.growth < 768 * MiB, attack.summary()
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
 async def test_a_batch_within_the_cap_answers_every_lookup_and_one_past_it_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, store_kind: str
 ) -> None:
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db")) as server:
+    with (
+        database(store_kind, tmp_path) as db,
+        running_server(tmp_path, "--grpc-port", "0", "--db", db) as server,
+    ):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
             order_id = await ingest_large(stub)
