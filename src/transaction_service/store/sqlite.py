@@ -562,7 +562,10 @@ class SqliteStore:
                     snapshots.update(zip((row[0] for row in rows), read, strict=True))
                     del rows, read
             finally:
-                await conn.execute("ROLLBACK")
+                # Shielded: a connection must never go back to the pool inside a read
+                # transaction (it would read an old snapshot, and hold back checkpoints), and
+                # statements on one connection run in order, so the next user runs after this.
+                await asyncio.shield(conn.execute("ROLLBACK"))
         return many_found(index, snapshots, head)
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
