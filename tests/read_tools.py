@@ -145,6 +145,11 @@ class StalledReader:
         self._sock, self._conn = self._stack.enter_context(h2_connection(host, port))
         self.status: str | None = None
         self.ended = threading.Event()
+        # Once `resume()` is called, it reads: received data is acknowledged (the window
+        # opens again) and counted.
+        self.reading = False
+        self.received = 0
+        self._lock = threading.Lock()
         import h2.settings
 
         conn: Any = self._conn
@@ -167,12 +172,20 @@ class StalledReader:
                 if not data:
                     self._end("closed")
                     return
-                try:
-                    events = conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    self._end("closed")
-                    return
+                with self._lock:
+                    try:
+                        events = conn.receive_data(data)
+                    except h2.exceptions.ProtocolError:
+                        self._end("closed")
+                        return
                 for event in events:
+                    if isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                        self.received += len(event.data)
+                        if self.reading:
+                            with self._lock:
+                                conn.acknowledge_received_data(
+                                    event.flow_controlled_length, event.stream_id
+                                )
                     if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
                         headers = dict(event.headers)
                         status = headers.get(b"grpc-status")
@@ -182,9 +195,18 @@ class StalledReader:
                         self._end("RST_STREAM")
                     elif isinstance(event, h2.events.ConnectionTerminated):
                         self._end("closed")
-                self._sock.sendall(conn.data_to_send())
+                with self._lock:
+                    self._sock.sendall(conn.data_to_send())
         except OSError:
             self._end("closed")
+
+    def resume(self) -> None:
+        """Start reading: open the stream's window, and keep it open."""
+        conn: Any = self._conn
+        with self._lock:
+            self.reading = True
+            conn.increment_flow_control_window(1 << 20, stream_id=1)
+            self._sock.sendall(conn.data_to_send())
 
     def _end(self, status: str) -> None:
         if self.status is None:

@@ -286,6 +286,22 @@ async def test_a_pdf_call_ends_at_its_deadline_and_an_oversize_pdf_is_refused(
                 finally:
                     reader.close()
 
+                # A caller that reads only after the deadline: DEADLINE_EXCEEDED, naming the
+                # setting, after what it was sent before.
+                late = StalledReader(host, int(port), request)
+                try:
+                    await until(
+                        lambda: len(fake.requests_to("transaction_result_pdf")) == 3,
+                        "the late reader's PDF request",
+                    )
+                    await asyncio.sleep(3)  # past the call's 2 s, however fast the machine
+                    late.resume()
+                    await until(late.ended.is_set, "the late reader's call ends")
+                    assert late.status == "DEADLINE_EXCEEDED"
+                    assert 0 < late.received < 200_000
+                finally:
+                    late.close()
+
                 fake.set_pdf(transaction_id, b"%PDF-1.4\n" + b"x" * 400_000)
                 for _ in range(2):  # the place is given back after a refusal too
                     error = await pdf_error(stub, transaction_id=transaction_id)

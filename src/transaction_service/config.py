@@ -392,8 +392,9 @@ class Settings(BaseSettings):
     results_pdf_call_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="a GetTransactionResultsPdf call, fetching and sending included, is ended "
-        "after this long, whether or not its caller has read the PDF",
+        description="a GetTransactionResultsPdf call, fetching and sending included, ends with "
+        "DEADLINE_EXCEEDED after this long; one whose caller reads nothing is dropped after "
+        "twice this",
     )
     reconcile_interval_seconds: float = Field(
         default=0.0,

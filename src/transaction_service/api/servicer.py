@@ -47,6 +47,7 @@ from transaction_service.api.wire import (
 from transaction_service.app import App
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.errors import (
+    DeadlinePassed,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -350,9 +351,16 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         settings = self._app.settings
         # The whole call, fetching and sending, has a deadline of the server's own: a caller
         # that stops reading would otherwise keep its place in the PDF budget (and the PDF in
-        # memory) for as long as its connection lives. At the deadline the call's task is
-        # cancelled, which closes the PDF's iterator and gives its place back; the access line
-        # says DEADLINE_EXCEEDED.
+        # memory) for as long as its connection lives. Checked before each message: a caller
+        # that reads gets DEADLINE_EXCEEDED then (after what it was sent). One that has not
+        # taken the message sent before by twice the deadline is not reading at all (HTTP/2
+        # lets a client buffer a few MiB: a slow reader drains them well within that): the
+        # call's task is cancelled, which closes the PDF's iterator and gives its place back.
+        # grpc.aio cannot end a call whose message waits for flow control, so that caller is
+        # told nothing; the access line says DEADLINE_EXCEEDED.
+        seconds = settings.results_pdf_call_seconds
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + seconds
         task = asyncio.current_task()
         assert task is not None
         call = current_call.get()
@@ -362,7 +370,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 call.deadline = time.monotonic()
             task.cancel()
 
-        deadline = asyncio.get_running_loop().call_later(settings.results_pdf_call_seconds, expire)
+        too_slow = DeadlinePassed(
+            f"the results PDF was not fetched and read within {seconds:g} s "
+            "(TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS); ask again, reading faster"
+        )
+        stalled = loop.call_later(2 * seconds, expire)
         try:
             async with aclosing(
                 results_pdf(
@@ -372,10 +384,19 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     max_bytes=settings.results_pdf_max_bytes,
                 )
             ) as chunks:
-                async for chunk in chunks:
+                while True:
+                    if loop.time() >= ends:
+                        raise too_slow
+                    try:
+                        async with asyncio.timeout_at(ends):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise too_slow from None
                     yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
         finally:
-            deadline.cancel()
+            stalled.cancel()
 
     async def _find(self, request: _LookupRequest) -> TransactionSnapshot:
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
