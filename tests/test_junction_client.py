@@ -10,7 +10,6 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -25,6 +24,7 @@ from transaction_service.junction.client import (
     JunctionNotFound,
     JunctionPermanentError,
     JunctionRequestInvalid,
+    JunctionTooLarge,
     JunctionUnavailable,
     RetryPolicy,
     junction_base_url,
@@ -156,14 +156,15 @@ async def test_combined_results_are_kept_byte_for_byte_with_their_status(
     assert answer.order_transaction is None
 
 
-async def test_the_results_pdf_streams_in_chunks(
+async def test_the_results_pdf_is_read_whole_in_chunks(
     fake: FakeJunction, client: JunctionClient
 ) -> None:
     pdf = b"%PDF-1.7\n" + bytes(range(256)) * 40
     fake.set_pdf(TRANSACTION_ID, pdf)
 
-    stream = client.stream_transaction_results_pdf(TRANSACTION_ID, chunk_size=4096)
-    chunks = [chunk async for chunk in stream]
+    chunks = await client.fetch_transaction_results_pdf(
+        TRANSACTION_ID, max_bytes=len(pdf), chunk_size=4096
+    )
 
     assert b"".join(chunks) == pdf
     assert [len(c) for c in chunks] == [4096, 4096, len(pdf) - 8192]
@@ -171,17 +172,37 @@ async def test_the_results_pdf_streams_in_chunks(
     assert request.headers["accept"] == "application/pdf"
 
 
-async def test_a_pdf_stream_left_early_gives_its_slot_back(
+async def test_a_pdf_takes_an_interactive_slot_never_a_shared_one(
     fake: FakeJunction, new_client: Callable[..., JunctionClient]
 ) -> None:
     fake.set_pdf(TRANSACTION_ID, b"x" * 100_000)
-    async with new_client(max_concurrency=1) as client:
-        async with aclosing(client.stream_transaction_results_pdf(TRANSACTION_ID)) as chunks:
-            async for _ in chunks:
-                break
-        # With the only slot leaked this would wait forever.
+    async with new_client(max_concurrency=1, interactive_concurrency=1) as client:
+        fake.hold("transaction_result_pdf")
+        pdf = asyncio.create_task(
+            client.fetch_transaction_results_pdf(TRANSACTION_ID, max_bytes=1 << 20)
+        )
         async with asyncio.timeout(10):
+            while not fake.requests_to("transaction_result_pdf"):
+                await asyncio.sleep(0.01)
+            # The PDF's request is held at Junction; the shared slot is free all the same.
             await client.get_order(INITIAL_ID)
+        fake.release("transaction_result_pdf")
+        async with asyncio.timeout(10):
+            assert len(b"".join(await pdf)) == 100_000
+            # And once it is read, its slot is back: a second PDF does not wait.
+            await client.fetch_transaction_results_pdf(TRANSACTION_ID, max_bytes=1 << 20)
+
+
+async def test_a_pdf_over_the_limit_is_not_read_further_and_gives_its_slot_back(
+    fake: FakeJunction, new_client: Callable[..., JunctionClient]
+) -> None:
+    fake.set_pdf(TRANSACTION_ID, b"x" * 100_000)
+    async with new_client(interactive_concurrency=1) as client:
+        for _ in range(2):  # with the only slot leaked, the second would wait forever
+            async with asyncio.timeout(10):
+                with pytest.raises(JunctionTooLarge) as caught:
+                    await client.fetch_transaction_results_pdf(TRANSACTION_ID, max_bytes=50_000)
+            assert caught.value.limit == 50_000
 
 
 def order_updated_at(index: int, updated_at: datetime) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ from transaction_service.store.base import (
     ResultsWrite,
     Store,
     StoreUnavailable,
+    TransactionSnapshot,
     TransactionWrite,
 )
 from transaction_service.store.memory import MemoryStore
@@ -441,6 +442,45 @@ async def test_reads_find_by_id_and_order_with_the_head_revision_of_their_snapsh
         "o1": ("t1", 1),
     }
     assert await store.get_many([], []) == ({}, {}, 3)
+
+
+async def test_get_many_reads_each_transaction_once_in_chunks_and_stops_when_told(
+    store: Store,
+) -> None:
+    await put(store, view("t1", "o1", "o2"), view("t2", "o3"), view("t3", "o4"))
+    size = len(view_to_json(view("t1", "o1", "o2")).encode())
+    chunks: list[list[str]] = []
+
+    def collect(chunk: Sequence[TransactionSnapshot]) -> None:
+        chunks.append(sorted(s.view.id for s in chunk))
+
+    by_id, by_order, head = await store.get_many(
+        ["t1", "t1", "t3"], ["o1", "o2", "o1", "o3"], chunk_bytes=size, on_chunk=collect
+    )
+    # One snapshot object answers every lookup of the same transaction, read once.
+    assert by_id["t1"] is by_order["o1"] is by_order["o2"]
+    assert (set(by_id), set(by_order), head) == ({"t1", "t3"}, {"o1", "o2", "o3"}, 3)
+    # A chunk holds about chunk_bytes of stored state: here one transaction each.
+    assert sorted(i for chunk in chunks for i in chunk) == ["t1", "t2", "t3"]
+    assert all(len(chunk) == 1 for chunk in chunks)
+
+    class Enough(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def stop(chunk: Sequence[TransactionSnapshot]) -> None:
+        seen.append(len(chunk))
+        raise Enough
+
+    with pytest.raises(Enough):
+        await store.get_many(["t1", "t2", "t3"], [], chunk_bytes=size, on_chunk=stop)
+    assert seen == [1]  # the read ended at the first chunk
+    # Without chunk_bytes: everything in one chunk.
+    chunks.clear()
+    await store.get_many(["t1", "t2"], ["o4"], on_chunk=collect)
+    assert chunks == [["t1", "t2", "t3"]]
+    assert await store.get_many(["nope"], ["x"], on_chunk=collect) == ({}, {}, 3)
 
 
 async def test_list_filters_pages_by_revision_and_reports_the_head(store: Store) -> None:

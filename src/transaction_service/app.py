@@ -24,7 +24,7 @@ from transaction_service.usecases.commit import CommitPath
 from transaction_service.usecases.housekeeping import housekeeping_forever, probe_store_forever
 from transaction_service.usecases.ingest import Ingestor
 from transaction_service.usecases.reconcile import Reconciler
-from transaction_service.usecases.results import ResultsFetcher
+from transaction_service.usecases.results import PdfBudget, ResultsFetcher
 from transaction_service.usecases.watch import ChangeFeed, ChangeHub
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def junction_client(settings: Settings, metrics: Metrics | None = None) -> Junct
         api_key=settings.junction_api_key,
         timeout=settings.junction_timeout_seconds,
         max_concurrency=settings.junction_max_concurrency,
+        interactive_concurrency=settings.results_pdf_max_calls,
         metrics=metrics,
     )
 
@@ -82,6 +83,10 @@ class App:
         self.commits = CommitPath(self.store, publish=self.feed.committed, metrics=self.metrics)
         # Junction's API, when an API key is configured: reconcile, sweep, combined results.
         self.junction = junction_client(settings, self.metrics)
+        # GetTransactionResultsPdf's own budget of Junction's API (usecases/results.py).
+        self.pdf_budget = PdfBudget(
+            settings.results_pdf_max_calls, settings.results_pdf_calls_per_minute
+        )
         self.ingestor = Ingestor(
             self.commits,
             max_batch=settings.max_batch,

@@ -363,7 +363,38 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="timeout of each request to Junction's API (retried)"
     )
     junction_max_concurrency: int = Field(
-        default=4, gt=0, description="most requests to Junction's API in flight at once"
+        default=4,
+        gt=0,
+        description="most requests to Junction's API in flight at once for reconcile, the "
+        "sweep, back-fill and fetching combined results (GetTransactionResultsPdf calls have "
+        "their own, results_pdf_max_calls)",
+    )
+    results_pdf_max_calls: int = Field(
+        default=2,
+        gt=0,
+        description="GetTransactionResultsPdf calls in progress at once (each one request to "
+        "Junction's API, apart from junction_max_concurrency, then its PDF sent from memory); "
+        "past it: RESOURCE_EXHAUSTED with a retry hint",
+    )
+    results_pdf_calls_per_minute: int = Field(
+        default=30,
+        gt=0,
+        description="GetTransactionResultsPdf calls started in any minute, so interactive reads "
+        "cannot use up the API key's rate limit; past it: RESOURCE_EXHAUSTED with a retry hint",
+    )
+    results_pdf_max_bytes: int = Field(
+        default=16 * MiB,
+        gt=0,
+        description="largest results PDF GetTransactionResultsPdf fetches (it is read whole "
+        "from Junction before it is sent, so a slow reader holds no request to Junction); "
+        "larger: RESOURCE_EXHAUSTED",
+    )
+    results_pdf_call_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="a GetTransactionResultsPdf call, fetching and sending included, ends with "
+        "DEADLINE_EXCEEDED after this long; one whose caller reads nothing is dropped after "
+        "twice this",
     )
     reconcile_interval_seconds: float = Field(
         default=0.0,

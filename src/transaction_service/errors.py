@@ -58,6 +58,9 @@ class Reason(enum.StrEnum):
     REVISION_IN_FUTURE = "REVISION_IN_FUTURE"
     # RESOURCE_EXHAUSTED (Overloaded): the ingest queue's share is full; retry after a while.
     INGEST_QUEUE_FULL = "INGEST_QUEUE_FULL"
+    # RESOURCE_EXHAUSTED (Overloaded): GetTransactionResultsPdf's calls at once or per minute
+    # are used up; retry after the RetryInfo's delay.
+    PDF_BUDGET_EXHAUSTED = "PDF_BUDGET_EXHAUSTED"
     # DEADLINE_EXCEEDED (DeadlinePassed): dropped before the commit; send it again.
     DEADLINE_PASSED = "DEADLINE_PASSED"
     # 408 over HTTP: a webhook body did not arrive within its deadline.
@@ -119,7 +122,8 @@ class PermissionDenied(ServiceError):
 
 
 class TooLarge(ServiceError):
-    """The request is larger than the service accepts; nothing of it was stored."""
+    """The request, or its answer, is larger than the service accepts; nothing of it was
+    stored."""
 
 
 class RequestTimeout(ServiceError):
@@ -145,8 +149,9 @@ class Unavailable(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """Too much is waiting already (the ingest queue's share of this kind of caller is full):
-    nothing was stored; retry after `retry_after` seconds. gRPC RESOURCE_EXHAUSTED, HTTP 503."""
+    """Too much is waiting already (the ingest queue's share of this kind of caller is full), or
+    a budget is used up (results PDFs): nothing was stored or done; retry after `retry_after`
+    seconds. gRPC RESOURCE_EXHAUSTED, HTTP 503."""
 
 
 class DeadlinePassed(ServiceError):

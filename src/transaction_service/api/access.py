@@ -290,8 +290,9 @@ class _Observed:
                 code = _ended_by_cancel(call)
                 raise
             except GeneratorExit:
-                # The stream was closed from outside (its client went away).
-                code = "CANCELLED"
+                # The stream was closed from outside: its client went away, or its deadline
+                # (or one of the server's, e.g. a results PDF's) passed.
+                code = _ended_by_cancel(call)
                 raise
             except grpc.aio.AbortError:
                 code = _code_name(context.code())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -9,11 +10,13 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing
 from functools import partial
 
 import grpc
 
+from transaction_service.api.access import current_call
 from transaction_service.api.convert import (
     OUTCOME_TO_PB,
     backfill_progress_to_pb,
@@ -24,7 +27,6 @@ from transaction_service.api.convert import (
     results_to_pb,
     status_from_pb,
     struct_to_dict,
-    transaction_to_pb,
 )
 from transaction_service.api.errors import (
     Context,
@@ -46,6 +48,7 @@ from transaction_service.app import App
 from transaction_service.auth import BearerTokens, Role
 from transaction_service.domain.payload import DOT_SEGMENT_MESSAGE, DOT_SEGMENTS
 from transaction_service.errors import (
+    DeadlinePassed,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -92,6 +95,10 @@ _ONE_PROGRESS_FIELD = pb.WatchTransactionResponse.DESCRIPTOR.fields_by_name["pro
 _FEED_PROGRESS_FIELD = pb.WatchTransactionsResponse.DESCRIPTOR.fields_by_name["progress"].number
 # Lookups in one BatchGetTransactions call (documented in the proto).
 MAX_BATCH_LOOKUPS = 500
+# A BatchGetTransactionsResult on the wire, as an element of the response's `results`: not found
+# (an empty message), and the start of a found one (`found` true; `transaction` follows).
+_NOT_FOUND = field(1, b"")
+_FOUND = varint_field(1, 1)
 # Deliveries in one IngestEvents request (documented in the proto): a request is at most
 # max_message_bytes anyway; this bounds what one request holds decoded and in the queue.
 MAX_DELIVERIES_PER_REQUEST = 500
@@ -340,9 +347,57 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
     async def GetTransactionResultsPdf(
         self, request: pb.GetTransactionResultsPdfRequest, context: Context
     ) -> AsyncIterator[pb.GetTransactionResultsPdfResponse]:
+        # Only a transaction the service knows may cause a request to Junction: NOT_FOUND first.
         snapshot = await self._find(request)
-        async for chunk in results_pdf(self._app.junction, snapshot.view):
-            yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+        settings = self._app.settings
+        # The whole call, fetching and sending, has a deadline of the server's own: a caller
+        # that stops reading would otherwise keep its place in the PDF budget (and the PDF in
+        # memory) for as long as its connection lives. Checked before each message: a caller
+        # that reads gets DEADLINE_EXCEEDED then (after what it was sent). One that has not
+        # taken the message sent before by twice the deadline is not reading at all (HTTP/2
+        # lets a client buffer a few MiB: a slow reader drains them well within that): the
+        # call's task is cancelled, which closes the PDF's iterator and gives its place back.
+        # grpc.aio cannot end a call whose message waits for flow control, so that caller is
+        # told nothing; the access line says DEADLINE_EXCEEDED.
+        seconds = settings.results_pdf_call_seconds
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + seconds
+        task = asyncio.current_task()
+        assert task is not None
+        call = current_call.get()
+
+        def expire() -> None:
+            if call is not None:
+                call.deadline = time.monotonic()
+            task.cancel()
+
+        too_slow = DeadlinePassed(
+            f"the results PDF was not fetched and read within {seconds:g} s "
+            "(TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS); ask again, reading faster"
+        )
+        stalled = loop.call_later(2 * seconds, expire)
+        try:
+            async with aclosing(
+                results_pdf(
+                    self._app.junction,
+                    snapshot.view,
+                    self._app.pdf_budget,
+                    max_bytes=settings.results_pdf_max_bytes,
+                )
+            ) as chunks:
+                while True:
+                    if loop.time() >= ends:
+                        raise too_slow
+                    try:
+                        async with asyncio.timeout_at(ends):
+                            chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise too_slow from None
+                    yield pb.GetTransactionResultsPdfResponse(chunk=chunk)
+        finally:
+            stalled.cancel()
 
     async def _find(self, request: _LookupRequest) -> TransactionSnapshot:
         """The transaction a request's lookup names; NotFound if no webhook mentioned it."""
@@ -472,9 +527,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         return b"".join(field(_RESULTS_FIELD, answer) for answer in answers)
 
     @grpc_errors
-    async def BatchGetTransactions(
+    async def BatchGetTransactions(  # type: ignore[override]
         self, request: pb.BatchGetTransactionsRequest, context: Context
-    ) -> pb.BatchGetTransactionsResponse:
+    ) -> bytes:
         lookups = request.lookups
         violations = []
         if not 1 <= len(lookups) <= MAX_BATCH_LOOKUPS:
@@ -493,41 +548,61 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     )
                 )
             for violation in _lookup_violations(lookup):
-                field = violation.field if violation.field != "lookup" else ""
+                name = violation.field if violation.field != "lookup" else ""
                 violations.append(
                     FieldViolation(
-                        f"lookups[{i}]" + (f".{field}" if field else ""), violation.description
+                        f"lookups[{i}]" + (f".{name}" if name else ""), violation.description
                     )
                 )
             which = lookup.WhichOneof("lookup")
             keys.append((which or "", getattr(lookup, which) if which else ""))
         if violations:
             raise InvalidArgument(violations)
+        # The response is bounded while it is built: the store reads each transaction once, in
+        # chunks of a sixteenth of a message of stored state, and each transaction's answer is
+        # framed (from its cached bytes, api/wire.py) as its chunk arrives; once the
+        # transactions found so far would not fit in one response, the read stops there.
+        max_bytes = self._app.settings.max_message_bytes
+        answers: dict[int, bytes] = {}
+        found_bytes = 0
+
+        def frame(chunk: Sequence[TransactionSnapshot]) -> None:
+            nonlocal found_bytes
+            for snapshot in chunk:
+                answer = field(1, _FOUND + field(2, self._transactions.encode(snapshot)))
+                answers[snapshot.revision] = answer
+                found_bytes += len(answer)
+            if found_bytes > max_bytes:
+                raise TooLarge(
+                    f"the transactions found are more than one response may carry "
+                    f"({max_bytes} bytes, max_message_bytes): {len(answers)} of them are "
+                    f"{found_bytes} bytes already; ask for fewer at a time"
+                )
+
         by_id, by_order, head = await self._reads.get_many(
             [key for kind, key in keys if kind == "transaction_id"],
             [key for kind, key in keys if kind == "order_id"],
+            chunk_bytes=max_bytes // 16,
+            on_chunk=frame,
         )
-        # Each transaction converted once, however many lookups found it.
-        converted: dict[int, pb.Transaction] = {}
-        results = []
-        for kind, key in keys:
+        # One framed answer per transaction found (a revision names one state of one
+        # transaction), shared by every lookup that found it.
+        tail = varint_field(2, head)
+        parts: list[bytes] = []
+        size = len(tail)
+        for i, (kind, key) in enumerate(keys):
             found = (by_id if kind == "transaction_id" else by_order).get(key)
-            if found is None:
-                results.append(pb.BatchGetTransactionsResult(found=False))
-                continue
-            message = converted.get(id(found))
-            if message is None:
-                message = converted[id(found)] = transaction_to_pb(found.view, found.revision)
-            results.append(pb.BatchGetTransactionsResult(found=True, transaction=message))
-        response = pb.BatchGetTransactionsResponse(results=results, revision=head)
-        size = response.ByteSize()
-        if size > self._app.settings.max_message_bytes:
-            raise TooLarge(
-                f"the {len(by_id) + len(by_order)} transactions found are {size} bytes, more "
-                f"than one response may carry ({self._app.settings.max_message_bytes}, "
-                "max_message_bytes); ask for fewer at a time"
-            )
-        return response
+            part = _NOT_FOUND if found is None else answers[found.revision]
+            size += len(part)
+            if size > max_bytes:
+                raise TooLarge(
+                    f"the answers to the first {i + 1} of {len(keys)} lookups are already "
+                    f"{size} bytes, more than one response may carry ({max_bytes}, "
+                    "max_message_bytes); ask for fewer at a time"
+                )
+            parts.append(part)
+        # BatchGetTransactionsResponse, built from each transaction's cached bytes (api/wire.py).
+        return b"".join(parts) + tail
 
     @grpc_errors
     async def ListTransactionEvents(

@@ -109,19 +109,32 @@ class ChangeEncoder:
 class TransactionEncoder:
     """Serialized `Transaction`s by revision. A revision names one state of one transaction (it is
     the revision of that transaction's last change), so a cached entry never goes stale: a read
-    of an unchanged transaction skips decoding the stored view and converting it to protobuf."""
+    of an unchanged transaction skips decoding the stored view and converting it to protobuf.
 
-    def __init__(self, size: int = 16384) -> None:
+    Bounded by count and by bytes (`max_bytes`): a transaction may be up to about 1 MiB, and
+    reads of many large ones must not make the cache hold gigabytes."""
+
+    def __init__(self, size: int = 16384, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
 
     def encode(self, snapshot: TransactionSnapshot) -> bytes:
         encoded = self._cache.get(snapshot.revision)
         if encoded is None:
-            encoded = transaction_to_pb(snapshot.view, snapshot.revision).SerializeToString()
+            encoded = transaction_to_pb(snapshot.view_once(), snapshot.revision).SerializeToString()
             self._cache[snapshot.revision] = encoded
-            if len(self._cache) > self._size:
-                self._cache.popitem(last=False)
+            self._bytes += len(encoded)
+            while len(self._cache) > self._size or (
+                self._bytes > self._max_bytes and len(self._cache) > 1
+            ):
+                _, dropped = self._cache.popitem(last=False)
+                self._bytes -= len(dropped)
         else:
             self._cache.move_to_end(snapshot.revision)
         return encoded

@@ -12,7 +12,10 @@ Resilience, in one place (`_send`):
   policy allows gives up at once, saying when to come back, rather than stall a sweep;
 - any other 4xx gives up at once, naming the endpoint, the status and the provider's message;
 - a semaphore caps the requests in flight, so a sweep or a back-fill cannot flood the provider.
-  A request waiting to retry does not hold a slot.
+  A request waiting to retry does not hold a slot. Interactive reads (the results PDF) have slots
+  of their own, so they can never take the ones reconcile, the sweep and the results fetcher
+  need; and a PDF is read whole (up to a limit) before it is handed over, so a slow reader of
+  it holds no slot.
 
 Sleep, clock and jitter are injectable, so tests never really wait. Neither the API key nor a
 response body is ever logged: bodies are health data.
@@ -31,7 +34,7 @@ import logging
 import math
 import random as _random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -143,6 +146,14 @@ class JunctionNotFound(JunctionPermanentError):
     """404: Junction does not know the order or transaction (or not under this API key's team)."""
 
 
+class JunctionTooLarge(JunctionError):
+    """The answer is larger than the caller would hold (`limit` bytes); it was not read further."""
+
+    def __init__(self, message: str, *, endpoint: str, limit: int) -> None:
+        super().__init__(message, endpoint=endpoint)
+        self.limit = limit
+
+
 class JunctionBadResponse(JunctionPermanentError):
     """A 2xx answer that is not what the API documents (not JSON, or a field of the wrong type)."""
 
@@ -233,6 +244,7 @@ class JunctionClient:
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         max_concurrency: int = 4,
+        interactive_concurrency: int = 1,
         sleep: Sleep = asyncio.sleep,
         now: Clock = _utc_now,
         random: Callable[[], float] = _random.random,
@@ -245,8 +257,8 @@ class JunctionClient:
             raise ValueError(f"the Junction base URL must be http(s): {echo(base_url)}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+        if max_concurrency < 1 or interactive_concurrency < 1:
+            raise ValueError("max_concurrency and interactive_concurrency must be at least 1")
         self._api_key = api_key
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
@@ -254,6 +266,8 @@ class JunctionClient:
         self._now = now
         self._random = random
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._interactive_slots = asyncio.Semaphore(interactive_concurrency)
+        connections = max_concurrency + interactive_concurrency
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -264,9 +278,7 @@ class JunctionClient:
             },
             timeout=httpx.Timeout(timeout),
             # As many connections as requests may be in flight: no request waits for the pool.
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             transport=transport,
             follow_redirects=False,
         )
@@ -310,36 +322,52 @@ class JunctionClient:
             GET_TRANSACTION_RESULTS, path, partial(TransactionResults.from_raw, content), raw
         )
 
-    async def stream_transaction_results_pdf(
-        self, transaction_id: str, *, chunk_size: int = 64 * 1024
-    ) -> AsyncGenerator[bytes]:
-        """`GET /v3/order_transaction/{id}/result/pdf`, as chunks of bytes.
+    async def fetch_transaction_results_pdf(
+        self, transaction_id: str, *, max_bytes: int, chunk_size: int = 64 * 1024
+    ) -> list[bytes]:
+        """`GET /v3/order_transaction/{id}/result/pdf`, read whole, as chunks of `chunk_size`.
 
-        Failures before the first chunk are retried like any call; a stream that breaks off after
-        it began raises JunctionUnavailable (the part already yielded cannot be taken back). The
-        concurrency slot is held until the iterator ends: wrap it in `contextlib.aclosing` when
-        you may stop early.
+        An interactive read: it takes one of the interactive slots, never one of those the
+        other calls share, and gives it back before it returns, so whoever the PDF is for may
+        read it as slowly as it likes. More than `max_bytes` (declared, or as it arrives):
+        JunctionTooLarge, and no more is read. Failures before the answer are retried like any
+        call; a body that breaks off raises JunctionUnavailable.
         """
         segment = _segment(transaction_id, "transaction_id", GET_TRANSACTION_RESULTS_PDF)
         path = f"/v3/order_transaction/{segment}/result/pdf"
+        too_large = JunctionTooLarge(
+            f"GET {path}: the PDF is larger than {max_bytes} bytes",
+            endpoint=GET_TRANSACTION_RESULTS_PDF,
+            limit=max_bytes,
+        )
         async with self._exchange(
             GET_TRANSACTION_RESULTS_PDF,
             "GET",
             path,
             headers={"Accept": "application/pdf"},
             stream=True,
+            slots=self._interactive_slots,
         ) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise too_large
+            chunks: list[bytes] = []
+            size = 0
             try:
                 async for chunk in response.aiter_bytes(chunk_size):
-                    yield chunk
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_large
+                    chunks.append(chunk)
             except httpx.RequestError as exc:
                 reason = _transport_reason(exc)
                 raise JunctionUnavailable(
-                    f"GET {path}: the PDF stream broke off after it began ({reason})",
+                    f"GET {path}: the PDF broke off after it began ({reason})",
                     endpoint=GET_TRANSACTION_RESULTS_PDF,
                     attempts=1,
                     last_failure=reason,
                 ) from None
+        return chunks
 
     async def iter_orders_updated(
         self,
@@ -511,27 +539,32 @@ class JunctionClient:
         json_body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        slots: asyncio.Semaphore | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        """A successful response, after retries; its concurrency slot is released on exit."""
+        """A successful response, after retries; its concurrency slot (one of `slots`, by
+        default the shared ones) is released on exit."""
+        slots = slots or self._slots
         request = self._http.build_request(
             method, path, params=params, json=json_body, headers=headers
         )
         with tracing.span(f"junction {endpoint}", {"transaction_service.endpoint": endpoint}):
-            response = await self._send(endpoint, request, stream=stream)
+            response = await self._send(endpoint, request, stream=stream, slots=slots)
         try:
             yield response
         finally:
             await response.aclose()
-            self._slots.release()
+            slots.release()
 
-    async def _send(self, endpoint: str, request: httpx.Request, *, stream: bool) -> httpx.Response:
-        """Send with retries. Returns a 2xx response *holding a concurrency slot*, which the caller
-        releases; raises JunctionPermanentError or JunctionUnavailable."""
+    async def _send(
+        self, endpoint: str, request: httpx.Request, *, stream: bool, slots: asyncio.Semaphore
+    ) -> httpx.Response:
+        """Send with retries. Returns a 2xx response *holding a concurrency slot* of `slots`,
+        which the caller releases; raises JunctionPermanentError or JunctionUnavailable."""
         where = f"{request.method} {request.url.path}"
         attempts = self._retry.attempts
         for attempt in range(1, attempts + 1):
             keep_slot = False
-            await self._slots.acquire()
+            await slots.acquire()
             sent = time.perf_counter()
             outcome = "network_error"
             try:
@@ -553,7 +586,7 @@ class JunctionClient:
                 failure = self._judge(endpoint, where, response, attempt)
             finally:
                 if not keep_slot:
-                    self._slots.release()
+                    slots.release()
                 if self._metrics is not None:
                     self._metrics.junction_answered(endpoint, outcome, time.perf_counter() - sent)
 

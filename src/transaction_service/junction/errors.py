@@ -7,6 +7,7 @@ like any other.
 - refused for good (401, 403, 422, an answer of the wrong shape): FAILED_PRECONDITION, with the
   provider's message as the client cut it (never a body: bodies are health data);
 - refused before anything was sent (a window over 60 days): INVALID_ARGUMENT;
+- larger than the service would hold (a results PDF over its limit): RESOURCE_EXHAUSTED;
 - no API key configured: FAILED_PRECONDITION naming the setting.
 """
 
@@ -22,6 +23,7 @@ from transaction_service.errors import (
     NotFound,
     Reason,
     ServiceError,
+    TooLarge,
     Unavailable,
 )
 from transaction_service.junction.client import (
@@ -29,10 +31,12 @@ from transaction_service.junction.client import (
     JunctionNotFound,
     JunctionPermanentError,
     JunctionRequestInvalid,
+    JunctionTooLarge,
     JunctionUnavailable,
 )
 
 API_KEY_SETTING = "TRANSACTION_SERVICE_JUNCTION_API_KEY"
+PDF_MAX_BYTES_SETTING = "TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES"
 
 
 class JunctionNotConfigured(FailedPrecondition):
@@ -58,6 +62,12 @@ def service_error(exc: JunctionError, *, field: str = "") -> ServiceError:
             f"Junction's API is unavailable; try again later: {exc.message}",
             reason=Reason.JUNCTION_UNAVAILABLE,
             metadata=metadata,
+        )
+    if isinstance(exc, JunctionTooLarge):
+        return TooLarge(
+            f"Junction's answer is larger than this server fetches ({exc.limit} bytes, "
+            f"{PDF_MAX_BYTES_SETTING}): {exc.message}",
+            metadata={"endpoint": exc.endpoint, "setting": PDF_MAX_BYTES_SETTING},
         )
     if isinstance(exc, JunctionNotFound):
         return NotFound(f"Junction does not know it: {exc.message}")

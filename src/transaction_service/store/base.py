@@ -117,6 +117,14 @@ class TransactionSnapshot:
             self._view = view_from_json(self._view_json)
         return self._view
 
+    def view_once(self) -> TransactionView:
+        """The view, without keeping it decoded: for a reader that only serializes it once
+        (a decoded view takes several times the memory of its JSON)."""
+        if self._view is not None:
+            return self._view
+        assert self._view_json is not None
+        return view_from_json(self._view_json)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TransactionSnapshot):
             return NotImplemented
@@ -543,10 +551,19 @@ class TransactionReads(Protocol):
         """Transactions matching `where` with revision > after_revision, by revision."""
 
     async def get_many(
-        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+        self,
+        transaction_ids: Sequence[str],
+        order_ids: Sequence[str],
+        *,
+        chunk_bytes: int | None = None,
+        on_chunk: Callable[[Sequence[TransactionSnapshot]], None] | None = None,
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
         """Transactions by id and by order id, all read in one snapshot: (found by transaction
-        id, found by order id, head revision). Ids not known are absent from the dicts."""
+        id, found by order id, head revision). Ids not known are absent from the dicts. Each
+        transaction is read once, however many of the ids find it (the same snapshot object
+        answers them all). The stored states are read in chunks of about `chunk_bytes` (their
+        JSON; all at once without it), each handed to `on_chunk` as it is read: an exception it
+        raises ends the read, so what a caller cannot use is never loaded."""
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
         """Up to `limit` transaction ids greater than `after_id`, in id order: a stable walk over

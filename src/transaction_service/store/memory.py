@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 
 from transaction_service.domain.diff import diff_from_json
@@ -17,6 +17,7 @@ from transaction_service.domain.state import (
     TransactionStatus,
     knowledge_from_json,
     view_from_json,
+    view_to_json,
 )
 from transaction_service.store.base import (
     Answer,
@@ -189,13 +190,33 @@ class MemoryStore:
         return self.head
 
     async def get_many(
-        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+        self,
+        transaction_ids: Sequence[str],
+        order_ids: Sequence[str],
+        *,
+        chunk_bytes: int | None = None,
+        on_chunk: Callable[[Sequence[TransactionSnapshot]], None] | None = None,
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
         self._check_open()
-        by_id = {t: s for t in transaction_ids if (s := self._snapshot(t)) is not None}
-        by_order = {
-            o: s for o in order_ids if (s := self._snapshot(self.order_index.get(o))) is not None
-        }
+        found: dict[str, TransactionSnapshot] = {}
+        for txn_id in [*transaction_ids, *(self.order_index.get(o) for o in order_ids)]:
+            one = self._snapshot(txn_id) if txn_id not in found else None
+            if txn_id is not None and one is not None:
+                found[txn_id] = one
+        if on_chunk is not None:
+            chunk: list[TransactionSnapshot] = []
+            size = 0
+            for one in found.values():
+                view_bytes = len(view_to_json(one.view).encode())
+                if chunk and chunk_bytes is not None and size + view_bytes > chunk_bytes:
+                    on_chunk(chunk)
+                    chunk, size = [], 0
+                chunk.append(one)
+                size += view_bytes
+            if chunk:
+                on_chunk(chunk)
+        by_id = {t: found[t] for t in transaction_ids if t in found}
+        by_order = {o: found[t] for o in order_ids if (t := self.order_index.get(o)) in found}
         return by_id, by_order, self.head
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:

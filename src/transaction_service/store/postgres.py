@@ -37,7 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -73,9 +73,10 @@ from transaction_service.store.rows import (
     HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
     change_log_page,
-    found_from_rows,
     history_event,
     list_condition,
+    many_found,
+    many_index,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -575,20 +576,47 @@ class PostgresStore:
         return int((await self._fetch(f"SELECT {_HEAD}"))[0][0])
 
     async def get_many(
-        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+        self,
+        transaction_ids: Sequence[str],
+        order_ids: Sequence[str],
+        *,
+        chunk_bytes: int | None = None,
+        on_chunk: Callable[[Sequence[TransactionSnapshot]], None] | None = None,
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
-        # One statement, so one snapshot; the last row carries the head when nothing is found.
-        rows = await self._fetch(
-            f"SELECT {_HEAD}, 't', id, id, view, revision FROM transactions"
-            " WHERE id = ANY($1::text[])"
-            f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, t.view, t.revision"
-            " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
-            " WHERE o.order_id = ANY($2::text[])"
-            f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL, NULL",
-            list(set(transaction_ids)),
-            list(set(order_ids)),
-        )
-        return found_from_rows(rows)
+        # One REPEATABLE READ transaction, so one snapshot: first which transaction each id
+        # finds, with the size of its stored state (not the state), then the states in chunks.
+        try:
+            async with (
+                self._pool_or_fail().acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                index: list[Any] = await conn.fetch(
+                    f"SELECT {_HEAD}, 't', id, id, octet_length(view) FROM transactions"
+                    " WHERE id = ANY($1::text[])"
+                    f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, octet_length(t.view)"
+                    " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
+                    " WHERE o.order_id = ANY($2::text[])"
+                    f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL",
+                    list(set(transaction_ids)),
+                    list(set(order_ids)),
+                )
+                chunks, head = many_index(index, chunk_bytes)
+                snapshots: dict[str, TransactionSnapshot] = {}
+                for chunk in chunks:
+                    rows = await conn.fetch(
+                        "SELECT id, view, revision FROM transactions WHERE id = ANY($1::text[])",
+                        chunk,
+                    )
+                    read = [snapshot(view, revision) for _, view, revision in rows]
+                    if on_chunk is not None:
+                        on_chunk(read)
+                    snapshots.update(zip((row[0] for row in rows), read, strict=True))
+                    del rows, read
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreUnavailable(
+                f"the database cannot be read ({_fault_kind(exc)}). Retry later."
+            ) from None
+        return many_found(index, snapshots, head)
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
         rows = await self._fetch(

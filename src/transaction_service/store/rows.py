@@ -370,20 +370,36 @@ def replay_events_from_rows(rows: Iterable[Any]) -> dict[str, list[StoredEventBo
     return found
 
 
-def found_from_rows(
-    rows: Sequence[Sequence[Any]],
-) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
-    """`Store.get_many`'s rows (head, 't' or 'o', key, transaction id, view, revision) as its
-    answer; each transaction's view is decoded once, however many lookups found it."""
+def many_index(
+    rows: Sequence[Sequence[Any]], chunk_bytes: int | None
+) -> tuple[list[list[str]], int]:
+    """`Store.get_many`'s first statement, (head, kind 't' or 'o', key, transaction id, view
+    size) rows: the transactions found, in chunks of about `chunk_bytes` of stored state each
+    (one chunk without it), and the head revision."""
     head = rows[0][0] if rows else 0
-    decoded: dict[str, TransactionSnapshot] = {}
+    sizes: dict[str, int] = {}
+    for _, kind, _key, txn_id, size in rows:
+        if kind is not None:
+            sizes[txn_id] = int(size)
+    chunks: list[list[str]] = []
+    total = 0
+    for txn_id, size in sizes.items():
+        if not chunks or (chunk_bytes is not None and total + size > chunk_bytes):
+            chunks.append([])
+            total = 0
+        chunks[-1].append(txn_id)
+        total += size
+    return chunks, head
+
+
+def many_found(
+    rows: Sequence[Sequence[Any]], snapshots: dict[str, TransactionSnapshot], head: int
+) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
+    """`Store.get_many`'s answer: which transaction each id found (the first statement's rows),
+    with the snapshots read; one snapshot object per transaction."""
     by_id: dict[str, TransactionSnapshot] = {}
     by_order: dict[str, TransactionSnapshot] = {}
-    for _, kind, key, txn_id, view, revision in rows:
-        if kind is None:
-            continue
-        found = decoded.get(txn_id)
-        if found is None:
-            found = decoded[txn_id] = snapshot(view, revision)
-        (by_id if kind == "t" else by_order)[key] = found
+    for _, kind, key, txn_id, _size in rows:
+        if kind is not None and (found := snapshots.get(txn_id)) is not None:
+            (by_id if kind == "t" else by_order)[key] = found
     return by_id, by_order, head

@@ -35,7 +35,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -71,10 +71,11 @@ from transaction_service.store.rows import (
     HISTORY_COLUMNS,
     RESULTS_ROW_COLUMNS,
     change_log_page,
-    found_from_rows,
     history_event,
     iso,
     list_condition,
+    many_found,
+    many_index,
     pending_results,
     plan_rows,
     replay_events_from_rows,
@@ -626,20 +627,48 @@ class SqliteStore:
         return int((await self._fetch_point(f"SELECT {_HEAD}", ()))[0][0])
 
     async def get_many(
-        self, transaction_ids: Sequence[str], order_ids: Sequence[str]
+        self,
+        transaction_ids: Sequence[str],
+        order_ids: Sequence[str],
+        *,
+        chunk_bytes: int | None = None,
+        on_chunk: Callable[[Sequence[TransactionSnapshot]], None] | None = None,
     ) -> tuple[dict[str, TransactionSnapshot], dict[str, TransactionSnapshot], int]:
-        # One statement, so one snapshot; the last row is there to carry the head revision when
-        # nothing is found.
-        rows = await self._fetch(
-            f"SELECT {_HEAD}, 't', id, id, view, revision FROM transactions"
-            " WHERE id IN (SELECT value FROM json_each(?))"
-            f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, t.view, t.revision"
-            " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
-            " WHERE o.order_id IN (SELECT value FROM json_each(?))"
-            f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL, NULL",
-            (json.dumps(list(set(transaction_ids))), json.dumps(list(set(order_ids)))),
-        )
-        return found_from_rows(rows)
+        # One read transaction, so one snapshot (WAL): first which transaction each id finds,
+        # with the size of its stored state (not the state), then the states in chunks.
+        async with self._reader() as conn:
+            await conn.execute("BEGIN")
+            try:
+                index = await _rows(
+                    conn,
+                    f"SELECT {_HEAD}, 't', id, id, length(view) FROM transactions"
+                    " WHERE id IN (SELECT value FROM json_each(?))"
+                    f" UNION ALL SELECT {_HEAD}, 'o', o.order_id, t.id, length(t.view)"
+                    " FROM order_transactions o JOIN transactions t ON t.id = o.transaction_id"
+                    " WHERE o.order_id IN (SELECT value FROM json_each(?))"
+                    f" UNION ALL SELECT {_HEAD}, NULL, NULL, NULL, NULL",
+                    (json.dumps(list(set(transaction_ids))), json.dumps(list(set(order_ids)))),
+                )
+                chunks, head = many_index(index, chunk_bytes)
+                snapshots: dict[str, TransactionSnapshot] = {}
+                for chunk in chunks:
+                    rows = await _rows(
+                        conn,
+                        "SELECT id, view, revision FROM transactions"
+                        " WHERE id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(chunk),),
+                    )
+                    read = [snapshot(view, revision) for _, view, revision in rows]
+                    if on_chunk is not None:
+                        on_chunk(read)
+                    snapshots.update(zip((row[0] for row in rows), read, strict=True))
+                    del rows, read
+            finally:
+                # Shielded: a connection must never go back to the pool inside a read
+                # transaction (it would read an old snapshot, and hold back checkpoints), and
+                # statements on one connection run in order, so the next user runs after this.
+                await asyncio.shield(conn.execute("ROLLBACK"))
+        return many_found(index, snapshots, head)
 
     async def transaction_ids(self, after_id: str, limit: int) -> list[str]:
         rows = await self._fetch(

@@ -26,11 +26,13 @@ are dropped with a warning: what they would fetch would be erased at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import random as _random
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -44,7 +46,7 @@ from transaction_service.domain.state import (
     knowledge_to_json,
     view_to_json,
 )
-from transaction_service.errors import FailedPrecondition, Reason, echo
+from transaction_service.errors import FailedPrecondition, Overloaded, Reason, echo
 from transaction_service.junction.answers import TransactionResults
 from transaction_service.junction.client import (
     JunctionClient,
@@ -449,8 +451,71 @@ async def stored_results(store: Results, view: TransactionView) -> StoredResults
     raise FailedPrecondition(message, reason=Reason.RESULTS_NOT_READY)
 
 
-async def results_pdf(client: JunctionClient | None, view: TransactionView) -> AsyncIterator[bytes]:
-    """The results PDF, streamed from Junction in chunks; errors mapped to service errors."""
+class PdfBudget:
+    """What interactive GetTransactionResultsPdf calls may use of Junction's API, apart from the
+    requests reconcile, the sweep and the results fetcher make: at most `max_calls` in progress
+    at once (fetching from Junction, then sending the PDF from memory) and `per_minute` started
+    in any minute. Past either: Overloaded (RESOURCE_EXHAUSTED) with when to retry."""
+
+    def __init__(
+        self, max_calls: int, per_minute: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_calls = max_calls
+        self.per_minute = per_minute
+        self._clock = clock
+        self._in_progress = 0
+        self._started: collections.deque[float] = collections.deque()
+
+    @property
+    def in_progress(self) -> int:
+        return self._in_progress
+
+    @contextmanager
+    def seat(self) -> Iterator[None]:
+        """A call's place in the budget, held until it ends; Overloaded if there is none."""
+        now = self._clock()
+        while self._started and self._started[0] <= now - 60.0:
+            self._started.popleft()
+        if self._in_progress >= self.max_calls:
+            raise Overloaded(
+                f"{self._in_progress} results PDFs are being fetched or sent already, as many "
+                "as this server allows at once (TRANSACTION_SERVICE_RESULTS_PDF_MAX_CALLS); "
+                "retry in a moment",
+                reason=Reason.PDF_BUDGET_EXHAUSTED,
+                metadata={"limit": "results_pdf_max_calls", "value": str(self.max_calls)},
+                retry_after=1.0,
+            )
+        if len(self._started) >= self.per_minute:
+            wait = max(0.1, self._started[0] + 60.0 - now)
+            raise Overloaded(
+                f"{len(self._started)} results PDFs were asked for in the last minute, as many "
+                "as this server allows (TRANSACTION_SERVICE_RESULTS_PDF_CALLS_PER_MINUTE); "
+                f"retry in {wait:.0f} s",
+                reason=Reason.PDF_BUDGET_EXHAUSTED,
+                metadata={
+                    "limit": "results_pdf_calls_per_minute",
+                    "value": str(self.per_minute),
+                },
+                retry_after=wait,
+            )
+        self._started.append(now)
+        self._in_progress += 1
+        try:
+            yield
+        finally:
+            self._in_progress -= 1
+
+
+async def results_pdf(
+    client: JunctionClient | None,
+    view: TransactionView,
+    budget: PdfBudget,
+    *,
+    max_bytes: int,
+) -> AsyncGenerator[bytes]:
+    """The results PDF, fetched whole from Junction (at most `max_bytes`) within the budget's
+    place for this call, then handed out in chunks; errors mapped to service errors. The place
+    is held until the iterator ends (or is closed): use `aclosing` when you may stop early."""
     if client is None:
         raise JunctionNotConfigured
     if view.legacy:
@@ -459,9 +524,13 @@ async def results_pdf(client: JunctionClient | None, view: TransactionView) -> A
             "transaction at Junction and so no combined results",
             reason=Reason.RESULTS_NOT_READY,
         )
-    with provider_errors():
-        async with aclosing(
-            client.stream_transaction_results_pdf(view.id, chunk_size=PDF_CHUNK_BYTES)
-        ) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    with budget.seat():
+        with provider_errors():
+            chunks = await client.fetch_transaction_results_pdf(
+                view.id, max_bytes=max_bytes, chunk_size=PDF_CHUNK_BYTES
+            )
+        # Junction's request (and its slot) is over: the caller may read as slowly as it likes.
+        # Each chunk is let go of once handed out.
+        chunks.reverse()
+        while chunks:
+            yield chunks.pop()

@@ -356,9 +356,16 @@ class TransactionServiceServicer:
     def GetTransactionResultsPdf(self, request, context):
         """GetTransactionResultsPdf streams the PDF of a transaction's combined results, as Junction
         serves it (`GET /v3/order_transaction/{id}/result/pdf`), in chunks; nothing of it is stored.
+        The PDF is read whole from Junction before it is sent, within a budget of its own (calls at
+        once and per minute). Only a transaction the service knows causes a request to Junction.
+        A call not read through within TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS (120 s) ends
+        with DEADLINE_EXCEEDED; a caller that reads nothing at all is dropped after twice that
+        without a status, so set a deadline.
         Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
         PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
-        for GetTransactionResults.
+        for GetTransactionResults, RESOURCE_EXHAUSTED for the budget (ErrorInfo reason
+        PDF_BUDGET_EXHAUSTED, with a RetryInfo: retry after its delay) or a PDF larger than
+        TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -255,9 +255,16 @@ class TransactionServiceStub:
     GetTransactionResultsPdf: _grpc.UnaryStreamMultiCallable[_transactions_pb2.GetTransactionResultsPdfRequest, _transactions_pb2.GetTransactionResultsPdfResponse]
     """GetTransactionResultsPdf streams the PDF of a transaction's combined results, as Junction
     serves it (`GET /v3/order_transaction/{id}/result/pdf`), in chunks; nothing of it is stored.
+    The PDF is read whole from Junction before it is sent, within a budget of its own (calls at
+    once and per minute). Only a transaction the service knows causes a request to Junction.
+    A call not read through within TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS (120 s) ends
+    with DEADLINE_EXCEEDED; a caller that reads nothing at all is dropped after twice that
+    without a status, so set a deadline.
     Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
     PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
-    for GetTransactionResults.
+    for GetTransactionResults, RESOURCE_EXHAUSTED for the budget (ErrorInfo reason
+    PDF_BUDGET_EXHAUSTED, with a RetryInfo: retry after its delay) or a PDF larger than
+    TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES.
     """
     ListTransactionEvents: _grpc.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionEventsRequest, _transactions_pb2.ListTransactionEventsResponse]
     """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
@@ -499,9 +506,16 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     GetTransactionResultsPdf: _aio.UnaryStreamMultiCallable[_transactions_pb2.GetTransactionResultsPdfRequest, _transactions_pb2.GetTransactionResultsPdfResponse]  # type: ignore[assignment]
     """GetTransactionResultsPdf streams the PDF of a transaction's combined results, as Junction
     serves it (`GET /v3/order_transaction/{id}/result/pdf`), in chunks; nothing of it is stored.
+    The PDF is read whole from Junction before it is sent, within a budget of its own (calls at
+    once and per minute). Only a transaction the service knows causes a request to Junction.
+    A call not read through within TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS (120 s) ends
+    with DEADLINE_EXCEEDED; a caller that reads nothing at all is dropped after twice that
+    without a status, so set a deadline.
     Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
     PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
-    for GetTransactionResults.
+    for GetTransactionResults, RESOURCE_EXHAUSTED for the budget (ErrorInfo reason
+    PDF_BUDGET_EXHAUSTED, with a RetryInfo: retry after its delay) or a PDF larger than
+    TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES.
     """
     ListTransactionEvents: _aio.UnaryUnaryMultiCallable[_transactions_pb2.ListTransactionEventsRequest, _transactions_pb2.ListTransactionEventsResponse]  # type: ignore[assignment]
     """ListTransactionEvents answers "why is this transaction in this state?": every delivery the
@@ -806,9 +820,16 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_transactions_pb2.GetTransactionResultsPdfResponse], _abc.AsyncIterator[_transactions_pb2.GetTransactionResultsPdfResponse]]:
         """GetTransactionResultsPdf streams the PDF of a transaction's combined results, as Junction
         serves it (`GET /v3/order_transaction/{id}/result/pdf`), in chunks; nothing of it is stored.
+        The PDF is read whole from Junction before it is sent, within a budget of its own (calls at
+        once and per minute). Only a transaction the service knows causes a request to Junction.
+        A call not read through within TRANSACTION_SERVICE_RESULTS_PDF_CALL_SECONDS (120 s) ends
+        with DEADLINE_EXCEEDED; a caller that reads nothing at all is dropped after twice that
+        without a status, so set a deadline.
         Errors: NOT_FOUND (the service or Junction does not know the transaction, or Junction has no
         PDF yet), FAILED_PRECONDITION and UNAVAILABLE as for ReconcileTransaction, INVALID_ARGUMENT as
-        for GetTransactionResults.
+        for GetTransactionResults, RESOURCE_EXHAUSTED for the budget (ErrorInfo reason
+        PDF_BUDGET_EXHAUSTED, with a RetryInfo: retry after its delay) or a PDF larger than
+        TRANSACTION_SERVICE_RESULTS_PDF_MAX_BYTES.
         """
 
     @_abc_1.abstractmethod
