@@ -553,8 +553,7 @@ async def test_an_id_cannot_reach_another_path_and_an_empty_one_is_refused(
         with pytest.raises(JunctionRequestInvalid, match="transaction_id must not be"):
             await client.get_transaction_results(dots)
         with pytest.raises(JunctionRequestInvalid, match="transaction_id must not be"):
-            async for _ in client.stream_transaction_results_pdf(dots):
-                pass
+            await client.fetch_transaction_results_pdf(dots, max_bytes=1 << 20)
     assert len(fake.requests) == 1
 
 
