@@ -18,10 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import BODY_LIMIT, SCENARIOS
-from tests.harness import Running, check_expect, ingest, struct, violated_fields
+from tests.harness import Running, check_expect, ingest, loopback_settings, struct, violated_fields
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.api.convert import struct_to_dict, transaction_to_pb
-from transaction_service.config import Settings
 from transaction_service.domain.limits import DEFAULT_LIMITS, MAX_BODY_DEPTH
 from transaction_service.domain.state import (
     OrderOrigin,
@@ -423,28 +422,35 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("request_", "field", "words"),
-    [case[1:] for case in BAD_INPUTS],
-    ids=[case[0] for case in BAD_INPUTS],
-)
-async def test_bad_input_is_invalid_argument_naming_the_field_and_stores_nothing(
-    api: Running, request_: pb.IngestEventRequest, field: str, words: str
-) -> None:
-    # Something stored already, so "nothing changed" is checked against a non-empty store.
-    d = SCENARIOS[0]["deliveries"][0]
-    await ingest(api, d["svix_id"], d["body"])
-    before = api.counts()
-    head = await api.service.store.head_revision()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await api.stub.IngestEvent(request_)
-    error = caught.value
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in error.details()
-    assert words in error.details()
-    assert field in violated_fields(error)
-    assert api.counts() == before
-    assert await api.service.store.head_revision() == head
+@pytest.mark.asyncio(loop_scope="class")
+class TestBadInput:
+    """One server per store for all the cases: each is refused and leaves the store as it was."""
+
+    @pytest.mark.parametrize(
+        ("request_", "field", "words"),
+        [case[1:] for case in BAD_INPUTS],
+        ids=[case[0] for case in BAD_INPUTS],
+    )
+    async def test_bad_input_is_invalid_argument_naming_the_field_and_stores_nothing(
+        self, class_api: Running, request_: pb.IngestEventRequest, field: str, words: str
+    ) -> None:
+        api = class_api
+        # Something stored already (by the first case; a duplicate after it), so "nothing
+        # changed" is checked against a non-empty store.
+        d = SCENARIOS[0]["deliveries"][0]
+        await ingest(api, d["svix_id"], d["body"])
+        before = api.counts()
+        head = await api.service.store.head_revision()
+        assert head > 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await api.stub.IngestEvent(request_)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.details()
+        assert words in error.details()
+        assert field in violated_fields(error)
+        assert api.counts() == before
+        assert await api.service.store.head_revision() == head
 
 
 async def test_bodies_at_the_limits_are_accepted_in_both_forms(api: Running) -> None:
@@ -607,14 +613,7 @@ async def test_reusing_an_event_id_with_another_body_is_already_exists(api: Runn
 
 
 async def test_message_over_the_grpc_limit_is_resource_exhausted(tmp_path: Path) -> None:
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=tmp_path / "x.db",
-        max_message_bytes=100_000,
-    )
+    settings = loopback_settings(tmp_path / "x.db", max_message_bytes=100_000)
     service = TransactionService(settings)
     port = await service.start()
     try:
@@ -768,14 +767,7 @@ async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> Non
 
 
 async def test_stopping_answers_in_flight_ingests_and_refuses_new_ones(tmp_path: Path) -> None:
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=tmp_path / "x.db",
-        shutdown_grace_seconds=5,
-    )
+    settings = loopback_settings(tmp_path / "x.db", shutdown_grace_seconds=5)
     service = TransactionService(settings)
     port = await service.start()
     runs = [with_fresh_ids(SCENARIOS[0]) for _ in range(30)]

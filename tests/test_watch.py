@@ -16,10 +16,9 @@ import grpc
 import pytest
 
 from tests.conftest import SCENARIOS
-from tests.harness import Running, error_info, ingest, separate_channels
+from tests.harness import Running, error_info, ingest, loopback_settings, separate_channels
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.api.wire import ChangeEncoder
-from transaction_service.config import Settings
 from transaction_service.domain.state import ChangeKind
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
@@ -76,16 +75,8 @@ async def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE) -> 
 
 
 async def started_service(tmp_path: Path, **overrides: Any) -> tuple[TransactionService, int]:
-    values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "db": tmp_path / "watch.db",
-        "sqlite_synchronous": "NORMAL",
-        "shutdown_grace_seconds": 5,
-    }
-    settings = Settings(**(values | overrides))
+    values: dict[str, Any] = {"shutdown_grace_seconds": 5}
+    settings = loopback_settings(tmp_path / "watch.db", **(values | overrides))
     service = TransactionService(settings)
     return service, await service.start()
 
