@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import math
+import random
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,13 +92,29 @@ async def test_any_delivery_order_with_duplicates_and_resends_reaches_expect(
     await check_served(api, run["expect"])
 
 
-async def test_every_permutation_with_every_delivery_duplicated_reaches_expect(
+# Delivery orders per scenario sent through gRPC to each store: all of them up to this many,
+# else a seeded sample. test_plan.py tries every order of every scenario (on the in-memory
+# store, without gRPC): what the stores and the API add does not depend on the order.
+SAMPLED_ORDERS = 6
+
+
+def sampled_orders(n: int, seed: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(index, order) of n deliveries' orders: the first and the last (in order, reversed) and
+    random others, the same ones every run."""
+    every = list(enumerate(itertools.permutations(range(n))))
+    if len(every) <= SAMPLED_ORDERS:
+        return every
+    middle = random.Random(seed).sample(every[1:-1], SAMPLED_ORDERS - 2)
+    return [every[0], *sorted(middle), every[-1]]
+
+
+async def test_sampled_delivery_orders_with_every_delivery_duplicated_reach_expect(
     api: Running, scenario: dict[str, Any]
 ) -> None:
-    """All n! delivery orders, each delivery sent twice (as an immediate retry in even
-    permutations, as a second pass in odd ones), alternating the two body forms."""
+    """Sampled delivery orders (sampled_orders), each delivery sent twice (as an immediate retry
+    in even permutations, as a second pass in odd ones), alternating the two body forms."""
     n = len(scenario["deliveries"])
-    for i, order in enumerate(itertools.permutations(range(n))):
+    for i, order in sampled_orders(n, scenario["scenario"]):
         run = with_fresh_ids(scenario, tag=f"p{i}")
         once = [run["deliveries"][j] for j in order]
         twice = [d for d in once for _ in (0, 1)] if i % 2 == 0 else once + once
