@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
-import random
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import BODY_LIMIT, SCENARIOS
 from tests.harness import Running, check_expect, ingest, loopback_settings, struct, violated_fields
-from tests.scenario_tools import with_fresh_ids
+from tests.scenario_tools import sampled_orders, with_fresh_ids
 from transaction_service.api.convert import struct_to_dict, transaction_to_pb
 from transaction_service.domain.limits import DEFAULT_LIMITS, MAX_BODY_DEPTH
 from transaction_service.domain.state import (
@@ -90,22 +88,6 @@ async def test_any_delivery_order_with_duplicates_and_resends_reaches_expect(
         seen.add(event_id)
         assert response.transaction.id == run["expect"]["transaction_id"]
     await check_served(api, run["expect"])
-
-
-# Delivery orders per scenario sent through gRPC to each store: all of them up to this many,
-# else a seeded sample. test_plan.py tries every order of every scenario (on the in-memory
-# store, without gRPC): what the stores and the API add does not depend on the order.
-SAMPLED_ORDERS = 6
-
-
-def sampled_orders(n: int, seed: str) -> list[tuple[int, tuple[int, ...]]]:
-    """(index, order) of n deliveries' orders: the first and the last (in order, reversed) and
-    random others, the same ones every run."""
-    every = list(enumerate(itertools.permutations(range(n))))
-    if len(every) <= SAMPLED_ORDERS:
-        return every
-    middle = random.Random(seed).sample(every[1:-1], SAMPLED_ORDERS - 2)
-    return [every[0], *sorted(middle), every[-1]]
 
 
 async def test_sampled_delivery_orders_with_every_delivery_duplicated_reach_expect(

@@ -111,45 +111,66 @@ def test_any_grouping_into_batches_gives_the_same_state_and_outcomes(data: st.Da
     assert history_of(store) == history_of(alone)
 
 
+# The kinds a watch is told once per transaction, at most (test_watch.py).
+REPORTED_ONCE = (
+    ChangeKind.REDRAW_AVAILABLE,
+    ChangeKind.TRANSACTION_COMPLETED,
+    ChangeKind.TRANSACTION_CANCELLED,
+)
+
+
 def test_every_delivery_order_with_every_delivery_duplicated_reaches_expect() -> None:
     """All n! delivery orders of every scenario, each delivery sent twice (as an immediate
     retry in even permutations, as a second pass in odd ones), alternating the two body forms
-    (JSON text, parsed object), committed one at a time on the in-memory store: a delivery is
+    (JSON text, parsed object), committed one at a time on a fresh in-memory store: a delivery is
     a duplicate exactly when its id was seen, each is answered with its scenario's transaction,
-    and the transaction ends in the expected state, by its id and by each order's id. The gRPC
-    tests send a seeded sample of these orders to each real store (test_grpc_api.py)."""
+    the transaction ends in the expected state, by its id and by each order's id, and its
+    changes say redraw available, completed or cancelled once each if it ends so, else never.
+    The tests on real stores send a seeded sample of these orders (scenario_tools.
+    sampled_orders) through gRPC (test_grpc_api.py) and watch them (test_watch.py)."""
 
     async def go() -> int:
-        store = MemoryStore()
         checked = 0
         for scenario in SCENARIOS:
-            n = len(scenario["deliveries"])
+            expect = scenario["expect"]
+            txn_id = expect["transaction_id"]
+            status = expect["status"].removeprefix("TRANSACTION_STATUS_").lower()
+            reported = {ChangeKind(f"transaction_{status}")}
+            if expect["redraw_available"]:
+                reported.add(ChangeKind.REDRAW_AVAILABLE)
+            # Each delivery decoded once in each body form: [parsed object, JSON text].
+            forms = [
+                (
+                    delivery(d["svix_id"], d["body"]),
+                    decode_delivery(
+                        d["svix_id"], payload_json=json.dumps(d["body"]), max_body_bytes=LIMIT
+                    ),
+                )
+                for d in scenario["deliveries"]
+            ]
+            n = len(forms)
             for i, order in enumerate(itertools.permutations(range(n))):
-                run = with_fresh_ids(scenario, tag=f"{scenario['scenario']}-p{i}")
-                txn_id = run["expect"]["transaction_id"]
-                once = [run["deliveries"][j] for j in order]
-                twice = [d for d in once for _ in (0, 1)] if i % 2 == 0 else once + once
+                store = MemoryStore()
+                twice = [j for j in order for _ in (0, 1)] if i % 2 == 0 else [*order, *order]
                 seen: set[str] = set()
-                for k, d in enumerate(twice):
-                    if (i + k) % 2:
-                        text = json.dumps(d["body"])
-                        sent = decode_delivery(
-                            d["svix_id"], payload_json=text, max_body_bytes=LIMIT
-                        )
-                    else:
-                        sent = delivery(d["svix_id"], d["body"])
+                for k, j in enumerate(twice):
+                    sent = forms[j][(i + k) % 2]
                     [result] = await commit(store, [sent])
                     assert isinstance(result, IngestResult), result
-                    assert (result.outcome == Outcome.DUPLICATE) == (d["svix_id"] in seen)
-                    seen.add(d["svix_id"])
+                    assert (result.outcome == Outcome.DUPLICATE) == (sent.event_id in seen)
+                    seen.add(sent.event_id)
                     assert result.transaction is not None
                     assert result.transaction.view.id == txn_id
                 snapshot, _ = await store.get(txn_id)
                 assert snapshot is not None
-                assert view_summary(snapshot.view) == expected_summary(run)
-                for order_id in run["expect"]["orders"]:
+                assert view_summary(snapshot.view) == expected_summary(scenario)
+                for order_id in expect["orders"]:
                     by_order, _ = await store.get_by_order(order_id)
                     assert by_order == snapshot
+                assert {c.transaction_id for c in store.changes} == {txn_id}
+                for kind in REPORTED_ONCE:
+                    told = sum(kind in c.kinds for c in store.changes)
+                    assert told == (kind in reported), (kind, told)
                 checked += 1
         return checked
 
