@@ -87,6 +87,23 @@ async def class_api(
         yield started
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """The image test's skip reason and step times ride on its reports: under pytest-xdist the
+    test runs in a worker, and the summary is written by the controller."""
+    outcome = yield
+    if item.path.name == "test_image.py" and (podman.SKIPPED or podman.TIMES):
+        image = {"skipped": list(podman.SKIPPED), "times": dict(podman.TIMES)}
+        outcome.get_result().user_properties.append(("image", image))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "image":
+            podman.SKIPPED.extend(r for r in value["skipped"] if r not in podman.SKIPPED)
+            podman.TIMES.update(value["times"])
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say loudly when the PostgreSQL suite or the image test did not run; give the image
     test's step times when it did."""
