@@ -1,8 +1,10 @@
 """PostgreSQL for the tests: a fresh schema per test on the server the setting names.
 
 `TRANSACTION_SERVICE_TEST_POSTGRES_URL` points at a database the tests may create schemas in
-(default: the local server CI machines run). Without a reachable server the PostgreSQL tests are
-skipped, and the run's summary says so loudly (see conftest.py).
+(default: the local server CI machines run). Under pytest-xdist (`make test`) each worker makes
+its schemas in a database of its own beside that one, named after it and the worker (`test_gw0`),
+which the setting's user must be allowed to create. Without a reachable server the PostgreSQL
+tests are skipped, and the run's summary says so loudly (see conftest.py).
 """
 
 from __future__ import annotations
