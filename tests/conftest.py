@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from tests import podman
 from tests.fake_junction import FakeJunction
-from tests.harness import Running
+from tests.harness import Running, loopback_settings
 from tests.pg import SETTING as PG_SETTING
 from tests.pg import fresh_database, unavailable_reason
-from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -57,25 +57,51 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-async def api(tmp_path: Path, store_kind: str) -> AsyncIterator[Running]:
-    """The service in process, on each store in turn, with a stub connected to it."""
-    with database(store_kind, tmp_path) as db:
-        settings = Settings(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            db=db,
-            max_body_bytes=BODY_LIMIT,
-            sqlite_synchronous="NORMAL",
-            shutdown_grace_seconds=1,
-        )
+@asynccontextmanager
+async def running(kind: str, tmp_path: Path) -> AsyncIterator[Running]:
+    """The service in process on a fresh database of the kind, with a stub connected to it."""
+    with database(kind, tmp_path) as db:
+        settings = loopback_settings(db, max_body_bytes=BODY_LIMIT)
         service = TransactionService(settings)
         port = await service.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield Running(service, pb_grpc.TransactionServiceStub(channel), settings.db)
         await service.stop()
+
+
+@pytest.fixture
+async def api(tmp_path: Path, store_kind: str) -> AsyncIterator[Running]:
+    """The service in process, on each store in turn, with a stub connected to it."""
+    async with running(store_kind, tmp_path) as started:
+        yield started
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class", params=STORES)
+async def class_api(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Running]:
+    """One service per store for all the tests of a class (mark the class
+    `pytest.mark.asyncio(loop_scope="class")`): for many cases that each leave the store as
+    they found it, such as refused requests."""
+    async with running(request.param, tmp_path_factory.mktemp("class_api")) as started:
+        yield started
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """The image test's skip reason and step times ride on its reports: under pytest-xdist the
+    test runs in a worker, and the summary is written by the controller."""
+    outcome = yield
+    if item.path.name == "test_image.py" and (podman.SKIPPED or podman.TIMES):
+        image = {"skipped": list(podman.SKIPPED), "times": dict(podman.TIMES)}
+        outcome.get_result().user_properties.append(("image", image))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == "image":
+            podman.SKIPPED.extend(r for r in value["skipped"] if r not in podman.SKIPPED)
+            podman.TIMES.update(value["times"])
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -39,6 +39,22 @@ class Running:
             return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
+def loopback_settings(db: Path | str, **overrides: Any) -> Settings:
+    """Settings for a service a test starts in process: loopback, free ports (0), the database
+    `db` (a SQLite file or a PostgreSQL URL), SQLite's faster NORMAL sync, a short shutdown
+    grace; `overrides` replace or add to these."""
+    values: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "db": db,
+        "sqlite_synchronous": "NORMAL",
+        "shutdown_grace_seconds": 1,
+    }
+    return Settings(**(values | overrides))
+
+
 # The streams one connection carries at once (grpc_max_concurrent_streams, docs/limits.md).
 STREAMS_PER_CONNECTION = Settings.model_fields["grpc_max_concurrent_streams"].default
 

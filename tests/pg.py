@@ -1,13 +1,16 @@
 """PostgreSQL for the tests: a fresh schema per test on the server the setting names.
 
 `TRANSACTION_SERVICE_TEST_POSTGRES_URL` points at a database the tests may create schemas in
-(default: the local server CI machines run). Without a reachable server the PostgreSQL tests are
-skipped, and the run's summary says so loudly (see conftest.py).
+(default: the local server CI machines run). Under pytest-xdist (`make test`) each worker makes
+its schemas in a database of its own beside that one, named after it and the worker (`test_gw0`),
+which the setting's user must be allowed to create. Without a reachable server the PostgreSQL
+tests are skipped, and the run's summary says so loudly (see conftest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
@@ -25,8 +28,36 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
 
 
-def base_url() -> str:
+def server_url() -> str:
     return os.environ.get(SETTING, DEFAULT_URL)
+
+
+def base_url() -> str:
+    """The database the tests' schemas are made in: the setting's; under pytest-xdist, one of
+    each worker's own beside it (made on first use, kept for later runs), because advisory locks
+    (the jobs' leader locks) and NOTIFY reach every schema of a database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return server_url()
+    return worker_database(worker)
+
+
+@functools.cache
+def worker_database(worker: str) -> str:
+    parts = urlsplit(server_url())
+    name = f"{parts.path.lstrip('/') or 'postgres'}_{worker}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server_url(), timeout=10)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                    await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    run_sync(create())
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -53,13 +84,14 @@ def unavailable_reason() -> str | None:
     """None if the server answers; else why not."""
 
     async def probe() -> None:
-        conn = await asyncpg.connect(base_url(), timeout=3)
+        conn = await asyncpg.connect(server_url(), timeout=3)
         await conn.close()
 
     try:
         run_sync(probe())
+        base_url()
     except Exception as exc:
-        return f"no PostgreSQL at {base_url()} ({type(exc).__name__}: {exc})"
+        return f"no PostgreSQL at {server_url()} ({type(exc).__name__}: {exc})"
     return None
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import random
 import uuid
 from typing import Any
 
@@ -35,6 +37,23 @@ def with_fresh_ids(scenario: dict[str, Any], tag: str = "") -> dict[str, Any]:
     for delivery in fresh["deliveries"]:
         delivery["svix_id"] = f"{delivery['svix_id']}-{suffix}"
     return fresh
+
+
+# Delivery orders per scenario that the tests on real stores send: all of them up to this many,
+# else a seeded sample (sampled_orders). test_plan.py tries every order of every scenario on the
+# in-memory store, at the plan level: what the stores and the API add does not depend on it.
+SAMPLED_ORDERS = 6
+
+
+def sampled_orders(n: int, seed: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(index, order) among the orders of n deliveries (itertools.permutations): all of them up
+    to SAMPLED_ORDERS, else the first and the last (in order, reversed) and random others,
+    the same ones every run for the same seed."""
+    every = list(enumerate(itertools.permutations(range(n))))
+    if len(every) <= SAMPLED_ORDERS:
+        return every
+    middle = random.Random(seed).sample(every[1:-1], SAMPLED_ORDERS - 2)
+    return [every[0], *sorted(middle), every[-1]]
 
 
 def expected_summary(scenario: dict[str, Any]) -> dict[str, Any]:

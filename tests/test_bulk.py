@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from tests.conftest import SCENARIOS, database
-from tests.harness import Running, check_expect, struct
+from tests.harness import Running, check_expect, loopback_settings, struct
 from tests.scenario_tools import with_fresh_ids
 from tests.test_security import (  # noqa: F401 (`started` is a fixture)
     INGEST_TOKEN,
@@ -26,7 +26,6 @@ from tests.test_security import (  # noqa: F401 (`started` is a fixture)
 )
 from transaction_service.api.servicer import MAX_BATCH_LOOKUPS, MAX_DELIVERIES_PER_REQUEST
 from transaction_service.api.window import OrderedWindow
-from transaction_service.config import Settings
 from transaction_service.server import TransactionService
 from transaction_service.store.base import AppliedBatch, BatchKeys, Planner
 from transactions.v1 import transactions_pb2 as pb
@@ -326,18 +325,8 @@ async def test_a_request_of_deliveries_that_cannot_be_taken_whole_is_refused_who
 
 def windowed_service(tmp_path: Path, window: int) -> TransactionService:
     """A service (not started) whose IngestEvents streams read `window` deliveries ahead."""
-    return TransactionService(
-        Settings(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            db=str(tmp_path / "x.db"),
-            sqlite_synchronous="NORMAL",
-            ingest_stream_window=window,
-            shutdown_grace_seconds=1,
-        )
-    )
+    settings = loopback_settings(str(tmp_path / "x.db"), ingest_stream_window=window)
+    return TransactionService(settings)
 
 
 class Written:

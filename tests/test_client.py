@@ -538,21 +538,36 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
     return output
 
 
+@pytest.fixture(scope="module")
+def tls_and_plaintext_servers(
+    tmp_path_factory: pytest.TempPathFactory, pki: Path
+) -> Iterator[tuple[Server, Server]]:
+    """A server that wants TLS and one that does not, shared by the setup-mistake cases: each
+    case's command fails to connect, so none changes what the next one finds."""
+    folder = tmp_path_factory.mktemp("mistakes")
+    tls = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
+    with (
+        running_server(folder, "--grpc-port", "0", "--db", str(folder / "x.db"), *tls) as secure,
+        running_server(folder, "--grpc-port", "0", "--db", str(folder / "y.db")) as plain,
+    ):
+        yield secure, plain
+
+
 @pytest.mark.parametrize("command", ["health", "watch", "reconcile", "history"])
-def test_setup_mistakes_are_one_line_with_a_hint(tmp_path: Path, pki: Path, command: str) -> None:
+def test_setup_mistakes_are_one_line_with_a_hint(
+    tls_and_plaintext_servers: tuple[Server, Server], pki: Path, command: str
+) -> None:
     """A wrong port, plaintext against TLS, and TLS against plaintext: one line each, saying
     what to check."""
+    secure, plain = tls_and_plaintext_servers
     extra = {"reconcile": ["--order-id", "o"], "history": ["o"]}.get(command, [])
     wrong_port = one_line(cli(command, "--address", "localhost:1", *extra))
     assert "nothing accepts connections at localhost:1" in wrong_port
-    tls = ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db"), *tls) as s:
-        plaintext = one_line(cli(command, "--address", s.address, *extra))
-        assert "it probably wants TLS" in plaintext
-        assert "UNAVAILABLE" in plaintext
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "y.db")) as s:
-        wrong = one_line(cli(command, "--address", s.address, "--ca", str(pki / "ca.pem"), *extra))
-        assert "does not speak TLS" in wrong
+    plaintext = one_line(cli(command, "--address", secure.address, *extra))
+    assert "it probably wants TLS" in plaintext
+    assert "UNAVAILABLE" in plaintext
+    wrong = one_line(cli(command, "--address", plain.address, "--ca", str(pki / "ca.pem"), *extra))
+    assert "does not speak TLS" in wrong
 
 
 def test_a_missing_client_certificate_is_one_line_with_a_hint(tmp_path: Path, pki: Path) -> None:

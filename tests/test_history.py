@@ -21,7 +21,7 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from tests.conftest import SCENARIOS, database
-from tests.harness import Running, error_info, ingest, violated_fields
+from tests.harness import Running, error_info, ingest, loopback_settings, violated_fields
 from tests.scenario_tools import with_fresh_ids
 from tests.test_watch import read_until
 from transaction_service.app import open_store
@@ -248,16 +248,8 @@ async def test_after_the_body_retention_the_history_keeps_every_row_but_no_body(
 @pytest.fixture
 async def guarded(tmp_path: Path) -> AsyncIterator[pb_grpc.TransactionServiceStub]:
     """A server that needs tokens: INGEST_TOKEN and READ_TOKEN."""
-    settings = Settings(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db=str(tmp_path / "guarded.db"),
-        sqlite_synchronous="NORMAL",
-        shutdown_grace_seconds=1,
-        ingest_tokens=[INGEST_TOKEN],
-        read_tokens=[READ_TOKEN],
+    settings = loopback_settings(
+        str(tmp_path / "guarded.db"), ingest_tokens=[INGEST_TOKEN], read_tokens=[READ_TOKEN]
     )
     service = TransactionService(settings)
     port = await service.start()
@@ -560,17 +552,7 @@ async def test_an_existing_database_upgrades_in_place(
         await copy_rows(new, old)
         monkeypatch.undo()
 
-        service = TransactionService(
-            Settings(
-                grpc_host="127.0.0.1",
-                grpc_port=0,
-                http_host="127.0.0.1",
-                http_port=0,
-                db=old,
-                sqlite_synchronous="NORMAL",
-                shutdown_grace_seconds=1,
-            )
-        )
+        service = TransactionService(loopback_settings(old))
         port = await service.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import SCENARIOS
+from tests.harness import loopback_settings
 from tests.scenario_tools import with_fresh_ids
 from tests.webhook_tools import SECRET, WEBHOOK_PATH, body_of, signed_headers
 from transaction_service.app import App
@@ -24,17 +25,9 @@ DELIVERY = SCENARIOS[0]["deliveries"][0]
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "db": tmp_path / "x.db",
-        "sqlite_synchronous": "NORMAL",
-        "shutdown_grace_seconds": 5,
-        "webhook_secrets": [SECRET],
-    }
-    return Settings(**(values | overrides))
+    values: dict[str, Any] = {"shutdown_grace_seconds": 5, "webhook_secrets": [SECRET]}
+    db = overrides.pop("db", tmp_path / "x.db")
+    return loopback_settings(db, **(values | overrides))
 
 
 def stored_event_ids(db: Path) -> set[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,6 +109,74 @@ def test_any_grouping_into_batches_gives_the_same_state_and_outcomes(data: st.Da
     # each delivery is explained by what was known just before it, as if it came alone.
     alone, _ = asyncio.run(run(list(range(len(deliveries) + 1))))
     assert history_of(store) == history_of(alone)
+
+
+# The kinds a watch is told once per transaction, at most (test_watch.py).
+REPORTED_ONCE = (
+    ChangeKind.REDRAW_AVAILABLE,
+    ChangeKind.TRANSACTION_COMPLETED,
+    ChangeKind.TRANSACTION_CANCELLED,
+)
+
+
+def test_every_delivery_order_with_every_delivery_duplicated_reaches_expect() -> None:
+    """All n! delivery orders of every scenario, each delivery sent twice (as an immediate
+    retry in even permutations, as a second pass in odd ones), alternating the two body forms
+    (JSON text, parsed object), committed one at a time on a fresh in-memory store: a delivery is
+    a duplicate exactly when its id was seen, each is answered with its scenario's transaction,
+    the transaction ends in the expected state, by its id and by each order's id, and its
+    changes say redraw available, completed or cancelled once each if it ends so, else never.
+    The tests on real stores send a seeded sample of these orders (scenario_tools.
+    sampled_orders) through gRPC (test_grpc_api.py) and watch them (test_watch.py)."""
+
+    async def go() -> int:
+        checked = 0
+        for scenario in SCENARIOS:
+            expect = scenario["expect"]
+            txn_id = expect["transaction_id"]
+            status = expect["status"].removeprefix("TRANSACTION_STATUS_").lower()
+            reported = {ChangeKind(f"transaction_{status}")}
+            if expect["redraw_available"]:
+                reported.add(ChangeKind.REDRAW_AVAILABLE)
+            # Each delivery decoded once in each body form: [parsed object, JSON text].
+            forms = [
+                (
+                    delivery(d["svix_id"], d["body"]),
+                    decode_delivery(
+                        d["svix_id"], payload_json=json.dumps(d["body"]), max_body_bytes=LIMIT
+                    ),
+                )
+                for d in scenario["deliveries"]
+            ]
+            n = len(forms)
+            for i, order in enumerate(itertools.permutations(range(n))):
+                store = MemoryStore()
+                twice = [j for j in order for _ in (0, 1)] if i % 2 == 0 else [*order, *order]
+                seen: set[str] = set()
+                for k, j in enumerate(twice):
+                    sent = forms[j][(i + k) % 2]
+                    [result] = await commit(store, [sent])
+                    assert isinstance(result, IngestResult), result
+                    assert (result.outcome == Outcome.DUPLICATE) == (sent.event_id in seen)
+                    seen.add(sent.event_id)
+                    assert result.transaction is not None
+                    assert result.transaction.view.id == txn_id
+                snapshot, _ = await store.get(txn_id)
+                assert snapshot is not None
+                assert view_summary(snapshot.view) == expected_summary(scenario)
+                for order_id in expect["orders"]:
+                    by_order, _ = await store.get_by_order(order_id)
+                    assert by_order == snapshot
+                assert {c.transaction_id for c in store.changes} == {txn_id}
+                for kind in REPORTED_ONCE:
+                    told = sum(kind in c.kinds for c in store.changes)
+                    assert told == (kind in reported), (kind, told)
+                checked += 1
+        return checked
+
+    # Every scenario, every order: 6! + 3! + 2! with today's fixtures.
+    expected = sum(math.factorial(len(s["deliveries"])) for s in SCENARIOS)
+    assert asyncio.run(go()) == expected
 
 
 def history_of(store: MemoryStore) -> list[tuple[Any, ...]]:

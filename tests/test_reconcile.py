@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.conftest import SCENARIOS, database
 from tests.fake_junction import FakeJunction
-from tests.harness import Running, check_expect, error_info, ingest
+from tests.harness import Running, check_expect, error_info, ingest, loopback_settings
 from tests.pg import table_rows
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.config import Settings
@@ -46,19 +46,10 @@ T = TypeVar("T")
 
 
 def service_settings(db: str, fake: FakeJunction | None, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "db": db,
-        "sqlite_synchronous": "NORMAL",
-        "shutdown_grace_seconds": 1,
-        "junction_timeout_seconds": 2,
-    }
+    values: dict[str, Any] = {"junction_timeout_seconds": 2}
     if fake is not None:
         values |= {"junction_api_key": fake.api_key, "junction_base_url": fake.base_url}
-    return Settings(**(values | overrides))
+    return loopback_settings(db, **(values | overrides))
 
 
 class Services:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import SCENARIOS
+from tests.harness import loopback_settings
 from transaction_service.api.auth import READ_METHODS, role_needed
 from transaction_service.app import App, StartupError
 from transaction_service.auth import Role
@@ -63,16 +64,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "db": tmp_path / "x.db",
-        "sqlite_synchronous": "NORMAL",
-        "shutdown_grace_seconds": 1,
-    }
-    return Settings(**(values | overrides))
+    db = overrides.pop("db", tmp_path / "x.db")
+    return loopback_settings(db, **overrides)
 
 
 @pytest.fixture
