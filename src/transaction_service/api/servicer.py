@@ -68,7 +68,12 @@ from transaction_service.usecases.history import (
     state_at,
     transaction_history,
 )
-from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
+from transaction_service.usecases.ingest import (
+    Delivery,
+    IngestorStopped,
+    IngestResult,
+    decode_delivery,
+)
 from transaction_service.usecases.results import results_pdf, stored_results
 from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
@@ -137,6 +142,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     )
                 ]
             )
+        if self._app.stopping:
+            # A call arriving while the server drains is new work: refused, as new webhooks are,
+            # so that the drain ends (api/drain.py).
+            raise IngestorStopped
         # Each client connection is a flow of the unary lane; its deadline bounds the wait.
         result = await self._app.ingestor.ingest(
             self._decode(request),
