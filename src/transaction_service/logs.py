@@ -99,6 +99,24 @@ def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else TextFormatter()
 
 
+class LibraryNoise(logging.Filter):
+    """Drops what libraries log, with a traceback, about faults the service reports itself.
+
+    - asyncpg's pool logs a WARNING with a traceback each time it fails to reconnect its floor
+      of connections (every second or so while PostgreSQL is down); the store logs the outage
+      once when it starts and once when it ends, naming the cause (store/health.py).
+    - grpc.aio fails a call's last send with `ExecuteBatchError` when the client cancelled it
+      an instant before (a race in grpc.aio), and asyncio logs that task's exception with a
+      traceback; the call's access line already says it was cancelled by the client.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncpg.pool" and str(record.msg).startswith("Failed to restore"):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__name__ == "ExecuteBatchError")
+
+
 # grpc-core (absl) log lines: `E1206 22:33:11.123456  1234 ssl_transport_security.cc:1677] text`.
 _NATIVE_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+:\d+)\] ?(.*)")
 _NATIVE_LEVELS = {

@@ -300,7 +300,7 @@ def configure_logging(level: str, log_format: str = "text") -> NativeStderr | No
     """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode what
     grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
     every line is JSON; the capture is returned, to stop at exit."""
-    from transaction_service.logs import NativeStderr, formatter
+    from transaction_service.logs import LibraryNoise, NativeStderr, formatter
 
     native = NativeStderr() if log_format == "json" else None
     # No line shows the thread, process or calling function: skip finding them for every record
@@ -311,6 +311,7 @@ def configure_logging(level: str, log_format: str = "text") -> NativeStderr | No
     logging._srcfile = None
     handler = logging.StreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
+    handler.addFilter(LibraryNoise())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     return native
 
