@@ -9,7 +9,9 @@ Against real server processes in JSON log mode, where every line must parse:
   notifications each log one line when it starts and one when it ends (before: 65 tracebacks in
   a 30 s outage, from the change feed and asyncpg's pool);
 - clients cancelling calls of every kind: no traceback, no ERROR;
-- a header over aiohttp's 8 KiB line limit: answered, no traceback.
+- a header over aiohttp's 8 KiB line limit: answered, no traceback;
+- failed TLS handshakes: one line when they start, one with the count when they stop, in the
+  configured format (before: grpc-core's own line for each, in its own format in text mode).
 
 Faults that cannot be caused at will from outside (asyncpg's InternalClientError after a server
 stop, grpc.aio's ExecuteBatchError when a cancel races the last send) are checked where they are
@@ -37,6 +39,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import SCENARIOS
@@ -361,3 +364,40 @@ def test_a_header_over_8_kib_is_answered_and_logged_as_json_without_a_traceback(
         server.stop()
     lines = no_traceback(server)
     assert not [line for line in lines if line["level"] in ("ERROR", "CRITICAL")]
+
+
+# -- failed TLS handshakes -----------------------------------------------------------------------
+
+TEXT_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_failed_tls_handshakes_are_logged_once_when_they_start_and_once_when_they_stop(
+    tmp_path: Path, log_format: str
+) -> None:
+    """grpc-core logs every failed handshake itself (on stderr, in its own format; a plaintext
+    client's call failed 2 handshakes). Now: one line in the configured format when they start,
+    one with the count once none has failed for 10 s."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    tls = ["--log-format", log_format, "--tls-cert", "cert.pem", "--tls-key", "key.pem"]
+    with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db", *tls) as server:
+        for _ in range(10):
+            with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+                pb_grpc.TransactionServiceStub(channel).GetTransaction(
+                    pb.GetTransactionRequest(transaction_id="x"), timeout=2
+                )
+        server.wait_for_log(re.compile(r"TLS handshakes: none failed for 10s; \d+ failed"), 120)
+        server.stop()
+    log = server.log_text()
+    assert log.count("TLS handshakes failing: Handshake failed") == 1, log
+    assert log.count("TLS handshakes: none failed") == 1, log
+    assert "Traceback" not in log
+    if log_format == "json":
+        json_lines(server)
+    else:
+        assert all(TEXT_LINE.match(line) for line in log.splitlines()), log

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -127,6 +128,12 @@ _NATIVE_LEVELS = {
 }
 
 
+# grpc-core's line for each failed TLS handshake, and how long none must fail for an episode
+# of them to end.
+_HANDSHAKE_FAILED = "Handshake failed"
+HANDSHAKE_QUIET_SECONDS = 10.0
+
+
 class NativeStderr:
     """Everything written to file descriptor 2, by anyone, as log records.
 
@@ -139,10 +146,16 @@ class NativeStderr:
     pipe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_seconds: float = HANDSHAKE_QUIET_SECONDS) -> None:
         self._saved = -1
         self._thread: threading.Thread | None = None
         self.stream: TextIO | None = None
+        # Failed TLS handshakes (grpc-core logs each, some twice): one line when they start,
+        # one with the count once none has failed for `quiet_seconds`.
+        self._quiet_seconds = quiet_seconds
+        self._handshakes_lock = threading.Lock()
+        self._handshakes_failed = 0
+        self._last_handshake_failure = 0.0
 
     def start(self) -> TextIO:
         """Capture descriptor 2; the stream to write log lines to (the real stderr)."""
@@ -172,9 +185,44 @@ class NativeStderr:
                     continue
                 if match := _NATIVE_LINE.match(line):
                     level, source, text = match.groups()
+                    if text.startswith(_HANDSHAKE_FAILED):
+                        self._handshake_failed(native, text, source)
+                        continue
                     native.log(_NATIVE_LEVELS[level], text, extra={"fields": {"source": source}})
                 else:
                     other.warning(line)
+
+    def _handshake_failed(self, native: logging.Logger, text: str, source: str) -> None:
+        with self._handshakes_lock:
+            self._handshakes_failed += 1
+            self._last_handshake_failure = time.monotonic()
+            first = self._handshakes_failed == 1
+        if first:
+            native.warning(
+                "TLS handshakes failing: %s; the count follows once none has failed for %gs",
+                text,
+                self._quiet_seconds,
+                extra={"fields": {"source": source}},
+            )
+            self._check_handshakes_later(self._quiet_seconds)
+
+    def _check_handshakes_later(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._check_handshakes)
+        timer.daemon = True
+        timer.start()
+
+    def _check_handshakes(self) -> None:
+        with self._handshakes_lock:
+            left = self._last_handshake_failure + self._quiet_seconds - time.monotonic()
+            failed = self._handshakes_failed
+            if left <= 0:
+                self._handshakes_failed = 0
+        if left > 0:
+            self._check_handshakes_later(left)
+            return
+        logging.getLogger("grpc").warning(
+            "TLS handshakes: none failed for %gs; %d failed before", self._quiet_seconds, failed
+        )
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._saved < 0:
