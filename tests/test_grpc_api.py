@@ -919,6 +919,23 @@ async def test_calls_waiting_in_grpc_core_keep_the_drain_open_and_are_answered(
     assert set(results) <= {"OK", "UNAVAILABLE SHUTTING_DOWN"}, results
 
 
+async def test_stopping_ends_an_ingest_stream_waiting_for_its_next_request(tmp_path: Path) -> None:
+    """A client's IngestEvents stream with nothing to send keeps it open. The stop ends it with
+    SHUTTING_DOWN and the count answered, rather than holding the drain until the grace runs out
+    and then cutting it off (before: UNAVAILABLE "Cancelling all calls", after the whole grace)."""
+    service = _stopping_service(tmp_path)
+    port = await service.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = pb_grpc.TransactionServiceStub(channel).IngestEvents()
+        await stream.write(_ingest_requests(1)[0])
+        assert (await stream.read()).outcome == pb.INGEST_OUTCOME_APPLIED
+        await service.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.read()
+    assert _code(caught.value) == "UNAVAILABLE SHUTTING_DOWN"
+    assert error_info(caught.value).metadata["answered"] == "1"
+
+
 async def test_a_store_failure_is_unavailable_and_the_event_is_not_acknowledged(
     api: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:

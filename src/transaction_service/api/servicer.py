@@ -9,8 +9,10 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
+from typing import Any
 
 import grpc
 
@@ -127,6 +129,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._batch_bytes = app.settings.max_message_bytes // 2
         # Names IngestEvents streams apart (each is a flow of the ingest queue).
         self._streams = itertools.count(1)
+        # The windows of the IngestEvents streams open: told to stop reading when shutdown
+        # begins, so that a stream waiting for a request that does not come ends at once.
+        self._windows: weakref.WeakSet[OrderedWindow[Any, Any]] = weakref.WeakSet()
+        app.on_shutdown.append(self._stop_reading_streams)
 
     @grpc_errors
     async def IngestEvent(  # type: ignore[override]
@@ -384,6 +390,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             keep_reading=lambda: not self._app.stopping,
             on_read=self._app.metrics.ingest_stream_read,
         )
+        self._windows.add(window)
         answered = 0
         async for response in window.answers():
             yield response
@@ -395,6 +402,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 reason=Reason.SHUTTING_DOWN,
                 metadata={"answered": str(answered)},
             )
+
+    def _stop_reading_streams(self) -> None:
+        for window in list(self._windows):
+            window.stop_reading()
 
     async def _ingest_one(
         self,
