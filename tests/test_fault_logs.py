@@ -94,7 +94,9 @@ def messages(lines: list[dict[str, Any]], *words: str) -> list[str]:
 
 
 def health(channel: grpc.Channel) -> str:
-    answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    answer = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=DEADLINE
+    )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
