@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -123,6 +123,8 @@ class App:
         self._loops: list[asyncio.Task[None]] = []
         self.started = False
         self.stopping = False
+        # Called once when shutdown begins (begin_shutdown): long calls end themselves then.
+        self.on_shutdown: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         settings = self.settings
@@ -166,8 +168,11 @@ class App:
 
     def begin_shutdown(self) -> None:
         """Refuse new work: end every watch stream, each with the revision to resume from."""
-        self.stopping = True
+        began, self.stopping = not self.stopping, True
         self.hub.close()
+        if began:
+            for callback in self.on_shutdown:
+                callback()
 
     async def stop(self) -> None:
         """After the listeners drained: commit what is queued, stop background tasks, close."""

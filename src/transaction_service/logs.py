@@ -169,6 +169,24 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+class LibraryNoise(logging.Filter):
+    """Drops what libraries log, with a traceback, about faults the service reports itself.
+
+    - asyncpg's pool logs a WARNING with a traceback each time it fails to reconnect its floor
+      of connections (every second or so while PostgreSQL is down); the store logs the outage
+      once when it starts and once when it ends, naming the cause (store/health.py).
+    - grpc.aio fails a call's last send with `ExecuteBatchError` when the client cancelled it
+      an instant before (a race in grpc.aio), and asyncio logs that task's exception with a
+      traceback; the call's access line already says it was cancelled by the client.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncpg.pool" and str(record.msg).startswith("Failed to restore"):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__name__ == "ExecuteBatchError")
+
+
 # grpc-core (absl) log lines: `E1206 22:33:11.123456  1234 ssl_transport_security.cc:1677] text`.
 _NATIVE_LINE = re.compile(r"([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+:\d+)\] ?(.*)")
 _NATIVE_LEVELS = {
@@ -177,6 +195,12 @@ _NATIVE_LEVELS = {
     "E": logging.ERROR,
     "F": logging.CRITICAL,
 }
+
+
+# grpc-core's line for each failed TLS handshake, and how long none must fail for an episode
+# of them to end.
+_HANDSHAKE_FAILED = "Handshake failed"
+HANDSHAKE_QUIET_SECONDS = 10.0
 
 
 class NativeStderr:
@@ -191,10 +215,16 @@ class NativeStderr:
     pipe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quiet_seconds: float = HANDSHAKE_QUIET_SECONDS) -> None:
         self._saved = -1
         self._thread: threading.Thread | None = None
         self.stream: TextIO | None = None
+        # Failed TLS handshakes (grpc-core logs each, some twice): one line when they start,
+        # one with the count once none has failed for `quiet_seconds`.
+        self._quiet_seconds = quiet_seconds
+        self._handshakes_lock = threading.Lock()
+        self._handshakes_failed = 0
+        self._last_handshake_failure = 0.0
 
     def start(self) -> TextIO:
         """Capture descriptor 2; the stream to write log lines to (the real stderr)."""
@@ -224,9 +254,44 @@ class NativeStderr:
                     continue
                 if match := _NATIVE_LINE.match(line):
                     level, source, text = match.groups()
+                    if text.startswith(_HANDSHAKE_FAILED):
+                        self._handshake_failed(native, text, source)
+                        continue
                     native.log(_NATIVE_LEVELS[level], text, extra={"fields": {"source": source}})
                 else:
                     other.warning(line)
+
+    def _handshake_failed(self, native: logging.Logger, text: str, source: str) -> None:
+        with self._handshakes_lock:
+            self._handshakes_failed += 1
+            self._last_handshake_failure = time.monotonic()
+            first = self._handshakes_failed == 1
+        if first:
+            native.warning(
+                "TLS handshakes failing: %s; the count follows once none has failed for %gs",
+                text,
+                self._quiet_seconds,
+                extra={"fields": {"source": source}},
+            )
+            self._check_handshakes_later(self._quiet_seconds)
+
+    def _check_handshakes_later(self, seconds: float) -> None:
+        timer = threading.Timer(seconds, self._check_handshakes)
+        timer.daemon = True
+        timer.start()
+
+    def _check_handshakes(self) -> None:
+        with self._handshakes_lock:
+            left = self._last_handshake_failure + self._quiet_seconds - time.monotonic()
+            failed = self._handshakes_failed
+            if left <= 0:
+                self._handshakes_failed = 0
+        if left > 0:
+            self._check_handshakes_later(left)
+            return
+        logging.getLogger("grpc").warning(
+            "TLS handshakes: none failed for %gs; %d failed before", self._quiet_seconds, failed
+        )
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._saved < 0:

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -122,7 +123,9 @@ class TransactionService:
         interceptors.append(observer)
         if tokens.required:
             interceptors.append(BearerTokenInterceptor(tokens))
-        self.server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+        self.server = self.arrivals.track(
+            lambda: grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+        )
         self.http = HttpListener(self.app)
         self.port = 0
         self._health_updates: set[asyncio.Task[None]] = set()
@@ -205,13 +208,22 @@ class TransactionService:
         # finish. Watch streams never end by themselves: they are ended here too, rather than
         # cut off when the grace period runs out.
         await self.begin_shutdown()
-        # Calls still arriving are answered UNAVAILABLE by the app; stop only when they stopped
-        # coming, so gRPC does not cancel calls it received but nobody picked up yet.
-        grace = self.settings.shutdown_grace_seconds
-        await self.arrivals.quiet(limit=grace)
-        await asyncio.gather(self.server.stop(grace), self.http.stop())
+        await asyncio.gather(self._stop_grpc(), self.http.stop())
         # Then commit what is queued and close the store.
         await self.app.stop()
+
+    async def _stop_grpc(self) -> None:
+        """Stop the gRPC server once it has nothing to cancel, within the grace.
+
+        Calls arriving meanwhile are picked up and refused UNAVAILABLE by the app. gRPC's stop
+        cancels (CANCELLED) the calls its core has not handed over yet, those that arrive while
+        it waits, and those still running at the end of the grace: so it is called only once no
+        call is in progress or waiting and none arrived for a moment (api/drain.py)."""
+        grace = self.settings.shutdown_grace_seconds
+        started = time.monotonic()
+        if not await self.arrivals.drained(limit=grace):
+            log.warning("grpc: calls still in progress after the grace (%gs): cancelled", grace)
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
 
 
 def log_security(settings: Settings) -> None:

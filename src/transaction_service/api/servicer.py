@@ -10,9 +10,11 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from functools import partial
+from typing import Any
 
 import grpc
 
@@ -72,7 +74,12 @@ from transaction_service.usecases.history import (
     state_at,
     transaction_history,
 )
-from transaction_service.usecases.ingest import Delivery, IngestResult, decode_delivery
+from transaction_service.usecases.ingest import (
+    Delivery,
+    IngestorStopped,
+    IngestResult,
+    decode_delivery,
+)
 from transaction_service.usecases.results import results_pdf, stored_results
 from transaction_service.usecases.watch import Batch, Current, Progress, WatchEvent, WatchFilter
 from transactions.v1 import transactions_pb2 as pb
@@ -130,6 +137,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._batch_bytes = app.settings.max_message_bytes // 2
         # Names IngestEvents streams apart (each is a flow of the ingest queue).
         self._streams = itertools.count(1)
+        # The windows of the IngestEvents streams open: told to stop reading when shutdown
+        # begins, so that a stream waiting for a request that does not come ends at once.
+        self._windows: weakref.WeakSet[OrderedWindow[Any, Any]] = weakref.WeakSet()
+        app.on_shutdown.append(self._stop_reading_streams)
 
     @grpc_errors
     async def IngestEvent(  # type: ignore[override]
@@ -145,6 +156,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     )
                 ]
             )
+        if self._app.stopping:
+            # A call arriving while the server drains is new work: refused, as new webhooks are,
+            # so that the drain ends (api/drain.py).
+            raise IngestorStopped
         # Each client connection is a flow of the unary lane; its deadline bounds the wait.
         result = await self._app.ingestor.ingest(
             self._decode(request),
@@ -431,6 +446,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             keep_reading=lambda: not self._app.stopping,
             on_read=self._app.metrics.ingest_stream_read,
         )
+        self._windows.add(window)
         answered = 0
         async for response in window.answers():
             yield response
@@ -442,6 +458,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 reason=Reason.SHUTTING_DOWN,
                 metadata={"answered": str(answered)},
             )
+
+    def _stop_reading_streams(self) -> None:
+        for window in list(self._windows):
+            window.stop_reading()
 
     async def _ingest_one(
         self,

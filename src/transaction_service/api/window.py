@@ -60,8 +60,18 @@ class OrderedWindow(Generic[Request, Answer]):
         self.peak_in_flight = 0
         self.read_count = 0
         self.stopped_early = False
+        # The reader task, and whether it waits for the next request (it may be cancelled then).
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting_for_request = False
         self._room = asyncio.Event()
         self._queue: asyncio.Queue[tuple[asyncio.Future[Answer], int, int] | None] = asyncio.Queue()
+
+    def stop_reading(self) -> None:
+        """Stop reading now, even while waiting for a request that may never come (shutdown):
+        what was read is still answered, and `stopped_early` is set."""
+        self._keep_reading = lambda: False
+        if self._waiting_for_request and self._reader is not None:
+            self._reader.cancel()
 
     def _full(self) -> bool:
         return self.in_flight >= self._max_requests or self.in_flight_bytes >= self._max_bytes
@@ -76,10 +86,18 @@ class OrderedWindow(Generic[Request, Answer]):
                 if not self._keep_reading():
                     self.stopped_early = True
                     return
+                self._waiting_for_request = True
                 try:
                     request = await anext(iterator)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if self._keep_reading():  # not stop_reading: the stream itself is cancelled
+                        raise
+                    self.stopped_early = True
+                    return
+                finally:
+                    self._waiting_for_request = False
                 size = self._size(request)
                 weight = self._weight(request)
                 self.read_count += 1
@@ -92,7 +110,7 @@ class OrderedWindow(Generic[Request, Answer]):
             self._queue.put_nowait(None)
 
     async def answers(self) -> AsyncIterator[Answer]:
-        reader = asyncio.create_task(self._read(), name="ordered-window-reader")
+        reader = self._reader = asyncio.create_task(self._read(), name="ordered-window-reader")
         pending: list[asyncio.Future[Answer]] = []
         try:
             while (item := await self._queue.get()) is not None:

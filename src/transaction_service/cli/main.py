@@ -229,7 +229,7 @@ def serve_command(args: argparse.Namespace) -> int:
         for line in describe_errors(exc):
             _startup_error(f"bad setting {line}")
         return 2
-    native = configure_logging(settings.log_level, settings.log_format)
+    native = configure_logging(settings.log_level, settings.log_format, native_stderr=True)
     for name in unknown_environment():
         known = [env_name(field) for field in Settings.model_fields]
         hint = difflib.get_close_matches(name, known, n=1)
@@ -246,7 +246,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         tracing.configure(version=version())
     except tracing.TracingConfigError as exc:
-        _startup_error(str(exc), native)
+        _startup_error(str(exc), native, as_json=settings.log_format == "json")
         return 2
     from transaction_service.server import serve
 
@@ -255,7 +255,7 @@ def serve_command(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(settings))
     except StartupError as exc:
-        _startup_error(str(exc), native)
+        _startup_error(str(exc), native, as_json=settings.log_format == "json")
         return 2
     finally:
         tracing.shutdown()
@@ -287,24 +287,37 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _startup_error(message: str, native: NativeStderr | None = None) -> None:
-    """One line on stderr: text, or a JSON log line when logs are JSON (`native` is set)."""
+def _startup_error(
+    message: str, native: NativeStderr | None = None, *, as_json: bool = True
+) -> None:
+    """One line on stderr: text, or a JSON log line when logs are JSON (`as_json`, with the
+    capture `native` set)."""
     if native is not None:
         native.stop()  # the line goes out after everything logged before it
-        log.error("transaction-service: error: %s", message)
-        return
+        if as_json:
+            log.error("transaction-service: error: %s", message)
+            return
     for handler in logging.getLogger().handlers:
         handler.flush()  # lines kept by the batching handler go out before this one
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
-def configure_logging(level: str, log_format: str = "text") -> NativeStderr | None:
-    """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode what
-    grpc-core and other native code write to stderr is logged too (`logs.NativeStderr`), so that
-    every line is JSON; the capture is returned, to stop at exit."""
-    from transaction_service.logs import BatchingStreamHandler, NativeStderr, formatter
+def configure_logging(
+    level: str, log_format: str = "text", *, native_stderr: bool = False
+) -> NativeStderr | None:
+    """Every log record to stderr, as text lines or JSON lines (`logs.py`). In JSON mode, or
+    with `native_stderr` (the server), what grpc-core and other native code write to stderr is
+    logged too (`logs.NativeStderr`), so that every line is in the configured format (and
+    failed TLS handshakes are logged once per episode); the capture is returned, to stop at
+    exit."""
+    from transaction_service.logs import (
+        BatchingStreamHandler,
+        LibraryNoise,
+        NativeStderr,
+        formatter,
+    )
 
-    native = NativeStderr() if log_format == "json" else None
+    native = NativeStderr() if log_format == "json" or native_stderr else None
     # No line shows the thread, process or calling function: skip finding them for every record
     # (the logging HOWTO's optimisations; a gRPC call writes two lines).
     logging.logThreads = False
@@ -313,6 +326,7 @@ def configure_logging(level: str, log_format: str = "text") -> NativeStderr | No
     logging._srcfile = None
     handler = BatchingStreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
+    handler.addFilter(LibraryNoise())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     return native
 

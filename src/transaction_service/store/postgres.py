@@ -112,6 +112,11 @@ _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    # The server stopping or restarting ends each session with an error of its own (57P01
+    # admin_shutdown, 57P02 crash_shutdown), and asyncpg may then report a connection it was
+    # using in an unexpected state as an InternalClientError: all of them "unreachable".
+    asyncpg.OperatorInterventionError,
+    asyncpg.InternalClientError,
 )
 
 
@@ -807,8 +812,10 @@ class PostgresStore:
             raise StoreUnavailable(f"the database cannot write ({kind}). Retry later.") from None
 
     async def change_notifications(self) -> AsyncGenerator[None]:
-        """Yields after every (re)connect of a LISTEN connection and on every notification."""
+        """Yields after every (re)connect of a LISTEN connection and on every notification.
+        A lost connection is logged once, and once more when it is back."""
         failures = 0
+        lost = False
         while True:
             try:
                 conn = await asyncpg.connect(self.url)
@@ -816,7 +823,15 @@ class PostgresStore:
                 await asyncio.sleep(_RECONNECT_SECONDS[min(failures, len(_RECONNECT_SECONDS) - 1)])
                 failures += 1
                 continue
+            if lost:
+                log.warning(
+                    "change notifications from %s again, after %d failed attempt%s to reconnect",
+                    self.description,
+                    failures,
+                    "" if failures == 1 else "s",
+                )
             failures = 0
+            lost = True
             try:
                 async for _ in _notifications(conn):
                     yield

@@ -727,6 +727,9 @@ class ChangeFeed:
         if not self._shared:
             return
         listener = asyncio.create_task(self._listen(), name="change-notifications")
+        # Failed reads in a row: the fault is logged when it starts and when it ends, not at
+        # every retry (a database down for 30 s would otherwise log 30 tracebacks).
+        failures = 0
         try:
             while True:
                 try:
@@ -737,8 +740,30 @@ class ChangeFeed:
                 self._wakeup.clear()
                 try:
                     await self.catch_up()
+                except Unavailable as exc:
+                    failures += 1
+                    if failures == 1:
+                        log.warning(
+                            "change feed: cannot read the change log: %s; retrying every %gs",
+                            exc.message.removesuffix(" Retry later.").rstrip("."),
+                            self._poll_seconds,
+                        )
+                    continue
                 except Exception:
-                    log.exception("reading the change log failed; will retry")
+                    failures += 1
+                    if failures == 1:  # not a store fault: worth its traceback, once
+                        log.exception(
+                            "change feed: reading the change log failed; retrying every %gs",
+                            self._poll_seconds,
+                        )
+                    continue
+                if failures:
+                    log.warning(
+                        "change feed: reading the change log again after %d failed attempt%s",
+                        failures,
+                        "" if failures == 1 else "s",
+                    )
+                    failures = 0
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
