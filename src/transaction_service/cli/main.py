@@ -297,8 +297,6 @@ def _startup_error(
         if as_json:
             log.error("transaction-service: error: %s", message)
             return
-    for handler in logging.getLogger().handlers:
-        handler.flush()  # lines kept by the batching handler go out before this one
     print(f"transaction-service: error: {message}", file=sys.stderr)
 
 
@@ -310,12 +308,7 @@ def configure_logging(
     logged too (`logs.NativeStderr`), so that every line is in the configured format (and
     failed TLS handshakes are logged once per episode); the capture is returned, to stop at
     exit."""
-    from transaction_service.logs import (
-        BatchingStreamHandler,
-        LibraryNoise,
-        NativeStderr,
-        formatter,
-    )
+    from transaction_service.logs import LibraryNoise, NativeStderr, formatter
 
     native = NativeStderr() if log_format == "json" or native_stderr else None
     # No line shows the thread, process or calling function: skip finding them for every record
@@ -324,7 +317,7 @@ def configure_logging(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = BatchingStreamHandler(native.start() if native is not None else sys.stderr)
+    handler = logging.StreamHandler(native.start() if native is not None else sys.stderr)
     handler.setFormatter(formatter(log_format))
     handler.addFilter(LibraryNoise())
     logging.basicConfig(level=level, handlers=[handler], force=True)
