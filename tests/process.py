@@ -163,8 +163,11 @@ def running_server(
 def startup_error(workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run `transaction-service serve ARGS` in `workdir`, which must stop at once the way a
     startup mistake does: exit code 2, no traceback, exactly one line on stderr. That line."""
+    # Free ports unless ARGS name others (the last of a repeated flag wins): a mistake must be
+    # found whatever else runs on this machine, e.g. a `make run` on the default ports.
+    free_ports = ("--grpc-port", "0", "--http-port", "0")
     result = subprocess.run(
-        [sys.executable, "-m", "transaction_service", "serve", *args],
+        [sys.executable, "-m", "transaction_service", "serve", *free_ports, *args],
         cwd=workdir,
         env=env if env is not None else server_env(),
         capture_output=True,
