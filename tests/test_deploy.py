@@ -49,6 +49,14 @@ def test_an_unsupported_store_url_is_refused_at_start(tmp_path: Path, url: str) 
     assert not list(tmp_path.iterdir()), "nothing may be created"
 
 
+@pytest.mark.parametrize("db", [".", "..", "sqlite:///", "/"])
+def test_a_store_path_that_names_no_file_is_refused_at_start(tmp_path: Path, db: str) -> None:
+    """`--db .` or `sqlite:///` once ended the start in a ValueError traceback."""
+    line = startup_error(tmp_path, "--grpc-port", "0", "--http-port", "0", "--db", db)
+    assert "names a folder, not a file" in line
+    assert not list(tmp_path.iterdir()), "nothing may be created"
+
+
 HEALTH_PROBE = """
 import sys
 from transaction_service.cli.main import main
