@@ -808,8 +808,8 @@ class SqliteStore:
         if busy:
             if not self._scrub_pending:
                 log.warning(
-                    "erased bodies may stay in %s-wal until the next erasure pass: its "
-                    "checkpoint did not complete (%s)",
+                    "erased bodies may stay in %s and its -wal until the next erasure pass: "
+                    "its checkpoint did not complete (%s)",
                     self.path,
                     fault,
                 )
