@@ -568,6 +568,8 @@ def test_setup_mistakes_are_one_line_with_a_hint(
     assert "UNAVAILABLE" in plaintext
     wrong = one_line(cli(command, "--address", plain.address, "--ca", str(pki / "ca.pem"), *extra))
     assert "does not speak TLS" in wrong
+    http = one_line(cli(command, "--address", f"127.0.0.1:{plain.http_port}", *extra))
+    assert "answers HTTP/1, not gRPC" in http
 
 
 def test_a_missing_client_certificate_is_one_line_with_a_hint(tmp_path: Path, pki: Path) -> None:
