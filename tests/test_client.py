@@ -568,6 +568,8 @@ def test_setup_mistakes_are_one_line_with_a_hint(
     assert "UNAVAILABLE" in plaintext
     wrong = one_line(cli(command, "--address", plain.address, "--ca", str(pki / "ca.pem"), *extra))
     assert "does not speak TLS" in wrong
+    http = one_line(cli(command, "--address", f"127.0.0.1:{plain.http_port}", *extra))
+    assert "answers HTTP/1, not gRPC" in http
 
 
 def test_a_missing_client_certificate_is_one_line_with_a_hint(tmp_path: Path, pki: Path) -> None:
@@ -595,3 +597,17 @@ def test_tls_options_that_cannot_work_are_refused_at_once(tmp_path: Path) -> Non
         TransactionClient("localhost:1", tls=TLS(ca=tmp_path / "missing.pem"))
     with pytest.raises(ClientSetupError, match="go together"):
         TransactionClient("localhost:1", tls=TLS(cert=b"x"))
+
+
+def test_cli_watch_names_the_change_kinds_for_an_unknown_kind() -> None:
+    """`--kind NOPE` said "Enum ChangeKind has no value defined for name 'CHANGE_KIND_NOPE'";
+    now it lists the kinds. The prefixed name is taken too; UNSPECIFIED is not a kind."""
+    from transaction_service.cli.watch import _kind
+
+    for name in ("NOPE", "unspecified"):
+        result = cli("watch", "--address", "localhost:1", "--kind", name)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "is not a change kind; one of: TRANSACTION_CREATED," in result.stderr
+        assert "Enum" not in result.stderr
+    assert _kind("change_kind_redraw_available") == _kind("REDRAW_AVAILABLE") != 0

@@ -3,6 +3,7 @@ and the lock file, the Dockerfile and the manifests agree with each other."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.process import startup_error
+from tests.process import server_env, startup_error
 from transaction_service.config import Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,30 @@ def test_an_unsupported_store_url_is_refused_at_start(tmp_path: Path, url: str) 
     scheme = url.split("://", 1)[0]
     assert f"unsupported URL scheme {scheme!r}" in line
     assert "secret" not in line  # the rest of a URL may hold a password
+    assert not list(tmp_path.iterdir()), "nothing may be created"
+
+
+@pytest.mark.parametrize("db", [".", "..", "sqlite:///", "/"])
+def test_a_store_path_that_names_no_file_is_refused_at_start(tmp_path: Path, db: str) -> None:
+    """`--db .` or `sqlite:///` once ended the start in a ValueError traceback."""
+    line = startup_error(tmp_path, "--grpc-port", "0", "--http-port", "0", "--db", db)
+    assert "names a folder, not a file" in line
+    assert not list(tmp_path.iterdir()), "nothing may be created"
+
+
+@pytest.mark.parametrize("where", ["flag", "environment"])
+def test_a_bad_setting_is_a_json_line_when_logs_are_json(tmp_path: Path, where: str) -> None:
+    """With `--log-format json` (or its variable), every line on stderr is JSON: a bad setting
+    was reported as a text line, the one line a collector parsing JSON would drop."""
+    args = ["--grpc-port", "0", "--http-port", "0", "--tls-cert", "cert.pem"]
+    env = None
+    if where == "flag":
+        args += ["--log-format", "json"]
+    else:
+        env = server_env(TRANSACTION_SERVICE_LOG_FORMAT="json")
+    record = json.loads(startup_error(tmp_path, *args, env=env))
+    assert record["level"] == "ERROR"
+    assert "--tls-cert and --tls-key go together" in record["message"]
     assert not list(tmp_path.iterdir()), "nothing may be created"
 
 

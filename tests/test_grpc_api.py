@@ -960,6 +960,32 @@ async def test_page_tokens_out_of_range_are_invalid_argument_on_every_list(
     assert (list(events.events), events.next_page_token) == ([], "")
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [b"[" * 100_000, b'{"after": 1, "filter": ' + b"[" * 200 + b"]" * 200 + b"}", b"A" * 4096],
+    ids=["nested", "nested-filter", "long"],
+)
+async def test_forged_page_tokens_of_any_shape_are_invalid_argument(
+    api: Running, payload: bytes
+) -> None:
+    """A token of nested brackets made json.loads raise RecursionError: INTERNAL on both lists.
+    Tokens longer than any the service issues are refused before they are decoded."""
+    run = with_fresh_ids(SCENARIOS[0])
+    for d in run["deliveries"]:
+        await ingest(api, d["svix_id"], d["body"])
+    token = base64.urlsafe_b64encode(payload).decode()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactions(pb.ListTransactionsRequest(page_token=token))
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.ListTransactionEvents(
+            pb.ListTransactionEventsRequest(
+                transaction_id=run["expect"]["transaction_id"], page_token=token
+            )
+        )
+    assert_invalid_argument(caught.value, "page_token", "not a page token issued")
+
+
 async def test_a_page_token_only_works_with_its_own_filters(api: Running) -> None:
     for run in [with_fresh_ids(SCENARIOS[0]) for _ in range(3)]:
         await ingest(api, run["deliveries"][0]["svix_id"], run["deliveries"][0]["body"])

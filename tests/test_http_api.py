@@ -108,6 +108,8 @@ async def test_webhooks_under_reserved_event_ids_are_refused_naming_the_header(
                 error = (await response.json())["error"]
             assert [v["field"] for v in error["field_violations"]] == [f"{prefix}id"]
             assert "Traceback" not in error["message"]
+            # A webhook's sender cannot leave its id empty: no such advice.
+            assert "event_id" not in error["message"]
         assert stored_event_ids(settings.db) == set()
         headers = signed_headers(SECRET, DELIVERY["svix_id"], body, prefix=prefix)
         async with session.post(url, data=body, headers=headers) as response:

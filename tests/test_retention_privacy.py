@@ -215,3 +215,36 @@ async def test_erased_large_bodies_and_results_leave_no_copy(tmp_path: Path) -> 
     finally:
         await store.close()
     assert sum(copies(tmp_path / "store").values()) == 0, copies(tmp_path / "store")
+
+
+async def test_a_reader_in_the_way_is_warned_about_and_the_next_pass_scrubs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader (a backup, an `sqlite3` shell) keeps the checkpoint after an erasure from
+    completing: the erased body stays in the database file as well as in the `-wal` (the zeroed
+    pages could not be copied back), and the WARNING names both; the next pass scrubs them."""
+    folder = tmp_path / "store"
+    store = SqliteStore(folder / "t.db", synchronous="NORMAL")
+    await store.open()
+    try:
+        body = b'{"patient": "' + NAME + b'"}'
+        plan = Plan()
+        plan.change(view("t1", "o1"), "e1", order_id="o1", received_at=T0, body=body)
+        await commit(store, plan)
+        outside = sqlite3.connect(folder / "t.db", isolation_level=None)
+        try:
+            outside.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the body into the file
+            outside.execute("BEGIN")
+            outside.execute("SELECT count(*) FROM events").fetchone()
+            with caplog.at_level("WARNING", logger="transaction_service.store.sqlite"):
+                assert await store.erase_bodies(T0 + HOUR) == 1
+            assert copies(folder).get("t.db", 0) >= 1, copies(folder)
+            warned = [r.getMessage() for r in caplog.records if "may stay" in r.getMessage()]
+            assert len(warned) == 1, caplog.text
+            assert f"{folder / 't.db'} and its -wal" in warned[0]
+        finally:
+            outside.close()
+        assert await store.erase_bodies(T0 + HOUR) == 0  # the next pass
+        assert sum(copies(folder).values()) == 0, copies(folder)
+    finally:
+        await store.close()

@@ -229,6 +229,7 @@ _REFUSED = re.compile(r"connection refused|failed to connect to remote host", re
 _NOT_TLS = re.compile(r"wrong_version_number|wrong version number|packet length", re.IGNORECASE)
 _UNTRUSTED = re.compile(r"certificate_verify_failed|certificate verify failed", re.IGNORECASE)
 _CLOSED = re.compile(r"socket closed|connection reset|end of tcp stream", re.IGNORECASE)
+_HTTP1 = re.compile(r"http1\.x server", re.IGNORECASE)
 
 
 def _hint(code: grpc.StatusCode, message: str, reason: str, target: str, tls: bool) -> str:
@@ -245,6 +246,11 @@ def _hint(code: grpc.StatusCode, message: str, reason: str, target: str, tls: bo
         return (
             f"nothing accepts connections{at}: is the server running, and is that its gRPC port "
             "(default 50051)?"
+        )
+    if _HTTP1.search(message):
+        return (
+            f"the server{at} answers HTTP/1, not gRPC: is that its HTTP port (webhooks, metrics; "
+            "default 8080)? gRPC's is another (default 50051)"
         )
     if tls and _NOT_TLS.search(message):
         return f"the server{at} does not speak TLS: drop the TLS options (--ca, --tls)"

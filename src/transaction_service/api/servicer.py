@@ -794,15 +794,20 @@ def _encode_page_token(after: int, fingerprint: str) -> str:
 
 
 _MAX_POSITION = 2**63 - 1
+# The tokens issued are under 80 characters. A longer one is a forgery, refused before it is
+# decoded: a token of nested brackets (`[[[[...`) made json.loads raise RecursionError (INTERNAL).
+_MAX_PAGE_TOKEN_LENGTH = 256
 
 
 def _decode_page_token(token: str, fingerprint: str, bound_to: str = "filters") -> int:
     """The position a token continues after; ValueError (for the caller) if it is not one of
     ours or was issued for another request (other `bound_to`)."""
+    if len(token) > _MAX_PAGE_TOKEN_LENGTH:
+        raise ValueError("not a page token issued by this service")
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
         after, issued_for = data["after"], data["filter"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):
         raise ValueError("not a page token issued by this service") from None
     # Positions are revisions and event sequence numbers, 64-bit in both stores: a forged token
     # past them must be refused here, not reach the store (SQLite overflows, PostgreSQL refuses).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -226,6 +227,18 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         settings = from_flags(args)
     except ValidationError as exc:
+        # Logs asked for as JSON (the format itself valid) get the error as a JSON line too: a
+        # collector that parses every line would otherwise drop the one that says why.
+        requested = getattr(args, "log_format", None) or os.environ.get(env_name("log_format"))
+        if (requested or "").strip().lower() == "json":
+            from transaction_service.logs import formatter
+
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(formatter("json"))
+            logging.basicConfig(level="INFO", handlers=[handler], force=True)
+            for line in describe_errors(exc):
+                log.error("transaction-service: error: bad setting %s", line)
+            return 2
         for line in describe_errors(exc):
             _startup_error(f"bad setting {line}")
         return 2

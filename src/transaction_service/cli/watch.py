@@ -52,9 +52,23 @@ def _request(args: argparse.Namespace) -> WatchRequest:
         name = "transaction_id" if args.transaction_id else "order_id"
         return WatchRequest(lookup=(name, args.transaction_id or args.order_id))
     return WatchRequest(
-        kinds=tuple(pb.ChangeKind.Value(f"CHANGE_KIND_{k.upper()}") for k in args.kind),
+        kinds=tuple(_kind(k) for k in args.kind),
         team_id=args.team_id or "",
     )
+
+
+_KIND_PREFIX = "CHANGE_KIND_"
+
+
+def _kind(name: str) -> pb.ChangeKind.ValueType:
+    """The ChangeKind a `--kind` names (REDRAW_AVAILABLE, or with its CHANGE_KIND_ prefix, in any
+    case); ValueError listing the kinds otherwise."""
+    kinds = {key: value for key, value in pb.ChangeKind.items() if value}  # not UNSPECIFIED
+    full = _KIND_PREFIX + name.upper().removeprefix(_KIND_PREFIX)
+    if full in kinds:
+        return kinds[full]
+    known = [key.removeprefix(_KIND_PREFIX) for key in kinds]
+    raise ValueError(f"--kind {name!r} is not a change kind; one of: {', '.join(known)}")
 
 
 class _Notices(logging.Handler):
@@ -67,7 +81,7 @@ class _Notices(logging.Handler):
 def run_watch(args: argparse.Namespace) -> int:
     try:
         for kind in args.kind:
-            pb.ChangeKind.Value(f"CHANGE_KIND_{kind.upper()}")
+            _kind(kind)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

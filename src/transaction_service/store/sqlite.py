@@ -244,6 +244,13 @@ class SqliteStore:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self.path.name in ("", ".", ".."):
+            # `.`, `..`, `/` or `sqlite:///`: a folder, never a file; the lock file beside it
+            # could not even be named.
+            raise StoreOpenError(
+                f"--db {str(self.path)!r} names a folder, not a file: give a file path, "
+                "such as var/transactions.db"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -801,8 +808,8 @@ class SqliteStore:
         if busy:
             if not self._scrub_pending:
                 log.warning(
-                    "erased bodies may stay in %s-wal until the next erasure pass: its "
-                    "checkpoint did not complete (%s)",
+                    "erased bodies may stay in %s and its -wal until the next erasure pass: "
+                    "its checkpoint did not complete (%s)",
                     self.path,
                     fault,
                 )

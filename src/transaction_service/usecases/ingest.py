@@ -199,8 +199,9 @@ def decode_delivery(
                 FieldViolation(
                     "event_id",
                     f"an id starting with `{DERIVED_EVENT_ID_PREFIX}` must be the one the service "
-                    "derives from this body (`sha256:` and its digest); leave event_id empty to "
-                    "have it derived",
+                    "derives from this body (`sha256:` and its digest)"
+                    # A webhook's id is Svix's: its sender cannot leave it empty.
+                    + ("" if source == "webhook" else "; leave event_id empty to have it derived"),
                 )
             ]
         )
