@@ -118,6 +118,12 @@ class Probe(asyncio.Protocol):
         return self.closed_at is None
 
     @property
+    def never_opened(self) -> bool:
+        """The connection was refused or reset while opening (a starved machine's listen
+        backlog): the server never held it."""
+        return self.transport is None
+
+    @property
     def held(self) -> float | None:
         """Seconds from opening to the server's close; None while open."""
         return None if self.closed_at is None else self.closed_at - self.opened_at
@@ -249,6 +255,8 @@ class FloodReport:
     trickle_held: list[float | None] = field(default_factory=list)
     trickle_statuses: dict[int | None, int] = field(default_factory=dict)
     opened: int = 0
+    # Slow-head connections refused or reset while opening (see Probe.never_opened).
+    slow_never_opened: int = 0
 
     @property
     def rss_growth(self) -> int:
@@ -270,6 +278,7 @@ class FloodReport:
             "signed_webhook": {"status": self.webhook_status, "s": round(self.webhook_seconds, 3)},
             "grpc_health_max_s": round(max(self.grpc_seconds), 3) if self.grpc_seconds else None,
             "slow": held(self.slow_held),
+            "slow_never_opened": self.slow_never_opened,
             "trickle": held(self.trickle_held),
             "trickle_statuses": {str(k): v for k, v in self.trickle_statuses.items()},
         }
@@ -334,6 +343,7 @@ async def http_flood(
         slow_held=[p.held for p in slow_probes],
         trickle_held=[p.held for p in trickle_probes],
         opened=len(everything),
+        slow_never_opened=sum(p.never_opened for p in slow_probes),
     )
     for probe in trickle_probes:
         report.trickle_statuses[probe.status] = report.trickle_statuses.get(probe.status, 0) + 1

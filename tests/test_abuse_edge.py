@@ -139,9 +139,11 @@ def test_slow_connections_and_trickled_bodies_are_bounded(tmp_path: Path) -> Non
     assert metric(text, "transaction_service_http_shed_total", what="body") == 984
     closed = "transaction_service_http_closed_total"
     # Closed idle (no byte within IDLE: the first ones opened wait longest for the first drip)
-    # or at the head deadline.
+    # or at the head deadline: every one the server accepted (on a starved machine a few may be
+    # refused by the kernel while opening, before the server ever holds them).
     slow = metric(text, closed, reason="idle_timeout") + metric(text, closed, reason="head_timeout")
-    assert slow == 1000
+    assert slow + report.slow_never_opened == 1000, summary
+    assert report.slow_never_opened <= 50, summary
     assert metric(text, closed, reason="body_timeout") == 16
     assert len(re.findall(r"WARNING .*http: shedding load", log)) == 1, log
     assert "Traceback" not in log
