@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,6 @@ HTTP_LISTENING = re.compile(r"http listening on \S+:(\d+)")
 INGEST_TOKEN = "bench-ingest-token-0123456789"
 READ_TOKEN = "bench-read-token-0123456789"
 SERVICE = "/transactions.v1.TransactionService"
-ROWS = ("http", "unauth", "streams", "reset")
 
 
 @contextmanager
@@ -265,29 +264,53 @@ async def reads_for(stub: Any, order_id: str, seconds: float) -> list[float]:
     return await task
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    extra = dict(item.split("=", 1) for item in args.set)
-    rows = {"http": row_http, "unauth": row_unauth, "streams": row_streams, "reset": row_reset}
+Row = Callable[[Path, dict[str, str]], Awaitable[dict[str, Any]]]
+
+
+async def run_rows(rows: dict[str, Row], only: str, extra: dict[str, str]) -> dict[str, Any]:
+    """Each row of `only` (comma-separated names of `rows`) in turn, in a folder of its own;
+    each row's figures printed as it ends."""
     results: dict[str, Any] = {"settings": extra}
     with tempfile.TemporaryDirectory(prefix="bench-abuse-") as folder:
-        for name in args.only.split(","):
+        for name in only.split(","):
             started = time.monotonic()
             results[name] = await rows[name](Path(folder), extra)
             print(f"{name} ({time.monotonic() - started:.0f} s): {json.dumps(results[name])}")
     return results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(ROWS), help="rows to run, comma-separated")
+def rows_main(doc: str, rows: dict[str, Row]) -> int:
+    """The command line of an abuse bench: `--only`, `--set NAME=VALUE` (a server setting),
+    `--json`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(rows), help="rows to run, comma-separated")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(main_async(args))
+    extra = dict(item.split("=", 1) for item in args.set)
+    results = asyncio.run(run_rows(rows, args.only, extra))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
+ROWS: dict[str, Row] = {
+    "http": row_http,
+    "unauth": row_unauth,
+    "streams": row_streams,
+    "reset": row_reset,
+}
+
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(
+            rows_main(
+                __doc__,
+                {
+                    "http": row_http,
+                    "unauth": row_unauth,
+                    "streams": row_streams,
+                    "reset": row_reset,
+                },
+            )
+        )

@@ -20,25 +20,19 @@ To measure a version of the service other than the checked-out one, put its `src
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from abuse import serve
+from abuse import rows_main, serve
 
 from tests.fake_junction import FakeJunction
 from tests.read_tools import batch_attack, stalled_pdf_readers
 
-ROWS = ("batch", "pdf")
 API_KEY = "bench-junction-key"
 
 
@@ -64,30 +58,6 @@ async def row_pdf(folder: Path, extra: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    extra = dict(item.split("=", 1) for item in args.set)
-    rows = {"batch": row_batch, "pdf": row_pdf}
-    results: dict[str, Any] = {"settings": extra}
-    with tempfile.TemporaryDirectory(prefix="bench-abuse-reads-") as folder:
-        for name in args.only.split(","):
-            started = time.monotonic()
-            results[name] = await rows[name](Path(folder), extra)
-            print(f"{name} ({time.monotonic() - started:.0f} s): {json.dumps(results[name])}")
-    return results
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(ROWS), help="rows to run, comma-separated")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    results = asyncio.run(main_async(args))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+        sys.exit(rows_main(__doc__, {"batch": row_batch, "pdf": row_pdf}))
