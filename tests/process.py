@@ -160,6 +160,15 @@ def running_server(
         server.stop()
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = CALL_TIMEOUT) -> None:
+    """Return once `condition()` is true; fail the test, naming `what`, after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
+
+
 def startup_error(workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run `transaction-service serve ARGS` in `workdir`, which must stop at once the way a
     startup mistake does: exit code 2, no traceback, exactly one line on stderr. That line."""

@@ -73,3 +73,21 @@ def view_summary(view: TransactionView) -> dict[str, Any]:
         "current_order_id": view.current_order_id,
         "orders": {o.id: (_ORIGIN_NAMES[o.origin.value], o.low_level_status) for o in view.orders},
     }
+
+
+def corrected(body: dict[str, Any], at: str, event_id: int) -> dict[str, Any]:
+    """A copy of an order's webhook `body` with the order corrected at `at`: a `corrected` event
+    `event_id`, and its entry of the transaction block at `corrected` since `at`."""
+    b = copy.deepcopy(body)
+    data = b["data"]
+    data["events"].append(
+        {"id": event_id, "created_at": at, "status": "completed.walk_in_test.corrected"}
+    )
+    data["last_event"] = data["events"][-1]
+    data["updated_at"] = at
+    for entry in data["order_transaction"]["orders"]:
+        if entry["id"] == data["id"]:
+            entry.update(
+                low_level_status="corrected", low_level_status_created_at=at, updated_at=at
+            )
+    return b

@@ -84,13 +84,6 @@ def metrics_text(server: Server, token: str | None = None) -> str:
     return reply.body.decode()
 
 
-def wait_until(condition: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.1)
-
-
 # -- the HTTP listener ----------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
-from tests.scenario_tools import expected_summary, view_summary
+from tests.scenario_tools import corrected, expected_summary, view_summary
 from transaction_service.domain.diff import diff_views
 from transaction_service.domain.explain import applied_reason, stale_reason
 from transaction_service.domain.limits import MAX_BODY_DEPTH, StateLimits
@@ -514,14 +514,7 @@ def corrected_at(at: str, event_id: int, *, with_earlier: str | None = None) -> 
                 "status": "completed.walk_in_test.corrected",
             }
         )
-    data["events"].append(
-        {"id": event_id, "created_at": at, "status": "completed.walk_in_test.corrected"}
-    )
-    data["last_event"] = data["events"][-1]
-    data["updated_at"] = at
-    entry = data["order_transaction"]["orders"][0]
-    entry.update(low_level_status="corrected", low_level_status_created_at=at, updated_at=at)
-    return b
+    return corrected(b, at, event_id)
 
 
 FIRST_CORRECTION = "2026-03-09T09:00:00Z"

@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import SCENARIOS
 from tests.harness import error_info
 from tests.pg import base_url, fresh_database, run_sync
-from tests.process import Server, running_server, server_env
+from tests.process import Server, running_server, server_env, wait_until
 from tests.scenario_tools import with_fresh_ids
 from transaction_service.logs import LibraryNoise
 from transaction_service.store.base import StoreUnavailable
@@ -61,14 +61,6 @@ def deliveries() -> Iterator[pb.IngestEventRequest]:
     while True:
         for d in with_fresh_ids(REDRAW)["deliveries"]:
             yield pb.IngestEventRequest(event_id=d["svix_id"], payload_json=json.dumps(d["body"]))
-
-
-def wait_until(condition: Any, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
 
 
 def json_lines(server: Server) -> list[dict[str, Any]]:

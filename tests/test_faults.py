@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from tests.process import (
     running_server,
     server_env,
     startup_error,
+    wait_until,
 )
 from tests.scenario_tools import with_fresh_ids
 from tests.test_grpc_api import BAD_INPUTS
@@ -56,14 +56,6 @@ def health(server: Server) -> str:
     if result.returncode != 0:
         return result.stderr
     return json.loads(result.stdout)["status"]
-
-
-def wait_until(condition: Any, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
 
 
 def readyz(server: Server) -> tuple[int, dict[str, Any]]:

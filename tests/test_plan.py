@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import SCENARIOS
-from tests.scenario_tools import expected_summary, view_summary, with_fresh_ids
+from tests.scenario_tools import corrected, expected_summary, view_summary, with_fresh_ids
 from transaction_service.domain.diff import diff_to_json, diff_views
 from transaction_service.domain.state import ChangeKind, TransactionView
 from transaction_service.errors import ServiceError
@@ -245,20 +245,6 @@ def test_a_delivery_over_the_limits_is_refused_alone_and_stores_nothing() -> Non
         if isinstance(r, IngestResult)
     }
     assert set(store.events) == {small.event_id} | accepted
-
-
-def corrected(body: dict[str, Any], at: str, event_id: int) -> dict[str, Any]:
-    """The completing webhook of `completed_without_redraw`, its order corrected at `at`."""
-    b = copy.deepcopy(body)
-    data = b["data"]
-    data["events"].append(
-        {"id": event_id, "created_at": at, "status": "completed.walk_in_test.corrected"}
-    )
-    data["last_event"] = data["events"][-1]
-    data["updated_at"] = at
-    entry = data["order_transaction"]["orders"][0]
-    entry.update(low_level_status="corrected", low_level_status_created_at=at, updated_at=at)
-    return b
 
 
 def test_in_any_delivery_order_the_newest_correction_marks_the_results_to_be_fetched() -> None:

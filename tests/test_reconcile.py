@@ -21,7 +21,7 @@ from tests.conftest import SCENARIOS, database
 from tests.fake_junction import FakeJunction
 from tests.harness import Running, check_expect, error_info, ingest, loopback_settings
 from tests.pg import table_rows
-from tests.scenario_tools import with_fresh_ids
+from tests.scenario_tools import corrected, with_fresh_ids
 from transaction_service.config import Settings
 from transaction_service.domain.state import Knowledge, TransactionStatus, TransactionView
 from transaction_service.junction.answers import TransactionResults
@@ -296,34 +296,13 @@ async def test_a_legacy_stand_in_is_reconciled_through_its_order(
 
 def _corrected(body: dict[str, Any]) -> dict[str, Any]:
     """The redraw order's completion, corrected two days later."""
-    corrected = copy.deepcopy(body)
-    data = corrected["data"]
-    data["updated_at"] = "2026-03-14T09:00:00Z"
-    data["events"].append(
-        {"id": 9030, "created_at": data["updated_at"], "status": "completed.walk_in_test.corrected"}
-    )
-    data["last_event"] = data["events"][-1]
-    for entry in data["order_transaction"]["orders"]:
-        if entry["id"] == data["id"]:
-            entry["low_level_status"] = "corrected"
-            entry["low_level_status_created_at"] = entry["updated_at"] = data["updated_at"]
-    return corrected
+    return corrected(body, "2026-03-14T09:00:00Z", 9030)
 
 
 def _corrected_again(body: dict[str, Any]) -> dict[str, Any]:
     """The redraw order's completion, corrected two days later and once more a day after that:
     a second correction event of the same low-level status, at a later time."""
-    again = _corrected(body)
-    data = again["data"]
-    data["updated_at"] = "2026-03-15T11:00:00Z"
-    data["events"].append(
-        {"id": 9031, "created_at": data["updated_at"], "status": "completed.walk_in_test.corrected"}
-    )
-    data["last_event"] = data["events"][-1]
-    for entry in data["order_transaction"]["orders"]:
-        if entry["id"] == data["id"]:
-            entry["low_level_status_created_at"] = entry["updated_at"] = data["updated_at"]
-    return again
+    return corrected(_corrected(body), "2026-03-15T11:00:00Z", 9031)
 
 
 async def _commit(store: MemoryStore, deliveries: list[Delivery], want: bool) -> int:
