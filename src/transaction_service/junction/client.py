@@ -46,6 +46,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transaction_service import tracing
+from transaction_service.domain.payload import DOT_SEGMENTS
 from transaction_service.errors import echo
 from transaction_service.junction.answers import (
     OrderAnswer,
@@ -738,7 +739,7 @@ def _id(value: str, name: str, endpoint: str) -> str:
 def _segment(value: str, name: str, endpoint: str) -> str:
     # Quoted so that an id can never reach another path; `.` and `..` are refused, since quoting
     # leaves them as they are and the URL would then name the parent path.
-    if value in (".", ".."):
+    if value in DOT_SEGMENTS:
         raise JunctionRequestInvalid(
             f"{endpoint}: {name} must not be `.` or `..`", endpoint=endpoint
         )
