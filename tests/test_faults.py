@@ -445,7 +445,10 @@ def test_every_malformed_input_is_invalid_argument_and_stores_nothing(tmp_path: 
 
 
 def test_a_start_revision_in_the_future_is_out_of_range_naming_the_head(tmp_path: Path) -> None:
-    with running_server(tmp_path, "--grpc-port", "0", "--db", str(tmp_path / "x.db")) as server:
+    # Progress every 0.2 s: a watch from the head begins with one, not 10 s later.
+    env = server_env(TRANSACTION_SERVICE_WATCH_PROGRESS_SECONDS="0.2")
+    db = str(tmp_path / "x.db")
+    with running_server(tmp_path, "--grpc-port", "0", "--db", db, env=env) as server:
         head = max(ingest_all(server, with_fresh_ids(REDRAW)["deliveries"][:2]))
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.TransactionServiceStub(channel)
