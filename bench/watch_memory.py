@@ -90,6 +90,8 @@ def answer_measurements() -> None:
 
     def loop() -> None:
         for line in sys.stdin:
+            if line.startswith("exit"):  # at once, streams open (for heaptrack's "leaked")
+                os._exit(0)
             if not line.startswith("measure"):
                 continue
             gc.collect()
@@ -235,9 +237,16 @@ async def open_watches(address: str, singles: list[str], feeds: int, bare: bool)
 
 
 async def one_server(
-    tree: Path | None, folder: Path, singles: int, feeds: int, trace: bool, bare: bool
+    tree: Path | None,
+    folder: Path,
+    singles: int,
+    feeds: int,
+    trace: bool,
+    bare: bool,
+    unknown: bool = False,
 ) -> dict[str, Any]:
-    """One server's figures: before and after the watches opened."""
+    """One server's figures: before and after the watches opened (with `unknown`, of
+    transactions not ingested: the server serves no call before the watches)."""
     from bench import as_request, channel, stream_all, transactions
     from transactions.v1 import transactions_pb2 as pb
     from transactions.v1 import transactions_pb2_grpc as pb_grpc
@@ -249,7 +258,9 @@ async def one_server(
         db = Path(tempfile.mkdtemp(dir=folder)) / "watch.db"
         args = ["server", "--grpc-port", "0", "--http-port", "0", "--db", str(db)]
     with started(args, tree, trace) as (process, address):
-        if not bare:
+        if unknown:
+            ids = [f"unknown-{i}" for i in range(singles)]
+        elif not bare:
             runs = list(transactions(singles))
             async with channel(address) as ch:
                 stub = pb_grpc.TransactionServiceStub(ch)
@@ -319,11 +330,15 @@ async def main_async(args: argparse.Namespace) -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in trees}
     for _ in range(args.rounds):
         for name, tree, bare in trees:
-            runs[name].append(await one_server(tree, folder, args.singles, args.feeds, False, bare))
+            runs[name].append(
+                await one_server(tree, folder, args.singles, args.feeds, False, bare, args.unknown)
+            )
     traced = {}
     if not args.no_trace:
         for name, tree, bare in trees:
-            traced[name] = await one_server(tree, folder, args.singles, args.feeds, True, bare)
+            traced[name] = await one_server(
+                tree, folder, args.singles, args.feeds, True, bare, args.unknown
+            )
     watches = args.singles + args.feeds
     print(f"{args.singles} single-transaction watches + {args.feeds} feeds ({watches} streams)")
     for name, _, _ in trees:
@@ -342,6 +357,11 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=1000)
     parser.add_argument("--feeds", type=int, default=100)
     parser.add_argument("--bare", action="store_true", help="also a bare grpc.aio server")
+    parser.add_argument(
+        "--unknown",
+        action="store_true",
+        help="watch transactions not ingested (no call reaches the server before the watches)",
+    )
     parser.add_argument("--bare-only", action="store_true", help="only the bare server")
     parser.add_argument("--sites", type=int, default=15, help="allocation sites to print")
     parser.add_argument("--no-trace", action="store_true", help="skip the tracemalloc servers")
