@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import SCENARIOS
 from tests.harness import Running, error_info, ingest, loopback_settings, separate_channels
 from tests.scenario_tools import sampled_orders, with_fresh_ids
-from transaction_service.api.wire import ChangeEncoder
+from transaction_service.api.wire import ChangeEncoder, Once, passthrough_serializer
 from transaction_service.domain.state import ChangeKind
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
@@ -608,6 +608,57 @@ async def test_watch_transaction_rejects_bad_requests(
         await api.stub.WatchTransaction(request_).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
+
+
+@pytest.mark.parametrize("method", ["WatchTransaction", "WatchTransactions"])
+async def test_a_watch_request_that_is_not_protobuf_is_invalid_argument(
+    api: Running, method: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") as channel:
+        call = channel.unary_stream(
+            f"/transactions.v1.TransactionService/{method}",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.WatchTransactionsResponse.FromString,
+        )(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Request" in caught.value.details()
+
+
+async def test_an_unexpected_error_in_a_watch_is_internal_and_logged(
+    api: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch methods map errors themselves (api/errors.StatusOnError), as @grpc_errors does
+    for the other methods: a bug is INTERNAL with a generic message, its traceback logged."""
+
+    async def broken(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        yield Progress(0)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api.service.hub, "watch", broken)
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest())
+    assert (await call.read()).progress.revision == 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "a bug" not in caught.value.details()
+    assert any(r.exc_info and "WatchTransactions" in r.getMessage() for r in caplog.records), (
+        caplog.records
+    )
+
+
+def test_a_watch_message_is_let_go_once_serialized() -> None:
+    """gRPC keeps the last message a stream yielded while the watch waits: in a `Once`, what it
+    keeps is empty once sent."""
+    message = Once(b"the opening state")
+    assert passthrough_serializer(message) == b"the opening state"
+    assert message.data == b""
+    assert passthrough_serializer(b"bytes") == b"bytes"
+    assert (
+        passthrough_serializer(pb.WatchProgress(revision=3))
+        == pb.WatchProgress(revision=3).SerializeToString()
+    )
 
 
 async def test_watch_transactions_rejects_unspecified_kinds(api: Running) -> None:
