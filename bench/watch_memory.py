@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -201,14 +202,16 @@ def measure(process: Any) -> dict[str, Any]:
     raise SystemExit("watch_memory: the server did not answer a measurement")
 
 
-async def open_watches(address: str, singles: list[str], feeds: int, bare: bool) -> Any:
-    """Open the watches, wait for each one's first message; returns a closer."""
-    import grpc
-
+async def open_watches(
+    address: str, singles: list[str], feeds: int, bare: bool, resume: bool = False
+) -> Any:
+    """Open the watches (with `resume`, from revision 0: each replays the change log first),
+    read every message they get, wait for each one's first; returns a closer."""
     from bench import channel
     from transactions.v1 import transactions_pb2 as pb
     from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
+    start = {"start_revision": 0} if resume else {}
     total = len(singles) + feeds
     channels = [channel(address) for _ in range(max(1, -(-total // PER_CHANNEL)))]
     calls: list[Any] = []
@@ -218,21 +221,35 @@ async def open_watches(address: str, singles: list[str], feeds: int, bare: bool)
             calls.append(ch.unary_stream(BARE_METHOD)(b""))
         elif i < len(singles):
             stub = pb_grpc.TransactionServiceStub(ch)
-            request = pb.WatchTransactionRequest(transaction_id=singles[i], batch_changes=True)
+            request = pb.WatchTransactionRequest(
+                transaction_id=singles[i], batch_changes=True, **start
+            )
             calls.append(stub.WatchTransaction(request))
         else:
             stub = pb_grpc.TransactionServiceStub(ch)
-            calls.append(stub.WatchTransactions(pb.WatchTransactionsRequest(batch_changes=True)))
-    await asyncio.gather(*(call.read() for call in calls))
+            feed = pb.WatchTransactionsRequest(batch_changes=True, **start)
+            calls.append(stub.WatchTransactions(feed))
+    loop = asyncio.get_running_loop()
+    first = [loop.create_future() for _ in calls]
+
+    async def read(call: Any, got: asyncio.Future[None]) -> None:
+        # Every message is taken, so that no stream waits on flow control holding a message.
+        with contextlib.suppress(Exception):
+            async for _ in call:
+                if not got.done():
+                    got.set_result(None)
+
+    readers = [asyncio.create_task(read(c, f)) for c, f in zip(calls, first, strict=True)]
+    await asyncio.gather(*first)
 
     async def close() -> None:
         for call in calls:
             call.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         for ch in channels:
             await ch.close()
         await asyncio.sleep(0.5)
 
-    del grpc
     return close
 
 
@@ -244,6 +261,7 @@ async def one_server(
     trace: bool,
     bare: bool,
     unknown: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """One server's figures: before and after the watches opened (with `unknown`, of
     transactions not ingested: the server serves no call before the watches)."""
@@ -275,8 +293,8 @@ async def one_server(
         warm = await open_watches(address, ids[:WARM_WATCHES], 0, bare)
         await warm()
         before = measure(process)
-        close = await open_watches(address, ids, feeds, bare)
-        await asyncio.sleep(1)
+        close = await open_watches(address, ids, feeds, bare, resume)
+        await asyncio.sleep(2 if resume else 1)
         after = measure(process)
         await close()
         code = next((json.loads(line)["code"] for line in process.out if '"code"' in line), "")
@@ -331,13 +349,15 @@ async def main_async(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):
         for name, tree, bare in trees:
             runs[name].append(
-                await one_server(tree, folder, args.singles, args.feeds, False, bare, args.unknown)
+                await one_server(
+                    tree, folder, args.singles, args.feeds, False, bare, args.unknown, args.resume
+                )
             )
     traced = {}
     if not args.no_trace:
         for name, tree, bare in trees:
             traced[name] = await one_server(
-                tree, folder, args.singles, args.feeds, True, bare, args.unknown
+                tree, folder, args.singles, args.feeds, True, bare, args.unknown, args.resume
             )
     watches = args.singles + args.feeds
     print(f"{args.singles} single-transaction watches + {args.feeds} feeds ({watches} streams)")
@@ -361,6 +381,11 @@ def main() -> None:
         "--unknown",
         action="store_true",
         help="watch transactions not ingested (no call reaches the server before the watches)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="watches from revision 0 (each replays the change log first), as resuming clients",
     )
     parser.add_argument("--bare-only", action="store_true", help="only the bare server")
     parser.add_argument("--sites", type=int, default=15, help="allocation sites to print")

@@ -286,8 +286,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 elif isinstance(event, Progress):
                     yield Once(_progress(event, _ONE_PROGRESS_FIELD))
                 else:
-                    for message in self._changes(event, _ONE_BATCH_FIELD):
-                        yield Once(message)
+                    # The loop's variable outlives the loop: a Once, emptied once sent.
+                    for message in map(Once, self._changes(event, _ONE_BATCH_FIELD)):
+                        yield message
                 # Not kept while the watch waits (thousands of watches wait at once).
                 del event
 
@@ -309,8 +310,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 if isinstance(event, Progress):
                     yield Once(_progress(event, _FEED_PROGRESS_FIELD))
                 elif isinstance(event, ChangeRecord | Batch):
-                    for message in self._changes(event, _FEED_BATCH_FIELD):
-                        yield Once(message)
+                    # The loop's variable outlives the loop: a Once, emptied once sent.
+                    for message in map(Once, self._changes(event, _FEED_BATCH_FIELD)):
+                        yield message
                 del event
 
     @grpc_errors

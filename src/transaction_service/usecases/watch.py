@@ -619,6 +619,11 @@ class ChangeHub:
                     if replayed:
                         yield Batch(tuple(replayed)) if len(replayed) > 1 else replayed[0]
                         last = replayed[-1].revision
+                    # Not kept while the watch then waits: the changes read from the log (up to
+                    # a batch of them), and the loop's variable, which outlives the loop.
+                    replayed = []
+                    with contextlib.suppress(NameError):  # unbound if nothing was replayed
+                        del change
                     replay_needed = lenient = False
                     continue
                 fresh = self._take(sub, last, limit)
