@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import importlib.util
 import random
@@ -22,7 +23,13 @@ from transaction_service.domain.state import ChangeKind
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
 from transaction_service.usecases.ingest import decode_delivery
-from transaction_service.usecases.watch import ChangeHub, Progress, SendBudget, WatchFilter
+from transaction_service.usecases.watch import (
+    Batch,
+    ChangeHub,
+    Progress,
+    SendBudget,
+    WatchFilter,
+)
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -373,6 +380,37 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
         await slow.aclose()
         assert hub.subscriber_count == 0
         assert metric("transaction_service_watch_streams") == 0
+    finally:
+        await service.stop()
+
+
+async def test_a_watch_that_replayed_the_log_holds_none_of_it_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """Thousands of watches wait at once, many of them resumed from a revision: once a watch
+    has sent what it replayed, it waits holding none of the changes it read (they were a batch
+    of up to 500 records)."""
+    service, _ = await started_service(tmp_path)
+    hub: ChangeHub = service.hub
+    try:
+        await ingest_direct(service, with_fresh_ids(REDRAW)["deliveries"])
+        watch = hub.watch(WatchFilter(), 0, batch=True)
+        replayed = await anext(watch)
+        assert isinstance(replayed, Batch)
+        del replayed
+        waiting = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for the next change
+        held = watch.ag_frame.f_locals  # type: ignore[attr-defined]
+        assert not any(isinstance(v, ChangeRecord | Batch) for v in held.values())
+        assert not any(
+            isinstance(v, list | tuple) and v and isinstance(v[0], ChangeRecord)
+            for v in held.values()
+        )
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await watch.aclose()
     finally:
         await service.stop()
 
