@@ -65,3 +65,31 @@ def test_outcomes_bench_runs_against_another_version(tmp_path: Path) -> None:
         for unit in ("per_s", "cpu_us")
     } | {"applied_alone_p50_ms", "duplicate_alone_p50_ms"}
     assert all(f["ratio"] > 0 for f in figures.values())
+
+
+def test_watch_memory_bench_runs_against_another_version(tmp_path: Path) -> None:
+    """bench/watch_memory.py, at its smallest, against this very tree and a bare grpc.aio
+    server, with resumed watches: its figures are printed for each."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "watch_memory.py"),
+            "--against",
+            str(ROOT),
+            "--bare",
+            "--resume",
+            "--rounds",
+            "1",
+            "--singles",
+            "20",
+            "--feeds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("rss per watch") == 3, result.stdout
+    assert result.stdout.count("python objects (tracemalloc") == 3, result.stdout

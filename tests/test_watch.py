@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import importlib.util
 import random
@@ -17,12 +18,18 @@ import pytest
 from tests.conftest import SCENARIOS
 from tests.harness import Running, error_info, ingest, loopback_settings, separate_channels
 from tests.scenario_tools import sampled_orders, with_fresh_ids
-from transaction_service.api.wire import ChangeEncoder
+from transaction_service.api.wire import ChangeEncoder, Once, passthrough_serializer
 from transaction_service.domain.state import ChangeKind
 from transaction_service.server import TransactionService
 from transaction_service.store.base import ChangeRecord
 from transaction_service.usecases.ingest import decode_delivery
-from transaction_service.usecases.watch import ChangeHub, Progress, SendBudget, WatchFilter
+from transaction_service.usecases.watch import (
+    Batch,
+    ChangeHub,
+    Progress,
+    SendBudget,
+    WatchFilter,
+)
 from transactions.v1 import transactions_pb2 as pb
 from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
@@ -377,6 +384,37 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
         await service.stop()
 
 
+async def test_a_watch_that_replayed_the_log_holds_none_of_it_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """Thousands of watches wait at once, many of them resumed from a revision: once a watch
+    has sent what it replayed, it waits holding none of the changes it read (they were a batch
+    of up to 500 records)."""
+    service, _ = await started_service(tmp_path)
+    hub: ChangeHub = service.hub
+    try:
+        await ingest_direct(service, with_fresh_ids(REDRAW)["deliveries"])
+        watch = hub.watch(WatchFilter(), 0, batch=True)
+        replayed = await anext(watch)
+        assert isinstance(replayed, Batch)
+        del replayed
+        waiting = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for the next change
+        held = watch.ag_frame.f_locals  # type: ignore[attr-defined]
+        assert not any(isinstance(v, ChangeRecord | Batch) for v in held.values())
+        assert not any(
+            isinstance(v, list | tuple) and v and isinstance(v[0], ChangeRecord)
+            for v in held.values()
+        )
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await watch.aclose()
+    finally:
+        await service.stop()
+
+
 async def test_a_slow_subscriber_is_bounded_and_does_not_hold_up_others(
     channel_to: Callable[..., Any],
 ) -> None:
@@ -608,6 +646,57 @@ async def test_watch_transaction_rejects_bad_requests(
         await api.stub.WatchTransaction(request_).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
+
+
+@pytest.mark.parametrize("method", ["WatchTransaction", "WatchTransactions"])
+async def test_a_watch_request_that_is_not_protobuf_is_invalid_argument(
+    api: Running, method: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.service.port}") as channel:
+        call = channel.unary_stream(
+            f"/transactions.v1.TransactionService/{method}",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.WatchTransactionsResponse.FromString,
+        )(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Request" in caught.value.details()
+
+
+async def test_an_unexpected_error_in_a_watch_is_internal_and_logged(
+    api: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch methods map errors themselves (api/errors.StatusOnError), as @grpc_errors does
+    for the other methods: a bug is INTERNAL with a generic message, its traceback logged."""
+
+    async def broken(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        yield Progress(0)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api.service.hub, "watch", broken)
+    call = api.stub.WatchTransactions(pb.WatchTransactionsRequest())
+    assert (await call.read()).progress.revision == 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "a bug" not in caught.value.details()
+    assert any(r.exc_info and "WatchTransactions" in r.getMessage() for r in caplog.records), (
+        caplog.records
+    )
+
+
+def test_a_watch_message_is_let_go_once_serialized() -> None:
+    """gRPC keeps the last message a stream yielded while the watch waits: in a `Once`, what it
+    keeps is empty once sent."""
+    message = Once(b"the opening state")
+    assert passthrough_serializer(message) == b"the opening state"
+    assert message.data == b""
+    assert passthrough_serializer(b"bytes") == b"bytes"
+    assert (
+        passthrough_serializer(pb.WatchProgress(revision=3))
+        == pb.WatchProgress(revision=3).SerializeToString()
+    )
 
 
 async def test_watch_transactions_rejects_unspecified_kinds(api: Running) -> None:

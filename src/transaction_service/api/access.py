@@ -71,7 +71,7 @@ def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return new_request_id()
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """The call being served (see `current_call`). What the access line needs of the call's
     context is read when it starts: once a client has cancelled, grpc.aio may have freed the

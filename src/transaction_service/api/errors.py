@@ -194,6 +194,33 @@ def tolerant_deserializer(
     return deserialize
 
 
+class StatusOnError:
+    """What `@grpc_errors` does, as `async with StatusOnError(request, context, name):` around
+    a streaming method's body, for the watch streams: the decorator is an async generator of
+    its own between gRPC and the method, one more frame and pending step held by every open
+    stream for as long as it is open (thousands of watches, for hours); this is one small
+    object."""
+
+    __slots__ = ("_context", "_name", "_request")
+
+    def __init__(self, request: object, context: Context, name: str) -> None:
+        self._request = request
+        self._context = context
+        self._name = name
+
+    async def __aenter__(self) -> None:
+        request, self._request = self._request, None
+        if isinstance(request, UndecodableRequest):
+            await abort(self._context, request.error)
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, ServiceError):
+            await abort(self._context, exc)
+        if exc is None or isinstance(exc, grpc.aio.BaseError) or not isinstance(exc, Exception):
+            return False  # context.abort() unwinds the handler with AbortError; cancellation
+        await _abort_internal(self._context, self._name)
+
+
 def grpc_errors(method: F) -> F:
     """Map the errors a servicer method raises to statuses; works for unary and streaming.
 

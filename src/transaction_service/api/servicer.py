@@ -32,6 +32,7 @@ from transaction_service.api.convert import (
 )
 from transaction_service.api.errors import (
     Context,
+    StatusOnError,
     UndecodableRequest,
     grpc_errors,
     ingest_error,
@@ -40,6 +41,7 @@ from transaction_service.api.errors import (
 from transaction_service.api.window import OrderedWindow
 from transaction_service.api.wire import (
     ChangeEncoder,
+    Once,
     TransactionEncoder,
     field,
     passthrough_serializer,
@@ -115,9 +117,9 @@ _RESULTS_FIELD = pb.IngestEventResponse.DESCRIPTOR.fields_by_name["results"].num
 
 class TransactionServicer(pb_grpc.TransactionServiceServicer):
     """The API. A method answers with the response message, or with its bytes already encoded
-    (`bytes`: built from cached parts, api/wire.py), which `passthrough_serializer` sends as
-    they are. The generated base declares messages only: the methods that answer with bytes
-    override it on purpose (`type: ignore[override]`)."""
+    (`bytes`: built from cached parts, api/wire.py; watch messages in a `Once`), which
+    `passthrough_serializer` sends as they are. The generated base declares messages only: the
+    methods that answer with bytes override it on purpose (`type: ignore[override]`)."""
 
     def __init__(self, app: App) -> None:
         self._app = app
@@ -262,52 +264,56 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             + varint_field(3, head)
         )
 
-    @grpc_errors
     async def WatchTransaction(  # type: ignore[override]
         self, request: pb.WatchTransactionRequest, context: Context
-    ) -> AsyncIterator[pb.WatchTransactionResponse | bytes]:
-        lookup = request.WhichOneof("lookup")
-        violations = _start_revision_violations(request) + _lookup_violations(request)
-        if violations:
-            raise InvalidArgument(violations)
-        assert lookup is not None
-        key = getattr(request, lookup)
-        where = WatchFilter(**{lookup: key})
-        read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
-            self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
-        )
-        async for event in self._watch(where, request, partial(read, key)):
-            if isinstance(event, Current):
-                yield self._current(event)
-            elif isinstance(event, Progress):
-                yield _progress(event, _ONE_PROGRESS_FIELD)
-            else:
-                for message in self._changes(event, _ONE_BATCH_FIELD):
-                    yield message
-            # Not kept while the watch waits (thousands of watches wait at once).
-            del event
+    ) -> AsyncIterator[Once]:
+        async with StatusOnError(request, context, "WatchTransaction"):
+            lookup = request.WhichOneof("lookup")
+            violations = _start_revision_violations(request) + _lookup_violations(request)
+            if violations:
+                raise InvalidArgument(violations)
+            assert lookup is not None
+            key = getattr(request, lookup)
+            where = WatchFilter(**{lookup: key})
+            read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
+                self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
+            )
+            # Each message goes out in a `Once` (api/wire.py): gRPC and every layer between keep
+            # the last one yielded while the watch waits, thousands of watches at once.
+            async for event in self._watch(where, request, partial(read, key)):
+                if isinstance(event, Current):
+                    yield Once(self._current(event))
+                elif isinstance(event, Progress):
+                    yield Once(_progress(event, _ONE_PROGRESS_FIELD))
+                else:
+                    # The loop's variable outlives the loop: a Once, emptied once sent.
+                    for message in map(Once, self._changes(event, _ONE_BATCH_FIELD)):
+                        yield message
+                # Not kept while the watch waits (thousands of watches wait at once).
+                del event
 
-    @grpc_errors
     async def WatchTransactions(  # type: ignore[override]
         self, request: pb.WatchTransactionsRequest, context: Context
-    ) -> AsyncIterator[pb.WatchTransactionsResponse | bytes]:
-        violations = _start_revision_violations(request)
-        kinds = set()
-        for i, value in enumerate(request.kinds):
-            try:
-                kinds.add(kind_from_pb(value))
-            except KeyError:
-                violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
-        if violations:
-            raise InvalidArgument(violations)
-        where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
-        async for event in self._watch(where, request, None):
-            if isinstance(event, Progress):
-                yield _progress(event, _FEED_PROGRESS_FIELD)
-            elif isinstance(event, ChangeRecord | Batch):
-                for message in self._changes(event, _FEED_BATCH_FIELD):
-                    yield message
-            del event
+    ) -> AsyncIterator[Once]:
+        async with StatusOnError(request, context, "WatchTransactions"):
+            violations = _start_revision_violations(request)
+            kinds = set()
+            for i, value in enumerate(request.kinds):
+                try:
+                    kinds.add(kind_from_pb(value))
+                except KeyError:
+                    violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
+            if violations:
+                raise InvalidArgument(violations)
+            where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
+            async for event in self._watch(where, request, None):
+                if isinstance(event, Progress):
+                    yield Once(_progress(event, _FEED_PROGRESS_FIELD))
+                elif isinstance(event, ChangeRecord | Batch):
+                    # The loop's variable outlives the loop: a Once, emptied once sent.
+                    for message in map(Once, self._changes(event, _FEED_BATCH_FIELD)):
+                        yield message
+                del event
 
     @grpc_errors
     async def ReconcileTransaction(

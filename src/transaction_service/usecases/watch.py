@@ -315,15 +315,6 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def sleep(self) -> None:
-        """Until `wake`. The caller checks what it waits for before each call (the loop is one
-        thread: nothing can change between that check and this wait)."""
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
-
     def fell_behind(self) -> None:
         self.behind = True
         self.overflows += 1
@@ -355,6 +346,8 @@ class ChangeHub:
     ) -> None:
         self._batch_interval = batch_interval
         self._metrics = metrics if metrics is not None else Metrics()
+        # One bound method for every subscription (not one made per watch).
+        self._overflowed = self._metrics.watch_overflowed
         self._store = store
         self._queue_size = queue_size
         self._page_size = page_size
@@ -364,7 +357,8 @@ class ChangeHub:
         self._ticker: asyncio.Task[None] | None = None
         # Single-transaction watchers by key, so a change is offered only to those it may
         # concern (those of its transaction id and of each of its orders' ids).
-        self._by_key: dict[str, set[Subscription]] = {}
+        # A list each: most keys have one watcher, and a list of one is a third of a set's size.
+        self._by_key: dict[str, list[Subscription]] = {}
         # Feeds read the recent changes, shared: `_recent[i]` has revision `_recent_from + i`
         # (published revisions are contiguous). Those waiting for more are woken by publish;
         # the others (busy, or resting between batches) cost publish nothing.
@@ -461,7 +455,7 @@ class ChangeHub:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="watch-tick")
         self._subscriptions.add(sub)
         if key := sub.where.key:
-            self._by_key.setdefault(key, set()).add(sub)
+            self._by_key.setdefault(key, []).append(sub)
         else:
             self._batched_feeds += sub.batched
             sub.seen = last
@@ -474,7 +468,8 @@ class ChangeHub:
         if key := sub.where.key:
             subs = self._by_key.get(key)
             if subs is not None:
-                subs.discard(sub)
+                with contextlib.suppress(ValueError):
+                    subs.remove(sub)
                 if not subs:
                     del self._by_key[key]
         else:
@@ -523,12 +518,18 @@ class ChangeHub:
             return bool(sub.queue)
         return sub.seen < self._recent_from + len(self._recent) - 1
 
-    async def _wait(self, sub: Subscription) -> None:
-        """Until there is something to do: a change, a catch-up, the end, or a progress tick."""
-        while not (sub.behind or sub.closed or sub.progress_due or self._has_more(sub)):
-            if not sub.keyed:
-                self._waiting_feeds.add(sub)
-            await sub.sleep()
+    def _waiter(self, sub: Subscription) -> asyncio.Future[None] | None:
+        """What to await until there is something to do (a change, a catch-up, the end, or a
+        progress tick; `wake` sets it), or None if there is something now. The watch awaits the
+        future itself: a coroutine in between would be one more frame per waiting watch, with
+        thousands waiting. The loop is one thread: nothing changes between the check here and
+        the wait."""
+        if sub.behind or sub.closed or sub.progress_due or self._has_more(sub):
+            return None
+        if not sub.keyed:
+            self._waiting_feeds.add(sub)
+        sub.waiter = waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
     def mark_all_behind(self) -> None:
         """Every subscriber re-reads the change log from its position (the live stream had a
@@ -573,9 +574,7 @@ class ChangeHub:
             head = await self._store.head_revision()
             if start_revision > head:
                 raise RevisionInFuture(start_revision, head)
-        sub = Subscription(
-            where, self._queue_size, on_overflow=self._metrics.watch_overflowed, batched=batch
-        )
+        sub = Subscription(where, self._queue_size, on_overflow=self._overflowed, batched=batch)
         # Subscribed before anything is read: a feed looks at the shared buffer from the newest
         # revision published now on; what is read below covers everything up to it.
         self._add(sub, self.published_revision)
@@ -584,6 +583,7 @@ class ChangeHub:
             if start_revision is None:
                 if current is not None:
                     snapshot, last = await current()
+                    current = None  # the reader is not kept while the watch waits either
                     # A transaction not seen yet has no state to show: say how far we are.
                     opening: WatchEvent = Current(snapshot, last) if snapshot else Progress(last)
                     # Not kept while the watch waits for changes: thousands of watches would
@@ -619,13 +619,22 @@ class ChangeHub:
                     if replayed:
                         yield Batch(tuple(replayed)) if len(replayed) > 1 else replayed[0]
                         last = replayed[-1].revision
+                    # Not kept while the watch then waits: the changes read from the log (up to
+                    # a batch of them), and the loop's variable, which outlives the loop.
+                    replayed = []
+                    with contextlib.suppress(NameError):  # unbound if nothing was replayed
+                        del change
                     replay_needed = lenient = False
                     continue
                 fresh = self._take(sub, last, limit)
                 if sub.behind:
                     continue
                 if not fresh:
-                    await self._wait(sub)
+                    while (waiter := self._waiter(sub)) is not None:
+                        try:
+                            await waiter
+                        finally:
+                            sub.waiter = waiter = None
                     if sub.progress_due and not (sub.behind or sub.closed or self._has_more(sub)):
                         sub.active()
                         yield Progress(max(last, self.published_revision))
