@@ -1,6 +1,7 @@
-"""The client distribution on its own: a fresh virtual environment with only `pip install
-./client` imports it, holds none of the server's dependencies, and lets mypy type-check a
-consumer (messages, stubs and the client are typed: a wrong type is caught)."""
+"""The client distribution on its own: a fresh virtual environment with only `./client`
+installed (by uv, which resolves its declared dependencies as `pip install ./client` does)
+imports it, holds none of the server's dependencies, and lets mypy type-check a consumer
+(messages, stubs and the client are typed: a wrong type is caught)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT = 600
+UV = Path(sys.executable).parent / "uv"
 
 CONSUMER = """
 from __future__ import annotations
@@ -47,13 +49,15 @@ def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
 
 def test_the_client_installs_alone_imports_and_type_checks_a_consumer(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    made = run(sys.executable, "-m", "venv", venv)
-    assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
-    installed = run(python, "-m", "pip", "install", "--quiet", ROOT / "client", cwd=tmp_path)
+    # uv (a dev dependency) makes the environment and installs the client's declared
+    # dependencies as pip would, in a tenth of pip's time (3 s against 25 s here).
+    made = run(UV, "venv", "--quiet", "--python", sys.executable, venv)
+    assert made.returncode == 0, made.stderr
+    installed = run(UV, "pip", "install", "--quiet", "--python", python, ROOT / "client")
     assert installed.returncode == 0, installed.stderr
 
-    listed = run(python, "-m", "pip", "list", "--format=json", cwd=tmp_path)
+    listed = run(UV, "pip", "list", "--format=json", "--python", python, cwd=tmp_path)
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert {"transaction-service-client", "grpcio", "protobuf", "googleapis-common-protos"} <= names
     server_only = {"transaction-service", "aiohttp", "asyncpg", "pydantic", "uvloop", "httpx"}
