@@ -54,12 +54,13 @@ lock-upgrade:
 run: $(INSTALLED)
 	$(BIN)/transaction-service serve
 
-# Whole test files go to TEST_WORKERS processes (pytest-xdist); each worker makes its PostgreSQL
-# schemas in a database of its own (tests/pg.py). `make test TEST_WORKERS=0` runs in one process.
+# Whole test files go to TEST_WORKERS processes (pytest-xdist), the longest first (the order of
+# tests/conftest.py's LONGEST_FIRST); each worker makes its PostgreSQL schemas in a database of
+# its own (tests/pg.py). `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Re-make the committed stubs in client/src/transactions/ from proto/ (buf.gen.yaml), and the
 # descriptor set with the proto's comments that reflection serves.
