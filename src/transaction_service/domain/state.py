@@ -23,6 +23,8 @@ from transaction_service.domain.payload import OrderEvent, TransactionBlock
 
 # Sorts before every real time, so a missing time never wins.
 NEVER = datetime.min.replace(tzinfo=UTC)
+# Sorts after every real time: orders of unknown creation time come last.
+_LAST = datetime.max.replace(tzinfo=UTC)
 
 
 # Knowledge and views are frozen msgspec Structs: they are built many times per event, and a
@@ -414,7 +416,7 @@ def view_order(order: OrderKnowledge) -> OrderView:
 def view(knowledge: Knowledge) -> TransactionView:
     orders = sorted(
         (view_order(o) for o in knowledge.orders.values()),
-        key=lambda o: (o.created_at or datetime.max.replace(tzinfo=UTC), o.id),
+        key=lambda o: (o.created_at or _LAST, o.id),
     )
 
     def newest_of(origin: OrderOrigin) -> str:
