@@ -413,10 +413,12 @@ class Ingestor:
 
     def _answered(self, delivery: Delivery, result: IngestResult, seconds: float) -> None:
         """Count (and with `log_events`, log) a delivery answered after its commit."""
+        self._metrics.ingested(delivery.source, result.outcome.value, seconds)
+        if self._log_events:
+            self._log_event(delivery, result, seconds)
+
+    def _log_event(self, delivery: Delivery, result: IngestResult, seconds: float) -> None:
         source = delivery.source
-        self._metrics.ingested(source, result.outcome.value, seconds)
-        if not self._log_events:
-            return
         event = delivery.event
         fields = {
             "event_id": result.event_id,
@@ -465,13 +467,18 @@ class Ingestor:
             await self._committed_many(entries, answers)
         seconds = time.perf_counter() - started
         done: list[IngestResult | Exception] = []
+        # Counted together: a metric's label lookup per delivery cost as much as its lock.
+        outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         for delivery, answer in zip(deliveries, answers, strict=True):
             assert answer is not None
             if isinstance(answer, IngestResult):
-                self._answered(delivery, answer, seconds)
+                outcomes[delivery.source, answer.outcome.value] += 1
+                if self._log_events:
+                    self._log_event(delivery, answer, seconds)
             else:
                 self._refused(delivery.source, answer)
             done.append(answer)
+        self._metrics.ingested_together(outcomes, seconds)
         return done
 
     def _enqueue_many(
