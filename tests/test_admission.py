@@ -254,6 +254,157 @@ async def test_a_caller_that_goes_away_before_the_commit_leaves_nothing_behind(
     )
 
 
+# Several deliveries of one request (`ingest_many`, IngestEvents' `deliveries`): each is admitted,
+# dropped and answered as by `ingest`, though one coroutine waits for them all.
+
+
+async def test_a_request_of_several_waits_for_room_and_is_answered_in_order(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    store, ingestor, metrics = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(11)
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    sent = asyncio.ensure_future(ingestor.ingest_many(items, flow=stream, wait=True))
+    # The stream lane holds 8 // 2 = 4; the other 6 wait for room, none is refused.
+    await until(lambda: ingestor.queued == 4)
+    assert not sent.done()
+    store.gate.set()
+    await held
+    results = await sent
+    assert [r.event_id for r in results] == [d.event_id for d in items]  # type: ignore[union-attr]
+    assert all(r.outcome in (Outcome.APPLIED, Outcome.STALE) for r in results)  # type: ignore[union-attr]
+    # Committed in the order sent: the first four in one batch, the others after.
+    assert store.batches[1] == frozenset(d.event_id for d in items[:4])
+    text = metrics.exposition().decode()
+    counted = sum(
+        metric(text, "transaction_service_events_total", source="grpc", outcome=outcome) or 0
+        for outcome in ("applied", "stale")
+    )
+    assert counted == 11
+
+
+async def test_a_request_of_several_beyond_its_share_is_refused_in_part(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    store, ingestor, metrics = gated
+    first, *items = deliveries(4, source="webhook")
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=WEBHOOK))
+    await store.writing.wait()
+    # The webhook lane holds 2: the third is refused, the first two are committed.
+    sent = asyncio.ensure_future(ingestor.ingest_many(items, flow=WEBHOOK))
+    await until(lambda: ingestor.queued == 2)
+    store.gate.set()
+    await held
+    results = await sent
+    assert [type(r) for r in results[:2]] != [Overloaded, Overloaded]
+    assert isinstance(results[2], Overloaded)
+    assert results[2].reason == "INGEST_QUEUE_FULL"
+    assert items[2].event_id not in store.events
+    assert (
+        metric(
+            metrics.exposition().decode(),
+            "transaction_service_events_total",
+            source="webhook",
+            outcome="overloaded",
+        )
+        == 1
+    )
+
+
+async def test_a_request_of_several_whose_deadline_passes_is_dropped_unstored(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    store, ingestor, metrics = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(7)
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    # 4 queued, 2 waiting for room: all six dropped at the deadline.
+    results = await ingestor.ingest_many(items, flow=stream, time_remaining=0.2, wait=True)
+    assert all(isinstance(r, DeadlinePassed) for r in results)
+    assert ingestor.queued == 0
+    store.gate.set()
+    await held
+    await until(lambda: len(store.batches) == 1)
+    assert not any(d.event_id in store.events for d in items)
+    text = metrics.exposition().decode()
+    assert (
+        metric(text, "transaction_service_ingest_dropped_total", source="grpc", reason="deadline")
+        == 6
+    )
+    assert metric(text, "transaction_service_events_total", source="grpc", outcome="dropped") == 6
+
+
+async def test_a_request_of_several_being_committed_at_its_deadline_gets_its_answers() -> None:
+    store = GatedStore()
+    ingestor = Ingestor(CommitPath(store), queue_limit=8)
+    ingestor.start()
+    items = deliveries(3)
+    sent = asyncio.ensure_future(
+        ingestor.ingest_many(
+            items, flow=Flow(Lane.STREAM, "stream-1"), time_remaining=0.2, wait=True
+        )
+    )
+    await store.writing.wait()  # taken into the batch being written: past the point of drops
+    await asyncio.sleep(0.3)
+    store.gate.set()
+    results = await sent
+    assert all(r.outcome in (Outcome.APPLIED, Outcome.STALE) for r in results)  # type: ignore[union-attr]
+    await ingestor.stop()
+
+
+async def test_a_request_of_several_whose_caller_goes_away_leaves_nothing_behind(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    store, ingestor, metrics = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(7)
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    call = asyncio.ensure_future(ingestor.ingest_many(items, flow=stream, wait=True))
+    await until(lambda: ingestor.queued == 4)
+    call.cancel()
+    await until(lambda: ingestor.queued == 0)
+    store.gate.set()
+    await held
+    await asyncio.sleep(0.1)
+    assert len(store.batches) == 1
+    assert not any(d.event_id in store.events for d in items)
+    assert (
+        metric(
+            metrics.exposition().decode(),
+            "transaction_service_ingest_dropped_total",
+            source="grpc",
+            reason="caller_gone",
+        )
+        == 4
+    )
+
+
+async def test_a_request_of_several_waiting_for_room_at_shutdown_is_refused(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    store, ingestor, _ = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(7)
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    sent = asyncio.ensure_future(ingestor.ingest_many(items, flow=stream, wait=True))
+    await until(lambda: ingestor.queued == 4)
+    stopping = asyncio.ensure_future(ingestor.stop())
+    store.gate.set()
+    await stopping
+    await held
+    results = await sent
+    # The four queued were committed and answered; the two waiting for room were refused.
+    assert all(r.outcome in (Outcome.APPLIED, Outcome.STALE) for r in results[:4])  # type: ignore[union-attr]
+    assert all(isinstance(r, Unavailable) for r in results[4:])
+    assert all(r.reason == "SHUTTING_DOWN" for r in results[4:])  # type: ignore[union-attr]
+    assert not any(d.event_id in store.events for d in items[4:])
+
+
 # -- one bad delivery among good ones --------------------------------------------------------------
 
 

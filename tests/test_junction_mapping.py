@@ -7,7 +7,6 @@ the last delivery's transaction block as the transaction answer."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -15,6 +14,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tests.conftest import SCENARIOS
@@ -118,7 +118,7 @@ def test_the_apis_view_is_the_same_state_every_webhook_gives(scenario: dict[str,
     from_api = state(e.body for e in api_events(scenario))
     from_webhooks = state(webhooks(scenario))
     assert from_api.client_user_id == ""
-    assert from_api == dataclasses.replace(from_webhooks, client_user_id="")
+    assert from_api == msgspec.structs.replace(from_webhooks, client_user_id="")
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)

@@ -9,7 +9,6 @@ PostgreSQL, with watchers; the command on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import json
 import sqlite3
@@ -18,6 +17,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from tests.conftest import SCENARIOS, database
 from tests.pg import run_sync
@@ -120,8 +121,8 @@ def test_a_rebuild_puts_right_an_order_the_old_same_instant_tie_break_left_behin
         # What the old rule stored: the order's own `partial_results` won the tie.
         order = stored.knowledge.orders[initial_id]
         orders = dict(stored.knowledge.orders)
-        orders[initial_id] = dataclasses.replace(order, status=order.own_status)
-        old = dataclasses.replace(stored.knowledge, orders=orders)
+        orders[initial_id] = msgspec.structs.replace(order, status=order.own_status)
+        old = msgspec.structs.replace(stored.knowledge, orders=orders)
         old_view = view(old)
         assert {o.id: o.low_level_status for o in old_view.orders}[initial_id] == "partial_results"
         store.transactions[txn_id] = StoredTransaction(old, old_view, stored.revision)

@@ -10,7 +10,6 @@ candidates and job locks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tests.conftest import database
@@ -624,7 +624,7 @@ async def test_a_transactions_history_is_its_orders_events_and_its_own_rows_in_a
     plan.change(view("t9", "o9"), "e2", order_id="o9")
     plan.change(view("t1", "o1", "o2"), "e3", order_id="o1")
     plan.event("e4", "o1", "t1", None)  # stale: no change
-    plan.plan.events[-1] = dataclasses.replace(
+    plan.plan.events[-1] = msgspec.structs.replace(
         plan.plan.events[-1],
         outcome="stale",
         reason="older than order o1's `completed`",
@@ -653,7 +653,7 @@ async def test_a_transactions_history_is_its_orders_events_and_its_own_rows_in_a
     )
     await commit(store, retries)
     again = Plan(T0 + 2 * MINUTE)
-    again.plan.history.append(dataclasses.replace(retries.plan.history[0], received_at=T0))
+    again.plan.history.append(msgspec.structs.replace(retries.plan.history[0], received_at=T0))
     await commit(store, again)  # the same row again: counted on it
 
     found = await store.transaction_events("t1", 0, 10, bodies=False)

@@ -375,6 +375,15 @@ class Metrics:
         self.events.labels(source, outcome).inc()
         self.ingest_seconds.labels(source).observe(seconds)
 
+    def ingested_together(self, outcomes: Mapping[tuple[str, str], int], seconds: float) -> None:
+        """`ingested` for deliveries answered together after `seconds`: how many of each
+        (source, outcome)."""
+        for (source, outcome), count in outcomes.items():
+            self.events.labels(source, outcome).inc(count)
+            latency = self.ingest_seconds.labels(source)
+            for _ in range(count):
+                latency.observe(seconds)
+
     def ingest_refused(self, source: str, outcome: str) -> None:
         """A decoded delivery the ingestor refused (`conflict`, `unavailable`)."""
         self.events.labels(source, outcome).inc()

@@ -21,7 +21,16 @@ from transaction_service.store.base import ChangeRecord, TransactionSnapshot
 _LENGTH_DELIMITED = 2
 
 
+# One-byte varints, made once: most tags, small numbers and short lengths.
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    # Every response frames each answer and its transaction: lengths under 16 KiB take no loop.
+    if 0 <= value < 0x80:
+        return _SMALL[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

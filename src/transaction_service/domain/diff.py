@@ -11,8 +11,6 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
@@ -21,8 +19,8 @@ import msgspec
 from transaction_service.domain.state import OrderView, TransactionView
 
 # `revision` is not a view field: it changes with every change, so it is never listed.
-TRANSACTION_FIELDS = tuple(f.name for f in dataclasses.fields(TransactionView))
-ORDER_FIELDS = tuple(f.name for f in dataclasses.fields(OrderView) if f.name != "id")
+TRANSACTION_FIELDS = TransactionView.__struct_fields__
+ORDER_FIELDS = tuple(n for n in OrderView.__struct_fields__ if n != "id")
 # Every field's value in one call (diffs are computed for every applied delivery).
 _TRANSACTION_VALUES = attrgetter(*TRANSACTION_FIELDS)
 _ORDER_VALUES = attrgetter(*ORDER_FIELDS)
@@ -31,8 +29,7 @@ _ORDER_DEFAULTS = _ORDER_VALUES(OrderView(id=""))
 _BEFORE_ORDERS = frozenset(TRANSACTION_FIELDS[: TRANSACTION_FIELDS.index("orders")])
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OrderDiff:
+class OrderDiff(msgspec.Struct, frozen=True, kw_only=True):
     """One order added, removed or changed by a change."""
 
     id: str
@@ -43,8 +40,7 @@ class OrderDiff:
     fields: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ViewDiff:
+class ViewDiff(msgspec.Struct, frozen=True, kw_only=True):
     """The difference between a transaction's view before a change and after it."""
 
     # The transaction's fields whose value differs (`orders` if any order did); for a new

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+import msgspec
+
 from transaction_service.domain.diff import ViewDiff
 from transaction_service.domain.state import (
     ChangeKind,
@@ -80,8 +82,7 @@ class StoreInUse(StoreOpenError):
 # -- what is stored ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StoredTransaction:
+class StoredTransaction(msgspec.Struct, frozen=True):
     knowledge: Knowledge
     view: TransactionView
     revision: int
@@ -137,8 +138,7 @@ class TransactionSnapshot:
         return f"TransactionSnapshot(revision={self.revision}, view={self.view!r})"
 
 
-@dataclass(frozen=True)
-class StoredEvent:
+class StoredEvent(msgspec.Struct, frozen=True):
     """What dedupe needs of an event recorded before, and the current state of the transaction
     its order belongs to now (None for events of other types, or an order not indexed)."""
 
@@ -148,8 +148,7 @@ class StoredEvent:
     current: TransactionSnapshot | None
 
 
-@dataclass(frozen=True)
-class ChangeRecord:
+class ChangeRecord(msgspec.Struct, frozen=True):
     """One entry of the change log."""
 
     revision: int
@@ -329,8 +328,7 @@ class BatchState:
         return set(self.order_index.values())
 
 
-@dataclass(frozen=True)
-class EventWrite:
+class EventWrite(msgspec.Struct, frozen=True):
     event_id: str
     event_type: str
     source: str
@@ -351,8 +349,7 @@ class EventWrite:
     claimed_transaction_status: str = ""
 
 
-@dataclass(frozen=True)
-class DuplicateWrite:
+class DuplicateWrite(msgspec.Struct, frozen=True):
     """Retries of an event id recorded before (or earlier in the batch): counted on its row."""
 
     event_id: str
@@ -360,8 +357,7 @@ class DuplicateWrite:
     seen_at: datetime
 
 
-@dataclass(frozen=True)
-class ChangeWrite:
+class ChangeWrite(msgspec.Struct, frozen=True):
     transaction_id: str
     event_id: str
     order_id: str | None
@@ -394,8 +390,7 @@ class ChangeWrite:
         )
 
 
-@dataclass(frozen=True)
-class TransactionWrite:
+class TransactionWrite(msgspec.Struct, frozen=True):
     knowledge: Knowledge
     view: TransactionView
     # Index into BatchPlan.changes of its last change in this batch; None when only the knowledge

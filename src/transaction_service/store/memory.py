@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 
+import msgspec
+
 from transaction_service.domain.diff import diff_from_json
 from transaction_service.domain.state import (
     TransactionStatus,
@@ -115,7 +117,7 @@ class MemoryStore:
             records = [c.record(base + i + 1) for i, c in enumerate(batch.changes)]
             # The log holds what a real store reads back (the diff through its JSON).
             self.changes.extend(
-                dataclasses.replace(r, diff=diff_from_json(c.diff_json)) if c.diff_json else r
+                msgspec.structs.replace(r, diff=diff_from_json(c.diff_json)) if c.diff_json else r
                 for r, c in zip(records, batch.changes, strict=True)
             )
             for txn_id, write in batch.transactions.items():
@@ -130,7 +132,7 @@ class MemoryStore:
             self.order_index.update(batch.order_index)
             for e in batch.events:
                 self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
-                self.event_writes[e.event_id] = dataclasses.replace(
+                self.event_writes[e.event_id] = msgspec.structs.replace(
                     e, change=base + e.change + 1 if e.change is not None else None
                 )
             for d in batch.duplicates.values():
@@ -142,7 +144,7 @@ class MemoryStore:
                     self.duplicates[e.event_id] = (count + 1, e.received_at)
                     continue
                 self.events[e.event_id] = (e.digest, e.order_id, e.body, e.received_at)
-                self.event_writes[e.event_id] = dataclasses.replace(
+                self.event_writes[e.event_id] = msgspec.structs.replace(
                     e, change=base + e.change + 1 if e.change is not None else None
                 )
             for r in batch.results:

@@ -238,6 +238,15 @@ def plan_rows(
 ) -> dict[str, list[tuple[Any, ...]]]:
     """The rows each statement of a plan writes, with revisions resolved from `base` and times
     encoded by `time` (ISO text for SQLite, datetimes for PostgreSQL)."""
+    # Most rows of a batch carry the batch's one time (recorded, received): encoded once.
+    encoded: dict[datetime, Any] = {}
+
+    def at(value: datetime) -> Any:
+        found = encoded.get(value)
+        if found is None:
+            found = encoded[value] = time(value)
+        return found
+
     changes = [
         (
             base + i + 1,
@@ -246,7 +255,7 @@ def plan_rows(
             c.order_id,
             encode_kinds(c.kinds),
             c.view_json,
-            time(c.recorded_at),
+            at(c.recorded_at),
             encode_merged(c.merged),
             c.trace_id or None,
             c.span_id or None,
@@ -261,7 +270,7 @@ def plan_rows(
             t.view.status.value,
             t.view.team_id,
             t.view.user_id,
-            time(t.view.updated_at) if t.view.updated_at else None,
+            at(t.view.updated_at) if t.view.updated_at else None,
             t.knowledge_json,
             t.view_json,
         )
@@ -280,9 +289,9 @@ def plan_rows(
             e.transaction_id,
             e.outcome,
             base + e.change + 1 if e.change is not None else None,
-            time(e.received_at),
+            at(e.received_at),
             e.reason,
-            time(e.provider_time) if e.provider_time is not None else None,
+            at(e.provider_time) if e.provider_time is not None else None,
             e.claimed_status,
             e.claimed_transaction_status,
         )
@@ -293,7 +302,7 @@ def plan_rows(
             r.status,
             r.digest,
             r.body,
-            time(r.fetched_at),
+            at(r.fetched_at),
             base + r.change + 1,
         )
         for r in batch.results
@@ -302,9 +311,9 @@ def plan_rows(
         (
             p.transaction_id,
             base + p.change + 1 if p.change is not None else p.requested_revision,
-            time(p.requested_at),
+            at(p.requested_at),
             p.attempts,
-            time(p.due_at),
+            at(p.due_at),
             p.last_failure,
         )
         for p in batch.results_pending.values()
@@ -319,7 +328,7 @@ def plan_rows(
         "orders": sorted(batch.order_index.items()),
         "events": [event_row(e) for e in batch.events],
         # After "events": a retry may count on a row the same batch inserts.
-        "duplicates": [(d.count, time(d.seen_at), d.event_id) for d in batch.duplicates.values()],
+        "duplicates": [(d.count, at(d.seen_at), d.event_id) for d in batch.duplicates.values()],
         "history": [event_row(e) for e in batch.history],
     }
 

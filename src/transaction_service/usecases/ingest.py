@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from transaction_service import tracing
 from transaction_service.domain.limits import DEFAULT_LIMITS, StateLimits
@@ -244,6 +245,26 @@ class _Pending:
     queued_at: int = 0
 
 
+class _Entry(NamedTuple):
+    """A delivery of `Ingestor.ingest_many`: its place in the request, its ticket, and the
+    future that says it was queued, when it had to wait for room."""
+
+    place: int
+    ticket: Ticket[_Pending]
+    room: asyncio.Future[None] | None
+
+
+def _room_refused(done: asyncio.Future[IngestResult], room: asyncio.Future[None]) -> None:
+    if not room.cancelled() and (error := room.exception()) is not None and not done.done():
+        done.set_exception(error)
+
+
+def _exception(error: BaseException) -> Exception:
+    if not isinstance(error, Exception):
+        raise error
+    return error
+
+
 def default_flow(delivery: Delivery) -> Flow:
     """The flow of a delivery whose transport named none: webhooks share one flow; the others
     (reconciliation's `api`, tests) are unary calls, a flow per source."""
@@ -373,22 +394,31 @@ class Ingestor:
             wait = source == "api"
         try:
             result = await self._enqueue(delivery, flow, time_remaining, wait, span)
-        except AlreadyExists:
+        except Exception as exc:
+            self._refused(source, exc)
+            raise
+        self._answered(delivery, result, time.perf_counter() - started)
+        return result
+
+    def _refused(self, source: str, exc: Exception) -> None:
+        """Count a delivery refused by the ingestor (not by the plan's checks)."""
+        if isinstance(exc, AlreadyExists):
             self._metrics.ingest_refused(source, "conflict")
-            raise
-        except Unavailable:
+        elif isinstance(exc, Unavailable):
             self._metrics.ingest_refused(source, "unavailable")
-            raise
-        except Overloaded:
+        elif isinstance(exc, Overloaded):
             self._metrics.ingest_refused(source, "overloaded")
-            raise
-        except DeadlinePassed:
+        elif isinstance(exc, DeadlinePassed):
             self._metrics.ingest_refused(source, "dropped")
-            raise
-        seconds = time.perf_counter() - started
-        self._metrics.ingested(source, result.outcome.value, seconds)
-        if not self._log_events:
-            return result
+
+    def _answered(self, delivery: Delivery, result: IngestResult, seconds: float) -> None:
+        """Count (and with `log_events`, log) a delivery answered after its commit."""
+        self._metrics.ingested(delivery.source, result.outcome.value, seconds)
+        if self._log_events:
+            self._log_event(delivery, result, seconds)
+
+    def _log_event(self, delivery: Delivery, result: IngestResult, seconds: float) -> None:
+        source = delivery.source
         event = delivery.event
         fields = {
             "event_id": result.event_id,
@@ -400,7 +430,6 @@ class Ingestor:
             "ms": round(seconds * 1000, 2),
         }
         event_log.info("ingested", extra={"fields": fields})
-        return result
 
     async def ingest_many(
         self,
@@ -412,18 +441,140 @@ class Ingestor:
     ) -> list[IngestResult | Exception]:
         """`ingest` for each delivery, all queued at once (so they share group commits); each
         delivery's result or the error refusing it, in order. One refused delivery does not
-        fail the others."""
-        results = await asyncio.gather(
-            *(
-                self.ingest(d, flow=flow, time_remaining=time_remaining, wait=wait)
-                for d in deliveries
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-        return results  # type: ignore[return-value]
+        fail the others.
+
+        Each delivery is queued, waits, is dropped at the deadline or when the caller goes away,
+        and is counted (and logged) exactly as by `ingest`, but all of them by this one
+        coroutine: a task and a timeout per delivery cost more than its plan (docs/
+        performance.md). Traced deliveries go through `ingest` one by one, each in its span."""
+        if tracing.enabled:
+            results = await asyncio.gather(
+                *(
+                    self.ingest(d, flow=flow, time_remaining=time_remaining, wait=wait)
+                    for d in deliveries
+                ),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+            return results  # type: ignore[return-value]
+        started = time.perf_counter()
+        answers: list[IngestResult | Exception | None] = [None] * len(deliveries)
+        entries = self._enqueue_many(deliveries, flow, time_remaining, wait, answers)
+        if entries:
+            self._arrived.set()
+            await self._committed_many(entries, answers)
+        seconds = time.perf_counter() - started
+        done: list[IngestResult | Exception] = []
+        # Counted together: a metric's label lookup per delivery cost as much as its lock.
+        outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        for delivery, answer in zip(deliveries, answers, strict=True):
+            assert answer is not None
+            if isinstance(answer, IngestResult):
+                outcomes[delivery.source, answer.outcome.value] += 1
+                if self._log_events:
+                    self._log_event(delivery, answer, seconds)
+            else:
+                self._refused(delivery.source, answer)
+            done.append(answer)
+        self._metrics.ingested_together(outcomes, seconds)
+        return done
+
+    def _enqueue_many(
+        self,
+        deliveries: Sequence[Delivery],
+        flow: Flow,
+        time_remaining: float | None,
+        wait: bool,
+        answers: list[IngestResult | Exception | None],
+    ) -> list[_Entry]:
+        """`_enqueue`'s admission for each delivery in order, without waiting: queued, or
+        waiting for room in its flow's share (with `wait`), or refused in `answers`."""
+        if self._stopping or self._task is None:
+            for i in range(len(deliveries)):
+                answers[i] = IngestorStopped()
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining is None else loop.time() + time_remaining
+        if flow.lane is not Lane.STREAM:
+            self._interactive_at = loop.time()
+        queue = self._queue
+        entries: list[_Entry] = []
+        for i, delivery in enumerate(deliveries):
+            pending = _Pending(delivery, loop.create_future(), deadline)
+            ticket = Ticket(pending, flow, len(delivery.body))
+            room: asyncio.Future[None] | None = None
+            if queue.has_room(flow, ticket.size) and flow not in self._waiters:
+                queue.put(ticket)
+            elif wait:
+                room = loop.create_future()
+                # Refused while waiting (the ingestor stops): that is its answer.
+                room.add_done_callback(partial(_room_refused, pending.done))
+                self._waiters.setdefault(flow, collections.deque()).append((ticket, room))
+            else:
+                answers[i] = self._overloaded(flow)
+                continue
+            entries.append(_Entry(i, ticket, room))
+        return entries
+
+    async def _committed_many(
+        self, entries: list[_Entry], answers: list[IngestResult | Exception | None]
+    ) -> None:
+        """Wait for the answers of `_enqueue_many`'s deliveries into `answers`. As `_committed`
+        (and `_wait_for_room`) for each: at the deadline, those still waiting for room or in
+        the queue are dropped, those being committed are waited for; when the caller goes away,
+        those in the queue are taken out and the others are not told."""
+        loop = asyncio.get_running_loop()
+        futures = [entry.ticket.item.done for entry in entries]
+        deadline = entries[0].ticket.item.deadline
+        try:
+            _, late = await asyncio.wait(
+                futures, timeout=None if deadline is None else max(0.0, deadline - loop.time())
+            )
+            if late:
+                committing = []
+                withdrew = False
+                for entry in entries:
+                    pending = entry.ticket.item
+                    if pending.done.done():
+                        continue
+                    room = entry.room
+                    if room is not None and not room.done():
+                        room.cancel()
+                    elif self._queue.withdraw(entry.ticket):
+                        withdrew = True
+                    else:
+                        committing.append(pending.done)  # being committed: its outcome is near
+                        continue
+                    self._dropped(pending.delivery, "deadline")
+                    answers[entry.place] = _deadline_passed()
+                if withdrew:
+                    self._admit_waiters()
+                if committing:
+                    await asyncio.wait(committing)
+        except asyncio.CancelledError:
+            withdrew = False
+            for entry in entries:
+                pending = entry.ticket.item
+                room = entry.room
+                if pending.done.done():
+                    _discard_outcome(pending.done)
+                elif room is not None and not room.done():
+                    room.cancel()
+                elif self._queue.withdraw(entry.ticket):
+                    self._dropped(pending.delivery, "caller_gone")
+                    withdrew = True
+                else:
+                    pending.done.add_done_callback(_discard_outcome)
+            if withdrew:
+                self._admit_waiters()
+            raise
+        for entry in entries:
+            done = entry.ticket.item.done
+            if answers[entry.place] is None:
+                error = done.exception()
+                answers[entry.place] = done.result() if error is None else _exception(error)
 
     async def _enqueue(
         self,

@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
+
 from transaction_service.domain.diff import diff_to_json, diff_views
 from transaction_service.domain.explain import (
     applied_reason,
@@ -92,8 +94,7 @@ class Delivery:
     span_id: str = ""
 
 
-@dataclass(frozen=True)
-class IngestResult:
+class IngestResult(msgspec.Struct, frozen=True):
     outcome: Outcome
     event_id: str
     transaction: TransactionSnapshot | None = None
@@ -172,8 +173,7 @@ class _Current:
     view_json: str | None = None
 
 
-@dataclass(frozen=True)
-class Planned:
+class Planned(msgspec.Struct, frozen=True):
     """One delivery's answer, with revisions still relative to the batch."""
 
     outcome: Outcome

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from transaction_service.domain.state import ChangeKind
 from transaction_service.errors import OutOfRange, Reason, Unavailable
@@ -76,7 +77,7 @@ class WatchFilter:
             already = dict(change.merged).get(key)
             if already:
                 kinds = tuple(k for k in change.kinds if k not in already)
-                change = dataclasses.replace(change, kinds=kinds)
+                change = msgspec.structs.replace(change, kinds=kinds)
         if self.kinds and self.kinds.isdisjoint(change.kinds):
             return None
         if self.team_id and change.view.team_id != self.team_id:
