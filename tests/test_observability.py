@@ -24,6 +24,7 @@ import grpc
 import pytest
 import trustme
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -156,6 +157,54 @@ def test_every_unary_call_gets_an_access_line_and_every_error_its_request_id(
     assert (unauthenticated["code"], unauthenticated["role"]) == ("UNAUTHENTICATED", "anonymous")
     assert request_info(anonymous.value) == unauthenticated["request_id"]
     assert len({not_found["request_id"], unauthenticated["request_id"], refused["request_id"]}) == 3
+
+
+def test_successful_reads_get_sampled_access_lines_and_failures_all_theirs(
+    tmp_path: Path,
+) -> None:
+    """By default one successful unary read in 100 of each method gets its line (the first
+    one, with `sampled`: 100); failed reads and writes always get theirs; with
+    --access-log-reads-every 1 every read does, and 0 none."""
+
+    def calls(*args: str) -> list[dict[str, Any]]:
+        db = f"reads-{args[-1] if args else 'default'}.db"
+        with running_server(
+            tmp_path, "--grpc-port", "0", "--db", db, "--log-format", "json", *args
+        ) as server:
+            api = stub(server)
+            answer = api.IngestEvent(ingest_request(RICHEST["deliveries"][0]))
+            lookup = pb.GetTransactionRequest(transaction_id=answer.transaction.id)
+            for _ in range(150):
+                api.GetTransaction(lookup)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    api.GetTransaction(pb.GetTransactionRequest(transaction_id="nope"))
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+            for _ in range(3):
+                health.Check(health_pb2.HealthCheckRequest())
+            server.stop()
+            return json_lines(server)
+
+    lines = calls()
+    reads = access_lines(lines, "GetTransaction")
+    assert [(line["code"], line.get("sampled")) for line in reads] == [
+        ("OK", 100),
+        ("OK", 100),
+        ("NOT_FOUND", None),
+        ("NOT_FOUND", None),
+        ("NOT_FOUND", None),
+    ]
+    [ingested] = access_lines(lines, "IngestEvent")
+    assert "sampled" not in ingested
+    assert ingested["code"] == "OK"
+    checks = [line for line in lines if line.get("method") == "grpc.health.v1.Health/Check"]
+    assert [line.get("sampled") for line in checks] == [100]
+
+    every = access_lines(calls("--access-log-reads-every", "1"), "GetTransaction")
+    assert len(every) == 153
+    assert not any("sampled" in line for line in every)
+    none = access_lines(calls("--access-log-reads-every", "0"), "GetTransaction")
+    assert [line["code"] for line in none] == ["NOT_FOUND"] * 3
 
 
 def test_streams_log_when_they_open_and_end(tmp_path: Path) -> None:

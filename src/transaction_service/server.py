@@ -25,7 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from transaction_service import tracing
 from transaction_service.api.access import CallObserver
-from transaction_service.api.auth import BearerTokenInterceptor
+from transaction_service.api.auth import READ_METHODS, BearerTokenInterceptor
 from transaction_service.api.drain import CallArrivals
 from transaction_service.api.reflection import enable_reflection
 from transaction_service.api.servicer import TransactionServicer, add_to_server
@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransactionService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The methods whose successful unary calls get sampled access lines (access_log_reads_every):
+# the service's reads and the health checks (probes call them every few seconds).
+SAMPLED_READS = frozenset(
+    [f"/{SERVICE_NAME}/{name}" for name in READ_METHODS]
+    + [f"/{HEALTH_SERVICE_NAME}/{name}" for name in ("Check", "List")]
+)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -114,7 +120,12 @@ class TransactionService:
         # Outermost first. Tracing's span covers the rest, so access lines carry its trace id;
         # the observer sits outside the token check, so refused calls are counted and logged.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals, *tracing.interceptors()]
-        observer = CallObserver(self.app.metrics, tokens)
+        observer = CallObserver(
+            self.app.metrics,
+            tokens,
+            reads_every=settings.access_log_reads_every,
+            read_methods=SAMPLED_READS,
+        )
         for service in (
             pb.DESCRIPTOR.services_by_name["TransactionService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],

@@ -11,6 +11,9 @@ One server interceptor (`CallObserver`) wraps each handler:
 - **access log lines** (logger `transaction_service.access`): one per unary call when it ends,
   failures included (method, code, milliseconds, the caller's role, peer, request id); for a
   stream, one when it opens and one when it ends (messages received and sent, and why it ended).
+  Successful unary reads (`read_methods`) are sampled: one call in `reads_every` of each method
+  gets its line, with `sampled` saying how many calls it stands for (the setting
+  `access_log_reads_every`; a line costs more than the read itself, docs/performance.md).
 
 It sits outside the token check (`api/auth.py`), so refused calls are counted and logged too.
 """
@@ -125,13 +128,45 @@ def _why(code: str, reason: str) -> str:
     return "refused" if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else "error"
 
 
-class CallObserver(grpc.aio.ServerInterceptor):
-    """Request id, metrics and access log lines for every call (see the module's doc)."""
+class Sampler:
+    """Which successful calls of one method get an access line: the first, then one in
+    `every` (0: none)."""
 
-    def __init__(self, metrics: Metrics, tokens: BearerTokens) -> None:
+    __slots__ = ("_left", "every")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._left = 1
+
+    def take(self) -> bool:
+        if not self.every:
+            return False
+        self._left -= 1
+        if self._left:
+            return False
+        self._left = self.every
+        return True
+
+
+class CallObserver(grpc.aio.ServerInterceptor):
+    """Request id, metrics and access log lines for every call (see the module's doc).
+    `read_methods` (full names, `/package.Service/Method`) are the methods whose successful
+    unary calls are sampled, one in `reads_every`."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        tokens: BearerTokens,
+        *,
+        reads_every: int = 1,
+        read_methods: Iterable[str] = (),
+    ) -> None:
         self._metrics = metrics
         self._tokens = tokens
         self._methods: dict[str, GrpcMethodMetrics] = {}
+        self._samplers = (
+            {method: Sampler(reads_every) for method in read_methods} if reads_every != 1 else {}
+        )
 
     def register(self, service: Any) -> None:
         """Show `service`'s methods (a ServiceDescriptor) in the metrics before their first
@@ -178,7 +213,9 @@ class CallObserver(grpc.aio.ServerInterceptor):
             method.lstrip("/"),
             self._method_metrics(method, GRPC_TYPES[streaming]),
             request_id_from(metadata),
-            self._role(metadata),
+            self,
+            metadata,
+            None if any(streaming) else self._samplers.get(method),
         )
         codecs = {
             "request_deserializer": handler.request_deserializer,
@@ -206,13 +243,28 @@ class CallObserver(grpc.aio.ServerInterceptor):
 class _Observed:
     """One call: wraps its handler's behaviour."""
 
-    __slots__ = ("_method", "_metrics", "_request_id", "_role")
+    __slots__ = ("_metadata", "_method", "_metrics", "_observer", "_request_id", "_sampler")
 
-    def __init__(self, method: str, metrics: GrpcMethodMetrics, request_id: str, role: str) -> None:
+    def __init__(
+        self,
+        method: str,
+        metrics: GrpcMethodMetrics,
+        request_id: str,
+        observer: CallObserver,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        sampler: Sampler | None,
+    ) -> None:
         self._method = method
         self._metrics = metrics
         self._request_id = request_id
-        self._role = role
+        # The role is worked out (from the token) only for a line that is written.
+        self._observer = observer
+        self._metadata = metadata
+        self._sampler = sampler
+
+    @property
+    def _role(self) -> str:
+        return self._observer._role(self._metadata)
 
     def _begin(
         self, context: Context
@@ -231,6 +283,10 @@ class _Observed:
         self._metrics.handled(code, seconds)
         if code != "OK":
             tracing.call_failed(code, _CODE_NUMBERS.get(code, 2))
+        elif (sampler := self._sampler) is not None:
+            if not sampler.take():
+                return
+            extra["sampled"] = sampler.every
         fields = {
             "method": self._method,
             "code": code,
