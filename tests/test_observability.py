@@ -58,6 +58,43 @@ def test_the_docs_metrics_table_is_generated_from_the_code() -> None:
     assert metrics_table() in (ROOT / "docs" / "observability.md").read_text()
 
 
+def test_grpc_call_metrics_read_as_prometheus_clients_own_would() -> None:
+    """The per-call gRPC metrics are counted in plain numbers and made into metrics at each
+    scrape: the exposition is what prometheus-client's Counter and Histogram would write for the
+    same calls."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from transaction_service.metrics import GRPC_BUCKETS, Metrics
+
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    labels = ("grpc_type", "grpc_service", "grpc_method")
+    started = Counter("grpc_server_started", "x", labels, registry=reference)
+    handled = Counter("grpc_server_handled", "x", (*labels, "grpc_code"), registry=reference)
+    seconds = Histogram(
+        "grpc_server_handling_seconds", "x", labels, registry=reference, buckets=GRPC_BUCKETS
+    )
+    calls = [("OK", 0.0004), ("OK", 0.005), ("NOT_FOUND", 0.0051), ("OK", 3.0), ("OK", 99.0)]
+    one = metrics.grpc_method("unary", SERVICE, "GetTransaction")
+    metrics.grpc_method("server_stream", SERVICE, "WatchTransactions")  # shown at 0
+    for code, took in calls:
+        one.started()
+        one.handled(code, took)
+        names = ("unary", SERVICE, "GetTransaction")
+        started.labels(*names).inc()
+        handled.labels(*names, code).inc()
+        seconds.labels(*names).observe(took)
+    names = ("server_stream", SERVICE, "WatchTransactions")
+    started.labels(*names)
+    handled.labels(*names, "OK")
+    seconds.labels(*names)
+
+    def samples(text: str) -> list[str]:
+        return sorted(line for line in text.splitlines() if line.startswith("grpc_server_"))
+
+    assert samples(metrics.exposition().decode()) == samples(generate_latest(reference).decode())
+
+
 def test_every_served_metric_is_in_the_table(tmp_path: Path) -> None:
     """Nothing the server exposes is missing from the table (the table once missed one)."""
     with running_server(tmp_path, "--grpc-port", "0", "--db", "x.db") as server:
