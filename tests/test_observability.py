@@ -24,6 +24,7 @@ import grpc
 import pytest
 import trustme
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -55,6 +56,43 @@ def test_the_docs_metrics_table_is_generated_from_the_code() -> None:
     """The table in docs/observability.md is exactly `metrics_table()`: regenerate it with
     `scripts/docs_metrics.py` when a metric changes."""
     assert metrics_table() in (ROOT / "docs" / "observability.md").read_text()
+
+
+def test_grpc_call_metrics_read_as_prometheus_clients_own_would() -> None:
+    """The per-call gRPC metrics are counted in plain numbers and made into metrics at each
+    scrape: the exposition is what prometheus-client's Counter and Histogram would write for the
+    same calls."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from transaction_service.metrics import GRPC_BUCKETS, Metrics
+
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    labels = ("grpc_type", "grpc_service", "grpc_method")
+    started = Counter("grpc_server_started", "x", labels, registry=reference)
+    handled = Counter("grpc_server_handled", "x", (*labels, "grpc_code"), registry=reference)
+    seconds = Histogram(
+        "grpc_server_handling_seconds", "x", labels, registry=reference, buckets=GRPC_BUCKETS
+    )
+    calls = [("OK", 0.0004), ("OK", 0.005), ("NOT_FOUND", 0.0051), ("OK", 3.0), ("OK", 99.0)]
+    one = metrics.grpc_method("unary", SERVICE, "GetTransaction")
+    metrics.grpc_method("server_stream", SERVICE, "WatchTransactions")  # shown at 0
+    for code, took in calls:
+        one.started()
+        one.handled(code, took)
+        names = ("unary", SERVICE, "GetTransaction")
+        started.labels(*names).inc()
+        handled.labels(*names, code).inc()
+        seconds.labels(*names).observe(took)
+    names = ("server_stream", SERVICE, "WatchTransactions")
+    started.labels(*names)
+    handled.labels(*names, "OK")
+    seconds.labels(*names)
+
+    def samples(text: str) -> list[str]:
+        return sorted(line for line in text.splitlines() if line.startswith("grpc_server_"))
+
+    assert samples(metrics.exposition().decode()) == samples(generate_latest(reference).decode())
 
 
 def test_every_served_metric_is_in_the_table(tmp_path: Path) -> None:
@@ -156,6 +194,54 @@ def test_every_unary_call_gets_an_access_line_and_every_error_its_request_id(
     assert (unauthenticated["code"], unauthenticated["role"]) == ("UNAUTHENTICATED", "anonymous")
     assert request_info(anonymous.value) == unauthenticated["request_id"]
     assert len({not_found["request_id"], unauthenticated["request_id"], refused["request_id"]}) == 3
+
+
+def test_successful_reads_get_sampled_access_lines_and_failures_all_theirs(
+    tmp_path: Path,
+) -> None:
+    """By default one successful unary read in 100 of each method gets its line (the first
+    one, with `sampled`: 100); failed reads and writes always get theirs; with
+    --access-log-reads-every 1 every read does, and 0 none."""
+
+    def calls(*args: str) -> list[dict[str, Any]]:
+        db = f"reads-{args[-1] if args else 'default'}.db"
+        with running_server(
+            tmp_path, "--grpc-port", "0", "--db", db, "--log-format", "json", *args
+        ) as server:
+            api = stub(server)
+            answer = api.IngestEvent(ingest_request(RICHEST["deliveries"][0]))
+            lookup = pb.GetTransactionRequest(transaction_id=answer.transaction.id)
+            for _ in range(150):
+                api.GetTransaction(lookup)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    api.GetTransaction(pb.GetTransactionRequest(transaction_id="nope"))
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+            for _ in range(3):
+                health.Check(health_pb2.HealthCheckRequest())
+            server.stop()
+            return json_lines(server)
+
+    lines = calls()
+    reads = access_lines(lines, "GetTransaction")
+    assert [(line["code"], line.get("sampled")) for line in reads] == [
+        ("OK", 100),
+        ("OK", 100),
+        ("NOT_FOUND", None),
+        ("NOT_FOUND", None),
+        ("NOT_FOUND", None),
+    ]
+    [ingested] = access_lines(lines, "IngestEvent")
+    assert "sampled" not in ingested
+    assert ingested["code"] == "OK"
+    checks = [line for line in lines if line.get("method") == "grpc.health.v1.Health/Check"]
+    assert [line.get("sampled") for line in checks] == [100]
+
+    every = access_lines(calls("--access-log-reads-every", "1"), "GetTransaction")
+    assert len(every) == 153
+    assert not any("sampled" in line for line in every)
+    none = access_lines(calls("--access-log-reads-every", "0"), "GetTransaction")
+    assert [line["code"] for line in none] == ["NOT_FOUND"] * 3
 
 
 def test_streams_log_when_they_open_and_end(tmp_path: Path) -> None:

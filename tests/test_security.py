@@ -276,6 +276,52 @@ def test_every_method_needs_a_role_and_writes_need_ingest() -> None:
     assert role_needed("/grpc.health.v1.Health/Check") is None
 
 
+def test_the_gateway_guards_every_call_with_handlers_wrapped_once() -> None:
+    """Every call's handler comes from the gateway (no interceptor): a call the token allows
+    gets the method's handler wrapped at registration, the same object every time; a refused
+    one a request-streaming handler that refuses before reading its request; an unknown method
+    none. Each call, known or not, is noted for draining."""
+    from transaction_service.api.access import CallObserver
+    from transaction_service.api.drain import CallArrivals
+    from transaction_service.api.gateway import Gateway
+    from transaction_service.auth import BearerTokens
+    from transaction_service.metrics import Metrics
+
+    tokens = BearerTokens(["ingest-token-0123456789"], ["read-token-0123456789"])
+    arrivals = CallArrivals()
+    gateway = Gateway(CallObserver(Metrics(), tokens), arrivals, tokens)
+
+    async def answer(request: Any, context: Any) -> bytes:
+        return b""
+
+    handler = grpc.unary_unary_rpc_method_handler(answer)
+    gateway.add(SERVICE_NAME, {"GetTransaction": handler, "IngestEvent": handler})
+    gateway.add_generated(
+        health_pb2_grpc.add_HealthServicer_to_server, health_pb2_grpc.HealthServicer()
+    )
+
+    @dataclass
+    class Details:
+        method: str
+        invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+    read = (("authorization", "Bearer read-token-0123456789"),)
+    get = f"/{SERVICE_NAME}/GetTransaction"
+    first = gateway.service(Details(get, read))
+    assert first is not None
+    assert first is gateway.service(Details(get, read))
+    assert not first.request_streaming
+    assert first.unary_unary is not answer
+    for refused in (Details(get), Details(f"/{SERVICE_NAME}/IngestEvent", read)):
+        refusing = gateway.service(refused)
+        assert refusing is not None
+        assert refusing.request_streaming
+    assert gateway.service(Details("/grpc.health.v1.Health/Check")) is not None
+    arrivals.last = 0.0
+    assert gateway.service(Details(f"/{SERVICE_NAME}/NoSuchMethod", read)) is None
+    assert arrivals.last > 0
+
+
 async def test_metrics_need_a_token_when_tokens_are_configured(
     tmp_path: Path, started: Any
 ) -> None:

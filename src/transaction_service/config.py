@@ -294,6 +294,17 @@ class Settings(BaseSettings):
         "since writing it costs more than decoding the event (docs/performance.md)",
     )
 
+    access_log_reads_every: int = Field(
+        default=100,
+        ge=0,
+        description="a successful unary read (GetTransaction, ListTransactions, "
+        "BatchGetTransactions, GetTransactionResults, ListTransactionEvents, health checks) gets "
+        "an access line once in this many calls of its method, the first included, with "
+        "`sampled` saying how many calls it stands for; 1: every call, 0: none. Failed calls, "
+        "writes and streams always get theirs (a line costs more than a read: "
+        "docs/performance.md)",
+    )
+
     # -- watch -------------------------------------------------------------------------------------
     change_retention_seconds: float = Field(
         default=7 * 24 * 3600,

@@ -25,10 +25,11 @@ from grpc_health.v1.health import aio as health_aio
 
 from transaction_service import tracing
 from transaction_service.api.access import CallObserver
-from transaction_service.api.auth import BearerTokenInterceptor
+from transaction_service.api.auth import READ_METHODS
 from transaction_service.api.drain import CallArrivals
-from transaction_service.api.reflection import enable_reflection
-from transaction_service.api.servicer import TransactionServicer, add_to_server
+from transaction_service.api.gateway import Gateway
+from transaction_service.api.reflection import reflection_handlers
+from transaction_service.api.servicer import TransactionServicer, method_handlers
 from transaction_service.api.tls import server_credentials, transport_mode
 from transaction_service.app import App, StartupError
 from transaction_service.auth import BearerTokens
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TransactionService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The methods whose successful unary calls get sampled access lines (access_log_reads_every):
+# the service's reads and the health checks (probes call them every few seconds).
+SAMPLED_READS = frozenset(
+    [f"/{SERVICE_NAME}/{name}" for name in READ_METHODS]
+    + [f"/{HEALTH_SERVICE_NAME}/{name}" for name in ("Check", "List")]
+)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -111,21 +118,28 @@ class TransactionService:
         self.health = health_aio.HealthServicer()
         tokens = BearerTokens(settings.ingest_tokens, settings.read_tokens)
         self.arrivals = CallArrivals()
-        # Outermost first. Tracing's span covers the rest, so access lines carry its trace id;
-        # the observer sits outside the token check, so refused calls are counted and logged.
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.arrivals, *tracing.interceptors()]
-        observer = CallObserver(self.app.metrics, tokens)
+        observer = CallObserver(
+            self.app.metrics,
+            tokens,
+            reads_every=settings.access_log_reads_every,
+            read_methods=SAMPLED_READS,
+        )
         for service in (
             pb.DESCRIPTOR.services_by_name["TransactionService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],
         ):
             observer.register(service)
-        interceptors.append(observer)
-        if tokens.required:
-            interceptors.append(BearerTokenInterceptor(tokens))
+        # Every call's handler comes from the gateway: arrivals for draining, the token check,
+        # request ids, metrics and access lines (api/gateway.py). Tracing's interceptor, when
+        # tracing is on, runs before it: its span covers the call, so access lines carry its
+        # trace id.
+        self.gateway = Gateway(observer, self.arrivals, tokens)
         self.server = self.arrivals.track(
-            lambda: grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+            lambda: grpc.aio.server(
+                options=grpc_options(settings), interceptors=tracing.interceptors()
+            )
         )
+        self.server.add_generic_rpc_handlers((self.gateway,))
         self.http = HttpListener(self.app)
         self.port = 0
         self._health_updates: set[asyncio.Task[None]] = set()
@@ -160,9 +174,10 @@ class TransactionService:
             await self.http.stop()
             raise
         try:
-            add_to_server(TransactionServicer(self.app), self.server)
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-            enable_reflection(self.server, [SERVICE_NAME, HEALTH_SERVICE_NAME])
+            self.gateway.add(*method_handlers(TransactionServicer(self.app)))
+            self.gateway.add_generated(health_pb2_grpc.add_HealthServicer_to_server, self.health)
+            for name, handlers in reflection_handlers([SERVICE_NAME, HEALTH_SERVICE_NAME]).items():
+                self.gateway.add(name, handlers)
             address = f"{settings.grpc_host}:{settings.grpc_port}"
             try:
                 if credentials is None:

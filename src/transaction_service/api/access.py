@@ -1,6 +1,6 @@
 """What every gRPC call leaves behind: a request id, the per-call metrics, and access log lines.
 
-One server interceptor (`CallObserver`) wraps each handler:
+`CallObserver` wraps each method's handler:
 
 - a **request id** for the call: the caller's `x-request-id` metadata when it sends a usable one,
   else a new one. It is set in `logs.request_id` while the call runs, so every log line the call
@@ -11,8 +11,13 @@ One server interceptor (`CallObserver`) wraps each handler:
 - **access log lines** (logger `transaction_service.access`): one per unary call when it ends,
   failures included (method, code, milliseconds, the caller's role, peer, request id); for a
   stream, one when it opens and one when it ends (messages received and sent, and why it ended).
+  Successful unary reads (`read_methods`) are sampled: one call in `reads_every` of each method
+  gets its line, with `sampled` saying how many calls it stands for (the setting
+  `access_log_reads_every`; a line costs more than the read itself, docs/performance.md).
 
-It sits outside the token check (`api/auth.py`), so refused calls are counted and logged too.
+Each method's handler is wrapped once, at registration (`CallObserver.wrap`, by
+`api/gateway.py`), not by a grpc.aio interceptor. A call the token check refuses (`api/auth.py`)
+is answered by a handler wrapped the same way, so refused calls are counted and logged too.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ class Call:
     peer: str
     # When the call's deadline passes (time.monotonic()), if it has one.
     deadline: float | None
+    # The call's metadata (the role of its token is worked out from it for a line written).
+    metadata: Iterable[tuple[str, str | bytes]] | None = None
     # The reason of the error the call was refused with (`ErrorInfo.reason`), set by
     # api/errors.py; names why a stream ended (e.g. SHUTTING_DOWN).
     reason: str = ""
@@ -125,31 +132,68 @@ def _why(code: str, reason: str) -> str:
     return "refused" if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else "error"
 
 
-class CallObserver(grpc.aio.ServerInterceptor):
-    """Request id, metrics and access log lines for every call (see the module's doc)."""
+class Sampler:
+    """Which successful calls of one method get an access line: the first, then one in
+    `every` (0: none)."""
 
-    def __init__(self, metrics: Metrics, tokens: BearerTokens) -> None:
+    __slots__ = ("_left", "every")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._left = 1
+
+    def take(self) -> bool:
+        if not self.every:
+            return False
+        self._left -= 1
+        if self._left:
+            return False
+        self._left = self.every
+        return True
+
+
+class CallObserver:
+    """Request id, metrics and access log lines for every call (see the module's doc).
+
+    Not a grpc.aio interceptor: each method's handler is wrapped once, when it is registered
+    (`wrap`, called by `api/gateway.py`), and reads what it needs of a call from its context.
+    An interceptor costs every call a chain of coroutines and a handler made anew (measured on
+    GetTransaction: docs/performance.md, "Access lines").
+
+    `read_methods` (full names, `/package.Service/Method`) are the methods whose successful
+    unary calls are sampled, one in `reads_every`."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        tokens: BearerTokens,
+        *,
+        reads_every: int = 1,
+        read_methods: Iterable[str] = (),
+    ) -> None:
         self._metrics = metrics
         self._tokens = tokens
         self._methods: dict[str, GrpcMethodMetrics] = {}
+        self._reads_every = reads_every
+        self._read_methods = frozenset(read_methods)
 
     def register(self, service: Any) -> None:
         """Show `service`'s methods (a ServiceDescriptor) in the metrics before their first
         call, as go-grpc-prometheus's InitializeMetrics does."""
         for method in service.methods:
-            self._method_metrics(
+            self.method_metrics(
                 f"/{service.full_name}/{method.name}",
                 GRPC_TYPES[method.client_streaming, method.server_streaming],
             )
 
-    def _method_metrics(self, method: str, grpc_type: str) -> GrpcMethodMetrics:
+    def method_metrics(self, method: str, grpc_type: str) -> GrpcMethodMetrics:
         found = self._methods.get(method)
         if found is None:
             service, _, name = method.lstrip("/").partition("/")
             found = self._methods[method] = self._metrics.grpc_method(grpc_type, service, name)
         return found
 
-    def _role(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    def role(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The role the call's token gives: ingest, read, or anonymous (no valid token, or no
         tokens configured: then every caller may do everything)."""
         if not self._tokens.required:
@@ -161,25 +205,17 @@ class CallObserver(grpc.aio.ServerInterceptor):
                 return role.value if role else "anonymous"
         return "anonymous"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # an unknown method: gRPC answers UNIMPLEMENTED
-        method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` of `method` (its full name), observed: same shape, same codecs."""
         streaming = handler.request_streaming, handler.response_streaming
-        observed = _Observed(
-            method.lstrip("/"),
-            self._method_metrics(method, GRPC_TYPES[streaming]),
-            request_id_from(metadata),
-            self._role(metadata),
+        sampler = (
+            Sampler(self._reads_every)
+            if self._reads_every != 1 and not any(streaming) and method in self._read_methods
+            else None
         )
+        observed = _Observed(self, method, GRPC_TYPES[streaming], sampler)
         codecs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
@@ -204,38 +240,63 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
 
 class _Observed:
-    """One call: wraps its handler's behaviour."""
+    """One method: wraps its handler's behaviour; what a call needs is read from its context."""
 
-    __slots__ = ("_method", "_metrics", "_request_id", "_role")
+    __slots__ = ("_grpc_type", "_method", "_metrics", "_name", "_observer", "_sampler")
 
-    def __init__(self, method: str, metrics: GrpcMethodMetrics, request_id: str, role: str) -> None:
+    def __init__(
+        self, observer: CallObserver, method: str, grpc_type: str, sampler: Sampler | None
+    ) -> None:
+        self._observer = observer
         self._method = method
-        self._metrics = metrics
-        self._request_id = request_id
-        self._role = role
+        self._name = method.lstrip("/")
+        self._grpc_type = grpc_type
+        self._sampler = sampler
+        # Looked up at the first call: methods not registered with their service's descriptor
+        # (reflection) show up in the metrics once called.
+        self._metrics: GrpcMethodMetrics | None = None
 
     def _begin(
         self, context: Context
-    ) -> tuple[Call, contextvars.Token[Call | None], contextvars.Token[str]]:
-        self._metrics.started()
+    ) -> tuple[Call, GrpcMethodMetrics, contextvars.Token[Call | None], contextvars.Token[str]]:
+        metrics = self._metrics
+        if metrics is None:
+            metrics = self._metrics = self._observer.method_metrics(self._method, self._grpc_type)
+        metrics.started()
+        metadata = context.invocation_metadata()
+        request_id = request_id_from(metadata)
         remaining = context.time_remaining()
         call = Call(
-            self._request_id,
+            request_id,
             context.peer(),
             time.monotonic() + remaining if remaining is not None else None,
+            metadata=metadata,
         )
-        return call, current_call.set(call), logs.request_id.set(self._request_id)
+        return call, metrics, current_call.set(call), logs.request_id.set(request_id)
 
-    def _end(self, call: Call, code: str, started: float, message: str, **extra: Any) -> None:
+    def _end(
+        self,
+        call: Call,
+        metrics: GrpcMethodMetrics,
+        code: str,
+        started: float,
+        message: str,
+        **extra: Any,
+    ) -> None:
         seconds = time.perf_counter() - started
-        self._metrics.handled(code, seconds)
+        metrics.handled(code, seconds)
         if code != "OK":
             tracing.call_failed(code, _CODE_NUMBERS.get(code, 2))
+        elif (sampler := self._sampler) is not None:
+            if not sampler.take():
+                return
+            extra["sampled"] = sampler.every
         fields = {
-            "method": self._method,
+            "method": self._name,
             "code": code,
             "ms": round(seconds * 1000, 2),
-            "role": self._role,
+            # The role is worked out (from the token) only for a line that is written.
+            "role": self._observer.role(call.metadata),
             "peer": call.peer,
             **extra,
         }
@@ -245,7 +306,7 @@ class _Observed:
 
     def unary(self, behavior: UnaryBehavior) -> UnaryBehavior:
         async def observed(request: Any, context: Context) -> Any:
-            call, call_token, id_token = self._begin(context)
+            call, metrics, call_token, id_token = self._begin(context)
             started = time.perf_counter()
             code = "UNKNOWN"
             try:
@@ -259,7 +320,7 @@ class _Observed:
                 code = _code_name(context.code())
                 raise
             finally:
-                self._end(call, code, started, "grpc call")
+                self._end(call, metrics, code, started, "grpc call")
                 current_call.reset(call_token)
                 logs.request_id.reset(id_token)
 
@@ -272,11 +333,17 @@ class _Observed:
         count_requests: bool,
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def observed(request: Any, context: Context) -> AsyncIterator[Any]:
-            call, call_token, id_token = self._begin(context)
+            call, metrics, call_token, id_token = self._begin(context)
             started = time.perf_counter()
             access_log.info(
                 "grpc stream opened",
-                extra={"fields": {"method": self._method, "role": self._role, "peer": call.peer}},
+                extra={
+                    "fields": {
+                        "method": self._name,
+                        "role": self._observer.role(call.metadata),
+                        "peer": call.peer,
+                    }
+                },
             )
             if count_requests:
                 request = _counted(request, call)
@@ -300,6 +367,7 @@ class _Observed:
             finally:
                 self._end(
                     call,
+                    metrics,
                     code,
                     started,
                     "grpc stream ended",

@@ -1,4 +1,5 @@
-"""The gRPC side of bearer tokens: one server interceptor guards every TransactionService call.
+"""The gRPC side of bearer tokens: every TransactionService call's token is checked before its
+handler runs (by `api/gateway.py`, which finds each call's handler).
 
 Unary and streaming calls alike: a refused call is answered by a handler of the same shape that
 aborts with UNAUTHENTICATED or PERMISSION_DENIED before the real handler runs. Health and
@@ -10,7 +11,7 @@ method added later is closed to read tokens until someone decides otherwise.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 import grpc
@@ -48,34 +49,29 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: BearerTokens) -> None:
-        self._tokens = tokens
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        needed = role_needed(handler_call_details.method)
-        if handler is None or needed is None:
-            return handler
-        authorization = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value if isinstance(value, str) else None
-                break
-        try:
-            self._tokens.authorize(authorization, needed)
-        except ServiceError as refusal:
-            return _refusing(handler, refusal)
-        return handler
+def refusal(
+    tokens: BearerTokens, method: str, metadata: Iterable[tuple[str, str | bytes]] | None
+) -> ServiceError | None:
+    """Why a call of `method` (its full name) with `metadata` is refused; None if it may go on
+    (tokens are not configured, the method is not guarded, or its token allows it)."""
+    if not tokens.required:
+        return None
+    needed = role_needed(method)
+    if needed is None:
+        return None
+    authorization = None
+    for key, value in metadata or ():
+        if key == "authorization":
+            authorization = value if isinstance(value, str) else None
+            break
+    try:
+        tokens.authorize(authorization, needed)
+    except ServiceError as refused:
+        return refused
+    return None
 
 
-def _refusing(
+def refusing(
     handler: grpc.RpcMethodHandler[Request, Response], refusal: ServiceError
 ) -> grpc.RpcMethodHandler[Request, Response]:
     """A handler that answers a call of `handler`'s method with `refusal` without reading, let

@@ -23,7 +23,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -60,9 +60,10 @@ def _channelz_servers() -> dict[int, dict[str, Any]] | None:
         return None
 
 
-class CallArrivals(grpc.aio.ServerInterceptor):
-    """Remembers when the last call was picked up, counts the endless streams open, and tells
-    (from channelz) how many calls the server's core has that have not ended."""
+class CallArrivals:
+    """Remembers when the last call was picked up (`arrived`, called by `api/gateway.py` for
+    every call), counts the endless streams open (their handlers `wrap`ped), and tells (from
+    channelz) how many calls the server's core has that have not ended."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()
@@ -93,18 +94,15 @@ class CallArrivals(grpc.aio.ServerInterceptor):
         ended = int(data.get("callsSucceeded", 0)) + int(data.get("callsFailed", 0))
         return started - ended - self.endless
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
+    def arrived(self) -> None:
         self.last = time.monotonic()
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in ENDLESS_METHODS:
-            return handler
-        if handler.unary_stream is None:
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Request, Response]
+    ) -> grpc.RpcMethodHandler[Request, Response]:
+        """`handler` of `method` (its full name), counted in `endless` while it runs if the
+        method is one of ENDLESS_METHODS."""
+        if method not in ENDLESS_METHODS or handler.unary_stream is None:
             return handler
         return grpc.unary_stream_rpc_method_handler(
             self._counted(handler.unary_stream),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -51,7 +51,11 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
             yield response
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+def reflection_handlers(
+    service_names: list[str],
+) -> dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]:
+    """The reflection service's handlers, under both names, by service name (served through
+    `api/gateway.py`)."""
     names = [*service_names, reflection.SERVICE_NAME, V1_SERVICE_NAME]
     servicer = DocumentedReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
@@ -59,7 +63,7 @@ def enable_reflection(server: grpc.aio.Server, service_names: list[str]) -> None
         request_deserializer=rpb.ServerReflectionRequest.FromString,
         response_serializer=rpb.ServerReflectionResponse.SerializeToString,
     )
-    for service in (reflection.SERVICE_NAME, V1_SERVICE_NAME):
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
-        )
+    return {
+        service: {"ServerReflectionInfo": handler}
+        for service in (reflection.SERVICE_NAME, V1_SERVICE_NAME)
+    }

@@ -133,7 +133,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self._encoder = ChangeEncoder(_CHANGE_FIELD)
         self._transactions = TransactionEncoder()
         self._metrics = app.metrics
-        # Who may read bodies (the interceptor decides who may call at all).
+        # Who may read bodies (api/gateway.py decides who may call at all).
         self._tokens = BearerTokens(app.settings.ingest_tokens, app.settings.read_tokens)
         # A batch message stays well inside the largest message gRPC may send.
         self._batch_bytes = app.settings.max_message_bytes // 2
@@ -831,10 +831,11 @@ def _authorization(context: Context) -> str | None:
     return None
 
 
-def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer, like the generated `add_TransactionServiceServicer_to_server`, but
-    with deserializers that turn an undecodable request into INVALID_ARGUMENT (see
-    `api.errors.tolerant_deserializer`) instead of gRPC's UNKNOWN with the parser's text."""
+def method_handlers(servicer: TransactionServicer) -> tuple[str, dict[str, Any]]:
+    """The service's name and its handlers by method name, like those the generated
+    `add_TransactionServiceServicer_to_server` registers, but with deserializers that turn an
+    undecodable request into INVALID_ARGUMENT (see `api.errors.tolerant_deserializer`) instead
+    of gRPC's UNKNOWN with the parser's text. Served through `api/gateway.py`."""
     service = pb.DESCRIPTOR.services_by_name["TransactionService"]
     handlers = {}
     for method in service.methods:
@@ -851,7 +852,4 @@ def add_to_server(servicer: TransactionServicer, server: grpc.aio.Server) -> Non
             # Some answers are pre-built bytes (api/wire.py); the others are messages.
             response_serializer=passthrough_serializer,
         )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
+    return service.full_name, handlers
