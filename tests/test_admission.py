@@ -628,3 +628,32 @@ async def test_a_request_of_several_after_shutdown_is_refused_each() -> None:
     results = await ingestor.ingest_many(deliveries(3), flow=Flow(Lane.STREAM, "s"), wait=True)
     assert len(results) == 3
     assert all(isinstance(r, Unavailable) and r.reason == "SHUTTING_DOWN" for r in results)
+
+
+async def test_a_request_whose_caller_goes_away_makes_room_for_the_next_request_waiting(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    """Two requests of one stream wait for room; the first's caller goes away: its queued
+    deliveries are taken out and its waiting ones given up, and the second's are queued in
+    their order and committed."""
+    store, ingestor, _ = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(11)
+    gone, kept = items[:6], items[6:]
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    leaving = asyncio.ensure_future(ingestor.ingest_many(gone, flow=stream, wait=True))
+    staying = asyncio.ensure_future(ingestor.ingest_many(kept, flow=stream, wait=True))
+    await until(lambda: ingestor.queued == 4)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    # The second request's four now hold the stream lane's share.
+    await until(lambda: ingestor.queued == 4)
+    store.gate.set()
+    await held
+    results = await staying
+    assert [getattr(r, "event_id", None) for r in results] == [d.event_id for d in kept]
+    assert {d.event_id for d in kept} <= set(store.events)
+    assert not any(d.event_id in store.events for d in gone)
+    assert store.batches[1] == frozenset(d.event_id for d in kept)
