@@ -957,10 +957,14 @@ class LogOnly:
         return change
 
 
-async def test_a_change_published_before_the_watch_waits_is_not_missed() -> None:
+@pytest.mark.parametrize("keyed", [True, False])
+async def test_a_change_published_before_the_watch_waits_is_not_missed(keyed: bool) -> None:
     store = LogOnly()
     hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]
-    watch = hub.watch(WatchFilter(transaction_id="t"), None, current=store.get_by_order_key)
+    if keyed:
+        watch = hub.watch(WatchFilter(transaction_id="t"), None, current=store.get_by_order_key)
+    else:
+        watch = hub.watch(WatchFilter(), None)
     try:
         assert await anext(watch) == Progress(0)
         # Published while the watch is between messages (not waiting yet): it finds it.
@@ -968,6 +972,16 @@ async def test_a_change_published_before_the_watch_waits_is_not_missed() -> None
         store.commit(hub, "other")
         async with asyncio.timeout(DEADLINE):
             assert await anext(watch) == first
+        if not keyed:
+            # A feed waiting when a change is published is woken for it.
+            waiting = asyncio.ensure_future(anext(watch))
+            assert (await waiting).revision == 2  # type: ignore[union-attr]
+            waiting = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            third = store.commit(hub, "t")
+            async with asyncio.timeout(DEADLINE):
+                assert await waiting == third
     finally:
         await watch.aclose()
     assert hub.subscriber_count == 0
