@@ -612,13 +612,21 @@ async def test_cancelled_watches_leave_no_subscription_behind(api: Running) -> N
         await wait_for(lambda: hub.subscriber_count == 0)
 
 
+@pytest.mark.parametrize("single", [False, True])
 async def test_shutdown_ends_open_watches_with_a_resume_point(
-    channel_to: Callable[..., Any],
+    channel_to: Callable[..., Any], single: bool
 ) -> None:
     service, stub = await channel_to(shutdown_grace_seconds=30)
     await ingest_direct(service, REDRAW["deliveries"][:2])
-    call = stub.WatchTransactions(pb.WatchTransactionsRequest())
+    if single:
+        # The watch methods map their errors themselves (StatusOnError): both end the same.
+        order_id = REDRAW["deliveries"][0]["body"]["data"]["id"]
+        call = stub.WatchTransaction(pb.WatchTransactionRequest(order_id=order_id))
+    else:
+        call = stub.WatchTransactions(pb.WatchTransactionsRequest())
     opening = await call.read()
+    if single:
+        assert opening.WhichOneof("event") == "current"
     started = asyncio.get_running_loop().time()
     await service.stop()
     # Streams are ended at once, not cut off when the 30 s grace period runs out.
@@ -628,7 +636,9 @@ async def test_shutdown_ends_open_watches_with_a_resume_point(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     info = error_info(caught.value)
     assert info.reason == "SHUTTING_DOWN"
-    assert info.metadata["last_sent_revision"] == str(opening.progress.revision)
+    sent = opening.current.progress_revision if single else opening.progress.revision
+    assert sent > 0
+    assert info.metadata["last_sent_revision"] == str(sent)
 
 
 @pytest.mark.parametrize(
