@@ -536,7 +536,7 @@ async def test_a_request_of_several_at_its_deadline_is_answered_in_part_and_drop
     items = deliveries(7)
     try:
         sent = asyncio.ensure_future(
-            ingestor.ingest_many(items, flow=stream, time_remaining=0.3, wait=True)
+            ingestor.ingest_many(items, flow=stream, time_remaining=1.0, wait=True)
         )
         # The stream lane holds 4: those are taken into the batch being written, and the three
         # that waited for room are queued behind it.
