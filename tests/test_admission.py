@@ -521,3 +521,139 @@ async def test_a_commit_that_stalls_turns_health_unhealthy_while_it_runs() -> No
     finally:
         store.gate.set()
         await ingestor.stop()
+
+
+async def test_a_request_of_several_at_its_deadline_is_answered_in_part_and_dropped_in_part() -> (
+    None
+):
+    """At the deadline, the deliveries of one request already in the batch being written are
+    waited for and answered; those still queued behind it are dropped, each in its place."""
+    store = GatedStore()
+    metrics = Metrics()
+    ingestor = Ingestor(CommitPath(store), queue_limit=8, metrics=metrics)
+    ingestor.start()
+    stream = Flow(Lane.STREAM, "stream-1")
+    items = deliveries(7)
+    try:
+        sent = asyncio.ensure_future(
+            ingestor.ingest_many(items, flow=stream, time_remaining=1.0, wait=True)
+        )
+        # The stream lane holds 4: those are taken into the batch being written, and the three
+        # that waited for room are queued behind it.
+        await store.writing.wait()
+        await until(lambda: ingestor.queued == 3)
+        await until(lambda: ingestor.queued == 0)  # dropped at the deadline
+        assert not sent.done()  # nothing answered before the commit
+        store.gate.set()
+        results = await sent
+    finally:
+        store.gate.set()
+        await ingestor.stop()
+    assert [getattr(r, "event_id", None) for r in results[:4]] == [d.event_id for d in items[:4]]
+    assert all(isinstance(r, DeadlinePassed) for r in results[4:]), results
+    assert {d.event_id for d in items[:4]} <= set(store.events)
+    assert not any(d.event_id in store.events for d in items[4:])
+    text = metrics.exposition().decode()
+    assert (
+        metric(text, "transaction_service_ingest_dropped_total", source="grpc", reason="deadline")
+        == 3
+    )
+    assert metric(text, "transaction_service_events_total", source="grpc", outcome="dropped") == 3
+
+
+async def test_a_request_of_several_whose_caller_goes_away_mid_commit_commits_only_what_was_taken(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller gone while part of its request is being written and part is queued: the part
+    being written commits (unanswered), the queued part is taken out, unstored."""
+    store = GatedStore()
+    metrics = Metrics()
+    ingestor = Ingestor(CommitPath(store), queue_limit=8, metrics=metrics)
+    ingestor.start()
+    stream = Flow(Lane.STREAM, "stream-1")
+    items = deliveries(7)
+    try:
+        call = asyncio.ensure_future(ingestor.ingest_many(items, flow=stream, wait=True))
+        await store.writing.wait()
+        await until(lambda: ingestor.queued == 3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert ingestor.queued == 0
+        store.gate.set()
+        await until(lambda: len(store.batches) == 1)
+        await asyncio.sleep(0.05)
+    finally:
+        store.gate.set()
+        await ingestor.stop()
+    assert len(store.batches) == 1
+    assert {d.event_id for d in items[:4]} <= set(store.events)
+    assert not any(d.event_id in store.events for d in items[4:])
+    assert (
+        metric(
+            metrics.exposition().decode(),
+            "transaction_service_ingest_dropped_total",
+            source="grpc",
+            reason="caller_gone",
+        )
+        == 3
+    )
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_request_of_several_with_one_delivery_the_store_refuses_answers_each_in_order() -> (
+    None
+):
+    good = deliveries(9)
+    poison = deliveries(1)[0]
+    store = RefusingStore(poison=poison.event_id)
+    metrics = Metrics()
+    ingestor = Ingestor(CommitPath(store), metrics=metrics)
+    ingestor.start()
+    items = [*good[:4], poison, *good[4:]]
+    try:
+        results = await ingestor.ingest_many(items, flow=Flow(Lane.STREAM, "s"), wait=True)
+    finally:
+        await ingestor.stop()
+    assert isinstance(results[4], InvalidArgument)
+    rest = results[:4] + results[5:]
+    assert [getattr(r, "event_id", None) for r in rest] == [d.event_id for d in good]
+    assert set(store.events) == {d.event_id for d in good}
+
+
+async def test_a_request_of_several_after_shutdown_is_refused_each() -> None:
+    ingestor = Ingestor(CommitPath(MemoryStore()))
+    ingestor.start()
+    await ingestor.stop()
+    results = await ingestor.ingest_many(deliveries(3), flow=Flow(Lane.STREAM, "s"), wait=True)
+    assert len(results) == 3
+    assert all(isinstance(r, Unavailable) and r.reason == "SHUTTING_DOWN" for r in results)
+
+
+async def test_a_request_whose_caller_goes_away_makes_room_for_the_next_request_waiting(
+    gated: tuple[GatedStore, Ingestor, Metrics],
+) -> None:
+    """Two requests of one stream wait for room; the first's caller goes away: its queued
+    deliveries are taken out and its waiting ones given up, and the second's are queued in
+    their order and committed."""
+    store, ingestor, _ = gated
+    stream = Flow(Lane.STREAM, "stream-1")
+    first, *items = deliveries(11)
+    gone, kept = items[:6], items[6:]
+    held = asyncio.ensure_future(ingestor.ingest(first, flow=UNARY))
+    await store.writing.wait()
+    leaving = asyncio.ensure_future(ingestor.ingest_many(gone, flow=stream, wait=True))
+    staying = asyncio.ensure_future(ingestor.ingest_many(kept, flow=stream, wait=True))
+    await until(lambda: ingestor.queued == 4)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    # The second request's four now hold the stream lane's share.
+    await until(lambda: ingestor.queued == 4)
+    store.gate.set()
+    await held
+    results = await staying
+    assert [getattr(r, "event_id", None) for r in results] == [d.event_id for d in kept]
+    assert {d.event_id for d in kept} <= set(store.events)
+    assert not any(d.event_id in store.events for d in gone)
+    assert store.batches[1] == frozenset(d.event_id for d in kept)

@@ -612,13 +612,21 @@ async def test_cancelled_watches_leave_no_subscription_behind(api: Running) -> N
         await wait_for(lambda: hub.subscriber_count == 0)
 
 
+@pytest.mark.parametrize("single", [False, True])
 async def test_shutdown_ends_open_watches_with_a_resume_point(
-    channel_to: Callable[..., Any],
+    channel_to: Callable[..., Any], single: bool
 ) -> None:
     service, stub = await channel_to(shutdown_grace_seconds=30)
     await ingest_direct(service, REDRAW["deliveries"][:2])
-    call = stub.WatchTransactions(pb.WatchTransactionsRequest())
+    if single:
+        # The watch methods map their errors themselves (StatusOnError): both end the same.
+        order_id = REDRAW["deliveries"][0]["body"]["data"]["id"]
+        call = stub.WatchTransaction(pb.WatchTransactionRequest(order_id=order_id))
+    else:
+        call = stub.WatchTransactions(pb.WatchTransactionsRequest())
     opening = await call.read()
+    if single:
+        assert opening.WhichOneof("event") == "current"
     started = asyncio.get_running_loop().time()
     await service.stop()
     # Streams are ended at once, not cut off when the 30 s grace period runs out.
@@ -628,7 +636,9 @@ async def test_shutdown_ends_open_watches_with_a_resume_point(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     info = error_info(caught.value)
     assert info.reason == "SHUTTING_DOWN"
-    assert info.metadata["last_sent_revision"] == str(opening.progress.revision)
+    sent = opening.current.progress_revision if single else opening.progress.revision
+    assert sent > 0
+    assert info.metadata["last_sent_revision"] == str(sent)
 
 
 @pytest.mark.parametrize(
@@ -907,3 +917,146 @@ async def test_unbatched_feeds_past_the_message_budget_lag_but_miss_nothing(
             call, lambda m, wanted=wanted: [c.revision for c in changes(m)] == wanted
         )
         assert [c.revision for c in changes(got)] == wanted
+
+
+# -- the hub's waiting watches, engine level (no store, no transport) ---------------------------
+
+
+class LogOnly:
+    """The change log, in memory, for a ChangeHub alone."""
+
+    def __init__(self) -> None:
+        self.log: list[ChangeRecord] = []
+
+    async def head_revision(self) -> int:
+        return len(self.log)
+
+    async def changes_after(
+        self, after_revision: int, limit: int, transaction_ids: Sequence[str] = ()
+    ) -> Any:
+        from transaction_service.store.base import ChangeLogPage
+
+        found = [
+            c
+            for c in self.log[after_revision:]
+            if not transaction_ids or c.transaction_id in transaction_ids
+        ]
+        return ChangeLogPage(found[:limit], 0, len(self.log))
+
+    async def get_by_order(self, order_id: str) -> tuple[None, int]:
+        return None, len(self.log)
+
+    async def get_by_order_key(self) -> tuple[None, int]:
+        """A watch's `current` for a transaction not seen yet."""
+        return None, len(self.log)
+
+    def commit(self, hub: ChangeHub, transaction_id: str) -> ChangeRecord:
+        from transaction_service.domain.state import TransactionStatus, TransactionView
+
+        change = ChangeRecord(
+            revision=len(self.log) + 1,
+            transaction_id=transaction_id,
+            event_id=f"e{len(self.log) + 1}",
+            order_id=None,
+            kinds=(ChangeKind.ORDER_STATUS_CHANGED,),
+            view=TransactionView(id=transaction_id, status=TransactionStatus.ACTIVE),
+            recorded_at=datetime.now(UTC),
+        )
+        self.log.append(change)
+        hub.publish([change])
+        return change
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+async def test_a_change_published_before_the_watch_waits_is_not_missed(keyed: bool) -> None:
+    store = LogOnly()
+    hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]
+    if keyed:
+        watch = hub.watch(WatchFilter(transaction_id="t"), None, current=store.get_by_order_key)
+    else:
+        watch = hub.watch(WatchFilter(), None)
+    try:
+        assert await anext(watch) == Progress(0)
+        # Published while the watch is between messages (not waiting yet): it finds it.
+        first = store.commit(hub, "t")
+        store.commit(hub, "other")
+        async with asyncio.timeout(DEADLINE):
+            assert await anext(watch) == first
+        if not keyed:
+            # A feed waiting when a change is published is woken for it.
+            waiting = asyncio.ensure_future(anext(watch))
+            assert (await waiting).revision == 2  # type: ignore[union-attr]
+            waiting = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            third = store.commit(hub, "t")
+            async with asyncio.timeout(DEADLINE):
+                assert await waiting == third
+    finally:
+        await watch.aclose()
+    assert hub.subscriber_count == 0
+
+
+async def test_a_waiting_watch_closed_by_shutdown_ends_with_the_revision_to_resume_from() -> None:
+    from transaction_service.usecases.watch import WatchClosed
+
+    store = LogOnly()
+    hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]
+    store.commit(hub, "t")
+    watch = hub.watch(WatchFilter(transaction_id="t"), 0)
+    first = await anext(watch)
+    assert first.revision == 1  # type: ignore[union-attr]
+    store.commit(hub, "other")
+    waiting = asyncio.ensure_future(anext(watch))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    hub.close()
+    with pytest.raises(WatchClosed) as closed:
+        async with asyncio.timeout(DEADLINE):
+            await waiting
+    assert closed.value.last_sent_revision == 1
+    assert hub.subscriber_count == 0
+
+
+async def test_a_transaction_watch_that_overflows_catches_up_from_the_log_once_in_order() -> None:
+    store = LogOnly()
+    hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]
+    watch = hub.watch(WatchFilter(transaction_id="t"), None, current=store.get_by_order_key)
+    try:
+        assert await anext(watch) == Progress(0)
+        waiting = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        # Ten changes at once while it waits: more than its queue holds.
+        expected = [store.commit(hub, "t").revision for _ in range(10)]
+        (sub,) = hub.subscriptions()
+        assert sub.behind
+        got = [(await waiting).revision]  # type: ignore[union-attr]
+        async with asyncio.timeout(DEADLINE):
+            while len(got) < len(expected):
+                got.append((await anext(watch)).revision)  # type: ignore[union-attr]
+        assert got == expected
+        later = store.commit(hub, "t")
+        async with asyncio.timeout(DEADLINE):
+            assert await anext(watch) == later
+    finally:
+        await watch.aclose()
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 127, 128, 129, 255, 16383, 16384, 16385, 2**21 - 1, 2**21, 2**35, 2**63 - 1]
+)
+def test_a_varint_field_is_what_protobuf_encodes(value: int) -> None:
+    """api/wire's varints (from a table below 128, two bytes without a loop below 16384), at
+    each boundary: the bytes protobuf writes, for values, lengths and field tags."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    from transaction_service.api.wire import field, varint_field
+
+    assert varint_field(1, value) == pb.WatchProgress(revision=value).SerializeToString()
+    if value <= 2**21:
+        payload = b"x" * value
+        assert field(3, payload) == _VarintBytes(3 << 3 | 2) + _VarintBytes(value) + payload
+    # Field numbers whose tag takes one, two and three bytes.
+    for number in (15, 16, 2047, 2048):
+        assert field(number, b"ab") == _VarintBytes(number << 3 | 2) + b"\x02ab"
