@@ -34,6 +34,19 @@ def load_scenarios() -> list[dict[str, Any]]:
 SCENARIOS = load_scenarios()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the service's and the client's modules to .pyc before any test starts a process.
+    Where PYTHONDONTWRITEBYTECODE is set (some shells and CI images), Python never writes them,
+    and every process a test starts compiled the whole service from source: a server's start
+    took 2,279 M instructions instead of 1,692 M (callgrind). Files already compiled are only
+    checked (a stat each)."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for tree in (root / "src", root / "client" / "src"):
+        compileall.compile_dir(tree, quiet=2)
+
+
 @pytest.fixture(params=SCENARIOS, ids=[s["scenario"] for s in SCENARIOS])
 def scenario(request: pytest.FixtureRequest) -> dict[str, Any]:
     return request.param

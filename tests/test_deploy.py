@@ -103,6 +103,22 @@ def test_the_health_command_imports_nothing_of_the_server() -> None:
     assert not heavy & {m.split(".")[0] for m in modules}
 
 
+def test_the_server_imports_httpx_only_for_a_junction_client() -> None:
+    """httpx is imported when a JunctionClient is made (a Junction API key is configured): the
+    server's modules alone must not import it, nor build the reference models' validators
+    (each a share of every server's start; see docs/performance.md)."""
+    probe = (
+        "import sys\n"
+        "import transaction_service.server\n"
+        "from transaction_service.domain.payload import OrderEnvelope\n"
+        "print('httpx' in sys.modules, OrderEnvelope.__pydantic_complete__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]
+
+
 def locked(name: str) -> dict[str, str]:
     """Package name -> version pinned in the lock file `name`."""
     pins = re.findall(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", (ROOT / name).read_text(), re.MULTILINE)

@@ -12,6 +12,7 @@ the server (see main.py: the serve flags are not even built).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from transaction_service.cli.connection import quiet_grpc, tls_of
@@ -25,6 +26,9 @@ def run_health(args: argparse.Namespace) -> int:
     from transaction_client.connection import open_sync_channel
     from transaction_client.errors import ClientSetupError, from_rpc_error
 
+    # What the imports made lives until exit: frozen, the collections at interpreter exit skip
+    # it (they were ~9% of this command's CPU), as the server's own objects are (main.py).
+    gc.freeze()
     try:
         tls = tls_of(args)
         channel = open_sync_channel(args.address, tls)

@@ -141,8 +141,10 @@ Key = Annotated[str, AfterValidator(_key)]
 
 class _Lenient(BaseModel):
     # The reference parser (see the module's docstring); Junction's API answers use it too.
-    # Unknown fields are ignored: the provider adds fields without notice.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Unknown fields are ignored: the provider adds fields without notice. Each model's
+    # validator is built on its first use, not at import: most processes (the hot path takes
+    # nearly every body) never use them, and building them costs ~40 ms of a server's start.
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class StatusEventModel(_Lenient):

@@ -16,8 +16,8 @@ from transaction_service.domain.payload import OrderDataModel, TransactionBlockM
 
 
 class _Lenient(BaseModel):
-    # As for webhooks: the provider adds fields without notice.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # As for webhooks: the provider adds fields without notice; built on first use, as they.
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class OrderTransactionAnswer(TransactionBlockModel):

@@ -39,10 +39,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transaction_service import tracing
@@ -65,6 +64,9 @@ from transaction_service.junction.endpoints import (
 from transaction_service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import httpx
 
 API_KEY_HEADER = "X-Vital-API-Key"
 # `POST /v3/order/resend_events`: "the window cannot exceed 60 days".
@@ -270,6 +272,9 @@ class JunctionClient:
         self._interactive_slots = asyncio.Semaphore(interactive_concurrency)
         connections = max_concurrency + interactive_concurrency
         self.base_url = base_url.rstrip("/")
+        # httpx only once a client exists (a Junction API key is configured): ~40 ms of imports.
+        import httpx
+
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={
@@ -334,6 +339,8 @@ class JunctionClient:
         JunctionTooLarge, and no more is read. Failures before the answer are retried like any
         call; a body that breaks off raises JunctionUnavailable.
         """
+        import httpx  # loaded by __init__; imported here for the except clause
+
         segment = _segment(transaction_id, "transaction_id", GET_TRANSACTION_RESULTS_PDF)
         path = f"/v3/order_transaction/{segment}/result/pdf"
         too_large = JunctionTooLarge(
@@ -561,6 +568,8 @@ class JunctionClient:
     ) -> httpx.Response:
         """Send with retries. Returns a 2xx response *holding a concurrency slot* of `slots`,
         which the caller releases; raises JunctionPermanentError or JunctionUnavailable."""
+        import httpx  # loaded by __init__; imported here for the except clause
+
         where = f"{request.method} {request.url.path}"
         attempts = self._retry.attempts
         for attempt in range(1, attempts + 1):
@@ -677,7 +686,7 @@ class JunctionClient:
 
 
 class _ResendAnswer(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     order_ids: list[str] = Field(default_factory=list)
 
@@ -726,6 +735,8 @@ def _method(endpoint: str) -> str:
 def _transport_reason(exc: httpx.RequestError) -> str:
     # The class says enough (ReadTimeout, ConnectError, RemoteProtocolError); the text may carry
     # the URL and adds nothing.
+    import httpx  # loaded with the client (JunctionClient.__init__)
+
     kind = type(exc).__name__
     return f"{kind} (timed out)" if isinstance(exc, httpx.TimeoutException) else kind
 
