@@ -270,7 +270,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except tracing.TracingConfigError as exc:
         _startup_error(str(exc), native, as_json=settings.log_format == "json")
         return 2
-    import_aiohttp_without_client_roots()
     from transaction_service.server import serve
 
     tune_garbage_collector()
@@ -285,26 +284,6 @@ def serve_command(args: argparse.Namespace) -> int:
         if native is not None:
             native.stop()
     return 0
-
-
-def import_aiohttp_without_client_roots() -> None:
-    """Import aiohttp for the server without the CA certificates its client side loads.
-
-    Importing aiohttp builds two client SSL contexts (aiohttp.connector) and loads the system's
-    CA bundle into each: ~40 ms of CPU, about a tenth of a server's start, for a client that
-    the server process never uses (it serves HTTP with aiohttp; the Junction client is httpx).
-    Only in `serve`, that loading is skipped while aiohttp is imported: aiohttp's default client
-    contexts then trust no CA, so a request made with them would fail verification, never pass
-    it. A no-op if aiohttp is already imported (by the OpenTelemetry instrumentation)."""
-    import ssl
-
-    if "aiohttp" in sys.modules:
-        return
-    setattr(ssl.SSLContext, "set_default_verify_paths", lambda self: None)  # noqa: B010
-    try:
-        import aiohttp.web  # noqa: F401
-    finally:
-        delattr(ssl.SSLContext, "set_default_verify_paths")
 
 
 def tune_garbage_collector() -> None:
