@@ -67,15 +67,14 @@ def test_outcomes_bench_runs_against_another_version(tmp_path: Path) -> None:
     assert all(f["ratio"] > 0 for f in figures.values())
 
 
-def test_watch_memory_bench_runs_against_another_version(tmp_path: Path) -> None:
-    """bench/watch_memory.py, at its smallest, against this very tree and a bare grpc.aio
-    server, with resumed watches: its figures are printed for each."""
+def test_watch_memory_bench_runs_with_a_bare_server_and_resumed_watches(tmp_path: Path) -> None:
+    """bench/watch_memory.py, at its smallest, with a bare grpc.aio server and resumed
+    watches: its figures are printed for each. (`--against DIR` only runs the same servers with
+    DIR's code first on the path; left out, it saves a third of the run.)"""
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "watch_memory.py"),
-            "--against",
-            str(ROOT),
             "--bare",
             "--resume",
             "--rounds",
@@ -91,5 +90,5 @@ def test_watch_memory_bench_runs_against_another_version(tmp_path: Path) -> None
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("rss per watch") == 3, result.stdout
-    assert result.stdout.count("python objects (tracemalloc") == 3, result.stdout
+    assert result.stdout.count("rss per watch") == 2, result.stdout
+    assert result.stdout.count("python objects (tracemalloc") == 2, result.stdout

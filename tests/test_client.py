@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -561,14 +562,20 @@ def test_setup_mistakes_are_one_line_with_a_hint(
     what to check."""
     secure, plain = tls_and_plaintext_servers
     extra = {"reconcile": ["--order-id", "o"], "history": ["o"]}.get(command, [])
-    wrong_port = one_line(cli(command, "--address", "localhost:1", *extra))
+    mistakes = [
+        ("--address", "localhost:1"),
+        ("--address", secure.address),
+        ("--address", plain.address, "--ca", str(pki / "ca.pem")),
+        ("--address", f"127.0.0.1:{plain.http_port}"),
+    ]
+    # At once: each command retries UNAVAILABLE for a few seconds (gRPC's retry policy) first.
+    with concurrent.futures.ThreadPoolExecutor(len(mistakes)) as pool:
+        said = list(pool.map(lambda options: one_line(cli(command, *options, *extra)), mistakes))
+    wrong_port, plaintext, wrong, http = said
     assert "nothing accepts connections at localhost:1" in wrong_port
-    plaintext = one_line(cli(command, "--address", secure.address, *extra))
     assert "it probably wants TLS" in plaintext
     assert "UNAVAILABLE" in plaintext
-    wrong = one_line(cli(command, "--address", plain.address, "--ca", str(pki / "ca.pem"), *extra))
     assert "does not speak TLS" in wrong
-    http = one_line(cli(command, "--address", f"127.0.0.1:{plain.http_port}", *extra))
     assert "answers HTTP/1, not gRPC" in http
 
 
