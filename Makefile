@@ -57,8 +57,7 @@ run: $(INSTALLED)
 # Whole test files go to TEST_WORKERS processes (pytest-xdist), the longest first (the order of
 # tests/conftest.py's LONGEST_FIRST); each worker makes its PostgreSQL schemas in a database of
 # its own (tests/pg.py). `make test TEST_WORKERS=0` runs in one process. Four on two cores: most
-# of a test's time is spent waiting (for a server to start, a retry, a deadline), not computing:
-# 178 s with four against 372 s with two, on an idle 2-core machine.
+# of a test's time is spent waiting (for a server to start, a retry, a deadline), not computing.
 TEST_WORKERS ?= 4
 
 test: lint
