@@ -615,7 +615,9 @@ async def run_watchers(spec_path: str) -> None:
         )
         tasks.append(asyncio.create_task(consume(i, call)))
     for j in range(feeds):
-        stub = pb_grpc.TransactionServiceStub(channels[j % len(channels)])
+        # Round-robin on from where the singles stopped: restarting at channel 0 put 101
+        # streams on one connection (1,000 + 100 over 11), one past its cap, never opened.
+        stub = pb_grpc.TransactionServiceStub(channels[(len(singles) + j) % len(channels)])
         call = stub.WatchTransactions(pb.WatchTransactionsRequest(batch_changes=spec["batch"]))
         tasks.append(asyncio.create_task(consume(len(singles) + j, call)))
     await everything_opened.wait()
