@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import math
+from collections.abc import Iterable, Iterator
 from functools import reduce
 from typing import Any
 
@@ -52,6 +53,25 @@ def fold(events: list[OrderEvent]) -> Knowledge:
     return reduce(join, (knowledge_from_event(e) for e in events))
 
 
+def view_steps(
+    order: Iterable[OrderEvent],
+) -> Iterator[tuple[TransactionView | None, TransactionView]]:
+    """Each event of `order` joined in turn: the view before it (None before the first) and
+    after it."""
+    known: Knowledge | None = None
+    before: TransactionView | None = None
+    for e in order:
+        known = knowledge_from_event(e) if known is None else join(known, knowledge_from_event(e))
+        after = view(known)
+        yield before, after
+        before = after
+
+
+def doubled(order: Iterable[OrderEvent]) -> list[OrderEvent]:
+    """Every event delivered twice in a row, as Svix retries do."""
+    return [e for e in order for _ in (0, 1)]
+
+
 def test_every_permutation_with_every_event_duplicated_reaches_the_expected_state(
     scenario: dict[str, Any],
 ) -> None:
@@ -59,8 +79,7 @@ def test_every_permutation_with_every_event_duplicated_reaches_the_expected_stat
     expected = expected_summary(scenario)
     views = set()
     for order in itertools.permutations(events):
-        doubled = [e for e in order for _ in (0, 1)]
-        final = view(fold(doubled))
+        final = view(fold(doubled(order)))
         assert view_summary(final) == expected
         views.add(view_to_json(final))
     # Not only the fields the fixture checks: the whole view is the same for every order.
@@ -199,15 +218,9 @@ def test_redraw_available_is_reported_exactly_once_whatever_the_order() -> None:
     s = redraw_scenario()
     events = events_of(s)
     for order in itertools.permutations(events):
-        reported, current = [], None
-        for e in order:
-            k = (
-                knowledge_from_event(e)
-                if current is None
-                else join(current, knowledge_from_event(e))
-            )
-            reported += change_kinds(view(current) if current else None, view(k))
-            current = k
+        reported = []
+        for before, after in view_steps(order):
+            reported += change_kinds(before, after)
         assert reported.count(ChangeKind.REDRAW_AVAILABLE) == 1
         assert reported.count(ChangeKind.TRANSACTION_COMPLETED) == 1
         assert reported.count(ChangeKind.TRANSACTION_CREATED) == 1
@@ -234,21 +247,13 @@ def test_a_watcher_of_redraw_kinds_always_ends_up_with_the_redraw_order() -> Non
     watched = {ChangeKind.REDRAW_AVAILABLE, ChangeKind.CURRENT_ORDER_CHANGED}
     announced_early = 0
     for order in itertools.permutations(events):
-        current: Knowledge | None = None
         seen: list[TransactionView] = []
-        for e in (e for e in order for _ in (0, 1)):
-            k = (
-                knowledge_from_event(e)
-                if current is None
-                else join(current, knowledge_from_event(e))
-            )
-            before, after = (view(current) if current else None), view(k)
+        for before, after in view_steps(doubled(order)):
             kinds = change_kinds(before, after)
             changed = before is not None and before.current_order_id != after.current_order_id
             assert (ChangeKind.CURRENT_ORDER_CHANGED in kinds) == changed
             if watched & set(kinds):
                 seen.append(after)
-            current = k
         assert seen[-1].redraw_order_id == s["expect"]["redraw_order_id"]
         assert seen[-1].current_order_id == s["expect"]["redraw_order_id"]
         announced_early += seen[0].redraw_order_id == ""
@@ -268,7 +273,7 @@ def final_view_in_every_order(bodies: list[dict[str, Any]]) -> TransactionView:
     events = events_of({"deliveries": [{"body": b} for b in bodies]})
     views = set()
     for order in itertools.permutations(events):
-        views.add(view_to_json(view(fold([e for e in order for _ in (0, 1)]))))
+        views.add(view_to_json(view(fold(doubled(order)))))
     assert len(views) == 1
     return view(fold(events))
 
@@ -562,14 +567,7 @@ def test_in_any_order_the_newest_correction_is_announced_when_it_becomes_known()
     assert final.orders[0].status_reached_at.isoformat() == "2026-03-11T14:30:00+00:00"
     events = events_of({"deliveries": [{"body": b} for b in bodies]})
     for order in itertools.permutations(events):
-        current: Knowledge | None = None
-        for e in (e for e in order for _ in (0, 1)):
-            k = (
-                knowledge_from_event(e)
-                if current is None
-                else join(current, knowledge_from_event(e))
-            )
-            before, after = (view(current) if current else None), view(k)
+        for before, after in view_steps(doubled(order)):
             old = before.orders[0] if before and before.orders else None
             new = after.orders[0]
             corrected_anew = new.low_level_status == "corrected" and (
@@ -578,7 +576,6 @@ def test_in_any_order_the_newest_correction_is_announced_when_it_becomes_known()
                 != (new.low_level_status, new.status_reached_at)
             )
             assert (ChangeKind.RESULTS_CORRECTED in change_kinds(before, after)) == corrected_anew
-            current = k
 
 
 def test_the_history_says_why_a_same_instant_status_lost_and_names_a_second_correction() -> None:
