@@ -39,6 +39,7 @@ from tests.process import (
     running_server,
     server_env,
     startup_error,
+    wait_until,
 )
 from tests.webhook_tools import SECRET, body_of, metric, post_webhook, request, signed_headers
 from transaction_service.metrics import metrics_table, version
@@ -262,6 +263,7 @@ def test_streams_log_when_they_open_and_end(tmp_path: Path) -> None:
             wait_until(
                 lambda: len(access_lines(json_lines(server), "WatchTransactions")) == 3,
                 "the cancelled watch's end and the second watch's open line",
+                WAIT,
             )
             server.stop()
         lines = json_lines(server)
@@ -322,7 +324,9 @@ def test_every_line_is_json_including_grpc_core_and_failed_tls_handshakes(
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=WAIT) as raw:
             raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
             raw.recv(1024)
-        wait_until(lambda: "Handshake failed" in server.log_text(), "a failed handshake logged")
+        wait_until(
+            lambda: "Handshake failed" in server.log_text(), "a failed handshake logged", WAIT
+        )
         server.stop()
         lines = json_lines(server)
     handshakes = [line for line in lines if "Handshake failed" in line["message"]]
@@ -493,14 +497,6 @@ def traceparent() -> tuple[str, str, str]:
 
 def hex_id(raw: bytes) -> str:
     return raw.hex()
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def wait_for_changes(watcher: Client, count: int) -> list[dict[str, Any]]:
