@@ -292,10 +292,9 @@ def tune_garbage_collector() -> None:
     700 allocations and an old one, over every live object (thousands of watches, cached
     responses), every hundred of those: measured, sequential IngestEvent p50 went from 3.0 to
     2.0 ms, and with 2,000 watchers p99 from about 100 to 75 ms. Objects alive after the
-    imports are frozen out of collection altogether. (`main` sets the thresholds first, before
-    the imports, for every command.)"""
+    imports are frozen out of collection altogether. The thresholds themselves (GC_THRESHOLDS)
+    are set by `main`, before the imports, for every command; the server keeps them."""
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
