@@ -568,7 +568,8 @@ def test_setup_mistakes_are_one_line_with_a_hint(
         ("--address", plain.address, "--ca", str(pki / "ca.pem")),
         ("--address", f"127.0.0.1:{plain.http_port}"),
     ]
-    # At once: each command retries UNAVAILABLE for a few seconds (gRPC's retry policy) first.
+    # At once: `history` retries UNAVAILABLE for a few seconds first (gRPC's retry policy); health
+    # probes once, and reconcile and the watches are not retried by gRPC.
     with concurrent.futures.ThreadPoolExecutor(len(mistakes)) as pool:
         said = list(pool.map(lambda options: one_line(cli(command, *options, *extra)), mistakes))
     wrong_port, plaintext, wrong, http = said

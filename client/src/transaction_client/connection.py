@@ -61,9 +61,17 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-# Not retried: their UNAVAILABLE usually means Junction's API is, and the server has already
-# retried it with backoff (and said when to come back, in `retry_after_seconds`).
-NOT_RETRIED = ("ReconcileTransaction", "BackfillTransactions")
+# Not retried by gRPC: the reconciles' UNAVAILABLE usually means Junction's API is, and the
+# server has already retried it with backoff (and said when to come back, in
+# `retry_after_seconds`); the watches reconnect by themselves (watch.py, with its own jittered
+# pauses and `connect_timeout`), so gRPC's retries under them only delayed the first failure
+# by ~3.5 s (a CLI `watch` at a wrong address, connect_timeout 0, was reported that late).
+NOT_RETRIED = (
+    "ReconcileTransaction",
+    "BackfillTransactions",
+    "WatchTransaction",
+    "WatchTransactions",
+)
 
 
 def retry_service_config(attempts: int) -> str:
