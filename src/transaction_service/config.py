@@ -342,6 +342,12 @@ class Settings(BaseSettings):
         gt=0,
         description="changes buffered per watcher before it catches up from the change log",
     )
+    watch_max_per_stream: int = Field(
+        default=1000,
+        gt=0,
+        description="watches open at once on one Watch stream (the multiplexed RPC); a create "
+        "past it is answered `canceled` RESOURCE_EXHAUSTED (TOO_MANY_WATCHES)",
+    )
     watch_messages_per_second: int = Field(
         default=5000,
         gt=0,
