@@ -114,9 +114,9 @@ class WatchStream:
             run, name=f"watch-{watch_id}"
         )
 
-    def ended(self, watch_id: int, status: status_pb2.Status) -> None:
-        """Watch `watch_id` ended by itself with `status`: its last message (called by its task,
-        which then returns)."""
+    def ended(self, watch_id: int, status: status_pb2.Status | None) -> None:
+        """Watch `watch_id` ended by itself with `status` (None: OK): its last message (called
+        by its task, which then returns)."""
         self.watches.pop(watch_id, None)
         self.push(canceled(watch_id, status))
 

@@ -18,9 +18,6 @@ from typing import Any
 
 import grpc
 
-# googleapis-common-protos ships no type information (and typeshed has none for it).
-from google.rpc import status_pb2  # type: ignore[import-untyped]
-
 from transaction_service.api.access import current_call
 from transaction_service.api.convert import (
     OUTCOME_TO_PB,
@@ -428,25 +425,28 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         response = TRANSACTION_FIELD if one else TRANSACTIONS_FIELD
         batch = _ONE_BATCH_FIELD if one else _FEED_BATCH_FIELD
         progress = _ONE_PROGRESS_FIELD if one else _FEED_PROGRESS_FIELD
-        status = status_pb2.Status()
+        # Nothing made here is kept while the watch waits (a thousand watches wait at once):
+        # the status only once it ended.
+        status = None
         try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, Current):
-                        await stream.put(framed(watch_id, response, self._current(event)))
-                    elif isinstance(event, Progress):
-                        await stream.put(framed(watch_id, response, _progress(event, progress)))
-                    else:
-                        for message in self._changes(event, batch):
-                            await stream.put(framed(watch_id, response, message))
-                        # Neither is kept while the watch waits (thousands wait at once).
-                        message = b""
-                    del event
+            async for event in events:
+                if isinstance(event, Current):
+                    await stream.put(framed(watch_id, response, self._current(event)))
+                elif isinstance(event, Progress):
+                    await stream.put(framed(watch_id, response, _progress(event, progress)))
+                else:
+                    for message in self._changes(event, batch):
+                        await stream.put(framed(watch_id, response, message))
+                    message = b""  # the loop's variable outlives the loop
+                del event
         except ServiceError as exc:
             status = status_for(exc)
         except Exception:
             log.exception("unexpected error in a watch of a Watch stream")
             status = internal_status()
+        finally:
+            # Cancelled while it waited for room: the hub's watch is suspended at a yield.
+            await events.aclose()
         stream.ended(watch_id, status)
 
     @grpc_errors
