@@ -483,3 +483,21 @@ def test_the_canceled_of_a_client_cancel_is_an_ok_status() -> None:
     assert response.watch_id == 12
     assert response.WhichOneof("event") == "canceled"
     assert response.canceled.code == 0
+
+
+async def test_a_fault_reading_the_requests_ends_the_stream_internal_and_is_logged(
+    api: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transaction_service.api.servicer import TransactionServicer
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(TransactionServicer, "_create_watch", broken)
+    async with watch_stream(api.stub) as stream:
+        await stream.create(1, **feed())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.read_until(lambda _: False)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "a bug" not in caught.value.details()
+    assert any(r.exc_info and "Watch" in r.getMessage() for r in caplog.records)

@@ -31,7 +31,6 @@ from typing import Any
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
 from transaction_service.api.wire import field, varint_field
-from transaction_service.errors import ServiceError
 from transactions.v1 import transactions_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -63,10 +62,6 @@ def canceled(watch_id: int, status: status_pb2.Status | None) -> bytes:
     return framed(watch_id, CANCELED_FIELD, status.SerializeToString())
 
 
-class StreamEnded(Exception):
-    """The writer's end: `error` (a ServiceError) ends the stream, None ends it OK."""
-
-
 class WatchStream:
     """The watches of one Watch stream and the buffer their messages go out through."""
 
@@ -83,7 +78,8 @@ class WatchStream:
         self._writer: asyncio.Future[None] | None = None
         self._half_closed = False
         self._shutting_down = False
-        self._error: ServiceError | None = None
+        # What ends the stream: a ServiceError (its status), or a fault (INTERNAL, logged).
+        self._error: Exception | None = None
         # The task reading the client's requests (stopped when the server shuts down).
         self.reader: asyncio.Task[None] | None = None
 
@@ -134,7 +130,7 @@ class WatchStream:
         self._half_closed = True
         self._wake_writer()
 
-    def fail(self, error: ServiceError) -> None:
+    def fail(self, error: Exception) -> None:
         """End the stream with `error` (after what is queued), its watches with it."""
         if self._error is None:
             self._error = error
@@ -173,7 +169,7 @@ class WatchStream:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def messages(self, shutting_down: Callable[[], ServiceError]) -> AsyncIterator[bytes]:
+    async def messages(self, shutting_down: Callable[[], Exception]) -> AsyncIterator[bytes]:
         """The stream's responses, in the order they were queued, until its end: raises the
         error that ends it (`shutting_down()` when the server stops), returns for OK."""
         out = self._out

@@ -357,6 +357,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 await stream.room()
         except grpc.aio.BaseError:
             pass  # the call ended (the handler ends with it)
+        except Exception as exc:  # a fault of ours: the stream ends INTERNAL, logged
+            stream.fail(exc)
+            return
         stream.half_closed()
 
     def _create_watch(self, stream: WatchStream, create: pb.WatchCreateRequest) -> None:
