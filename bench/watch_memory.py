@@ -389,6 +389,8 @@ def report(
 ) -> None:
     per = ", ".join(f"{r['rss'] / 1024:.1f}" for r in runs)
     mall = ", ".join(f"{r['malloc'] / 1024:.1f}" for r in runs)
+    # With `--rounds 0`, the traced server's figures alone.
+    runs = runs or ([traced] if traced else [])
     print(f"{name}: {runs[0]['code']}")
     print(f"  rss per watch (KiB, each round):    {per}")
     print(f"  malloc per watch (KiB, each round): {mall}")
