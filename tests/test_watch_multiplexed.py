@@ -501,3 +501,43 @@ async def test_a_fault_reading_the_requests_ends_the_stream_internal_and_is_logg
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "a bug" not in caught.value.details()
     assert any(r.exc_info and "Watch" in r.getMessage() for r in caplog.records)
+
+
+# -- the Python client on Watch streams ------------------------------------------------------------
+
+
+async def test_the_client_shares_watch_streams_and_cancels_a_watch_left(api: Running) -> None:
+    """`TransactionClient(watches_per_stream=2)`: three watches take two Watch streams; each
+    gets what it would on a stream of its own; a watch whose iteration ends is cancelled on the
+    server, and a stream left without watches is closed."""
+    from transaction_client import TransactionClient
+
+    run = with_fresh_ids(REDRAW)
+    order_id = run["deliveries"][0]["body"]["data"]["id"]
+    hub = api.service.hub
+    async with TransactionClient(f"127.0.0.1:{api.service.port}", watches_per_stream=2) as client:
+        assert client.watch_streams is not None
+        feeds = [client.watch_transactions(start_revision=0) for _ in range(2)]
+        single = client.watch_transaction(order_id=order_id, start_revision=0)
+        got: list[list[Any]] = [[], [], []]
+
+        async def drain(watch: Any, into: list[Any]) -> None:
+            async for item in watch:
+                into.append(item)
+
+        tasks = [
+            asyncio.create_task(drain(w, into))
+            for w, into in zip([*feeds, single], got, strict=True)
+        ]
+        await ingest_direct(api, run["deliveries"])
+        revisions = await log_revisions(api)
+        await wait_for(lambda: all([c.revision for c in g] == revisions for g in got))
+        assert client.watch_streams.streams == 2
+        assert hub.subscriber_count == 3
+        tasks[2].cancel()
+        await wait_for(lambda: hub.subscriber_count == 2)
+        assert client.watch_streams.streams == 1
+        for task in tasks[:2]:
+            task.cancel()
+        await wait_for(lambda: hub.subscriber_count == 0)
+        assert client.watch_streams.streams == 0
