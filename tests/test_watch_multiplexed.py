@@ -373,6 +373,30 @@ async def test_creates_past_the_most_watches_of_a_stream_are_resource_exhausted(
         await wait_for(lambda: service.hub.subscriber_count == 3)
 
 
+async def test_creates_past_the_budget_wait_and_none_is_refused(
+    channel_to: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates come at most `watch_creates_per_second` a stream (a second's worth at once):
+    past it the server reads the next request only once the budget allows. With 2 a second,
+    the third of five creates sent at once waits; all five are created, none refused."""
+    streams: list[WatchStream] = []
+    real_init = WatchStream.__init__
+
+    def recorded(self: WatchStream, **kwargs: Any) -> None:
+        real_init(self, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(WatchStream, "__init__", recorded)
+    _, stub = await channel_to(watch_creates_per_second=2)
+    async with watch_stream(stub) as stream:
+        for watch_id in range(1, 6):
+            await stream.create(watch_id, **one(order_id=f"o-{watch_id}"))
+        await stream.read_until(lambda _: all(len(stream.of(w)) == 2 for w in range(1, 6)))
+        assert all(stream.events(w) == ["created", "transaction"] for w in range(1, 6))
+        (mux,) = streams
+        assert mux.create_waits >= 1
+
+
 async def test_a_stream_not_read_holds_a_bounded_buffer_and_its_watches_miss_nothing(
     channel_to: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,9 @@ catches up from the change log, as the slow reader of a stream of its own does (
 So a client that does not read makes the server hold at most the buffer, plus one message per
 watch waiting to put it, as many streams of one watch each would hold their one message. The
 reader takes the next request only while the buffer has room, so requests pushing control
-messages are bounded the same way; and at most `max_watches` are open at once.
+messages are bounded the same way; at most `max_watches` are open at once; and creates, each a
+read of the store that a cancel does not take back, come at most `creates_per_second` (a
+second's worth at once): past it the reader waits before it takes the next request.
 
 Every watch created gets exactly one `canceled`, its last message: pushed by its task when it
 ends by itself (an error, shutdown), or by the reader when the client cancels it (the task is
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -65,9 +68,24 @@ def canceled(watch_id: int, status: status_pb2.Status | None) -> bytes:
 class WatchStream:
     """The watches of one Watch stream and the buffer their messages go out through."""
 
-    def __init__(self, *, max_watches: int, max_bytes: int = BUFFER_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_watches: int,
+        max_bytes: int = BUFFER_BYTES,
+        creates_per_second: float = 1000.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_watches = max_watches
         self._max_bytes = max_bytes
+        # Creates: a budget of `creates_per_second`, a second's worth at once (at least one).
+        self._create_rate = creates_per_second
+        self._create_burst = max(1.0, creates_per_second)
+        self._create_tokens = self._create_burst
+        self._clock = clock
+        self._refilled = clock()
+        # How often the reader waited for the create budget (for tests and curiosity).
+        self.create_waits = 0
         # Open watches: their tasks by watch id.
         self.watches: dict[int, asyncio.Task[None]] = {}
         self._out: collections.deque[bytes] = collections.deque()
@@ -102,6 +120,21 @@ class WatchStream:
             waiter = asyncio.get_running_loop().create_future()
             self._room.append(waiter)
             await waiter
+
+    async def create_budget(self) -> None:
+        """Until the stream may create one more watch (at once, within its budget)."""
+        while True:
+            now = self._clock()
+            self._create_tokens = min(
+                self._create_burst,
+                self._create_tokens + (now - self._refilled) * self._create_rate,
+            )
+            self._refilled = now
+            if self._create_tokens >= 1:
+                self._create_tokens -= 1
+                return
+            self.create_waits += 1
+            await asyncio.sleep((1 - self._create_tokens) / self._create_rate)
 
     def start(self, watch_id: int, run: Coroutine[Any, Any, None]) -> None:
         """Open watch `watch_id`: its `created` goes out now, then what `run` puts."""

@@ -318,7 +318,11 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         async with StatusOnError(None, context, "Watch"):
             if self._app.stopping:
                 raise _watch_stream_shutting_down()
-            stream = WatchStream(max_watches=self._app.settings.watch_max_per_stream)
+            settings = self._app.settings
+            stream = WatchStream(
+                max_watches=settings.watch_max_per_stream,
+                creates_per_second=settings.watch_creates_per_second,
+            )
             reader = asyncio.get_running_loop().create_task(
                 self._read_watch_requests(requests, stream), name="watch-requests"
             )
@@ -347,6 +351,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                 if which == "cancel":
                     stream.cancel(request.cancel.watch_id)
                 elif which == "create":
+                    await stream.create_budget()
                     self._create_watch(stream, request.create)
                 else:
                     stream.fail(

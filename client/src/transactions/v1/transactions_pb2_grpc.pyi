@@ -194,7 +194,9 @@ class TransactionServiceStub:
     size. When the client does not read, the buffer fills and the watches stop taking changes,
     each then falling behind and later catching up from the change log, as a slow reader of
     WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
-    the buffer is full the server also stops reading requests.
+    the buffer is full the server also stops reading requests, and it reads creates at most
+    `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+    the next request waits (each create costs the server a read; nothing is refused).
 
     The stream ends with:
       OK                after the client half-closed, once no watch is open (watches go on
@@ -507,7 +509,9 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     size. When the client does not read, the buffer fills and the watches stop taking changes,
     each then falling behind and later catching up from the change log, as a slow reader of
     WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
-    the buffer is full the server also stops reading requests.
+    the buffer is full the server also stops reading requests, and it reads creates at most
+    `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+    the next request waits (each create costs the server a read; nothing is refused).
 
     The stream ends with:
       OK                after the client half-closed, once no watch is open (watches go on
@@ -853,7 +857,9 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         size. When the client does not read, the buffer fills and the watches stop taking changes,
         each then falling behind and later catching up from the change log, as a slow reader of
         WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
-        the buffer is full the server also stops reading requests.
+        the buffer is full the server also stops reading requests, and it reads creates at most
+        `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+        the next request waits (each create costs the server a read; nothing is refused).
 
         The stream ends with:
           OK                after the client half-closed, once no watch is open (watches go on
