@@ -5,10 +5,11 @@ WatchTransaction and WatchTransactions run it) and puts its encoded messages int
 buffer; the stream's handler sends what the buffer holds, in the order it was put; a reader task
 takes the client's requests (create, cancel) as they come.
 
-Bounds: the buffer holds at most `max_bytes` of messages (and the few control messages that
-passed the gate together, see `push`). A watch with a message to put while it is full waits, and
-takes no more changes from the hub meanwhile: past its queue of changes it falls behind and later
-catches up from the change log, as the slow reader of a stream of its own does (nothing lost).
+Bounds: the buffer holds at most `max_bytes` of messages, and one more (and control messages,
+`created` and `canceled`, which do not wait: see `push`). A watch with a message to put while
+it is full waits, and takes no more changes from the hub meanwhile: past its queue of changes it
+falls behind and later catches up from the change log, as the slow reader of a stream of its own
+does (nothing lost).
 So a client that does not read makes the server hold at most the buffer, plus one message per
 watch waiting to put it, as many streams of one watch each would hold their one message. The
 reader takes the next request only while the buffer has room, so requests pushing control
@@ -90,7 +91,7 @@ class WatchStream:
         self.watches: dict[int, asyncio.Task[None]] = {}
         self._out: collections.deque[bytes] = collections.deque()
         self.buffered = 0  # bytes in _out
-        # Watches (and the reader) waiting for room, first come first served.
+        # Watches (and the reader) waiting for room; all are woken when there is some.
         self._room: collections.deque[asyncio.Future[None]] = collections.deque()
         # The writer, while it waits for a message or the end.
         self._writer: asyncio.Future[None] | None = None
@@ -193,8 +194,9 @@ class WatchStream:
             writer.set_result(None)
 
     def _free_room(self) -> None:
-        """Wake everything waiting for room: each puts its one message (so the buffer holds at
-        most one message per watch past its bound) and waits again if it is full."""
+        """Wake everything waiting for room: each looks again, in turn, and the first puts its
+        message while the buffer has room (so it goes past its bound by one message at most;
+        control messages aside) while the others wait again."""
         if self.buffered < self._max_bytes:
             room, self._room = self._room, collections.deque()
             for waiter in room:
