@@ -1,7 +1,7 @@
 """Server memory per open watch (issue 21, bench row 7), and where it goes.
 
 Run: `.venv/bin/python bench/watch_memory.py [--against DIR] [--rounds N] [--singles N]
-[--feeds N] [--bare]`. Prints figures; asserts nothing.
+[--feeds N] [--per-stream N] [--bare]`. Prints figures; asserts nothing.
 
 A server process (`transaction-service serve`, SQLite; with `--against DIR`, alternately DIR's
 `src/` and stubs first on its PYTHONPATH) is loaded with `--singles` transactions, warmed by a
@@ -15,6 +15,10 @@ as bench row 5 opens them, spread over connections of at most 100 streams. Per w
 - in a second server of the same tree started with tracemalloc (which costs memory of its own,
   so it is not used for `rss`): `python`, what the Python allocators hold (tracemalloc), and
   the allocation sites that grew most, per watch.
+
+`--per-stream N` adds this tree's server with the same watches multiplexed on `Watch` streams,
+N watches a stream (each stream's creates written at once, then every message read): the
+design that shares one gRPC stream's cost between many watches.
 
 `--bare` adds a bare grpc.aio server (this tree's gRPC options, uvloop) holding the same number
 of server-streaming calls whose handler sent one message and waits: what gRPC costs per stream
@@ -202,15 +206,81 @@ def measure(process: Any) -> dict[str, Any]:
     raise SystemExit("watch_memory: the server did not answer a measurement")
 
 
-async def open_watches(
-    address: str, singles: list[str], feeds: int, bare: bool, resume: bool = False
+async def open_multiplexed(
+    address: str, singles: list[str], feeds: int, per_stream: int, resume: bool
 ) -> Any:
-    """Open the watches (with `resume`, from revision 0: each replays the change log first),
-    read every message they get, wait for each one's first; returns a closer."""
+    """The watches of `open_watches`, `per_stream` to a `Watch` stream; returns a closer once
+    each watch got its first message after `created`."""
     from bench import channel
     from transactions.v1 import transactions_pb2 as pb
     from transactions.v1 import transactions_pb2_grpc as pb_grpc
 
+    start = {"start_revision": 0} if resume else {}
+    creates = [
+        pb.WatchCreateRequest(
+            watch_id=i + 1,
+            transaction=pb.WatchTransactionRequest(transaction_id=txn, batch_changes=True, **start),
+        )
+        for i, txn in enumerate(singles)
+    ] + [
+        pb.WatchCreateRequest(
+            watch_id=len(singles) + i + 1,
+            transactions=pb.WatchTransactionsRequest(batch_changes=True, **start),
+        )
+        for i in range(feeds)
+    ]
+    groups = [creates[i : i + per_stream] for i in range(0, len(creates), per_stream)]
+    channels = [channel(address) for _ in range(max(1, -(-len(groups) // PER_CHANNEL)))]
+    loop = asyncio.get_running_loop()
+    calls: list[Any] = []
+    opened = [loop.create_future() for _ in groups]
+
+    async def read(call: Any, group: list[Any], got: asyncio.Future[None]) -> None:
+        waiting = {create.watch_id for create in group}
+        with contextlib.suppress(Exception):
+            async for response in call:
+                if response.WhichOneof("event") != "created":
+                    waiting.discard(response.watch_id)
+                    if not waiting and not got.done():
+                        got.set_result(None)
+
+    readers = []
+    for i, group in enumerate(groups):
+        call = pb_grpc.TransactionServiceStub(channels[i % len(channels)]).Watch()
+        calls.append(call)
+        readers.append(asyncio.create_task(read(call, group, opened[i])))
+        for create in group:
+            await call.write(pb.WatchRequest(create=create))
+    await asyncio.gather(*opened)
+
+    async def close() -> None:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for ch in channels:
+            await ch.close()
+        await asyncio.sleep(0.5)
+
+    return close
+
+
+async def open_watches(
+    address: str,
+    singles: list[str],
+    feeds: int,
+    bare: bool,
+    resume: bool = False,
+    per_stream: int = 0,
+) -> Any:
+    """Open the watches (with `resume`, from revision 0: each replays the change log first),
+    read every message they get, wait for each one's first; returns a closer. With
+    `per_stream`, on `Watch` streams of that many watches each (see `open_multiplexed`)."""
+    from bench import channel
+    from transactions.v1 import transactions_pb2 as pb
+    from transactions.v1 import transactions_pb2_grpc as pb_grpc
+
+    if per_stream:
+        return await open_multiplexed(address, singles, feeds, per_stream, resume)
     start = {"start_revision": 0} if resume else {}
     total = len(singles) + feeds
     channels = [channel(address) for _ in range(max(1, -(-total // PER_CHANNEL)))]
@@ -262,6 +332,7 @@ async def one_server(
     bare: bool,
     unknown: bool = False,
     resume: bool = False,
+    per_stream: int = 0,
 ) -> dict[str, Any]:
     """One server's figures: before and after the watches opened (with `unknown`, of
     transactions not ingested: the server serves no call before the watches)."""
@@ -290,10 +361,10 @@ async def one_server(
                     await stub.GetTransaction(pb.GetTransactionRequest(transaction_id=txn))
         else:
             ids = [""] * singles
-        warm = await open_watches(address, ids[:WARM_WATCHES], 0, bare)
+        warm = await open_watches(address, ids[:WARM_WATCHES], 0, bare, per_stream=per_stream)
         await warm()
         before = measure(process)
-        close = await open_watches(address, ids, feeds, bare, resume)
+        close = await open_watches(address, ids, feeds, bare, resume, per_stream)
         await asyncio.sleep(2 if resume else 1)
         after = measure(process)
         await close()
@@ -318,6 +389,8 @@ def report(
 ) -> None:
     per = ", ".join(f"{r['rss'] / 1024:.1f}" for r in runs)
     mall = ", ".join(f"{r['malloc'] / 1024:.1f}" for r in runs)
+    # With `--rounds 0`, the traced server's figures alone.
+    runs = runs or ([traced] if traced else [])
     print(f"{name}: {runs[0]['code']}")
     print(f"  rss per watch (KiB, each round):    {per}")
     print(f"  malloc per watch (KiB, each round): {mall}")
@@ -338,30 +411,49 @@ def report(
 
 async def main_async(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix="watch-memory-"))
-    trees: list[tuple[str, Path | None, bool]] = []
+    # (name, tree, bare, watches per Watch stream: 0 for a stream per watch)
+    trees: list[tuple[str, Path | None, bool, int]] = []
     if not args.bare_only:
-        trees.append(("this tree", None, False))
+        trees.append(("this tree", None, False, 0))
+        if args.per_stream:
+            name = f"this tree, Watch ({args.per_stream} a stream)"
+            trees.append((name, None, False, args.per_stream))
     if args.against:
-        trees.append((f"against {args.against}", args.against, False))
+        trees.append((f"against {args.against}", args.against, False, 0))
     if args.bare or args.bare_only:
-        trees.append(("bare grpc.aio server", None, True))
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in trees}
+        trees.append(("bare grpc.aio server", None, True, 0))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in trees}
     for _ in range(args.rounds):
-        for name, tree, bare in trees:
+        for name, tree, bare, per_stream in trees:
             runs[name].append(
                 await one_server(
-                    tree, folder, args.singles, args.feeds, False, bare, args.unknown, args.resume
+                    tree,
+                    folder,
+                    args.singles,
+                    args.feeds,
+                    False,
+                    bare,
+                    args.unknown,
+                    args.resume,
+                    per_stream,
                 )
             )
     traced = {}
     if not args.no_trace:
-        for name, tree, bare in trees:
+        for name, tree, bare, per_stream in trees:
             traced[name] = await one_server(
-                tree, folder, args.singles, args.feeds, True, bare, args.unknown, args.resume
+                tree,
+                folder,
+                args.singles,
+                args.feeds,
+                True,
+                bare,
+                args.unknown,
+                args.resume,
+                per_stream,
             )
-    watches = args.singles + args.feeds
-    print(f"{args.singles} single-transaction watches + {args.feeds} feeds ({watches} streams)")
-    for name, _, _ in trees:
+    print(f"{args.singles} single-transaction watches + {args.feeds} feeds")
+    for name, *_ in trees:
         report(name, runs[name], traced.get(name), args.sites)
 
 
@@ -377,6 +469,12 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=1000)
     parser.add_argument("--feeds", type=int, default=100)
     parser.add_argument("--bare", action="store_true", help="also a bare grpc.aio server")
+    parser.add_argument(
+        "--per-stream",
+        type=int,
+        default=0,
+        help="also this tree with the watches multiplexed on Watch streams, N a stream",
+    )
     parser.add_argument(
         "--unknown",
         action="store_true",

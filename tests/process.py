@@ -259,14 +259,18 @@ class Client:
     """A long-running client process (a grpcurl stream, the watch CLI). Threads collect its
     stdout and stderr line by line; leaving the `with` block terminates it."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, stdin: str | None = None) -> None:
         self.process = subprocess.Popen(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+        if stdin is not None:
+            assert self.process.stdin is not None
+            self.process.stdin.write(stdin)
+            self.process.stdin.close()
         self._out: list[str] = []
         self._err: list[str] = []
         self._open_streams = 2
@@ -350,6 +354,20 @@ def grpcurl_watch(server: Server, method: str, request: dict[str, Any]) -> Clien
     """`grpcurl -d REQUEST ADDRESS SERVICE/METHOD` for a server-streaming method, left running."""
     return Client(
         str(GRPCURL), "-plaintext", "-d", json.dumps(request), server.address, f"{SERVICE}/{method}"
+    )
+
+
+def grpcurl_stream(server: Server, method: str, requests: list[dict[str, Any]]) -> Client:
+    """`grpcurl -d @ ADDRESS SERVICE/METHOD` for a bidirectional method, `requests` on its
+    stdin (then closed), left running."""
+    return Client(
+        str(GRPCURL),
+        "-plaintext",
+        "-d",
+        "@",
+        server.address,
+        f"{SERVICE}/{method}",
+        stdin="\n".join(json.dumps(r) for r in requests),
     )
 
 

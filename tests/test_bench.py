@@ -68,9 +68,10 @@ def test_outcomes_bench_runs_against_another_version(tmp_path: Path) -> None:
 
 
 def test_watch_memory_bench_runs_with_a_bare_server_and_resumed_watches(tmp_path: Path) -> None:
-    """bench/watch_memory.py, at its smallest, with a bare grpc.aio server and resumed
-    watches: its figures are printed for each. (`--against DIR` only runs the same servers with
-    DIR's code first on the path; left out, it saves a third of the run.)"""
+    """bench/watch_memory.py, at its smallest, with a bare grpc.aio server, the watches on
+    Watch streams too (`--per-stream`), and resumed watches: its figures are printed for each.
+    (`--against DIR` only runs the same servers with DIR's code first on the path; left out, it
+    saves a part of the run.)"""
     result = subprocess.run(
         [
             sys.executable,
@@ -83,6 +84,8 @@ def test_watch_memory_bench_runs_with_a_bare_server_and_resumed_watches(tmp_path
             "20",
             "--feeds",
             "2",
+            "--per-stream",
+            "10",
         ],
         capture_output=True,
         text=True,
@@ -90,5 +93,6 @@ def test_watch_memory_bench_runs_with_a_bare_server_and_resumed_watches(tmp_path
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("rss per watch") == 2, result.stdout
-    assert result.stdout.count("python objects (tracemalloc") == 2, result.stdout
+    assert result.stdout.count("rss per watch") == 3, result.stdout
+    assert result.stdout.count("python objects (tracemalloc") == 3, result.stdout
+    assert "Watch (10 a stream)" in result.stdout

@@ -230,21 +230,31 @@ async def test_the_token_comes_from_the_environment(tmp_path: Path, monkeypatch:
 # -- watches and the cache through restarts ------------------------------------------------------
 
 
-async def test_watches_and_cache_survive_sigterm_and_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_stream", [0, 100])
+async def test_watches_and_cache_survive_sigterm_and_sigkill(
+    tmp_path: Path, per_stream: int
+) -> None:
     """A feed watch, a watch of one order and a cache run while the server is stopped with
     SIGTERM and then killed with SIGKILL, each time restarted on the same port after changes were
     made on the same database elsewhere. Every revision reaches the feed exactly once, in order;
-    the order's watch gets exactly its changes; every handler fires exactly once."""
+    the order's watch gets exactly its changes; every handler fires exactly once. Each watch on
+    a stream of its own, and (`watches_per_stream`) all on one `Watch` stream."""
     db = str(tmp_path / "x.db")
     batches = [runs(1), runs(1), runs(1)]
     order_id = next(iter(batches[0][0]["expect"]["orders"]))
     with contextlib.ExitStack() as stack:
         server = await start(stack, "--grpc-port", "0", "--db", db)
         port = str(server.port)
-        async with TransactionClient(server.address) as client, Consumer(client, order_id) as seen:
+        async with (
+            TransactionClient(server.address, watches_per_stream=per_stream) as client,
+            Consumer(client, order_id) as seen,
+        ):
             for run in batches[0]:
                 await ingest(client, run)
             await seen.until(await head_of(client))
+            if per_stream:
+                assert client.watch_streams is not None
+                assert client.watch_streams.streams == 1
             for sig, batch in zip((signal.SIGTERM, signal.SIGKILL), batches[1:], strict=True):
                 await asyncio.to_thread(server.stop, sig=sig)
                 # Changes made while the watchers cannot reach the server: they get them only by
@@ -271,8 +281,9 @@ async def test_watches_and_cache_survive_sigterm_and_sigkill(tmp_path: Path) -> 
                 assert cached == served.transaction
 
 
+@pytest.mark.parametrize("per_stream", [0, 100])
 async def test_a_compacted_history_is_resynced_and_handlers_still_fire_once(
-    tmp_path: Path,
+    tmp_path: Path, per_stream: int
 ) -> None:
     """While the consumers cannot reach the server, a server that keeps its change log for one
     second compacts away the changes they need. They resume with REVISION_COMPACTED: the watches
@@ -285,7 +296,10 @@ async def test_a_compacted_history_is_resynced_and_handlers_still_fire_once(
     with contextlib.ExitStack() as stack:
         server = await start(stack, "--grpc-port", "0", "--db", db)
         port = str(server.port)
-        async with TransactionClient(server.address) as client, Consumer(client, order_id) as seen:
+        async with (
+            TransactionClient(server.address, watches_per_stream=per_stream) as client,
+            Consumer(client, order_id) as seen,
+        ):
             for run in before:
                 await ingest(client, run)
             await seen.until(await head_of(client))

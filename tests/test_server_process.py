@@ -41,6 +41,7 @@ from tests.process import (
     first_grpcurl_message,
     get_transaction,
     grpcurl_messages,
+    grpcurl_stream,
     grpcurl_watch,
     ingest,
     ingest_all,
@@ -234,6 +235,46 @@ def test_grpcurl_watch_sees_a_change_ingested_after_it_started(server: Server) -
             assert "CHANGE_KIND_TRANSACTION_CREATED" in change["kinds"]
             assert change["revision"] == applied["revision"]
             assert change["eventId"] == delivery["svix_id"]
+
+
+def test_grpcurl_watch_multiplexes_watches_created_on_stdin(tmp_path: Path) -> None:
+    """`grpcurl -d @` on Watch with two creates on stdin: each is acknowledged and opens as its
+    own stream would; a webhook ingested afterwards reaches both; on SIGTERM each watch is
+    canceled UNAVAILABLE with the revision to resume from, then the stream ends UNAVAILABLE."""
+    delivery = RICHEST["deliveries"][0]
+    order_id = delivery["body"]["data"]["id"]
+    creates = [
+        {"create": {"watch_id": 1, "transaction": {"order_id": order_id}}},
+        {"create": {"watch_id": 2, "transactions": {}}},
+    ]
+    with serve_db(tmp_path / "x.db") as server, grpcurl_stream(server, "Watch", creates) as mux:
+
+        def of(watch_id: int) -> list[dict[str, Any]]:
+            return [m for m in grpcurl_messages(mux) if m["watchId"] == str(watch_id)]
+
+        mux.wait_for(lambda: len(of(1)) >= 2 and len(of(2)) >= 2, "both watches opened")
+        for watch_id, target in ((1, "transaction"), (2, "transactions")):
+            created, opening = of(watch_id)[:2]
+            assert "created" in created
+            assert opening[target] == {"progress": {}}
+        applied = ingest(server, delivery)
+        for watch_id, target in ((1, "transaction"), (2, "transactions")):
+            (message,) = mux.wait_for(
+                lambda w=watch_id, t=target: [m[t] for m in of(w)[2:] if "change" in m.get(t, {})],
+                f"the change on watch {watch_id}",
+            )
+            assert message["change"]["revision"] == applied["revision"]
+            assert message["change"]["eventId"] == delivery["svix_id"]
+        server.stop()
+        assert mux.wait() != 0
+        for watch_id in (1, 2):
+            canceled = of(watch_id)[-1]["canceled"]
+            assert canceled["code"] == 14  # UNAVAILABLE
+            (info,) = [d for d in canceled["details"] if d["@type"].endswith("ErrorInfo")]
+            assert info["reason"] == "SHUTTING_DOWN"
+            assert info["metadata"]["last_sent_revision"] == applied["revision"]
+    assert "Code: Unavailable" in mux.stderr
+    assert "Traceback" not in server.log_text()
 
 
 def test_grpcurl_watch_replays_from_start_revision(server: Server) -> None:

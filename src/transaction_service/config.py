@@ -342,6 +342,20 @@ class Settings(BaseSettings):
         gt=0,
         description="changes buffered per watcher before it catches up from the change log",
     )
+    watch_max_per_stream: int = Field(
+        default=1000,
+        gt=0,
+        description="watches open at once on one Watch stream (the multiplexed RPC); a create "
+        "past it is answered `canceled` RESOURCE_EXHAUSTED (TOO_MANY_WATCHES)",
+    )
+    watch_creates_per_second: float = Field(
+        default=1000.0,
+        gt=0,
+        description="watches created per second on one Watch stream, in bursts of as many (at "
+        "least 1): past it the server reads the stream's next request only once the budget "
+        "allows (nothing is refused). Each create costs a read of the store, which its cancel "
+        "does not take back",
+    )
     watch_messages_per_second: int = Field(
         default=5000,
         gt=0,

@@ -58,6 +58,8 @@ class Reason(enum.StrEnum):
     REVISION_IN_FUTURE = "REVISION_IN_FUTURE"
     # RESOURCE_EXHAUSTED (Overloaded): the ingest queue's share is full; retry after a while.
     INGEST_QUEUE_FULL = "INGEST_QUEUE_FULL"
+    # RESOURCE_EXHAUSTED (Overloaded): a Watch stream has the most watches open it may have.
+    TOO_MANY_WATCHES = "TOO_MANY_WATCHES"
     # RESOURCE_EXHAUSTED (Overloaded): GetTransactionResultsPdf's calls at once or per minute
     # are used up; retry after the RetryInfo's delay.
     PDF_BUDGET_EXHAUSTED = "PDF_BUDGET_EXHAUSTED"

@@ -256,13 +256,15 @@ class Metrics:
         )
         # -- watch --------------------------------------------------------------------------------
         self.watch_streams = declare(
-            Gauge, f"{PREFIX}_watch_streams", "Watch streams open now (every kind)."
+            Gauge,
+            f"{PREFIX}_watch_streams",
+            "Watches open now (every kind; each watch of a Watch stream counts as one).",
         )
         self.watches = declare(
             Gauge,
             f"{PREFIX}_watches",
-            "Watch streams open now, by kind (transaction: WatchTransaction; feed: "
-            "WatchTransactions).",
+            "Watches open now, by kind (transaction: WatchTransaction, or a Watch stream's "
+            "watch of one transaction; feed: WatchTransactions, or a Watch stream's feed).",
             ("kind",),
         )
         self.watch_lag = declare(

@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from transaction_client.connection import TLS, channel_options, open_channel, token_metadata
 from transaction_client.errors import TransactionServiceError, from_rpc_error
+from transaction_client.multiplex import WatchStreams
 from transaction_client.watch import (
     OnCompacted,
     Progress,
@@ -76,7 +77,10 @@ class TransactionClient:
     by default, retries included: UNAVAILABLE is retried with jittered exponential backoff
     (`retry_attempts` attempts at most, gRPC caps them at 5). `progress_interval` is the
     server's watch progress interval (`watch_progress_seconds`, 10 s by default): a watch that
-    hears nothing for three of them reconnects.
+    hears nothing for three of them reconnects. With `watches_per_stream` N > 0, watches share
+    `Watch` streams, N a stream (at most the server's `watch_max_per_stream`, 1,000 by default),
+    instead of a stream each: a stream costs the server about ten times what a watch on a
+    shared one does (docs/performance.md); see `transaction_client.multiplex`.
 
     Use it as `async with TransactionClient(...) as client:`, or call `await client.close()`.
     The channel opens at the first call, in the running event loop.
@@ -95,7 +99,10 @@ class TransactionClient:
         load_balancing: str | None = None,
         progress_interval: float = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        watches_per_stream: int = 0,
     ) -> None:
+        if watches_per_stream < 0:
+            raise ValueError("watches_per_stream must not be negative")
         self.target = target
         self.tls: TLS | None = TLS() if tls is True else (tls or None)
         self.timeout = timeout
@@ -113,6 +120,7 @@ class TransactionClient:
             self.tls.credentials()  # an unreadable file is a mistake to report now, not later
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TransactionServiceAsyncStub | None = None
+        self.watch_streams = WatchStreams(self, watches_per_stream) if watches_per_stream else None
 
     # -- plumbing, also for calls this class does not wrap yet ----------------------------------
 
@@ -150,6 +158,8 @@ class TransactionClient:
             raise self.error(exc) from None
 
     async def close(self) -> None:
+        if self.watch_streams is not None:
+            self.watch_streams.close()
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None

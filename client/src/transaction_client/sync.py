@@ -147,6 +147,7 @@ class TransactionClient:
         load_balancing: str | None = None,
         progress_interval: float = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        watches_per_stream: int = 0,
     ) -> None:
         self.aio = _client.TransactionClient(
             target,
@@ -159,6 +160,7 @@ class TransactionClient:
             load_balancing=load_balancing,
             progress_interval=progress_interval,
             channel_options=channel_options,
+            watches_per_stream=watches_per_stream,
         )
         self._loop = _LoopThread()
 

@@ -97,8 +97,9 @@ class WatchRequest:
     team_id: str = ""
 
     def open(self, client: TransactionClient, start: int | None) -> Any:
-        """The stream call from `start` (None: from now). Batches are asked for: cheaper for
-        the server, and split into changes here."""
+        """The stream call from `start` (None: from now), or with a client that shares streams
+        between watches, the watch on a `Watch` stream read alike (multiplex.py). Batches are
+        asked for: cheaper for the server, and split into changes here."""
         if self.lookup is not None:
             name, key = self.lookup
             single = pb.WatchTransactionRequest(batch_changes=True)
@@ -108,12 +109,16 @@ class WatchRequest:
                 single.order_id = key
             if start is not None:
                 single.start_revision = start
+            if client.watch_streams is not None:
+                return client.watch_streams.open(pb.WatchCreateRequest(transaction=single))
             return client.stub.WatchTransaction(single, metadata=client.metadata)
         feed = pb.WatchTransactionsRequest(
             kinds=self.kinds, team_id=self.team_id, batch_changes=True
         )
         if start is not None:
             feed.start_revision = start
+        if client.watch_streams is not None:
+            return client.watch_streams.open(pb.WatchCreateRequest(transactions=feed))
         return client.stub.WatchTransactions(feed, metadata=client.metadata)
 
 

@@ -28,6 +28,7 @@ READ_METHODS = frozenset(
         "ListTransactions",
         "WatchTransaction",
         "WatchTransactions",
+        "Watch",
         "BatchGetTransactions",
         "GetTransactionResults",
         "GetTransactionResultsPdf",

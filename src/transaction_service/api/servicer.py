@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
 from functools import partial
 from typing import Any
@@ -36,7 +36,16 @@ from transaction_service.api.errors import (
     UndecodableRequest,
     grpc_errors,
     ingest_error,
+    status_for,
     tolerant_deserializer,
+)
+from transaction_service.api.multiplex import (
+    TRANSACTION_FIELD,
+    TRANSACTIONS_FIELD,
+    WatchStream,
+    canceled,
+    framed,
+    internal_status,
 )
 from transaction_service.api.window import OrderedWindow
 from transaction_service.api.wire import (
@@ -56,6 +65,7 @@ from transaction_service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Overloaded,
     Reason,
     ServiceError,
     TooLarge,
@@ -143,6 +153,9 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         # begins, so that a stream waiting for a request that does not come ends at once.
         self._windows: weakref.WeakSet[OrderedWindow[Any, Any]] = weakref.WeakSet()
         app.on_shutdown.append(self._stop_reading_streams)
+        # The Watch streams open: told when shutdown begins (the hub ends their watches).
+        self._watch_streams: set[WatchStream] = set()
+        app.on_shutdown.append(self._shut_down_watch_streams)
 
     @grpc_errors
     async def IngestEvent(  # type: ignore[override]
@@ -268,19 +281,10 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self, request: pb.WatchTransactionRequest, context: Context
     ) -> AsyncIterator[Once]:
         async with StatusOnError(request, context, "WatchTransaction"):
-            lookup = request.WhichOneof("lookup")
-            violations = _start_revision_violations(request) + _lookup_violations(request)
-            if violations:
-                raise InvalidArgument(violations)
-            assert lookup is not None
-            key = getattr(request, lookup)
-            where = WatchFilter(**{lookup: key})
-            read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
-                self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
-            )
+            where, current = self._one_watch(request)
             # Each message goes out in a `Once` (api/wire.py): gRPC and every layer between keep
             # the last one yielded while the watch waits, thousands of watches at once.
-            async for event in self._watch(where, request, partial(read, key)):
+            async for event in self._watch(where, request, current):
                 if isinstance(event, Current):
                     yield Once(self._current(event))
                 elif isinstance(event, Progress):
@@ -296,16 +300,7 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         self, request: pb.WatchTransactionsRequest, context: Context
     ) -> AsyncIterator[Once]:
         async with StatusOnError(request, context, "WatchTransactions"):
-            violations = _start_revision_violations(request)
-            kinds = set()
-            for i, value in enumerate(request.kinds):
-                try:
-                    kinds.add(kind_from_pb(value))
-                except KeyError:
-                    violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
-            if violations:
-                raise InvalidArgument(violations)
-            where = WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
+            where = _feed_filter(request)
             async for event in self._watch(where, request, None):
                 if isinstance(event, Progress):
                     yield Once(_progress(event, _FEED_PROGRESS_FIELD))
@@ -314,6 +309,153 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
                     for message in map(Once, self._changes(event, _FEED_BATCH_FIELD)):
                         yield message
                 del event
+
+    async def Watch(  # type: ignore[override]
+        self, requests: AsyncIterator[pb.WatchRequest | UndecodableRequest], context: Context
+    ) -> AsyncIterator[Once]:
+        """Many watches on one stream (api/multiplex.py): each runs the hub's watch exactly as
+        WatchTransaction or WatchTransactions does, its messages framed with its id."""
+        async with StatusOnError(None, context, "Watch"):
+            if self._app.stopping:
+                raise _watch_stream_shutting_down()
+            settings = self._app.settings
+            stream = WatchStream(
+                max_watches=settings.watch_max_per_stream,
+                creates_per_second=settings.watch_creates_per_second,
+            )
+            reader = asyncio.get_running_loop().create_task(
+                self._read_watch_requests(requests, stream), name="watch-requests"
+            )
+            stream.reader = reader
+            self._watch_streams.add(stream)
+            try:
+                async for data in stream.messages(_watch_stream_shutting_down):
+                    yield Once(data)
+                    del data
+            finally:
+                self._watch_streams.discard(stream)
+                reader.cancel()
+                stream.close()
+
+    async def _read_watch_requests(
+        self, requests: AsyncIterator[pb.WatchRequest | UndecodableRequest], stream: WatchStream
+    ) -> None:
+        """A Watch stream's requests, each done at once; the next is read only while the
+        stream's buffer has room."""
+        try:
+            async for request in requests:
+                if isinstance(request, UndecodableRequest):
+                    stream.fail(request.error)
+                    return
+                which = request.WhichOneof("request")
+                if which == "cancel":
+                    stream.cancel(request.cancel.watch_id)
+                elif which == "create":
+                    await stream.create_budget()
+                    self._create_watch(stream, request.create)
+                else:
+                    stream.fail(
+                        InvalidArgument([FieldViolation("request", "set create or cancel")])
+                    )
+                    return
+                del request
+                await stream.room()
+        except grpc.aio.BaseError:
+            pass  # the call ended (the handler ends with it)
+        except Exception as exc:  # a fault of ours: the stream ends INTERNAL, logged
+            stream.fail(exc)
+            return
+        stream.half_closed()
+
+    def _create_watch(self, stream: WatchStream, create: pb.WatchCreateRequest) -> None:
+        """Open a watch of a Watch stream, or answer its create with `canceled` (a refusal), or
+        end the stream (a duplicate id)."""
+        watch_id = create.watch_id
+        if watch_id in stream.watches:
+            stream.fail(
+                InvalidArgument(
+                    [
+                        FieldViolation(
+                            "create.watch_id",
+                            f"watch {watch_id} is open on this stream already: cancel it and "
+                            "wait for its `canceled`, or choose another id",
+                        )
+                    ]
+                )
+            )
+            return
+        target = create.WhichOneof("target")
+        try:
+            if watch_id <= 0:
+                raise InvalidArgument([FieldViolation("create.watch_id", "must be greater than 0")])
+            if target is None:
+                raise InvalidArgument(
+                    [FieldViolation("create.target", "set transaction or transactions")]
+                )
+            request: pb.WatchTransactionRequest | pb.WatchTransactionsRequest
+            current = None
+            try:
+                if target == "transaction":
+                    request = create.transaction
+                    where, current = self._one_watch(request)
+                else:
+                    request = create.transactions
+                    where = _feed_filter(request)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    [
+                        FieldViolation(f"create.{target}.{v.field}", v.description)
+                        for v in exc.violations
+                    ]
+                ) from None
+            if len(stream.watches) >= stream.max_watches:
+                raise Overloaded(
+                    f"this stream has {stream.max_watches} watches open, the most it may have: "
+                    "cancel one, or open another stream",
+                    reason=Reason.TOO_MANY_WATCHES,
+                    metadata={"max_watches": str(stream.max_watches)},
+                )
+        except ServiceError as exc:
+            stream.push(canceled(watch_id, status_for(exc)))
+            return
+        start = request.start_revision if request.HasField("start_revision") else None
+        events = self._hub.watch(where, start, current=current, batch=request.batch_changes)
+        stream.start(watch_id, self._run_watch(stream, watch_id, target == "transaction", events))
+
+    async def _run_watch(
+        self,
+        stream: WatchStream,
+        watch_id: int,
+        one: bool,
+        events: AsyncGenerator[WatchEvent, None],
+    ) -> None:
+        """One watch of a Watch stream: its messages into the stream's buffer, then its end."""
+        response = TRANSACTION_FIELD if one else TRANSACTIONS_FIELD
+        batch = _ONE_BATCH_FIELD if one else _FEED_BATCH_FIELD
+        progress = _ONE_PROGRESS_FIELD if one else _FEED_PROGRESS_FIELD
+        # Nothing made here is kept while the watch waits (a thousand watches wait at once):
+        # the status only once it ended.
+        status = None
+        try:
+            async for event in events:
+                if isinstance(event, Current):
+                    await stream.put(framed(watch_id, response, self._current(event)))
+                elif isinstance(event, Progress):
+                    await stream.put(framed(watch_id, response, _progress(event, progress)))
+                else:
+                    for message in self._changes(event, batch):
+                        await stream.put(framed(watch_id, response, message))
+                    message = b""  # the loop's variable outlives the loop
+                del event
+        except ServiceError as exc:
+            status = status_for(exc)
+        except Exception:
+            log.exception("unexpected error in a watch of a Watch stream")
+            status = internal_status()
+        finally:
+            # Cancelled while it waited for room: the hub's watch is suspended at a yield.
+            await events.aclose()
+        stream.ended(watch_id, status)
 
     @grpc_errors
     async def ReconcileTransaction(
@@ -678,6 +820,26 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
             response.next_page_token = _encode_page_token(last, fingerprint)
         return response
 
+    def _one_watch(
+        self, request: pb.WatchTransactionRequest
+    ) -> tuple[WatchFilter, Callable[[], Awaitable[tuple[TransactionSnapshot | None, int]]]]:
+        """A single-transaction watch's filter and the reader of its opening state;
+        InvalidArgument (fields named as in the request) if the request is unusable."""
+        lookup = request.WhichOneof("lookup")
+        violations = _start_revision_violations(request) + _lookup_violations(request)
+        if violations:
+            raise InvalidArgument(violations)
+        assert lookup is not None
+        key = getattr(request, lookup)
+        read: Callable[[str], Awaitable[tuple[TransactionSnapshot | None, int]]] = (
+            self._reads.get if lookup == "transaction_id" else self._reads.get_by_order
+        )
+        return WatchFilter(**{lookup: key}), partial(read, key)
+
+    def _shut_down_watch_streams(self) -> None:
+        for stream in list(self._watch_streams):
+            stream.shut_down()
+
     def _watch(
         self,
         where: WatchFilter,
@@ -775,6 +937,28 @@ def _lookup_violations(request: _LookupRequest) -> list[FieldViolation]:
         # would reach another path of Junction's API.
         return [FieldViolation(lookup, DOT_SEGMENT_MESSAGE)]
     return []
+
+
+def _feed_filter(request: pb.WatchTransactionsRequest) -> WatchFilter:
+    """A feed watch's filter; InvalidArgument (fields named as in the request) if unusable."""
+    violations = _start_revision_violations(request)
+    kinds = set()
+    for i, value in enumerate(request.kinds):
+        try:
+            kinds.add(kind_from_pb(value))
+        except KeyError:
+            violations.append(FieldViolation(f"kinds[{i}]", f"not a change kind: {value}"))
+    if violations:
+        raise InvalidArgument(violations)
+    return WatchFilter(kinds=frozenset(kinds), team_id=request.team_id)
+
+
+def _watch_stream_shutting_down() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down; each watch of this stream was canceled with the revision "
+        "to resume it from (last_sent_revision): create them again on another replica or later",
+        reason=Reason.SHUTTING_DOWN,
+    )
 
 
 def _start_revision_violations(

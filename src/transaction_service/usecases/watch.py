@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -452,7 +452,9 @@ class ChangeHub:
                     sub.wake()
 
     def _add(self, sub: Subscription, last: int) -> None:
-        if self._ticker is None:
+        # A watch that passed the check of `watch` before `close` and subscribes after it.
+        sub.closed = self._closed
+        if self._ticker is None and not self._closed:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="watch-tick")
         self._subscriptions.add(sub)
         if key := sub.where.key:
@@ -557,7 +559,7 @@ class ChangeHub:
         *,
         current: Callable[[], Awaitable[tuple[TransactionSnapshot | None, int]]] | None = None,
         batch: bool = False,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         """Matching changes, in revision order, each once.
 
         With `batch`, changes pending together come as one `Batch`, and while changes keep

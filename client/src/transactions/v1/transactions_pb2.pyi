@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -973,6 +974,176 @@ class WatchTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___WatchTransactionsResponse: _TypeAlias = WatchTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """WatchRequest is one request of a Watch stream: create a watch, or cancel one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def create(self) -> Global___WatchCreateRequest:
+        """Open a watch."""
+
+    @_builtins.property
+    def cancel(self) -> Global___WatchCancelRequest:
+        """End a watch."""
+
+    def __init__(
+        self,
+        *,
+        create: Global___WatchCreateRequest | None = ...,
+        cancel: Global___WatchCancelRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "create", b"create", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "create", b"create", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["create", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchCreateRequest(_message.Message):
+    """WatchCreateRequest opens one watch of a Watch stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCH_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    watch_id: _builtins.int
+    """The client's name for the watch: greater than 0, and not the id of a watch open on this
+    stream (that ends the stream, INVALID_ARGUMENT). Every response about the watch carries it.
+    An id is free again once the watch's `canceled` was sent.
+    """
+    @_builtins.property
+    def transaction(self) -> Global___WatchTransactionRequest:
+        """One transaction, as WatchTransaction with this request: its messages come as
+        WatchResponse.transaction.
+        """
+
+    @_builtins.property
+    def transactions(self) -> Global___WatchTransactionsRequest:
+        """The feed of all transactions, as WatchTransactions with this request: its messages come
+        as WatchResponse.transactions.
+        """
+
+    def __init__(
+        self,
+        *,
+        watch_id: _builtins.int = ...,
+        transaction: Global___WatchTransactionRequest | None = ...,
+        transactions: Global___WatchTransactionsRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "transaction", b"transaction", "transactions", b"transactions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "transaction", b"transaction", "transactions", b"transactions", "watch_id", b"watch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["transaction", "transactions"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___WatchCreateRequest: _TypeAlias = WatchCreateRequest  # noqa: Y015
+
+@_typing.final
+class WatchCancelRequest(_message.Message):
+    """WatchCancelRequest ends one watch of a Watch stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCH_ID_FIELD_NUMBER: _builtins.int
+    watch_id: _builtins.int
+    """The watch to end. Its `canceled` (code OK) follows what was already on its way; an id with
+    no watch open is ignored.
+    """
+    def __init__(
+        self,
+        *,
+        watch_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["watch_id", b"watch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCancelRequest: _TypeAlias = WatchCancelRequest  # noqa: Y015
+
+@_typing.final
+class WatchResponse(_message.Message):
+    """WatchResponse is one message of a Watch stream, about one of its watches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCH_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    CANCELED_FIELD_NUMBER: _builtins.int
+    watch_id: _builtins.int
+    """The watch this message is about (as its create named it)."""
+    @_builtins.property
+    def created(self) -> Global___WatchCreated:
+        """The create was accepted: the watch's messages follow."""
+
+    @_builtins.property
+    def transaction(self) -> Global___WatchTransactionResponse:
+        """A message of a single-transaction watch: exactly what its WatchTransaction stream would
+        have sent.
+        """
+
+    @_builtins.property
+    def transactions(self) -> Global___WatchTransactionsResponse:
+        """A message of a feed watch: exactly what its WatchTransactions stream would have sent."""
+
+    @_builtins.property
+    def canceled(self) -> _status_pb2.Status:
+        """The watch has ended; nothing more comes for it. The status its own stream would have
+        ended with (OK when the client cancelled it); see Watch for every code.
+        """
+
+    def __init__(
+        self,
+        *,
+        watch_id: _builtins.int = ...,
+        created: Global___WatchCreated | None = ...,
+        transaction: Global___WatchTransactionResponse | None = ...,
+        transactions: Global___WatchTransactionsResponse | None = ...,
+        canceled: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "created", b"created", "event", b"event", "transaction", b"transaction", "transactions", b"transactions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "created", b"created", "event", b"event", "transaction", b"transaction", "transactions", b"transactions", "watch_id", b"watch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["created", "transaction", "transactions", "canceled"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class WatchCreated(_message.Message):
+    """WatchCreated acknowledges a create. Nothing in it yet: the watch's first message (`current`
+    or `progress`, or the first change replayed) says where it starts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCreated: _TypeAlias = WatchCreated  # noqa: Y015
 
 @_typing.final
 class ChangeBatch(_message.Message):

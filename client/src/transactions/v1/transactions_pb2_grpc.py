@@ -68,6 +68,11 @@ class TransactionServiceStub:
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
                 response_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.stream_stream(
+                '/transactions.v1.TransactionService/Watch',
+                request_serializer=transactions_dot_v1_dot_transactions__pb2.WatchRequest.SerializeToString,
+                response_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchResponse.FromString,
+                _registered_method=True)
         self.IngestEvents = channel.stream_stream(
                 '/transactions.v1.TransactionService/IngestEvents',
                 request_serializer=transactions_dot_v1_dot_transactions__pb2.IngestEventRequest.SerializeToString,
@@ -222,6 +227,74 @@ class TransactionServiceServicer:
         the head revision and continues live; with start_revision N it replays every matching change
         with revision > N from the change log first. Ordering, resumption and errors are as for
         WatchTransaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request_iterator, context):
+        """Watch carries many watches on one stream, as etcd's Watch does: each is what a
+        WatchTransaction or WatchTransactions call would be (the same request, the same messages,
+        every option and guarantee of theirs), created and cancelled by requests on the stream and
+        told apart by a `watch_id` the client chooses. A stream costs the server about as much as
+        one WatchTransaction stream, and each watch on it a small fraction of that: a client
+        following many transactions should use this (see docs/watch.md). A read token suffices.
+
+        Requests: `create` opens a watch (`watch_id` > 0, not open on this stream already, and a
+        target: `transaction`, a WatchTransactionRequest, or `transactions`, a
+        WatchTransactionsRequest); `cancel` ends one. Responses carry the watch's id and one of:
+        created       the create was accepted; the watch's messages follow. Sent at once, before
+        the watch's first message (for a target without start_revision its first
+        message is then `current` or `progress`, as on its own stream).
+        transaction / transactions  exactly the WatchTransactionResponse or
+        WatchTransactionsResponse the watch's own stream would have carried, in the
+        same order: changes once each, in revision order, no gap and no repeat at
+        the hand-over from replay to live, `progress` at the idle interval, a legacy
+        stand-in followed into its real transaction, batches if the target asked.
+        canceled      the watch has ended: its last message. A google.rpc.Status with the code,
+        message and details its own stream would have ended with:
+        OK                the client cancelled it.
+        INVALID_ARGUMENT  the create was refused: a google.rpc.BadRequest names
+        each field at fault by its path in the WatchRequest
+        (`create.watch_id`, `create.target`,
+        `create.transaction.order_id`,
+        `create.transaction.start_revision`,
+        `create.transactions.kinds[0]`, ...).
+        OUT_OF_RANGE      REVISION_COMPACTED or REVISION_IN_FUTURE, with the
+        ErrorInfo metadata of WatchTransaction.
+        RESOURCE_EXHAUSTED  the stream has the most watches open it may have
+        (`watch_max_per_stream`, 1,000 by default): ErrorInfo
+        reason TOO_MANY_WATCHES, metadata `max_watches`. Cancel
+        one, or open another stream.
+        UNAVAILABLE       the server is shutting down: ErrorInfo reason
+        SHUTTING_DOWN with `last_sent_revision`; resume from it.
+        INTERNAL          a fault of the server (logged there); create it again.
+        A watch's error ends that watch only: the stream and its other watches go
+        on. Every watch created gets exactly one `canceled`, and nothing after it;
+        its id may then be used again.
+
+        A `cancel` of an id with no watch open (never created, or ended already: its `canceled` was
+        sent or is on its way) is ignored, so that a cancel crossing a watch's end is harmless.
+
+        Flow control: the messages of every watch of a stream go out through one buffer of bounded
+        size. When the client does not read, the buffer fills and the watches stop taking changes,
+        each then falling behind and later catching up from the change log, as a slow reader of
+        WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
+        the buffer is full the server also stops reading requests, and it reads creates at most
+        `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+        the next request waits (each create costs the server a read; nothing is refused).
+
+        The stream ends with:
+        OK                after the client half-closed, once no watch is open (watches go on
+        after a half-close, so `grpcurl -d @` with a create keeps watching).
+        UNAVAILABLE       the server is shutting down (ErrorInfo reason SHUTTING_DOWN): every
+        open watch got its `canceled` UNAVAILABLE with `last_sent_revision`
+        first.
+        INVALID_ARGUMENT  a request that is neither `create` nor `cancel`, that does not decode,
+        or that creates a watch with the id of one still open on the stream
+        (BadRequest field `create.watch_id`): the answers could not be told
+        apart from the open watch's. Its watches end with it.
+        UNAUTHENTICATED / PERMISSION_DENIED  as for WatchTransaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -429,6 +502,11 @@ def add_TransactionServiceServicer_to_server(servicer, server):
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.FromString,
                     response_serializer=transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.SerializeToString,
             ),
+            'Watch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=transactions_dot_v1_dot_transactions__pb2.WatchRequest.FromString,
+                    response_serializer=transactions_dot_v1_dot_transactions__pb2.WatchResponse.SerializeToString,
+            ),
             'IngestEvents': grpc.stream_stream_rpc_method_handler(
                     servicer.IngestEvents,
                     request_deserializer=transactions_dot_v1_dot_transactions__pb2.IngestEventRequest.FromString,
@@ -609,6 +687,33 @@ class TransactionService:
             '/transactions.v1.TransactionService/WatchTransactions',
             transactions_dot_v1_dot_transactions__pb2.WatchTransactionsRequest.SerializeToString,
             transactions_dot_v1_dot_transactions__pb2.WatchTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/transactions.v1.TransactionService/Watch',
+            transactions_dot_v1_dot_transactions__pb2.WatchRequest.SerializeToString,
+            transactions_dot_v1_dot_transactions__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

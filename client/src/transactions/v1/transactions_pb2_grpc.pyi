@@ -146,6 +146,70 @@ class TransactionServiceStub:
     with revision > N from the change log first. Ordering, resumption and errors are as for
     WatchTransaction.
     """
+    Watch: _grpc.StreamStreamMultiCallable[_transactions_pb2.WatchRequest, _transactions_pb2.WatchResponse]
+    """Watch carries many watches on one stream, as etcd's Watch does: each is what a
+    WatchTransaction or WatchTransactions call would be (the same request, the same messages,
+    every option and guarantee of theirs), created and cancelled by requests on the stream and
+    told apart by a `watch_id` the client chooses. A stream costs the server about as much as
+    one WatchTransaction stream, and each watch on it a small fraction of that: a client
+    following many transactions should use this (see docs/watch.md). A read token suffices.
+
+    Requests: `create` opens a watch (`watch_id` > 0, not open on this stream already, and a
+    target: `transaction`, a WatchTransactionRequest, or `transactions`, a
+    WatchTransactionsRequest); `cancel` ends one. Responses carry the watch's id and one of:
+      created       the create was accepted; the watch's messages follow. Sent at once, before
+                    the watch's first message (for a target without start_revision its first
+                    message is then `current` or `progress`, as on its own stream).
+      transaction / transactions  exactly the WatchTransactionResponse or
+                    WatchTransactionsResponse the watch's own stream would have carried, in the
+                    same order: changes once each, in revision order, no gap and no repeat at
+                    the hand-over from replay to live, `progress` at the idle interval, a legacy
+                    stand-in followed into its real transaction, batches if the target asked.
+      canceled      the watch has ended: its last message. A google.rpc.Status with the code,
+                    message and details its own stream would have ended with:
+                      OK                the client cancelled it.
+                      INVALID_ARGUMENT  the create was refused: a google.rpc.BadRequest names
+                                        each field at fault by its path in the WatchRequest
+                                        (`create.watch_id`, `create.target`,
+                                        `create.transaction.order_id`,
+                                        `create.transaction.start_revision`,
+                                        `create.transactions.kinds[0]`, ...).
+                      OUT_OF_RANGE      REVISION_COMPACTED or REVISION_IN_FUTURE, with the
+                                        ErrorInfo metadata of WatchTransaction.
+                      RESOURCE_EXHAUSTED  the stream has the most watches open it may have
+                                        (`watch_max_per_stream`, 1,000 by default): ErrorInfo
+                                        reason TOO_MANY_WATCHES, metadata `max_watches`. Cancel
+                                        one, or open another stream.
+                      UNAVAILABLE       the server is shutting down: ErrorInfo reason
+                                        SHUTTING_DOWN with `last_sent_revision`; resume from it.
+                      INTERNAL          a fault of the server (logged there); create it again.
+                    A watch's error ends that watch only: the stream and its other watches go
+                    on. Every watch created gets exactly one `canceled`, and nothing after it;
+                    its id may then be used again.
+
+    A `cancel` of an id with no watch open (never created, or ended already: its `canceled` was
+    sent or is on its way) is ignored, so that a cancel crossing a watch's end is harmless.
+
+    Flow control: the messages of every watch of a stream go out through one buffer of bounded
+    size. When the client does not read, the buffer fills and the watches stop taking changes,
+    each then falling behind and later catching up from the change log, as a slow reader of
+    WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
+    the buffer is full the server also stops reading requests, and it reads creates at most
+    `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+    the next request waits (each create costs the server a read; nothing is refused).
+
+    The stream ends with:
+      OK                after the client half-closed, once no watch is open (watches go on
+                        after a half-close, so `grpcurl -d @` with a create keeps watching).
+      UNAVAILABLE       the server is shutting down (ErrorInfo reason SHUTTING_DOWN): every
+                        open watch got its `canceled` UNAVAILABLE with `last_sent_revision`
+                        first.
+      INVALID_ARGUMENT  a request that is neither `create` nor `cancel`, that does not decode,
+                        or that creates a watch with the id of one still open on the stream
+                        (BadRequest field `create.watch_id`): the answers could not be told
+                        apart from the open watch's. Its watches end with it.
+      UNAUTHENTICATED / PERMISSION_DENIED  as for WatchTransaction.
+    """
     IngestEvents: _grpc.StreamStreamMultiCallable[_transactions_pb2.IngestEventRequest, _transactions_pb2.IngestEventResponse]
     """IngestEvents is IngestEvent in bulk, for back-fills and replays: a stream of deliveries in,
     exactly one IngestEventResponse out per request, in request order. Each response is sent only
@@ -396,6 +460,70 @@ class TransactionServiceAsyncStub(TransactionServiceStub):
     the head revision and continues live; with start_revision N it replays every matching change
     with revision > N from the change log first. Ordering, resumption and errors are as for
     WatchTransaction.
+    """
+    Watch: _aio.StreamStreamMultiCallable[_transactions_pb2.WatchRequest, _transactions_pb2.WatchResponse]  # type: ignore[assignment]
+    """Watch carries many watches on one stream, as etcd's Watch does: each is what a
+    WatchTransaction or WatchTransactions call would be (the same request, the same messages,
+    every option and guarantee of theirs), created and cancelled by requests on the stream and
+    told apart by a `watch_id` the client chooses. A stream costs the server about as much as
+    one WatchTransaction stream, and each watch on it a small fraction of that: a client
+    following many transactions should use this (see docs/watch.md). A read token suffices.
+
+    Requests: `create` opens a watch (`watch_id` > 0, not open on this stream already, and a
+    target: `transaction`, a WatchTransactionRequest, or `transactions`, a
+    WatchTransactionsRequest); `cancel` ends one. Responses carry the watch's id and one of:
+      created       the create was accepted; the watch's messages follow. Sent at once, before
+                    the watch's first message (for a target without start_revision its first
+                    message is then `current` or `progress`, as on its own stream).
+      transaction / transactions  exactly the WatchTransactionResponse or
+                    WatchTransactionsResponse the watch's own stream would have carried, in the
+                    same order: changes once each, in revision order, no gap and no repeat at
+                    the hand-over from replay to live, `progress` at the idle interval, a legacy
+                    stand-in followed into its real transaction, batches if the target asked.
+      canceled      the watch has ended: its last message. A google.rpc.Status with the code,
+                    message and details its own stream would have ended with:
+                      OK                the client cancelled it.
+                      INVALID_ARGUMENT  the create was refused: a google.rpc.BadRequest names
+                                        each field at fault by its path in the WatchRequest
+                                        (`create.watch_id`, `create.target`,
+                                        `create.transaction.order_id`,
+                                        `create.transaction.start_revision`,
+                                        `create.transactions.kinds[0]`, ...).
+                      OUT_OF_RANGE      REVISION_COMPACTED or REVISION_IN_FUTURE, with the
+                                        ErrorInfo metadata of WatchTransaction.
+                      RESOURCE_EXHAUSTED  the stream has the most watches open it may have
+                                        (`watch_max_per_stream`, 1,000 by default): ErrorInfo
+                                        reason TOO_MANY_WATCHES, metadata `max_watches`. Cancel
+                                        one, or open another stream.
+                      UNAVAILABLE       the server is shutting down: ErrorInfo reason
+                                        SHUTTING_DOWN with `last_sent_revision`; resume from it.
+                      INTERNAL          a fault of the server (logged there); create it again.
+                    A watch's error ends that watch only: the stream and its other watches go
+                    on. Every watch created gets exactly one `canceled`, and nothing after it;
+                    its id may then be used again.
+
+    A `cancel` of an id with no watch open (never created, or ended already: its `canceled` was
+    sent or is on its way) is ignored, so that a cancel crossing a watch's end is harmless.
+
+    Flow control: the messages of every watch of a stream go out through one buffer of bounded
+    size. When the client does not read, the buffer fills and the watches stop taking changes,
+    each then falling behind and later catching up from the change log, as a slow reader of
+    WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
+    the buffer is full the server also stops reading requests, and it reads creates at most
+    `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+    the next request waits (each create costs the server a read; nothing is refused).
+
+    The stream ends with:
+      OK                after the client half-closed, once no watch is open (watches go on
+                        after a half-close, so `grpcurl -d @` with a create keeps watching).
+      UNAVAILABLE       the server is shutting down (ErrorInfo reason SHUTTING_DOWN): every
+                        open watch got its `canceled` UNAVAILABLE with `last_sent_revision`
+                        first.
+      INVALID_ARGUMENT  a request that is neither `create` nor `cancel`, that does not decode,
+                        or that creates a watch with the id of one still open on the stream
+                        (BadRequest field `create.watch_id`): the answers could not be told
+                        apart from the open watch's. Its watches end with it.
+      UNAUTHENTICATED / PERMISSION_DENIED  as for WatchTransaction.
     """
     IngestEvents: _aio.StreamStreamMultiCallable[_transactions_pb2.IngestEventRequest, _transactions_pb2.IngestEventResponse]  # type: ignore[assignment]
     """IngestEvents is IngestEvent in bulk, for back-fills and replays: a stream of deliveries in,
@@ -674,6 +802,76 @@ class TransactionServiceServicer(metaclass=_abc_1.ABCMeta):
         the head revision and continues live; with start_revision N it replays every matching change
         with revision > N from the change log first. Ordering, resumption and errors are as for
         WatchTransaction.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_transactions_pb2.WatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_transactions_pb2.WatchResponse], _abc.AsyncIterator[_transactions_pb2.WatchResponse]]:
+        """Watch carries many watches on one stream, as etcd's Watch does: each is what a
+        WatchTransaction or WatchTransactions call would be (the same request, the same messages,
+        every option and guarantee of theirs), created and cancelled by requests on the stream and
+        told apart by a `watch_id` the client chooses. A stream costs the server about as much as
+        one WatchTransaction stream, and each watch on it a small fraction of that: a client
+        following many transactions should use this (see docs/watch.md). A read token suffices.
+
+        Requests: `create` opens a watch (`watch_id` > 0, not open on this stream already, and a
+        target: `transaction`, a WatchTransactionRequest, or `transactions`, a
+        WatchTransactionsRequest); `cancel` ends one. Responses carry the watch's id and one of:
+          created       the create was accepted; the watch's messages follow. Sent at once, before
+                        the watch's first message (for a target without start_revision its first
+                        message is then `current` or `progress`, as on its own stream).
+          transaction / transactions  exactly the WatchTransactionResponse or
+                        WatchTransactionsResponse the watch's own stream would have carried, in the
+                        same order: changes once each, in revision order, no gap and no repeat at
+                        the hand-over from replay to live, `progress` at the idle interval, a legacy
+                        stand-in followed into its real transaction, batches if the target asked.
+          canceled      the watch has ended: its last message. A google.rpc.Status with the code,
+                        message and details its own stream would have ended with:
+                          OK                the client cancelled it.
+                          INVALID_ARGUMENT  the create was refused: a google.rpc.BadRequest names
+                                            each field at fault by its path in the WatchRequest
+                                            (`create.watch_id`, `create.target`,
+                                            `create.transaction.order_id`,
+                                            `create.transaction.start_revision`,
+                                            `create.transactions.kinds[0]`, ...).
+                          OUT_OF_RANGE      REVISION_COMPACTED or REVISION_IN_FUTURE, with the
+                                            ErrorInfo metadata of WatchTransaction.
+                          RESOURCE_EXHAUSTED  the stream has the most watches open it may have
+                                            (`watch_max_per_stream`, 1,000 by default): ErrorInfo
+                                            reason TOO_MANY_WATCHES, metadata `max_watches`. Cancel
+                                            one, or open another stream.
+                          UNAVAILABLE       the server is shutting down: ErrorInfo reason
+                                            SHUTTING_DOWN with `last_sent_revision`; resume from it.
+                          INTERNAL          a fault of the server (logged there); create it again.
+                        A watch's error ends that watch only: the stream and its other watches go
+                        on. Every watch created gets exactly one `canceled`, and nothing after it;
+                        its id may then be used again.
+
+        A `cancel` of an id with no watch open (never created, or ended already: its `canceled` was
+        sent or is on its way) is ignored, so that a cancel crossing a watch's end is harmless.
+
+        Flow control: the messages of every watch of a stream go out through one buffer of bounded
+        size. When the client does not read, the buffer fills and the watches stop taking changes,
+        each then falling behind and later catching up from the change log, as a slow reader of
+        WatchTransaction does: nothing is lost, and the server does not buffer without bound. While
+        the buffer is full the server also stops reading requests, and it reads creates at most
+        `watch_creates_per_second` a stream (1,000 by default, a second's worth at once): past it
+        the next request waits (each create costs the server a read; nothing is refused).
+
+        The stream ends with:
+          OK                after the client half-closed, once no watch is open (watches go on
+                            after a half-close, so `grpcurl -d @` with a create keeps watching).
+          UNAVAILABLE       the server is shutting down (ErrorInfo reason SHUTTING_DOWN): every
+                            open watch got its `canceled` UNAVAILABLE with `last_sent_revision`
+                            first.
+          INVALID_ARGUMENT  a request that is neither `create` nor `cancel`, that does not decode,
+                            or that creates a watch with the id of one still open on the stream
+                            (BadRequest field `create.watch_id`): the answers could not be told
+                            apart from the open watch's. Its watches end with it.
+          UNAUTHENTICATED / PERMISSION_DENIED  as for WatchTransaction.
         """
 
     @_abc_1.abstractmethod
