@@ -71,6 +71,7 @@ NOT_RETRIED = (
     "BackfillTransactions",
     "WatchTransaction",
     "WatchTransactions",
+    "Watch",
 )
 
 
