@@ -44,7 +44,8 @@ are the totals over all rounds.
  7. GetTransaction latency, one call at a time, with 1k and with 300k transactions stored
     (the store grown through IngestEvents, i.e. the service's own bulk path, not a side load);
     bytes per transaction (database files / transactions); server memory per open watch
-    (resident memory with the 1,100 watches of row 5 open, less before, over 1,100).
+    (resident memory with the 1,100 watches of row 5 open, less before, over 1,100), and the
+    same with those watches on `Watch` streams, 100 a stream, in a server of their own.
  PostgreSQL (issue 8), beside SQLite: IngestEvents events/s with one server, and with two
     servers on the same database (one stream each, summed); cross-replica watch delay p50/p99: a
     feed watcher on replica B, deliveries (50/s) to replica A.
@@ -89,6 +90,8 @@ from transactions.v1 import transactions_pb2_grpc as pb_grpc
 FIXTURES = ROOT / "tests" / "fixtures" / "junction"
 LISTENING = re.compile(r"transaction-service listening on \S+:(\d+)")
 SERVICE = "transactions.v1.TransactionService"
+# Row 7's second figure: watches per `Watch` stream.
+WATCHES_PER_STREAM = 100
 DEFAULT_PG = os.environ.get(
     "TRANSACTION_SERVICE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -567,6 +570,20 @@ async def store_size_rows(size: Size, folder: Path, results: dict[str, Any]) -> 
     files = [db, db.with_name(db.name + "-wal")]
     stored = sum(f.stat().st_size for f in files if f.exists())
     results["bytes_per_transaction"] = stored / size.large_store
+    # Memory per open watch on `Watch` (many watches a stream): row 5's watches, 100 a stream, in
+    # a server of their own (bench/watch_memory.py measures it, and says where the bytes go).
+    import watch_memory
+
+    multiplexed = await watch_memory.one_server(
+        None,
+        folder,
+        size.single_watchers,
+        size.feed_watchers,
+        trace=False,
+        bare=False,
+        per_stream=WATCHES_PER_STREAM,
+    )
+    results["server_memory_per_multiplexed_watch_bytes"] = multiplexed["rss"]
 
 
 # -- fan-out -------------------------------------------------------------------------------------
@@ -972,6 +989,14 @@ def table(results: dict[str, Any]) -> str:
             (
                 "7 server memory per open watch",
                 f"{r['fanout']['server_memory_per_watch_bytes'] / 1024:.1f} KiB",
+                "",
+            )
+        )
+    if "server_memory_per_multiplexed_watch_bytes" in r:
+        rows.append(
+            (
+                f"7 server memory per open watch, on Watch ({WATCHES_PER_STREAM} a stream)",
+                f"{r['server_memory_per_multiplexed_watch_bytes'] / 1024:.1f} KiB",
                 "",
             )
         )

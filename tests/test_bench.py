@@ -29,6 +29,7 @@ def test_bench_smoke_run_prints_the_table_and_writes_json(tmp_path: Path) -> Non
         "get_ratio",
         "ingest_events_ratio",
         "bytes_per_transaction",
+        "server_memory_per_multiplexed_watch_bytes",
     ):
         assert results[key] > 0, key
     # Correctness is checked even in the smallest run: no watcher missed a change.
