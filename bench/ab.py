@@ -12,7 +12,9 @@ Per round and server: IngestEvent throughput with C calls in flight (distinct de
 the latency of calls made one at a time, and the server's CPU time per call over both (read from
 /proc: the figure a busy neighbour moves least). With `--traced`, a third server runs this tree with
 tracing on, exporting to an OTLP receiver in this process (which counts the spans), to show what
-tracing costs when it is on. Tracing is off in the other two (no OTEL_* variables).
+tracing costs when it is on. Tracing is off in the other two (no OTEL_* variables). With
+`--reads`, each round also measures GetTransaction as bench.py's row 3 does (random known order
+ids of 1,000 transactions, C in flight) and the server's CPU per read.
 """
 
 from __future__ import annotations
@@ -127,10 +129,28 @@ async def measure(
     return load.rate, percentile(latencies, 0.5) * 1000, cpu_ms
 
 
+async def measure_reads(
+    stub: Any, pid: int, order_ids: list[str], seconds: float, concurrency: int
+) -> tuple[float, float]:
+    """(GetTransaction calls/s with `concurrency` in flight, the server's CPU ms per call)."""
+    cpu = cpu_seconds(pid)
+    load = await closed_loop(
+        lambda i: stub.GetTransaction(
+            pb.GetTransactionRequest(order_id=order_ids[(i * 7919) % len(order_ids)])
+        ),
+        concurrency=concurrency,
+        seconds=seconds,
+        limit=10**9,
+    )
+    return load.rate, (cpu_seconds(pid) - cpu) * 1000 / load.calls
+
+
 async def main_async(args: argparse.Namespace) -> None:
     other = Path(args.other).resolve()
     folder = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     per_server = int(args.rounds * (args.seconds * 1500 + args.calls)) + 1000
+    stored = 1000 if args.reads else 0
+    per_server += stored
     names = ["this", "other"] + (["this, traced"] if args.traced else [])
     pools = {
         name: [as_request(run["deliveries"][0]) for run in transactions(per_server)]
@@ -162,6 +182,17 @@ async def main_async(args: argparse.Namespace) -> None:
         pids = {name: pid for name, (_, pid) in addresses.items()}
         for name, stub in stubs.items():  # warm up: first connections, first commits
             await measure(stub, pids[name], pools[name], 0.5, args.concurrency, 20)
+        order_ids: dict[str, list[str]] = {}
+        for name, stub in stubs.items():  # what --reads reads
+            order_ids[name] = []
+            for start in range(0, stored, 50):  # within the server's streams per connection
+                answers = await asyncio.gather(
+                    *(stub.IngestEvent(r) for r in pools[name][start : start + 50])
+                )
+                order_ids[name] += [a.transaction.orders[0].id for a in answers]
+            del pools[name][:stored]
+        read_rates: dict[str, list[float]] = {name: [] for name in names}
+        read_cpus: dict[str, list[float]] = {name: [] for name in names}
         for round_number in range(args.rounds):
             order = names if round_number % 2 == 0 else list(reversed(names))
             for name in order:
@@ -171,6 +202,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 rates[name].append(rate)
                 p50s[name].append(p50)
                 cpus[name].append(cpu)
+                if args.reads:
+                    read_rate, read_cpu = await measure_reads(
+                        stubs[name], pids[name], order_ids[name], args.seconds, args.concurrency
+                    )
+                    read_rates[name].append(read_rate)
+                    read_cpus[name].append(read_cpu)
             print(
                 f"round {round_number + 1}: "
                 + ", ".join(
@@ -210,6 +247,22 @@ async def main_async(args: argparse.Namespace) -> None:
             f"  {name:14} median {median(cpus[name]):6.3f} ms  ratio to other {ratio:.3f}"
             f"  (rounds: {', '.join(f'{c:.3f}' for c in cpus[name])})"
         )
+    if args.reads:
+        print(f"GetTransaction, {args.concurrency} in flight, and the server's CPU per read:")
+        for name in names:
+            rate_ratio = median(
+                [a / b for a, b in zip(read_rates[name], read_rates["other"], strict=True)]
+            )
+            cpu_ratio = median(
+                [a / b for a, b in zip(read_cpus[name], read_cpus["other"], strict=True)]
+            )
+            print(
+                f"  {name:14} median {median(read_rates[name]):7.0f}/s  ratio to other "
+                f"{rate_ratio:.3f}; CPU {median(read_cpus[name]) * 1000:5.0f} us  ratio to other "
+                f"{cpu_ratio:.3f}  (rounds: "
+                + ", ".join(f"{c * 1000:.0f}" for c in read_cpus[name])
+                + ")"
+            )
     if args.traced:
         print(f"spans received from the traced server: {spans[0]}")
 
@@ -222,6 +275,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--calls", type=int, default=150, help="sequential calls per round")
     parser.add_argument("--traced", action="store_true", help="also this tree with tracing on")
+    parser.add_argument("--reads", action="store_true", help="also GetTransaction (row 3's)")
     parser.add_argument(
         "--env",
         action="append",

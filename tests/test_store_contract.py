@@ -415,6 +415,132 @@ async def test_knowledge_alone_keeps_the_revision_and_a_folded_stand_in_is_gone(
     assert await store.transaction_ids("", 10) == ["t1", "t2"]
 
 
+async def test_reads_made_before_a_write_never_hide_it(store: Store) -> None:
+    """Whatever a store keeps of what it read (SQLite keeps the latest states read,
+    store/latest.py) is forgotten by the writes that change it: a change, a fold, an order that
+    moves to another transaction."""
+    await put(store, view("o9", "o9"), view("t1", "o1"), view("t5", "o5", "o6"))
+    for _ in range(2):  # read twice: the second may be answered from what the first kept
+        assert (await store.get("t1"))[0] is not None
+        assert (await store.get("o9"))[0] is not None
+        assert (await store.get_by_order("o9"))[0] is not None
+        assert (await store.get_by_order("o5"))[0] is not None
+    plan = Plan()
+    plan.plan.deleted.add("o9")
+    plan.change(
+        view("t2", "o2", "o9", "o5"),
+        "e-fold",
+        order_id="o9",
+        kinds=(ChangeKind.LEGACY_MERGED,),
+        merged=(("o9", frozenset({ChangeKind.TRANSACTION_CREATED})),),
+    )
+    plan.change(view("t1", "o1", status=COMPLETED), "e-done", order_id="o1")
+    plan.change(view("t5", "o6"), "e-moved", order_id="o6")  # o5 went to t2; t5 stays
+    await commit(store, plan)
+    assert await store.get("o9") == (None, 6)
+    t5, head = await store.get("t5")  # kept again, perhaps, before o5 is asked for
+    assert t5 is not None
+    assert (t5.view, t5.revision, head) == (view("t5", "o6"), 6, 6)
+    for order_id in ("o9", "o5"):
+        by_order, head = await store.get_by_order(order_id)
+        assert by_order is not None
+        assert (by_order.view.id, by_order.revision, head) == ("t2", 4, 6)
+    t1, head = await store.get("t1")
+    assert t1 is not None
+    assert (t1.view.status, t1.revision, head) == (COMPLETED, 5, 6)
+    # And read again, now perhaps from what these reads kept.
+    assert (await store.get("t1"))[0] == t1
+    assert (await store.get_by_order("o5"))[0] == (await store.get("t2"))[0]
+
+
+def _commit_then(conn: Any, after_commit: Callable[[], Awaitable[None]]) -> Callable[..., Any]:
+    """Wrap an aiosqlite connection's `execute` so that `after_commit` runs once SQLite has
+    committed, before the store learns that it did."""
+    execute = conn.execute
+
+    async def wrapped(sql: str, *args: Any) -> Any:
+        result = await execute(sql, *args)
+        if sql == "COMMIT":
+            await after_commit()
+        return result
+
+    return wrapped
+
+
+async def test_sqlite_reads_between_a_commit_and_its_acknowledgement_pair_a_state_with_its_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite has committed; the store has not yet learnt it. A read then may answer the old or
+    the new state, but always with a head at least its revision, and nothing read in that
+    window is kept past it."""
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    try:
+        await put(store, view("t1", "o1"), view("t2", "o2"))
+        assert (await store.get("t1"))[0] is not None  # kept
+        seen: list[tuple[str, int, int]] = []
+
+        async def read_all() -> None:
+            for _ in range(2):
+                for found, head in (
+                    await store.get("t1"),
+                    await store.get("t2"),
+                    await store.get_by_order("o2"),
+                ):
+                    assert found is not None
+                    seen.append((found.view.id, found.revision, head))
+
+        assert store._writer is not None
+        monkeypatch.setattr(store._writer, "execute", _commit_then(store._writer, read_all))
+        await put(store, view("t1", "o1", status=COMPLETED), view("t2", "o2", status=COMPLETED))
+        monkeypatch.undo()
+        assert seen, "the reads ran"
+        assert all(revision <= head for _, revision, head in seen), seen
+        # Once the write returned, every read answers its states.
+        assert [(s.view.id, s.revision, h) for s, h in [await store.get("t1")] if s] == [
+            ("t1", 3, 4)
+        ]
+        assert [(s.view.id, s.revision, h) for s, h in [await store.get("t2")] if s] == [
+            ("t2", 4, 4)
+        ]
+        assert [(s.view.id, s.revision, h) for s, h in [await store.get_by_order("o2")] if s] == [
+            ("t2", 4, 4)
+        ]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_commit_whose_outcome_is_unknown_leaves_no_stale_state_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT reported an I/O error, yet the rows are in the file (what `fsync` failing after
+    the WAL's write can leave): the write is refused, and reads answer what the file holds,
+    not what was kept from before."""
+    import sqlite3
+
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    try:
+        await put(store, view("t1", "o1"))
+        for _ in range(2):
+            assert (await store.get("t1"))[0] is not None
+            assert (await store.get_by_order("o1"))[0] is not None
+
+        async def fail() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        assert store._writer is not None
+        monkeypatch.setattr(store._writer, "execute", _commit_then(store._writer, fail))
+        with pytest.raises(StoreUnavailable):
+            await put(store, view("t1", "o1", status=CANCELLED))
+        monkeypatch.undo()
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (CANCELLED, 2, 2)
+    finally:
+        await store.close()
+
+
 # -- TransactionReads -----------------------------------------------------------------------------
 
 
@@ -928,3 +1054,24 @@ async def test_a_closed_store_refuses_every_call_as_unavailable(store: Store) ->
     assert [name for name, call in calls if not await _refused(store, call)] == []
     # Probing never raises; it only tells `health`.
     await store.probe()
+
+
+def test_sqlite_latest_states_keep_at_most_their_bytes_oldest_out_first() -> None:
+    from transaction_service.store.latest import LatestStates
+
+    latest = LatestStates(max_bytes=3 * (1000 + 200))
+    latest.learn(0, 7, "t0", "x" * 1000, 1, writing=True)  # head not known while writing
+    assert latest.get("t0") is None
+    for i in range(5):
+        latest.learn(0, 7, f"t{i}", "x" * 1000, i + 1, order_id=f"o{i}", writing=False)
+    assert [i for i in range(5) if latest.get(f"t{i}")] == [2, 3, 4]
+    found = latest.get_by_order("o4")
+    assert found is not None
+    assert (found[0].revision, found[1]) == (5, 7)
+    latest.learn(0, 8, "t0", "x", 1, writing=False)  # read with another head: not kept
+    assert latest.get("t0") is None
+    latest.learn(latest.writes_ended - 1, 7, "t0", "x", 1, writing=False)  # a write ended since
+    assert latest.get("t0") is None
+    latest.unsure()
+    assert latest.get("t4") is None
+    assert latest.head is None

@@ -65,6 +65,7 @@ from transaction_service.store.base import (
     TransactionSnapshot,
 )
 from transaction_service.store.health import WriteHealth
+from transaction_service.store.latest import LatestStates
 from transaction_service.store.rows import (
     CHANGE_COLUMNS,
     EVENT_COLUMNS,
@@ -240,6 +241,8 @@ class SqliteStore:
         self._lock_fd: int | None = None
         # Bodies were erased but the WAL could not be emptied yet (a reader was in the way).
         self._scrub_pending = False
+        # GetTransaction's states, kept between writes (store/latest.py says why it is right).
+        self._latest = LatestStates()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -274,6 +277,7 @@ class SqliteStore:
             )
             # Never wait on the loop's thread: a busy database sends the read to the pool.
             self._point.execute("PRAGMA busy_timeout = 0")
+            self._latest = LatestStates()
         except BaseException:
             await self.close()
             raise
@@ -448,6 +452,7 @@ class SqliteStore:
         if self._point is not None:
             self._point.close()
             self._point = None
+        self._latest.unsure()
         async with self._write_lock:
             if self._writer is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -489,10 +494,18 @@ class SqliteStore:
                     self._check_identity()
                     await conn.execute("COMMIT")
                 except BaseException:
+                    # Whether it committed is not always known (cancelled while SQLite
+                    # committed, an I/O error from COMMIT): the kept states may be stale.
+                    self._latest.unsure()
                     if conn.in_transaction:
                         with contextlib.suppress(sqlite3.Error):
                             await conn.execute("ROLLBACK")
                     raise
+                self._latest.committed(
+                    applied.base_revision + len(batch.changes) if batch.changes else None,
+                    (*batch.transactions, *batch.deleted),
+                    batch.order_index,
+                )
             except (sqlite3.DataError, UnicodeEncodeError) as exc:
                 # The data written is to blame (a value SQLite cannot bind or hold), not the
                 # store: health stays as it is, and the commit path finds the delivery.
@@ -599,22 +612,42 @@ class SqliteStore:
             return list(await _rows(conn, sql, params))
 
     async def get(self, transaction_id: str) -> tuple[TransactionSnapshot | None, int]:
+        kept = self._latest.get(transaction_id)
+        if kept is not None:
+            return kept
+        writes_ended = self._latest.writes_ended
         rows = await self._fetch_point(
             f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
             " LEFT JOIN transactions t ON t.id = ?",
             (transaction_id,),
         )
         head, view, revision = rows[0]
+        self._latest.learn(
+            writes_ended, head, transaction_id, view, revision, writing=self._write_lock.locked()
+        )
         return (snapshot(view, revision) if view is not None else None), head
 
     async def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot | None, int]:
+        kept = self._latest.get_by_order(order_id)
+        if kept is not None:
+            return kept
+        writes_ended = self._latest.writes_ended
         rows = await self._fetch_point(
-            f"SELECT {_HEAD}, t.view, t.revision FROM (SELECT 1)"
+            f"SELECT {_HEAD}, t.view, t.revision, t.id FROM (SELECT 1)"
             " LEFT JOIN order_transactions o ON o.order_id = ?"
             " LEFT JOIN transactions t ON t.id = o.transaction_id",
             (order_id,),
         )
-        head, view, revision = rows[0]
+        head, view, revision, transaction_id = rows[0]
+        self._latest.learn(
+            writes_ended,
+            head,
+            transaction_id,
+            view,
+            revision,
+            order_id=order_id,
+            writing=self._write_lock.locked(),
+        )
         return (snapshot(view, revision) if view is not None else None), head
 
     async def list_transactions(

@@ -1,0 +1,117 @@
+"""The latest state of recently read transactions, kept in memory by the SQLite store, so that
+`GetTransaction` does not ask SQLite again for a state it read before and nothing has changed
+since.
+
+It is right because one process owns a SQLite file (`SqliteStore._take_lock`) and every write
+to transactions and orders goes through `SqliteStore.write`, which tells this cache the outcome
+before it returns, on the event loop's thread:
+
+- a committed write drops what it wrote (its transactions, folded stand-ins and orders) and
+  sets the head revision the commit reached (`committed`); the next read of those asks SQLite;
+- a write that failed, or whose outcome is not known (cancelled while SQLite committed), drops
+  everything and forgets the head (`unsure`): reads go to SQLite until a commit says the head
+  again.
+
+Between SQLite finishing a commit (on its thread) and the event loop learning of it, a read may
+see the new rows in SQLite while this cache still holds the old ones. A hit then answers as if
+the read came just before the commit, head included, which it may: the write has not been
+acknowledged nor published yet. A miss keeps what it read only if the head it read with it is
+the head this cache knows and no write ended while it read (`learn`): a state from a commit not
+yet told must not be kept, or a hit would pair it with an older head. Every answer is a state
+and the head of one moment: its revision is at most that head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transaction_service.store.base import TransactionSnapshot
+
+# What the kept states may hold: their view JSON, and about this much more each.
+MAX_BYTES = 16 * 1024 * 1024
+_PER_ENTRY = 200
+# Orders kept by id: past this many, all are forgotten (each is a few dozen bytes).
+_MAX_ORDERS = 100_000
+
+
+class LatestStates:
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        # (view JSON, revision) by transaction id, oldest kept first. A hit answers a snapshot of
+        # its own: one that a caller decodes (`view`) must not grow what is kept here.
+        self._by_id: dict[str, tuple[str | bytes, int]] = {}
+        self._bytes = 0
+        self._order_ids: dict[str, str] = {}
+        # The head revision as of the last commit told; None: not known (reads go to SQLite).
+        self.head: int | None = None
+        # Counts the writes that ended (committed or not): a read that spans one keeps nothing.
+        self.writes_ended = 0
+
+    def get(self, transaction_id: str) -> tuple[TransactionSnapshot, int] | None:
+        head = self.head
+        if head is None:
+            return None
+        found = self._by_id.get(transaction_id)
+        if found is None:
+            return None
+        return TransactionSnapshot(revision=found[1], view_json=found[0]), head
+
+    def get_by_order(self, order_id: str) -> tuple[TransactionSnapshot, int] | None:
+        transaction_id = self._order_ids.get(order_id)
+        return None if transaction_id is None else self.get(transaction_id)
+
+    def learn(
+        self,
+        writes_ended: int,
+        head: int,
+        transaction_id: str | None,
+        view_json: str | bytes | None,
+        revision: int,
+        *,
+        order_id: str | None = None,
+        writing: bool,
+    ) -> None:
+        """Keep what a read from SQLite found, if it is the state of the moment this cache
+        stands for. `writes_ended` is `self.writes_ended` as it was before the read; `writing`
+        says whether a write is under way now (its commit may have ended in SQLite already)."""
+        if writes_ended != self.writes_ended:
+            return
+        if self.head is None:
+            if writing:
+                return
+            self.head = head  # no write under way or ended since the read: SQLite's head
+        if head != self.head or view_json is None or transaction_id is None:
+            return
+        if order_id is not None:
+            if len(self._order_ids) >= _MAX_ORDERS:
+                self._order_ids.clear()
+            self._order_ids[order_id] = transaction_id
+        if transaction_id not in self._by_id:
+            self._by_id[transaction_id] = (view_json, revision)
+            self._bytes += len(view_json) + _PER_ENTRY
+            while self._bytes > self._max_bytes and self._by_id:
+                oldest = next(iter(self._by_id))
+                self._bytes -= len(self._by_id.pop(oldest)[0]) + _PER_ENTRY
+
+    def committed(
+        self, head: int | None, transaction_ids: Iterable[str], order_ids: Iterable[str]
+    ) -> None:
+        """A write committed: what it wrote is dropped, and `head` (if it made changes) is the
+        head revision now."""
+        self.writes_ended += 1
+        for transaction_id in transaction_ids:
+            dropped = self._by_id.pop(transaction_id, None)
+            if dropped is not None:
+                self._bytes -= len(dropped[0]) + _PER_ENTRY
+        for order_id in order_ids:
+            self._order_ids.pop(order_id, None)
+        if head is not None:
+            self.head = head
+
+    def unsure(self) -> None:
+        """A write failed or its outcome is unknown: keep nothing, know no head."""
+        self.writes_ended += 1
+        self._by_id.clear()
+        self._order_ids.clear()
+        self._bytes = 0
+        self.head = None
