@@ -176,7 +176,8 @@ def test_connections_past_the_cap_get_503_and_shedding_is_logged_once(tmp_path: 
 
 def test_an_oversized_or_malformed_head_gets_a_4xx_and_no_traceback(tmp_path: Path) -> None:
     """A head over 16 KiB: 431 with a JSON error and the connection closed; a 9 KiB header line
-    (over aiohttp's own 8 KiB) within it is served; a malformed request is 400. No ERROR and no
+    (over aiohttp's own 8 KiB) within it is served; a malformed request is 400 with a JSON error
+    (MALFORMED_REQUEST) like every other refusal, and no versions in its head. No ERROR and no
     traceback in the log (before: a header over 8 KiB logged an ERROR with a traceback)."""
     with serve(tmp_path) as server:
         port = server.http_port
@@ -186,10 +187,33 @@ def test_an_oversized_or_malformed_head_gets_a_4xx_and_no_traceback(tmp_path: Pa
         assert big.headers.get("Connection") == "close"
         fits = request(port, "GET", "/healthz", headers={"X-Long": "l" * 9_000})
         assert fits.status == 200, fits.body
-        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")
-            answer = sock.recv(4096)
-        assert re.match(rb"HTTP/1\.[01] 400 ", answer), answer
+        for malformed, fault in (
+            (b"GET /healthz HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n", "Invalid header token"),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+                "Received HTTPS traffic on an HTTP port",
+            ),
+            (
+                b"POST /webhooks/junction HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+                "Invalid character in Content-Length",
+            ),
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+                sock.sendall(malformed)
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            # JSON like every other refusal; no Python literal of the bytes, no versions.
+            assert re.match(rb"HTTP/1\.[01] 400 ", head), answer
+            assert b"\r\nServer: transaction-service\r\n" in head, answer
+            assert b"aiohttp" not in head, answer
+            assert json.loads(body) == {
+                "error": {
+                    "code": "MALFORMED_REQUEST",
+                    "message": f"malformed HTTP request: {fault}",
+                }
+            }
         server.wait_for_log(re.compile(r"INFO .*http: malformed request answered 400"))
         text = metrics_text(server)
         log = server.log_text()

@@ -29,6 +29,7 @@ from typing import cast
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 from transaction_service.config import Settings
 from transaction_service.errors import Reason, RequestTimeout, Unavailable
@@ -404,6 +405,44 @@ class ResponseWritten(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return True
+
+
+class JsonErrors(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering a request it cannot parse (a bad request
+    line, header or chunked encoding; 400) as every other refusal of this listener is: a JSON
+    error body and this server's `Server` header. aiohttp's own answer is text with the bytes
+    it choked on as a Python literal, and names aiohttp's and Python's versions on a port that
+    faces the internet."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's: logs it (`MalformedRequests` makes that one line) and refuses to answer on
+        # a connection whose response has begun.
+        super().handle_error(request, status, exc, message)
+        if status == 504:  # the handler did not finish in time
+            code, text = "DEADLINE_EXCEEDED", "the server did not answer in time; retry"
+        elif status >= 500:
+            code, text = "INTERNAL", "the server could not answer this request"
+        else:
+            # The first line of aiohttp's message names the fault ("Invalid header token:");
+            # what follows quotes the bytes, which are the caller's and are not repeated.
+            reason = (message or "").split("\n", 1)[0].strip().rstrip(":")
+            code = "MALFORMED_REQUEST"
+            text = "malformed HTTP request" + (f": {reason}" if reason else "")
+        response = web.json_response(
+            {"error": {"code": code, "message": text}},
+            status=status,
+            headers={"Server": "transaction-service"},
+        )
+        response.force_close()
+        return response
 
 
 class MalformedRequests(logging.Filter):

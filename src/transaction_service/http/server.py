@@ -45,6 +45,7 @@ from transaction_service.http.guard import (
     BodySlots,
     Connections,
     EdgeLimits,
+    JsonErrors,
     MalformedRequests,
     ResponseWritten,
     Shedding,
@@ -336,14 +337,12 @@ class HttpListener:
             metrics,
         )
         logging.getLogger("aiohttp.server").addFilter(_MALFORMED)
-        self._runner = web.AppRunner(
-            build_http_app(self._app, bodies),
-            handle_signals=False,
+        # Each connection's protocol (aiohttp's RequestHandler, as JsonErrors).
+        protocol: dict[str, Any] = dict(
             # Not an access log (webhook outcomes are logged one line each): the guard's signal
             # that a response is written.
             access_log_class=ResponseWritten,
             access_log=log,
-            shutdown_timeout=settings.shutdown_grace_seconds,
             # The guard closes idle and slow connections; aiohttp's own timer is a backstop.
             keepalive_timeout=limits.idle_timeout + limits.head_timeout,
             lingering_time=LINGER_SECONDS,
@@ -352,9 +351,22 @@ class HttpListener:
             max_line_size=limits.max_head_bytes,
             max_field_size=limits.max_head_bytes,
         )
+        self._runner = web.AppRunner(
+            build_http_app(self._app, bodies),
+            handle_signals=False,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            **protocol,
+        )
         await self._runner.setup()
-        assert self._runner.server is not None
-        connections = Connections(limits, self._runner.server, self._shedding, metrics)
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        connections = Connections(
+            limits,
+            lambda: JsonErrors(server, loop=loop, **protocol),
+            self._shedding,
+            metrics,
+        )
         await _GuardedSite(self._runner, self._socket, connections).start()
 
     async def stop(self) -> None:
