@@ -541,6 +541,71 @@ async def test_sqlite_a_commit_whose_outcome_is_unknown_leaves_no_stale_state_ke
         await store.close()
 
 
+@pytest.mark.parametrize("cancels", ["once", "twice"])
+async def test_sqlite_a_write_cancelled_before_its_commit_ran_leaves_no_stale_state_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancels: str
+) -> None:
+    """A write is cancelled while its COMMIT still waits for, or runs on, aiosqlite's thread,
+    and leaves the write lock before that COMMIT ends: once, when SQLite already says "no
+    transaction" (it does so as its COMMIT begins, before the commit is written), or twice (the
+    second cancel stops the wait for the ROLLBACK queued behind the COMMIT). Reads made before
+    the COMMIT ends answer the old state; once it has ended, every read answers what the file
+    holds, and a later write's head is never paired with the old state."""
+    import threading
+
+    import aiosqlite
+
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    hold = threading.Event()
+    try:
+        await put(store, view("t1", "o1"))
+        for _ in range(2):
+            assert (await store.get("t1"))[0] is not None
+            assert (await store.get_by_order("o1"))[0] is not None
+        conn = store._writer
+        assert conn is not None
+        execute = conn.execute
+        at_commit, at_rollback = asyncio.Event(), asyncio.Event()
+
+        async def slow_commit(sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":  # the thread is busy until `hold` is set, then commits
+                at_commit.set()
+                return await conn._execute(lambda: (hold.wait(), conn._conn.execute("COMMIT")))
+            if sql == "ROLLBACK":
+                at_rollback.set()
+            return await execute(sql, *args)
+
+        monkeypatch.setattr(conn, "execute", slow_commit)
+        if cancels == "once":
+            monkeypatch.setattr(aiosqlite.Connection, "in_transaction", property(lambda _: False))
+        write = asyncio.ensure_future(put(store, view("t1", "o1", status=COMPLETED)))
+        await asyncio.wait_for(at_commit.wait(), DEADLINE)
+        write.cancel()
+        if cancels == "twice":
+            await asyncio.wait_for(at_rollback.wait(), DEADLINE)
+            write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        monkeypatch.undo()
+        # The COMMIT has not run yet: the old state, with the head of that moment.
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (ACTIVE, 1, 1)
+        hold.set()
+        await conn.execute("SELECT 1")  # after the COMMIT (and the ROLLBACK, refused)
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (COMPLETED, 2, 2)
+        await put(store, view("t2", "o2"))
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (COMPLETED, 2, 3)
+    finally:
+        hold.set()
+        await store.close()
+
+
 # -- TransactionReads -----------------------------------------------------------------------------
 
 
@@ -1075,3 +1140,10 @@ def test_sqlite_latest_states_keep_at_most_their_bytes_oldest_out_first() -> Non
     latest.unsure()
     assert latest.get("t4") is None
     assert latest.head is None
+    # A read does not tell the head again (the COMMIT of a cancelled write may land after it)...
+    latest.learn(latest.writes_ended, 7, "t0", "x", 1, writing=False)
+    assert latest.get("t0") is None
+    # ...a commit does.
+    latest.committed(9, (), ())
+    latest.learn(latest.writes_ended, 9, "t0", "x", 1, writing=False)
+    assert latest.get("t0") is not None

@@ -10,7 +10,10 @@ before it returns, on the event loop's thread:
   sets the head revision the commit reached (`committed`); the next read of those asks SQLite;
 - a write that failed, or whose outcome is not known (cancelled while SQLite committed), drops
   everything and forgets the head (`unsure`): reads go to SQLite until a commit says the head
-  again.
+  again. A read cannot say it: a cancelled write leaves the write lock while its COMMIT may still
+  wait for, or run on, aiosqlite's thread (SQLite reports no transaction as soon as its COMMIT
+  begins), so a read then may see the head from before a commit that lands after it. The next
+  write's statements run on that thread after the COMMIT, so the head it commits is past it.
 
 Between SQLite finishing a commit (on its thread) and the event loop learning of it, a read may
 see the new rows in SQLite while this cache still holds the old ones. A hit then answers as if
@@ -46,6 +49,9 @@ class LatestStates:
         self.head: int | None = None
         # Counts the writes that ended (committed or not): a read that spans one keeps nothing.
         self.writes_ended = 0
+        # Whether a read may tell the head (while none is known): not after `unsure`, until a
+        # commit tells it.
+        self._reads_tell_head = True
 
     def get(self, transaction_id: str) -> tuple[TransactionSnapshot, int] | None:
         head = self.head
@@ -77,9 +83,11 @@ class LatestStates:
         if writes_ended != self.writes_ended:
             return
         if self.head is None:
-            if writing:
+            if writing or not self._reads_tell_head:
                 return
-            self.head = head  # no write under way or ended since the read: SQLite's head
+            # No write under way, none ended since the read, none whose COMMIT may land later:
+            # SQLite's head.
+            self.head = head
         if head != self.head or view_json is None or transaction_id is None:
             return
         if order_id is not None:
@@ -107,10 +115,13 @@ class LatestStates:
             self._order_ids.pop(order_id, None)
         if head is not None:
             self.head = head
+            self._reads_tell_head = True
 
     def unsure(self) -> None:
-        """A write failed or its outcome is unknown: keep nothing, know no head."""
+        """A write failed or its outcome is unknown: keep nothing, know no head until a commit
+        tells it (its COMMIT may land after a read)."""
         self.writes_ended += 1
+        self._reads_tell_head = False
         self._by_id.clear()
         self._order_ids.clear()
         self._bytes = 0
