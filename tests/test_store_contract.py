@@ -606,6 +606,50 @@ async def test_sqlite_a_write_cancelled_before_its_commit_ran_leaves_no_stale_st
         await store.close()
 
 
+@pytest.mark.parametrize("cancelled", ["write", "record_reconcile_checks", "trim_changes"])
+async def test_sqlite_a_write_cancelled_while_its_begin_waits_leaves_the_writer_usable(
+    tmp_path: Path, cancelled: str
+) -> None:
+    """Cancelled while its BEGIN waits for aiosqlite's thread, a write leaves: the BEGIN still
+    runs there. The writes after it still commit (rather than fail, all of them, because a
+    transaction is already open)."""
+    import threading
+
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    hold, holding = threading.Event(), threading.Event()
+    try:
+        await put(store, view("t1", "o1"))
+        conn = store._writer
+        assert conn is not None
+        # The writer's thread is busy until `hold` is set.
+        busy = asyncio.ensure_future(conn._execute(lambda: (holding.set(), hold.wait())))
+        while not holding.is_set():
+            await asyncio.sleep(0.001)
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "write": lambda: put(store, view("t1", "o1", status=COMPLETED)),
+            "record_reconcile_checks": lambda: store.record_reconcile_checks(["t1"], T0),
+            "trim_changes": lambda: store.trim_changes(T0 + HOUR),
+        }
+        call = asyncio.ensure_future(calls[cancelled]())
+        while not conn._tx.qsize():  # its BEGIN is queued behind `hold`
+            await asyncio.sleep(0.001)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        hold.set()
+        await busy
+        await put(store, view("t2", "o2"))
+        await store.record_reconcile_checks(["t2"], T0)
+        assert await store.head_revision() == 2
+        t1, head = await store.get("t1")
+        assert t1 is not None
+        assert (t1.view.status, t1.revision, head) == (ACTIVE, 1, 2)
+    finally:
+        hold.set()
+        await store.close()
+
+
 # -- TransactionReads -----------------------------------------------------------------------------
 
 
