@@ -1191,3 +1191,35 @@ def test_sqlite_latest_states_keep_at_most_their_bytes_oldest_out_first() -> Non
     latest.committed(9, (), ())
     latest.learn(latest.writes_ended, 9, "t0", "x", 1, writing=False)
     assert latest.get("t0") is not None
+
+
+@pytest.mark.parametrize("chars", ["x", "\N{GRINNING FACE}"])
+def test_sqlite_latest_states_stay_within_their_bytes_whatever_the_ids_and_text(
+    chars: str,
+) -> None:
+    """Ids up to `max_string_length` (1,024) characters long, by transaction and by order, and
+    views of text that Python keeps in 4 bytes a character: what is kept, ids and orders
+    included, stays about within the bound."""
+    import tracemalloc
+
+    from transaction_service.store.latest import LatestStates
+
+    bound = 1 << 20
+    tracemalloc.start()
+    try:
+        latest = LatestStates(max_bytes=bound)
+        for i in range(3000):
+            latest.learn(
+                latest.writes_ended,
+                1,
+                f"t{i:01023d}",
+                chars * 300,
+                1,
+                order_id=f"o{i:01023d}",
+                writing=False,
+            )
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert latest.get(f"t{2999:01023d}") is not None
+    assert held < 1.5 * bound, f"{held / bound:.1f} times the bound"
