@@ -1405,10 +1405,13 @@ def test_sqlite_latest_states_keep_at_most_their_bytes_oldest_out_first() -> Non
     # A read does not tell the head again (the COMMIT of a cancelled write may land after it)...
     latest.learn(latest.writes_ended, 7, "t0", "x", 1, writing=False)
     assert latest.get("t0") is None
-    # ...a commit does.
-    latest.committed(9, (), ())
+    # ...a commit does; one that made no changes lets reads tell it again.
+    latest.committed(None, (), ())
     latest.learn(latest.writes_ended, 9, "t0", "x", 1, writing=False)
     assert latest.get("t0") is not None
+    latest.unsure()
+    latest.committed(10, (), ())
+    assert latest.head == 10
 
 
 @pytest.mark.parametrize("chars", ["x", "\N{GRINNING FACE}"])

@@ -9,11 +9,12 @@ before it returns, on the event loop's thread:
 - a committed write drops what it wrote (its transactions, folded stand-ins and orders) and
   sets the head revision the commit reached (`committed`); the next read of those asks SQLite;
 - a write that failed, or whose outcome is not known (cancelled while SQLite committed), drops
-  everything and forgets the head (`unsure`): reads go to SQLite until a commit says the head
-  again. A read cannot say it: a cancelled write leaves the write lock while its COMMIT may still
-  wait for, or run on, aiosqlite's thread (SQLite reports no transaction as soon as its COMMIT
-  begins), so a read then may see the head from before a commit that lands after it. The next
-  write's statements run on that thread after the COMMIT, so the head it commits is past it.
+  everything and forgets the head (`unsure`): reads go to SQLite until a write commits again.
+  Until then a read cannot tell the head: a cancelled write leaves the write lock while its
+  COMMIT may still wait for, or run on, aiosqlite's thread (SQLite reports no transaction as soon
+  as its COMMIT begins), so a read then may see the head from before a commit that lands after
+  it. The next write's statements run on that thread after that COMMIT: once it has committed,
+  the head is the one it reached, or (if it made no changes) the one a read sees.
 
 Between SQLite finishing a commit (on its thread) and the event loop learning of it, a read may
 see the new rows in SQLite while this cache still holds the old ones. A hit then answers as if
@@ -61,7 +62,7 @@ class LatestStates:
         # Counts the writes that ended (committed or not): a read that spans one keeps nothing.
         self.writes_ended = 0
         # Whether a read may tell the head (while none is known): not after `unsure`, until a
-        # commit tells it.
+        # write commits.
         self._reads_tell_head = True
 
     def get(self, transaction_id: str) -> tuple[TransactionSnapshot, int] | None:
@@ -129,13 +130,13 @@ class LatestStates:
             forgotten = self._order_ids.pop(order_id, None)
             if forgotten is not None:
                 self._order_bytes -= forgotten[1]
+        self._reads_tell_head = True
         if head is not None:
             self.head = head
-            self._reads_tell_head = True
 
     def unsure(self) -> None:
-        """A write failed or its outcome is unknown: keep nothing, know no head until a commit
-        tells it (its COMMIT may land after a read)."""
+        """A write failed or its outcome is unknown: keep nothing, know no head until a write
+        commits (its COMMIT may land after a read)."""
         self.writes_ended += 1
         self._reads_tell_head = False
         self._by_id.clear()
