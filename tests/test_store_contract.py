@@ -541,6 +541,333 @@ async def test_sqlite_a_commit_whose_outcome_is_unknown_leaves_no_stale_state_ke
         await store.close()
 
 
+@pytest.mark.parametrize("cancels", ["once", "twice"])
+async def test_sqlite_a_write_cancelled_before_its_commit_ran_leaves_no_stale_state_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancels: str
+) -> None:
+    """A write is cancelled while its COMMIT still waits for, or runs on, aiosqlite's thread,
+    and leaves the write lock before that COMMIT ends: once, when SQLite already says "no
+    transaction" (it does so as its COMMIT begins, before the commit is written), or twice (the
+    second cancel stops the wait for the ROLLBACK queued behind the COMMIT). Reads made before
+    the COMMIT ends answer the old state; once it has ended, every read answers what the file
+    holds, and a later write's head is never paired with the old state."""
+    import threading
+
+    import aiosqlite
+
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    hold = threading.Event()
+    try:
+        await put(store, view("t1", "o1"))
+        for _ in range(2):
+            assert (await store.get("t1"))[0] is not None
+            assert (await store.get_by_order("o1"))[0] is not None
+        conn = store._writer
+        assert conn is not None
+        execute = conn.execute
+        at_commit, at_rollback = asyncio.Event(), asyncio.Event()
+
+        async def slow_commit(sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":  # the thread is busy until `hold` is set, then commits
+                at_commit.set()
+                return await conn._execute(lambda: (hold.wait(), conn._conn.execute("COMMIT")))
+            if sql == "ROLLBACK":
+                at_rollback.set()
+            return await execute(sql, *args)
+
+        monkeypatch.setattr(conn, "execute", slow_commit)
+        if cancels == "once":
+            monkeypatch.setattr(aiosqlite.Connection, "in_transaction", property(lambda _: False))
+        write = asyncio.ensure_future(put(store, view("t1", "o1", status=COMPLETED)))
+        await asyncio.wait_for(at_commit.wait(), DEADLINE)
+        write.cancel()
+        if cancels == "twice":
+            await asyncio.wait_for(at_rollback.wait(), DEADLINE)
+            write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        monkeypatch.undo()
+        # The COMMIT has not run yet: the old state, with the head of that moment.
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (ACTIVE, 1, 1)
+        hold.set()
+        await conn.execute("SELECT 1")  # after the COMMIT (and the ROLLBACK, refused)
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (COMPLETED, 2, 2)
+        await put(store, view("t2", "o2"))
+        for found, head in (await store.get("t1"), await store.get_by_order("o1")):
+            assert found is not None
+            assert (found.view.status, found.revision, head) == (COMPLETED, 2, 3)
+    finally:
+        hold.set()
+        await store.close()
+
+
+@pytest.mark.parametrize("cancelled", ["write", "record_reconcile_checks", "trim_changes"])
+async def test_sqlite_a_write_cancelled_while_its_begin_waits_leaves_the_writer_usable(
+    tmp_path: Path, cancelled: str
+) -> None:
+    """Cancelled while its BEGIN waits for aiosqlite's thread, a write leaves: the BEGIN still
+    runs there. The writes after it still commit (rather than fail, all of them, because a
+    transaction is already open)."""
+    import threading
+
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    hold, holding = threading.Event(), threading.Event()
+    try:
+        await put(store, view("t1", "o1"))
+        conn = store._writer
+        assert conn is not None
+        # The writer's thread is busy until `hold` is set.
+        busy = asyncio.ensure_future(conn._execute(lambda: (holding.set(), hold.wait())))
+        while not holding.is_set():
+            await asyncio.sleep(0.001)
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "write": lambda: put(store, view("t1", "o1", status=COMPLETED)),
+            "record_reconcile_checks": lambda: store.record_reconcile_checks(["t1"], T0),
+            "trim_changes": lambda: store.trim_changes(T0 + HOUR),
+        }
+        call = asyncio.ensure_future(calls[cancelled]())
+        while not conn._tx.qsize():  # its BEGIN is queued behind `hold`
+            await asyncio.sleep(0.001)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        hold.set()
+        await busy
+        await put(store, view("t2", "o2"))
+        await store.record_reconcile_checks(["t2"], T0)
+        assert await store.head_revision() == 2
+        t1, head = await store.get("t1")
+        assert t1 is not None
+        assert (t1.view.status, t1.revision, head) == (ACTIVE, 1, 2)
+    finally:
+        hold.set()
+        await store.close()
+
+
+class _BusyPoint:
+    """The store's loop-thread reader, found busy now and then (seeded): the read goes to the
+    readers' pool, an await during which writes start and end."""
+
+    def __init__(self, point: Any, rng: Any) -> None:
+        self._point, self._rng = point, rng
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        import sqlite3
+
+        if self._rng.random() < 0.3:
+            raise sqlite3.OperationalError("database is locked")
+        return self._point.execute(sql, params)
+
+    def close(self) -> None:
+        self._point.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_sqlite_reads_interleaved_with_writes_answer_a_state_of_one_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Seeded writes (changes, orders moving between transactions, legacy stand-ins created and
+    folded, knowledge-only writes), some cancelled once or twice at random awaits, interleaved
+    with reads by id and by order, some sent to the readers' pool. Each answer is checked against
+    the change log: the state of its transaction (or of the order's transaction) at the head it
+    came with, a head no older than any acknowledged before the read; once the writes are over,
+    every read answers the last state."""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
+    await store.open()
+    assert store._point is not None
+    monkeypatch.setattr(store, "_point", _BusyPoint(store._point, random.Random(seed + 1000)))
+    # A write is cancelled at the statements of it that `cancel_at` numbers (each an await of
+    # it: BEGIN, a load, a write, COMMIT, the ROLLBACK after a cancel). A COMMIT is slow now and
+    # then (a slow disk): a write cancelled while it waits leaves it queued on the writer's thread.
+    writer_conn = store._writer
+    assert writer_conn is not None
+    slow = random.Random(seed + 2000)
+    # By write: [statements so far], the numbers of those to cancel at; 0 stands for its COMMIT,
+    # -1 for the statement after it (the ROLLBACK after a cancel).
+    cancel_at: dict[asyncio.Task[Any], tuple[list[int], set[int]]] = {}
+
+    def statement(sql: str) -> None:
+        task = asyncio.current_task()
+        if task is None or task not in cancel_at:
+            return
+        count, marks = cancel_at[task]
+        count[0] += 1
+        if sql == "COMMIT" and -1 in marks:
+            marks.add(count[0] + 1)
+        if count[0] in marks or (sql == "COMMIT" and 0 in marks):
+            task.cancel()
+
+    def counted(call: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def run(sql: str, *args: Any) -> Any:
+            statement(sql)
+            if sql == "COMMIT" and slow.random() < 0.3:
+                return await writer_conn._execute(
+                    lambda: (time.sleep(0.001), writer_conn._conn.execute(sql))
+                )
+            return await call(sql, *args)
+
+        return run
+
+    for name in ("execute", "execute_fetchall", "executemany"):
+        monkeypatch.setattr(writer_conn, name, counted(getattr(writer_conn, name)))
+    real = [f"t{i}" for i in range(5)]
+    orders = [f"o{i}" for i in range(10)]
+    standins = [f"L{i}" for i in range(12)]
+    all_keys = BatchKeys(frozenset(), frozenset(orders + standins), frozenset(real + standins))
+    acked = 0
+    reads: list[tuple[str, str, TransactionSnapshot | None, int, int]] = []
+    writes = 0
+
+    def planner(n: int) -> Callable[[BatchState], tuple[BatchPlan, None]]:
+        def plan_from(state: BatchState) -> tuple[BatchPlan, None]:
+            pick = random.Random(seed * 100_000 + n)
+            plan = Plan()
+            owned = {o: t for o, t in state.order_index.items()}
+
+            def orders_of(txn: str) -> list[str]:
+                return sorted(o for o, t in owned.items() if t == txn)
+
+            def look() -> dict[str, Any]:
+                return {
+                    "status": pick.choice([ACTIVE, COMPLETED, CANCELLED]),
+                    "team_id": pick.choice(["a", "b", "c"]),
+                }
+
+            kind = pick.choice(["change", "change", "move", "standin", "fold", "knowledge"])
+            existing = [t for t in real if t in state.transactions]
+            alive = [s for s in standins if s in state.transactions]
+            if kind == "knowledge" and existing:
+                txn = pick.choice(existing)
+                stored = state.transactions[txn]
+                plan.plan.transactions[txn] = TransactionWrite(
+                    knowledge=stored.knowledge,
+                    view=stored.view,
+                    change=None,
+                    revision=stored.revision,
+                    knowledge_json=knowledge_to_json(stored.knowledge),
+                    view_json=view_to_json(stored.view),
+                )
+            elif kind == "standin" and len(alive) < 4:
+                fresh = [s for s in standins if s not in owned]
+                if fresh:
+                    s = fresh[0]
+                    plan.change(view(s, s, **look()), f"w{n}-{s}", order_id=s)
+            elif kind == "fold" and alive and existing:
+                s, txn = pick.choice(alive), pick.choice(existing)
+                plan.plan.deleted.add(s)
+                plan.change(
+                    view(txn, *orders_of(txn), s, **look()),
+                    f"w{n}-{txn}",
+                    order_id=s,
+                    kinds=(ChangeKind.LEGACY_MERGED,),
+                    merged=((s, frozenset()),),
+                )
+            elif kind == "move" and len(existing) >= 2:
+                txn, other = pick.sample(existing, 2)
+                theirs = orders_of(other)
+                if len(theirs) >= 2:
+                    moved = pick.choice(theirs)
+                    plan.change(view(txn, *orders_of(txn), moved, **look()), f"w{n}-{txn}")
+                    rest = [o for o in theirs if o != moved]
+                    plan.change(view(other, *rest, **look()), f"w{n}-{other}")
+            else:
+                txn = pick.choice(real)
+                mine = orders_of(txn)
+                free = [o for o in orders if o not in owned]
+                if free and (not mine or pick.random() < 0.3):
+                    mine.append(pick.choice(free))
+                if mine:
+                    plan.change(view(txn, *mine, **look()), f"w{n}-{txn}", order_id=mine[0])
+            return plan.plan, None
+
+        return plan_from
+
+    async def writer(count: int) -> None:
+        nonlocal acked, writes
+        for _ in range(count):
+            writes += 1
+            task = asyncio.ensure_future(store.write(all_keys, planner(writes)))
+            at = rng.randint(1, 10)
+            cancel_at[task] = ([0], rng.choice([set(), set(), {at}, {at, at + 1}, {0}, {0, -1}]))
+            try:
+                applied, _ = await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                if applied.changes:
+                    acked = max(acked, applied.changes[-1].revision)
+            finally:
+                del cancel_at[task]
+            # Now and then no write is under way for a while: reads then may tell the head.
+            await asyncio.sleep(rng.choice([0, 0, 0.002]))
+
+    writing = asyncio.Event()
+
+    async def reader() -> None:
+        while not writing.is_set():
+            before = acked
+            if rng.random() < 0.5:
+                key = rng.choice(real + standins[:4] + ["nobody"])
+                found, head = await store.get(key)
+                reads.append(("id", key, found, head, before))
+            else:
+                key = rng.choice(orders + standins[:4])
+                found, head = await store.get_by_order(key)
+                reads.append(("order", key, found, head, before))
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)
+
+    try:
+        async with asyncio.timeout(DEADLINE):
+            readers = [asyncio.ensure_future(reader()) for _ in range(3)]
+            try:
+                await asyncio.gather(writer(60), writer(60))
+            finally:
+                writing.set()
+                await asyncio.gather(*readers)
+            assert store._writer is not None
+            await writer_conn.execute("SELECT 1")  # any COMMIT left behind by a cancel ran
+            final = await store.head_revision()
+            for key in real + standins:
+                reads.append(("id", key, *(await store.get(key)), final))
+            for key in orders + standins:
+                reads.append(("order", key, *(await store.get_by_order(key)), final))
+        log = (await store.changes_after(0, 10**6)).changes
+    finally:
+        await store.close()
+
+    # The state at each head, from the change log.
+    states: dict[int, dict[str, tuple[TransactionView, int]]] = {0: {}}
+    current: dict[str, tuple[TransactionView, int]] = {}
+    for change in log:
+        for folded, _ in change.merged:
+            current.pop(folded, None)
+        current[change.transaction_id] = (change.view, change.revision)
+        states[change.revision] = dict(current)
+    assert final == (log[-1].revision if log else 0)
+    assert {k for k, *_ in reads} == {"id", "order"}
+    for kind, key, found, head, before in reads:
+        assert before <= head <= final, (kind, key, head, before)
+        at = states[head]
+        if kind == "order":
+            owners = [t for t, (v, _) in at.items() if key in {o.id for o in v.orders}]
+            assert len(owners) <= 1
+            key = owners[0] if owners else ""
+        expected = at.get(key)
+        got = (found.view, found.revision) if found is not None else None
+        assert got == expected, (kind, key, head, got and got[1], expected and expected[1])
+
+
 # -- TransactionReads -----------------------------------------------------------------------------
 
 
@@ -1075,3 +1402,45 @@ def test_sqlite_latest_states_keep_at_most_their_bytes_oldest_out_first() -> Non
     latest.unsure()
     assert latest.get("t4") is None
     assert latest.head is None
+    # A read does not tell the head again (the COMMIT of a cancelled write may land after it)...
+    latest.learn(latest.writes_ended, 7, "t0", "x", 1, writing=False)
+    assert latest.get("t0") is None
+    # ...a commit does; one that made no changes lets reads tell it again.
+    latest.committed(None, (), ())
+    latest.learn(latest.writes_ended, 9, "t0", "x", 1, writing=False)
+    assert latest.get("t0") is not None
+    latest.unsure()
+    latest.committed(10, (), ())
+    assert latest.head == 10
+
+
+@pytest.mark.parametrize("chars", ["x", "\N{GRINNING FACE}"])
+def test_sqlite_latest_states_stay_within_their_bytes_whatever_the_ids_and_text(
+    chars: str,
+) -> None:
+    """Ids up to `max_string_length` (1,024) characters long, by transaction and by order, and
+    views of text that Python keeps in 4 bytes a character: what is kept, ids and orders
+    included, stays about within the bound."""
+    import tracemalloc
+
+    from transaction_service.store.latest import LatestStates
+
+    bound = 1 << 20
+    tracemalloc.start()
+    try:
+        latest = LatestStates(max_bytes=bound)
+        for i in range(3000):
+            latest.learn(
+                latest.writes_ended,
+                1,
+                f"t{i:01023d}",
+                chars * 300,
+                1,
+                order_id=f"o{i:01023d}",
+                writing=False,
+            )
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert latest.get(f"t{2999:01023d}") is not None
+    assert held < 1.5 * bound, f"{held / bound:.1f} times the bound"

@@ -384,6 +384,50 @@ async def test_a_subscriber_that_falls_behind_catches_up_from_the_log(tmp_path: 
         await service.stop()
 
 
+async def test_sqlite_a_commit_reported_failed_whose_rows_landed_is_still_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT reports an error (or its write is cancelled) once SQLite has written the rows: the
+    delivery is refused, yet its change is in the log at a revision this process never
+    published. The next commit follows that gap: a watch gets both changes, in order, rather
+    than nothing from then on."""
+    import sqlite3
+
+    from transaction_service.errors import ServiceError
+
+    service, _ = await started_service(tmp_path)
+    watch = service.hub.watch(WatchFilter(), None)
+    try:
+        assert await anext(watch) == Progress(0)
+        first, second = (with_fresh_ids(s)["deliveries"][0] for s in SCENARIOS[:2])
+        store = service.store
+        writer = store._writer  # type: ignore[attr-defined]
+        execute = writer.execute
+
+        async def commit_then_fail(sql: str, *args: Any) -> Any:
+            result = await execute(sql, *args)
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return result
+
+        monkeypatch.setattr(writer, "execute", commit_then_fail)
+        with pytest.raises(ServiceError):
+            await ingest_direct(service, [first])
+        monkeypatch.undo()
+        await ingest_direct(service, [second])
+        assert await store.head_revision() == 2
+        got: list[int] = []
+        async with asyncio.timeout(DEADLINE):
+            while len(got) < 2:
+                event = await anext(watch)
+                if isinstance(event, ChangeRecord):
+                    got.append(event.revision)
+        assert got == [1, 2]
+    finally:
+        await watch.aclose()
+        await service.stop()
+
+
 async def test_a_watch_that_replayed_the_log_holds_none_of_it_while_it_waits(
     tmp_path: Path,
 ) -> None:

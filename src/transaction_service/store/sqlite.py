@@ -110,6 +110,21 @@ async def _rows(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
     return cast(list[Any], await conn.execute_fetchall(sql, params))
 
 
+async def _begin(conn: aiosqlite.Connection) -> None:
+    """BEGIN IMMEDIATE on the writer (under the write lock). A write cancelled while its BEGIN
+    waited for aiosqlite's thread left, yet that BEGIN still ran there, and every write after it
+    failed: a transaction was open. Such a transaction holds nothing acknowledged (its write
+    raised), so it is rolled back. Only once the statements queued before this one have run, as
+    when this BEGIN failed, does `in_transaction` say whether one is open."""
+    try:
+        await conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        if not conn.in_transaction:
+            raise
+        await conn.execute("ROLLBACK")
+        await conn.execute("BEGIN IMMEDIATE")
+
+
 class _FileGone(Exception):
     pass
 
@@ -486,7 +501,7 @@ class SqliteStore:
                 raise StoreUnavailable("the store is closed")
             try:
                 self._check_identity()
-                await conn.execute("BEGIN IMMEDIATE")
+                await _begin(conn)
                 try:
                     state = await self._load(conn, keys)
                     batch, answer = plan(state)
@@ -778,7 +793,7 @@ class SqliteStore:
                 conn = self._writer
                 if conn is None:
                     break
-                await conn.execute("BEGIN IMMEDIATE")
+                await _begin(conn)
                 try:
                     cursor = await conn.execute(
                         "DELETE FROM changes WHERE revision IN (SELECT revision FROM changes"
@@ -921,7 +936,7 @@ class SqliteStore:
             if conn is None:
                 raise StoreUnavailable("the store is closed")
             try:
-                await conn.execute("BEGIN IMMEDIATE")
+                await _begin(conn)
                 try:
                     cursor = await conn.executemany(sql, rows)
                     changed = cursor.rowcount

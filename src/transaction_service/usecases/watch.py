@@ -694,6 +694,11 @@ class ChangeFeed:
     the change log from the last published revision: on a wake-up from the store (PostgreSQL
     LISTEN/NOTIFY), after every reconnect, and every `poll_seconds` in case a notification was
     lost. The change log is the truth; notifications only say "look now".
+
+    A store no other process writes (SQLite) has gaps too: a commit whose write raised although
+    its rows landed (COMMIT reported an error after writing them, or the write was cancelled
+    while SQLite committed) is never handed over. The next commit then follows a gap, and the
+    feed reads it from the log (without polling or notifications: only such a commit wakes it).
     """
 
     def __init__(
@@ -709,7 +714,8 @@ class ChangeFeed:
         self._hub = hub
         self._poll_seconds = poll_seconds
         self._page_size = page_size
-        # Whether other processes write to the store too; if not, only `committed` publishes.
+        # Whether other processes write to the store too; if not, the log is read only after a
+        # gap `committed` found.
         self._shared = shared
         self._wakeup = asyncio.Event()
         self.published = 0
@@ -736,16 +742,16 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Tail the change log whenever there may be something new; runs until cancelled."""
-        if not self._shared:
-            return
         listener = asyncio.create_task(self._listen(), name="change-notifications")
         # Failed reads in a row: the fault is logged when it starts and when it ends, not at
         # every retry (a database down for 30 s would otherwise log 30 tracebacks).
         failures = 0
         try:
             while True:
+                # Not shared: only `committed` finding a gap wakes it (or a failed read, to retry).
+                poll = self._poll_seconds if self._shared or failures else None
                 try:
-                    async with asyncio.timeout(self._poll_seconds):
+                    async with asyncio.timeout(poll):
                         await self._wakeup.wait()
                 except TimeoutError:
                     pass
