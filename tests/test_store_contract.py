@@ -470,9 +470,10 @@ def _commit_then(conn: Any, after_commit: Callable[[], Awaitable[None]]) -> Call
 async def test_sqlite_reads_between_a_commit_and_its_acknowledgement_pair_a_state_with_its_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite has committed; the store has not yet learnt it. A read then may answer the old or
-    the new state, but always with a head at least its revision, and nothing read in that
-    window is kept past it."""
+    """SQLite has committed; the store has not yet learnt it. Reads then answer what SQLite
+    holds, the new states with their head, never a kept state from before (which, after a read
+    that saw the commit, would take the caller back in time), and nothing read in that window
+    is kept past it."""
     store = SqliteStore(tmp_path / "t.db", synchronous="NORMAL")
     await store.open()
     try:
@@ -494,8 +495,7 @@ async def test_sqlite_reads_between_a_commit_and_its_acknowledgement_pair_a_stat
         monkeypatch.setattr(store._writer, "execute", _commit_then(store._writer, read_all))
         await put(store, view("t1", "o1", status=COMPLETED), view("t2", "o2", status=COMPLETED))
         monkeypatch.undo()
-        assert seen, "the reads ran"
-        assert all(revision <= head for _, revision, head in seen), seen
+        assert seen == [("t1", 3, 4), ("t2", 4, 4), ("t2", 4, 4)] * 2
         # Once the write returned, every read answers its states.
         assert [(s.view.id, s.revision, h) for s, h in [await store.get("t1")] if s] == [
             ("t1", 3, 4)
@@ -676,7 +676,8 @@ async def test_sqlite_reads_interleaved_with_writes_answer_a_state_of_one_moment
     folded, knowledge-only writes), some cancelled once or twice at random awaits, interleaved
     with reads by id and by order, some sent to the readers' pool. Each answer is checked against
     the change log: the state of its transaction (or of the order's transaction) at the head it
-    came with, a head no older than any acknowledged before the read; once the writes are over,
+    came with, a head no older than any acknowledged, or answered to a read, before the read
+    began; once the writes are over,
     every read answers the last state."""
     import random
     import time
@@ -813,9 +814,14 @@ async def test_sqlite_reads_interleaved_with_writes_answer_a_state_of_one_moment
 
     writing = asyncio.Event()
 
+    seen = 0  # the highest head a read answered so far
+
     async def reader() -> None:
+        nonlocal seen
         while not writing.is_set():
-            before = acked
+            # Monotonic: no older than what was acknowledged, nor than any head a read answered
+            # before this one began (a caller that saw a commit never sees what was before it).
+            before = max(acked, seen)
             if rng.random() < 0.5:
                 key = rng.choice(real + standins[:4] + ["nobody"])
                 found, head = await store.get(key)
@@ -824,6 +830,7 @@ async def test_sqlite_reads_interleaved_with_writes_answer_a_state_of_one_moment
                 key = rng.choice(orders + standins[:4])
                 found, head = await store.get_by_order(key)
                 reads.append(("order", key, found, head, before))
+            seen = max(seen, head)
             for _ in range(rng.randint(0, 3)):
                 await asyncio.sleep(0)
 

@@ -16,13 +16,14 @@ before it returns, on the event loop's thread:
   it. The next write's statements run on that thread after that COMMIT: once it has committed,
   the head is the one it reached, or (if it made no changes) the one a read sees.
 
-Between SQLite finishing a commit (on its thread) and the event loop learning of it, a read may
-see the new rows in SQLite while this cache still holds the old ones. A hit then answers as if
-the read came just before the commit, head included, which it may: the write has not been
-acknowledged nor published yet. A miss keeps what it read only if the head it read with it is
-the head this cache knows and no write ended while it read (`learn`): a state from a commit not
-yet told must not be kept, or a hit would pair it with an older head. Every answer is a state
-and the head of one moment: its revision is at most that head.
+While a write's COMMIT runs (from just before it is sent to aiosqlite's thread until the event
+loop learns its outcome: `committing`), SQLite may show the new rows already, and this cache
+answers nothing: every read goes to SQLite, as without a cache, so no reader sees a commit and
+then, from here, what was before it (reads stay monotonic, across transactions too). A miss
+keeps what it read only if the head it read with it is the head this cache knows and no write
+ended while it read (`learn`): a state from a commit not yet told is never kept, so a hit never
+pairs it with an older head. Every answer is a state and the head of one moment: its revision is
+at most that head.
 """
 
 from __future__ import annotations
@@ -64,10 +65,12 @@ class LatestStates:
         # Whether a read may tell the head (while none is known): not after `unsure`, until a
         # write commits.
         self._reads_tell_head = True
+        # A COMMIT is under way: answer nothing until its outcome is told.
+        self._committing = False
 
     def get(self, transaction_id: str) -> tuple[TransactionSnapshot, int] | None:
         head = self.head
-        if head is None:
+        if head is None or self._committing:
             return None
         found = self._by_id.get(transaction_id)
         if found is None:
@@ -116,11 +119,17 @@ class LatestStates:
             while self._bytes > self._max_bytes and self._by_id:
                 self._bytes -= self._by_id.pop(next(iter(self._by_id)))[2]
 
+    def committing(self) -> None:
+        """A write's COMMIT is about to run: until `committed` or `unsure`, SQLite may show
+        what it wrote, so nothing is answered from here."""
+        self._committing = True
+
     def committed(
         self, head: int | None, transaction_ids: Iterable[str], order_ids: Iterable[str]
     ) -> None:
         """A write committed: what it wrote is dropped, and `head` (if it made changes) is the
         head revision now."""
+        self._committing = False
         self.writes_ended += 1
         for transaction_id in transaction_ids:
             dropped = self._by_id.pop(transaction_id, None)
@@ -137,6 +146,7 @@ class LatestStates:
     def unsure(self) -> None:
         """A write failed or its outcome is unknown: keep nothing, know no head until a write
         commits (its COMMIT may land after a read)."""
+        self._committing = False
         self.writes_ended += 1
         self._reads_tell_head = False
         self._by_id.clear()

@@ -507,6 +507,10 @@ class SqliteStore:
                     batch, answer = plan(state)
                     applied = await self._apply(conn, batch)
                     self._check_identity()
+                    # From here until `committed`, SQLite may show the new rows: the kept states
+                    # answer nothing meanwhile, so no reader sees the commit and then what was
+                    # before it.
+                    self._latest.committing()
                     await conn.execute("COMMIT")
                 except BaseException:
                     # Whether it committed is not always known (cancelled while SQLite
