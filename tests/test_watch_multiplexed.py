@@ -451,6 +451,28 @@ async def test_a_stream_not_read_holds_a_bounded_buffer_and_its_watches_miss_not
         call.cancel()
 
 
+async def test_a_full_buffer_lets_its_waiting_watches_in_one_at_a_time() -> None:
+    """Watches waiting for room are let in in turn, not all woken at each message sent: with
+    a thousand watches waiting on a busy stream, waking them all each time made every message
+    cost a thousand task switches (one stream of 1,000 feeds took 13 times the CPU of ten
+    streams of 100 for the same messages). Each waits a bounded number of times."""
+    stream = WatchStream(max_watches=1000, max_bytes=100)
+    stream.push(b"x" * 100)  # full
+    waiting = 200
+    puts = [asyncio.create_task(stream.put(b"y" * 10)) for _ in range(waiting)]
+    await asyncio.sleep(0)
+    assert stream.room_waits == waiting
+    sent = 0
+    async for _ in stream.messages(lambda: AssertionError("not shutting down")):
+        sent += 1
+        await asyncio.sleep(0)
+        if sent == waiting + 1:
+            break
+    assert all(p.done() for p in puts)
+    # Each waited at most a few times (once, plus a look that found the buffer full again).
+    assert stream.room_waits <= 3 * waiting, stream.room_waits
+
+
 async def log_revisions_of(service: Any) -> list[int]:
     page = await service.store.changes_after(0, 1_000_000)
     return [c.revision for c in page.changes]
