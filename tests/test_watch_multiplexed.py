@@ -587,3 +587,43 @@ async def test_the_client_shares_watch_streams_and_cancels_a_watch_left(api: Run
             task.cancel()
         await wait_for(lambda: hub.subscriber_count == 0)
         assert client.watch_streams.streams == 0
+
+
+async def test_a_watch_left_while_its_buffer_is_full_does_not_hold_up_its_stream(
+    api: Running,
+) -> None:
+    """Two watches share a `Watch` stream; the consumer of one stops reading until its buffers
+    are full (the stream's reader then waits to hand it the next message), then leaves it.
+    The other watch goes on: what was on its way to the watch left is dropped, and the
+    stream's reader does not wait for a consumer that is gone."""
+    from transaction_client import TransactionClient
+
+    async with TransactionClient(f"127.0.0.1:{api.service.port}", watches_per_stream=2) as client:
+        assert client.watch_streams is not None
+        # It would notice the silence and resume elsewhere, late: not what is under test.
+        kept = client.watch_transactions(start_revision=0, silence_timeout=10 * DEADLINE)
+        left = client.watch_transactions(start_revision=0, buffer_size=1)
+        got: list[Any] = []
+
+        async def drain() -> None:
+            async for item in kept:
+                got.append(item)
+
+        task = asyncio.create_task(drain())
+        items = left.__aiter__()
+        await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"][:1])
+        await items.__anext__()
+        (stream,) = client.watch_streams._streams
+        call = stream.watches[2]
+        # Changes until the left watch's buffer on the stream is full, then more: the stream's
+        # reader waits to hand them to it.
+        while not call.messages.full():
+            await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"])
+            await asyncio.sleep(0.06)  # a batched watch's rest: the next change is a message
+        await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"])
+        await asyncio.sleep(0.06)
+        await left.aclose()
+        await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"])
+        revisions = await log_revisions(api)
+        await wait_for(lambda: [c.revision for c in got] == revisions)
+        task.cancel()

@@ -13,9 +13,9 @@ error; each then resumes from its own position on a stream with room, as after a
 
 Reading: each stream's messages are handed to its watches' buffers (`buffer_size` messages
 each). A watch whose consumer does not keep up fills its buffer; the stream's reader then waits,
-so the other watches of that stream wait too (the server parks them and later catches them up
-from its change log; nothing is lost). Consumers of very different speed are better on streams
-of their own (watches_per_stream=0, the default).
+so the other watches of that stream wait too, until it reads or is cancelled (the server
+parks them and later catches them up from its change log; nothing is lost). Consumers of very
+different speed are better on streams of their own (watches_per_stream=0, the default).
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class WatchCall:
 
     def cancel(self) -> None:
         self._stream.cancel(self.watch_id)
+        # Nobody reads it any more: emptied, so that the stream's reader, if it waits to hand it
+        # a message (its buffer was full), goes on to the other watches instead of for ever.
+        while not self.messages.empty():
+            self.messages.get_nowait()
 
 
 class _Stream:
