@@ -627,3 +627,51 @@ async def test_a_watch_left_while_its_buffer_is_full_does_not_hold_up_its_stream
         revisions = await log_revisions(api)
         await wait_for(lambda: [c.revision for c in got] == revisions)
         task.cancel()
+
+
+async def test_a_broken_shared_stream_leaves_no_task_behind(
+    api: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `Watch` stream that breaks under the client's watches: they resume on a new stream,
+    and nothing of the broken one is left running (gRPC's task sending its requests waited
+    for ever for the next one, and, once collected, asyncio printed "Task was destroyed but
+    it is pending!" and "aclose(): asynchronous generator is already running")."""
+    from transaction_client import TransactionClient
+    from transaction_service.errors import Unavailable
+
+    streams: list[WatchStream] = []
+    real_init = WatchStream.__init__
+
+    def recorded(self: WatchStream, **kwargs: Any) -> None:
+        real_init(self, **kwargs)
+        streams.append(self)
+
+    monkeypatch.setattr(WatchStream, "__init__", recorded)
+
+    def senders() -> list[asyncio.Task[Any]]:
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if "_consume_request_iterator" in repr(t.get_coro()) and not t.done()
+        ]
+
+    async with TransactionClient(f"127.0.0.1:{api.service.port}", watches_per_stream=10) as client:
+        watch = client.watch_transactions(start_revision=0)
+        got: list[Any] = []
+
+        async def drain() -> None:
+            async for item in watch:
+                got.append(item)
+
+        task = asyncio.create_task(drain())
+        await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"])
+        await wait_for(lambda: len(got) > 0)
+        assert len(senders()) == 1
+        streams[0].fail(Unavailable("the stream breaks"))
+        await ingest_direct(api, with_fresh_ids(REDRAW)["deliveries"])
+        revisions = await log_revisions(api)
+        await wait_for(lambda: [c.revision for c in got] == revisions)
+        assert len(streams) == 2
+        assert watch.reconnects == 1
+        await wait_for(lambda: len(senders()) == 1)
+        task.cancel()

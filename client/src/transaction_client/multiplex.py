@@ -80,7 +80,8 @@ class _Stream:
         self._owner = owner
         self.watches: dict[int, WatchCall] = {}
         self._ids = itertools.count(1)
-        self._requests: asyncio.Queue[pb.WatchRequest] = asyncio.Queue()
+        # The requests to send; None once the stream is over (its sender then ends).
+        self._requests: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
         client = owner.client
         self._call = client.stub.Watch(self._writes(), metadata=client.metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -90,8 +91,8 @@ class _Stream:
         self.draining = False
 
     async def _writes(self) -> Any:
-        while True:
-            yield await self._requests.get()
+        while (request := await self._requests.get()) is not None:
+            yield request
 
     def create(self, create: pb.WatchCreateRequest, buffer_size: int) -> WatchCall:
         create.watch_id = next(self._ids)
@@ -143,6 +144,8 @@ class _Stream:
     def _end(self, error: BaseException) -> None:
         self.closed = True
         self._owner.forget(self)
+        # gRPC's task sending the requests would otherwise wait for the next for ever.
+        self._requests.put_nowait(None)
         watches, self.watches = self.watches, {}
         for watch in watches.values():
             # Its consumer reads what it was sent, then the end.
