@@ -473,6 +473,58 @@ async def test_a_full_buffer_lets_its_waiting_watches_in_one_at_a_time() -> None
     assert stream.room_waits <= 3 * waiting, stream.room_waits
 
 
+async def test_a_watch_waiting_for_room_holds_no_message_made_for_it(
+    channel_to: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch makes its next message only once the buffer has room for it, and queues it at
+    once: while it waits it holds its event, not the event's encoding (a batch's message can
+    be up to half of max_message_bytes: a thousand batched feeds replaying on a stream that
+    was not read made the server hold 780 MB, beyond the buffer's bound)."""
+    import transaction_service.api.servicer as servicer
+
+    made: list[bytes] = []
+    pushed: list[bytes] = []
+    real_framed, real_push, real_init = servicer.framed, WatchStream.push, WatchStream.__init__
+
+    def framed(*args: Any) -> bytes:
+        made.append(real_framed(*args))
+        return made[-1]
+
+    def push(self: WatchStream, data: bytes) -> None:
+        pushed.append(data)
+        real_push(self, data)
+
+    streams: list[WatchStream] = []
+
+    def small(self: WatchStream, **kwargs: Any) -> None:
+        real_init(self, **kwargs, max_bytes=16 * 1024)
+        streams.append(self)
+
+    monkeypatch.setattr(servicer, "framed", framed)
+    monkeypatch.setattr(WatchStream, "push", push)
+    monkeypatch.setattr(WatchStream, "__init__", small)
+    service, _ = await channel_to()
+    for run in [with_fresh_ids(s) for s in SCENARIOS for _ in range(5)]:
+        await ingest_direct(service, run["deliveries"])
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{service.port}",
+        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)],
+    ) as channel:
+        call = channel.stream_stream(
+            "/transactions.v1.TransactionService/Watch",
+            request_serializer=pb.WatchRequest.SerializeToString,
+            response_deserializer=pb.WatchResponse.FromString,
+        )()
+        stream = Stream(call)
+        for watch_id in range(1, 11):
+            await stream.create(watch_id, **feed(start_revision=0, batch_changes=True))
+        # The buffer fills and stays full (nothing is read): watches wait for room.
+        await wait_for(lambda: bool(streams) and streams[0].room_waits >= 5)
+        assert [id(m) for m in made] == [id(p) for p in pushed if any(p is m for m in made)]
+        call.cancel()
+        await wait_for(lambda: service.hub.subscriber_count == 0)
+
+
 async def log_revisions_of(service: Any) -> list[int]:
     page = await service.store.changes_after(0, 1_000_000)
     return [c.revision for c in page.changes]

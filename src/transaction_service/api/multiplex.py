@@ -6,12 +6,14 @@ buffer; the stream's handler sends what the buffer holds, in the order it was pu
 takes the client's requests (create, cancel) as they come.
 
 Bounds: the buffer holds at most `max_bytes` of messages, and one more (and control messages,
-`created` and `canceled`, which do not wait: see `push`). A watch with a message to put while
-it is full waits, and takes no more changes from the hub meanwhile: past its queue of changes it
-falls behind and later catches up from the change log, as the slow reader of a stream of its own
-does (nothing lost).
-So a client that does not read makes the server hold at most the buffer, plus one message per
-watch waiting to put it, as many streams of one watch each would hold their one message. The
+`created` and `canceled`, which do not wait: see `push`). A watch with a message to send while
+it is full waits for room before it makes the message (then makes and queues it at once), and
+takes no more changes from the hub meanwhile: past its queue of changes it falls behind and
+later catches up from the change log, as the slow reader of a stream of its own does (nothing
+lost).
+So a client that does not read makes the server hold at most the buffer, plus what each waiting
+watch holds of its next event (not its encoding: a batch's message is up to half of
+max_message_bytes, so a thousand watches each holding one held hundreds of MB). The
 reader takes the next request only while the buffer has room, so requests pushing control
 messages are bounded the same way; at most `max_watches` are open at once; and creates, each a
 read of the store that a cancel does not take back, come at most `creates_per_second` (a
