@@ -525,6 +525,37 @@ async def test_a_watch_waiting_for_room_holds_no_message_made_for_it(
         await wait_for(lambda: service.hub.subscriber_count == 0)
 
 
+async def test_a_failed_stream_ends_after_what_was_queued_when_it_failed() -> None:
+    """A stream ended by an error (a duplicate watch id, a request neither create nor cancel)
+    sends what was queued, then the error; its watches end at once. They went on queueing:
+    against a server, twenty feeds replaying from revision 0 sent 3,258 more messages after
+    the duplicate create before the INVALID_ARGUMENT came, and more watches, longer."""
+    from transaction_service.errors import InvalidArgument
+
+    stream = WatchStream(max_watches=10, max_bytes=100)
+
+    async def busy() -> None:
+        while True:
+            await stream.put(b"x" * 10)
+
+    stream.start(1, busy())
+    await wait_for(lambda: stream.room_waits > 0)  # the buffer is full
+    stream.fail(InvalidArgument([]))
+    queued, sent = stream.buffered, 0
+
+    async def send() -> None:
+        nonlocal sent
+        async for data in stream.messages(lambda: AssertionError("not shutting down")):
+            sent += len(data)
+            assert sent <= queued
+            await asyncio.sleep(0)
+
+    with pytest.raises(InvalidArgument):
+        await send()
+    assert sent == queued
+    assert stream.watches == {}
+
+
 async def log_revisions_of(service: Any) -> list[int]:
     page = await service.store.changes_after(0, 1_000_000)
     return [c.revision for c in page.changes]

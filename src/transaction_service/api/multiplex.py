@@ -176,9 +176,12 @@ class WatchStream:
         self._wake_writer()
 
     def fail(self, error: Exception) -> None:
-        """End the stream with `error` (after what is queued), its watches with it."""
+        """End the stream with `error` (after what is queued), its watches with it: at once,
+        so that they queue nothing more (else the error waited until the buffer was empty,
+        which a busy watch may put off for as long as it has changes to send)."""
         if self._error is None:
             self._error = error
+        self.close()
         self._wake_writer()
 
     def shut_down(self) -> None:
