@@ -13,9 +13,9 @@ error; each then resumes from its own position on a stream with room, as after a
 
 Reading: each stream's messages are handed to its watches' buffers (`buffer_size` messages
 each). A watch whose consumer does not keep up fills its buffer; the stream's reader then waits,
-so the other watches of that stream wait too (the server parks them and later catches them up
-from its change log; nothing is lost). Consumers of very different speed are better on streams
-of their own (watches_per_stream=0, the default).
+so the other watches of that stream wait too, until it reads or is cancelled (the server
+parks them and later catches them up from its change log; nothing is lost). Consumers of very
+different speed are better on streams of their own (watches_per_stream=0, the default).
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ class WatchCall:
 
     def cancel(self) -> None:
         self._stream.cancel(self.watch_id)
+        # Nobody reads it any more: emptied, so that the stream's reader, if it waits to hand it
+        # a message (its buffer was full), goes on to the other watches instead of for ever.
+        while not self.messages.empty():
+            self.messages.get_nowait()
 
 
 class _Stream:
@@ -76,7 +80,8 @@ class _Stream:
         self._owner = owner
         self.watches: dict[int, WatchCall] = {}
         self._ids = itertools.count(1)
-        self._requests: asyncio.Queue[pb.WatchRequest] = asyncio.Queue()
+        # The requests to send; None once the stream is over (its sender then ends).
+        self._requests: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
         client = owner.client
         self._call = client.stub.Watch(self._writes(), metadata=client.metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -86,8 +91,8 @@ class _Stream:
         self.draining = False
 
     async def _writes(self) -> Any:
-        while True:
-            yield await self._requests.get()
+        while (request := await self._requests.get()) is not None:
+            yield request
 
     def create(self, create: pb.WatchCreateRequest, buffer_size: int) -> WatchCall:
         create.watch_id = next(self._ids)
@@ -139,6 +144,8 @@ class _Stream:
     def _end(self, error: BaseException) -> None:
         self.closed = True
         self._owner.forget(self)
+        # gRPC's task sending the requests would otherwise wait for the next for ever.
+        self._requests.put_nowait(None)
         watches, self.watches = self.watches, {}
         for watch in watches.values():
             # Its consumer reads what it was sent, then the end.

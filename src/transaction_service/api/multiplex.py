@@ -6,12 +6,14 @@ buffer; the stream's handler sends what the buffer holds, in the order it was pu
 takes the client's requests (create, cancel) as they come.
 
 Bounds: the buffer holds at most `max_bytes` of messages, and one more (and control messages,
-`created` and `canceled`, which do not wait: see `push`). A watch with a message to put while
-it is full waits, and takes no more changes from the hub meanwhile: past its queue of changes it
-falls behind and later catches up from the change log, as the slow reader of a stream of its own
-does (nothing lost).
-So a client that does not read makes the server hold at most the buffer, plus one message per
-watch waiting to put it, as many streams of one watch each would hold their one message. The
+`created` and `canceled`, which do not wait: see `push`). A watch with a message to send while
+it is full waits for room before it makes the message (then makes and queues it at once), and
+takes no more changes from the hub meanwhile: past its queue of changes it falls behind and
+later catches up from the change log, as the slow reader of a stream of its own does (nothing
+lost).
+So a client that does not read makes the server hold at most the buffer, plus what each waiting
+watch holds of its next event (not its encoding: a batch's message is up to half of
+max_message_bytes, so a thousand watches each holding one held hundreds of MB). The
 reader takes the next request only while the buffer has room, so requests pushing control
 messages are bounded the same way; at most `max_watches` are open at once; and creates, each a
 read of the store that a cancel does not take back, come at most `creates_per_second` (a
@@ -91,8 +93,10 @@ class WatchStream:
         self.watches: dict[int, asyncio.Task[None]] = {}
         self._out: collections.deque[bytes] = collections.deque()
         self.buffered = 0  # bytes in _out
-        # Watches (and the reader) waiting for room; all are woken when there is some.
+        # Watches (and the reader) waiting for room, woken in turn when there is some.
         self._room: collections.deque[asyncio.Future[None]] = collections.deque()
+        # How often a watch (or the reader) waited for room (for tests and curiosity).
+        self.room_waits = 0
         # The writer, while it waits for a message or the end.
         self._writer: asyncio.Future[None] | None = None
         self._half_closed = False
@@ -116,11 +120,19 @@ class WatchStream:
         self.push(data)
 
     async def room(self) -> None:
-        """Until the buffer has room (at once if it has)."""
+        """Until the buffer has room (at once if it has). Those waiting go in turn: each, let
+        in, lets the next look (see `_let_next_in`)."""
         while self.buffered >= self._max_bytes:
             waiter = asyncio.get_running_loop().create_future()
             self._room.append(waiter)
-            await waiter
+            self.room_waits += 1
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled():  # let in, but cancelled before it looked: pass it on
+                    self._let_next_in()
+                raise
+        self._let_next_in()
 
     async def create_budget(self) -> None:
         """Until the stream may create one more watch (at once, within its budget)."""
@@ -164,9 +176,12 @@ class WatchStream:
         self._wake_writer()
 
     def fail(self, error: Exception) -> None:
-        """End the stream with `error` (after what is queued), its watches with it."""
+        """End the stream with `error` (after what is queued), its watches with it: at once,
+        so that they queue nothing more (else the error waited until the buffer was empty,
+        which a busy watch may put off for as long as it has changes to send)."""
         if self._error is None:
             self._error = error
+        self.close()
         self._wake_writer()
 
     def shut_down(self) -> None:
@@ -193,15 +208,18 @@ class WatchStream:
         if writer is not None and not writer.done():
             writer.set_result(None)
 
-    def _free_room(self) -> None:
-        """Wake everything waiting for room: each looks again, in turn, and the first puts its
-        message while the buffer has room (so it goes past its bound by one message at most;
-        control messages aside) while the others wait again."""
-        if self.buffered < self._max_bytes:
-            room, self._room = self._room, collections.deque()
-            for waiter in room:
-                if not waiter.done():
-                    waiter.set_result(None)
+    def _let_next_in(self) -> None:
+        """While the buffer has room, wake the first still waiting for it: it looks again, puts
+        its message if there is room (so the buffer goes past its bound by one message at most;
+        control messages aside), and lets the next in; else it waits again. One at a time:
+        waking all of them at each message sent cost a thousand watches waiting on a busy
+        stream a thousand task switches a message."""
+        room = self._room
+        while room and self.buffered < self._max_bytes:
+            waiter = room.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def messages(self, shutting_down: Callable[[], Exception]) -> AsyncIterator[bytes]:
         """The stream's responses, in the order they were queued, until its end: raises the
@@ -211,7 +229,7 @@ class WatchStream:
             if out:
                 data = out.popleft()
                 self.buffered -= len(data)
-                self._free_room()
+                self._let_next_in()
                 yield data
                 del data
                 continue

@@ -438,14 +438,25 @@ class TransactionServicer(pb_grpc.TransactionServiceServicer):
         status = None
         try:
             async for event in events:
+                # Each message is made once the buffer has room for it, and queued at once: a
+                # watch that waits for room holds its event, not the event's encoding twice
+                # over (a batch's message is up to half of max_message_bytes; a thousand
+                # batched feeds replaying on a stream not read held 780 MB).
                 if isinstance(event, Current):
-                    await stream.put(framed(watch_id, response, self._current(event)))
+                    await stream.room()
+                    stream.push(framed(watch_id, response, self._current(event)))
                 elif isinstance(event, Progress):
-                    await stream.put(framed(watch_id, response, _progress(event, progress)))
+                    await stream.room()
+                    stream.push(framed(watch_id, response, _progress(event, progress)))
                 else:
-                    for message in self._changes(event, batch):
-                        await stream.put(framed(watch_id, response, message))
-                    message = b""  # the loop's variable outlives the loop
+                    messages = self._changes(event, batch)
+                    while True:
+                        await stream.room()
+                        message = next(messages, None)
+                        if message is None:
+                            break
+                        stream.push(framed(watch_id, response, message))
+                    del messages
                 del event
         except ServiceError as exc:
             status = status_for(exc)
