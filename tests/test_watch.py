@@ -1062,6 +1062,23 @@ async def test_a_waiting_watch_closed_by_shutdown_ends_with_the_revision_to_resu
     assert hub.subscriber_count == 0
 
 
+async def test_a_watch_begun_after_shutdown_resumes_from_where_it_asked_or_from_the_head() -> None:
+    """A watch that had not begun when the server began shutting down (a `Watch` create whose
+    task had not run yet): one from a revision is told that revision; one from now the newest
+    published, not 0, which would replay the whole log to a client that asked for none of it."""
+    from transaction_service.usecases.watch import WatchClosed
+
+    store = LogOnly()
+    hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]
+    for _ in range(3):
+        store.commit(hub, "t")
+    hub.close()
+    for start, resume in ((None, 3), (0, 0), (2, 2)):
+        with pytest.raises(WatchClosed) as closed:
+            await anext(hub.watch(WatchFilter(), start))
+        assert closed.value.last_sent_revision == resume
+
+
 async def test_a_transaction_watch_that_overflows_catches_up_from_the_log_once_in_order() -> None:
     store = LogOnly()
     hub = ChangeHub(store, queue_size=4)  # type: ignore[arg-type]

@@ -572,7 +572,12 @@ class ChangeHub:
         older than the log raises `Compacted`.
         """
         if self._closed:
-            raise WatchClosed(start_revision or 0)
+            # Not begun: one from a revision resumes from it; one from now, from the newest
+            # revision published (0 would replay the whole log to a client that asked for none
+            # of it).
+            raise WatchClosed(
+                start_revision if start_revision is not None else self.published_revision
+            )
         if start_revision is not None:
             head = await self._store.head_revision()
             if start_revision > head:
