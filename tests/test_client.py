@@ -211,6 +211,48 @@ async def test_calls_are_typed_and_errors_say_what_is_wrong(server: Server) -> N
         assert at.transaction == then.transaction
 
 
+@pytest.mark.parametrize("watches_per_stream", [0, 10])
+async def test_closing_the_client_ends_the_watches_being_iterated(
+    server: Server, watches_per_stream: int
+) -> None:
+    """`close()` ends each watch's iteration, its position saved (before: with a stream each the
+    iteration waited for ever, its reader gone; on shared streams it reconnected, opening the
+    channel again). A watch iterated again afterwards goes on from where it was."""
+    run = runs(1)[0]
+    client = TransactionClient(server.address, watches_per_stream=watches_per_stream)
+    await ingest(client, run)
+    checkpoint = MemoryCheckpoint()
+    watch = client.watch_transactions(start_revision=0, checkpoint=checkpoint)
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for item in watch:
+            assert isinstance(item, pb.TransactionChange)
+            got.append(item.revision)
+
+    task = asyncio.create_task(consume())
+    head = await head_of(client)
+    async with asyncio.timeout(DEADLINE):
+        while not got or got[-1] < head:
+            await asyncio.sleep(0.05)
+        await client.close()
+        await task  # ended, not raised
+    assert got == list(range(1, head + 1))
+    assert watch.reconnects == 0
+    saved = await checkpoint.load()
+    assert saved is not None
+    assert saved.revision == head
+    try:
+        await ingest(client, runs(1)[0])  # the client works again, on a new channel
+        async with asyncio.timeout(DEADLINE):
+            async for item in watch:
+                assert isinstance(item, pb.TransactionChange)
+                assert item.revision == head + 1
+                break
+    finally:
+        await client.close()
+
+
 async def test_the_token_comes_from_the_environment(tmp_path: Path, monkeypatch: Any) -> None:
     env = server_env(TRANSACTION_SERVICE_READ_TOKENS="read-token-0123456789")
     with running_server(

@@ -120,6 +120,8 @@ class TransactionClient:
             self.tls.credentials()  # an unreadable file is a mistake to report now, not later
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TransactionServiceAsyncStub | None = None
+        # How often `close` was called: a watch iterating across a close ends (watch.py).
+        self.closes = 0
         self.watch_streams = WatchStreams(self, watches_per_stream) if watches_per_stream else None
 
     # -- plumbing, also for calls this class does not wrap yet ----------------------------------
@@ -158,6 +160,9 @@ class TransactionClient:
             raise self.error(exc) from None
 
     async def close(self) -> None:
+        """Close the channel. Watches being iterated end (each saves its position first);
+        the client opens a new channel if it is used again."""
+        self.closes += 1
         if self.watch_streams is not None:
             self.watch_streams.close()
         if self._channel is not None:

@@ -141,6 +141,18 @@ class _Stop(Exception):
     pass
 
 
+# Handed to the consumer when the client was closed: the iteration ends.
+_CLOSED = _Failure(StopAsyncIteration())
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task is being cancelled (rather than a gRPC call it awaits:
+    grpc.aio raises CancelledError from a call cancelled on this side, as by closing its
+    channel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def pause(failures: int) -> float:
     """The jittered pause before reconnection attempt number `failures + 1`."""
     cap = min(LAST_PAUSE, FIRST_PAUSE * 2**failures)
@@ -154,9 +166,9 @@ class Watch(Generic[T]):
 
     `revision` is its position: every item up to it has been handled by the consumer (an item
     counts as handled once the consumer asks for the next one). Iterating the same `Watch` again
-    after a `break` continues from there. With a `checkpoint`, the position is saved at most once
-    a second and when the iteration ends, and a new `Watch` with the same checkpoint starts from
-    it (rather than from `start_revision`).
+    after a `break`, or after `client.close()` ended it, continues from there. With a
+    `checkpoint`, the position is saved at most once a second and when the iteration ends, and
+    a new `Watch` with the same checkpoint starts from it (rather than from `start_revision`).
 
     Errors that a retry cannot cure are raised from the iteration: `RevisionInFuture` (the
     start revision is not from this server's history), `RevisionCompacted` with
@@ -231,6 +243,8 @@ class Watch(Generic[T]):
                         await self._advance(done)
                         done = None
                     entry = await queue.get()
+                    if entry is _CLOSED:
+                        return
                     if isinstance(entry, _Failure):
                         raise entry.error
                     item, position = entry
@@ -280,7 +294,11 @@ class Watch(Generic[T]):
         failures = 0
         began = time.monotonic()
         heard = False
+        closes = self._client.closes
         while True:
+            if self._client.closes != closes:
+                await queue.put(_CLOSED)
+                return
             call = self._request.open(self._client, position)
             error: TransactionServiceError
             try:
@@ -312,8 +330,15 @@ class Watch(Generic[T]):
                     f"no message for {self.silence_timeout:g} s, not even progress (sent every "
                     f"{self._client.progress_interval:g} s): the server or the connection is stuck",
                 )
+            except asyncio.CancelledError:
+                if _cancelled_here() or self._client.closes == closes:
+                    raise
+                error = Unavailable(grpc.StatusCode.CANCELLED, "the client was closed")
             finally:
                 call.cancel()
+            if self._client.closes != closes:
+                await queue.put(_CLOSED)
+                return
             if isinstance(error, RevisionCompacted) and self._on_compacted == "resync":
                 self.resyncs += 1
                 log.warning(
