@@ -253,6 +253,39 @@ async def test_closing_the_client_ends_the_watches_being_iterated(
         await client.close()
 
 
+async def test_watches_past_the_servers_limit_a_stream_move_to_another_stream(
+    tmp_path: Path,
+) -> None:
+    """watches_per_stream above the server's WATCH_MAX_PER_STREAM: the watches the server
+    refuses on a full stream (TOO_MANY_WATCHES) resume on another instead of raising
+    ResourceExhausted to their consumers (before: they raised)."""
+    args = ("--grpc-port", "0", "--db", str(tmp_path / "x.db"), "--watch-max-per-stream", "3")
+    with running_server(tmp_path, *args) as server:
+        client = TransactionClient(server.address, watches_per_stream=10)
+        try:
+            run = runs(1)[0]
+            await ingest(client, run)
+            head = await head_of(client)
+            watches = [client.watch_transactions(start_revision=0) for _ in range(7)]
+
+            async def first_changes(watch: Watch[WatchItem]) -> list[int]:
+                got: list[int] = []
+                async for item in watch:
+                    assert isinstance(item, pb.TransactionChange)
+                    got.append(item.revision)
+                    if item.revision == head:
+                        return got
+                raise AssertionError("ended early")
+
+            async with asyncio.timeout(DEADLINE):
+                got = await asyncio.gather(*(first_changes(w) for w in watches))
+            assert got == [list(range(1, head + 1))] * 7
+            assert client.watch_streams is not None
+            assert client.watch_streams.streams >= 3  # 3 + 3 + 1, at least
+        finally:
+            await client.close()
+
+
 async def test_the_token_comes_from_the_environment(tmp_path: Path, monkeypatch: Any) -> None:
     env = server_env(TRANSACTION_SERVICE_READ_TOKENS="read-token-0123456789")
     with running_server(

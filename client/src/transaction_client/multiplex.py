@@ -89,6 +89,8 @@ class _Stream:
         # Set once a watch of it ended UNAVAILABLE (the server is stopping): no new watch is
         # created on it, so that those resuming go to a new stream.
         self.draining = False
+        # The server refused a watch on it for holding too many: none more go on it.
+        self.full = False
 
     async def _writes(self) -> Any:
         while (request := await self._requests.get()) is not None:
@@ -126,6 +128,14 @@ class _Stream:
                     ended = response.canceled
                     if ended.code == grpc.StatusCode.UNAVAILABLE.value[0]:
                         self.draining = True
+                    elif ended.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:
+                        # The server allows fewer watches a stream (TOO_MANY_WATCHES) than
+                        # watches_per_stream: no more go on this one, and the watch resumes on
+                        # another (UNAVAILABLE is what a watch retries).
+                        self.full = True
+                        ended = status_pb2.Status(
+                            code=14, message=f"moved to another stream: {ended.message}"
+                        )
                     if ended.code == 0:  # a cancel not of this client's: as a stream's end
                         ended = status_pb2.Status(code=14, message="the watch was cancelled")
                     await watch.messages.put(_rpc_error(ended))
@@ -185,7 +195,11 @@ class WatchStreams:
     def open(self, create: pb.WatchCreateRequest) -> WatchCall:
         """A watch of `create`'s target, on a stream with room (a new one if none has)."""
         stream = next(
-            (s for s in self._streams if len(s.watches) < self.per_stream and not s.draining),
+            (
+                s
+                for s in self._streams
+                if len(s.watches) < self.per_stream and not s.draining and not s.full
+            ),
             None,
         )
         if stream is None:
