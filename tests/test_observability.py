@@ -286,6 +286,53 @@ def test_streams_log_when_they_open_and_end(tmp_path: Path) -> None:
     assert all(e["sent"] >= 1 for e in ends)
 
 
+def test_a_stream_cut_off_at_the_end_of_the_shutdown_grace_is_logged_as_such(
+    tmp_path: Path,
+) -> None:
+    """A `Watch` stream whose client does not read holds the shutdown until its grace runs out;
+    gRPC then cancels it. Its end line says so (code CANCELLED, reason SHUTTING_DOWN, ended
+    "cut off at the end of the shutdown grace"), not "cancelled by the client" as before."""
+    args = ("--grpc-port", "0", "--db", "x.db", "--log-format", "json")
+    with running_server(tmp_path, *args, "--shutdown-grace-seconds", "1") as server:
+        api = stub(server)
+        list(api.IngestEvents(iter([ingest_request(d) for d in RICHEST["deliveries"]])))
+        creates = [
+            pb.WatchRequest(
+                create=pb.WatchCreateRequest(
+                    watch_id=i, transactions=pb.WatchTransactionsRequest(start_revision=0)
+                )
+            )
+            for i in range(1, 1001)
+        ]
+        unread = api.Watch(iter(creates))  # never read: flow control stops the server
+        wait_until(
+            lambda: "grpc stream opened" in str(access_lines(json_lines(server), "Watch")),
+            "the Watch stream's open line",
+            WAIT,
+        )
+        stat = Path(f"/proc/{server.process.pid}/stat")
+        used = [-1, time.monotonic()]
+
+        def stalled() -> bool:
+            """The server has done nothing for a second (its CPU time, not the clock, so a busy
+            machine does not matter): the replays wait for the client's flow-control window."""
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            now = int(fields[11]) + int(fields[12])
+            if now != used[0]:
+                used[:] = [now, time.monotonic()]
+                return False
+            return time.monotonic() - used[1] > 1
+
+        wait_until(stalled, "the Watch stream held up by flow control", WAIT)
+        server.stop()
+        lines = json_lines(server)
+        unread.cancel()
+    ends = [e for e in access_lines(lines, "Watch") if e["message"] == "grpc stream ended"]
+    assert [(e["code"], e["reason"], e["ended"]) for e in ends] == [
+        ("CANCELLED", "SHUTTING_DOWN", "cut off at the end of the shutdown grace")
+    ]
+
+
 def test_http_requests_get_a_request_id(tmp_path: Path) -> None:
     """Sent back as X-Request-Id, in the JSON error body, and on the request's log lines."""
     env = server_env(TRANSACTION_SERVICE_WEBHOOK_SECRETS=SECRET)

@@ -118,7 +118,7 @@ class TransactionService:
         self.health = health_aio.HealthServicer()
         tokens = BearerTokens(settings.ingest_tokens, settings.read_tokens)
         self.arrivals = CallArrivals()
-        observer = CallObserver(
+        self.observer = observer = CallObserver(
             self.app.metrics,
             tokens,
             reads_every=settings.access_log_reads_every,
@@ -238,6 +238,7 @@ class TransactionService:
         started = time.monotonic()
         if not await self.arrivals.drained(limit=grace):
             log.warning("grpc: calls still in progress after the grace (%gs): cancelled", grace)
+            self.observer.cutting_off = True
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
 
 

@@ -112,10 +112,14 @@ def _code_name(code: object) -> str:
     return "OK"
 
 
-def _ended_by_cancel(call: Call) -> str:
-    """The code of a call whose handler was cancelled: its deadline passed, or its client left."""
+def _ended_by_cancel(call: Call, observer: CallObserver) -> str:
+    """The code of a call whose handler was cancelled: its deadline passed, the server cut it
+    off at the end of its shutdown grace (the reason then says SHUTTING_DOWN), or its client
+    left."""
     if call.deadline is not None and time.monotonic() >= call.deadline:
         return "DEADLINE_EXCEEDED"
+    if observer.cutting_off:
+        call.reason = "SHUTTING_DOWN"
     return "CANCELLED"
 
 
@@ -123,6 +127,8 @@ def _why(code: str, reason: str) -> str:
     """Why a stream ended, for its last log line."""
     if code == "OK":
         return "completed"
+    if code == "CANCELLED" and reason == "SHUTTING_DOWN":
+        return "cut off at the end of the shutdown grace"
     if code == "CANCELLED":
         return "cancelled by the client"
     if code == "DEADLINE_EXCEEDED":
@@ -176,6 +182,8 @@ class CallObserver:
         self._methods: dict[str, GrpcMethodMetrics] = {}
         self._reads_every = reads_every
         self._read_methods = frozenset(read_methods)
+        # Set when the server cancels the calls still running at the end of its shutdown grace.
+        self.cutting_off = False
 
     def register(self, service: Any) -> None:
         """Show `service`'s methods (a ServiceDescriptor) in the metrics before their first
@@ -314,7 +322,7 @@ class _Observed:
                 code = _code_name(context.code())
                 return response
             except asyncio.CancelledError:
-                code = _ended_by_cancel(call)
+                code = _ended_by_cancel(call, self._observer)
                 raise
             except grpc.aio.AbortError:
                 code = _code_name(context.code())
@@ -354,12 +362,12 @@ class _Observed:
                     yield response
                 code = _code_name(context.code())
             except asyncio.CancelledError:
-                code = _ended_by_cancel(call)
+                code = _ended_by_cancel(call, self._observer)
                 raise
             except GeneratorExit:
                 # The stream was closed from outside: its client went away, or its deadline
                 # (or one of the server's, e.g. a results PDF's) passed.
-                code = _ended_by_cancel(call)
+                code = _ended_by_cancel(call, self._observer)
                 raise
             except grpc.aio.AbortError:
                 code = _code_name(context.code())
