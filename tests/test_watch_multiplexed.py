@@ -111,6 +111,35 @@ async def watch_stream(stub: Any) -> AsyncIterator[Stream]:
 # -- several watches on one stream ---------------------------------------------------------------
 
 
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> list[WatchStream]:
+    """Every `Watch` stream made from here has a buffer of 16 KiB; the list gets each."""
+    streams: list[WatchStream] = []
+    real_init = WatchStream.__init__
+
+    def small(self: WatchStream, **kwargs: Any) -> None:
+        real_init(self, **kwargs, max_bytes=16 * 1024)
+        streams.append(self)
+
+    monkeypatch.setattr(WatchStream, "__init__", small)
+    return streams
+
+
+@contextlib.asynccontextmanager
+async def unread_watch_stream(port: int) -> AsyncIterator[tuple[Stream, Any]]:
+    """A `Watch` stream on a channel with a small HTTP/2 window (so that gRPC's own buffers fill
+    early): the stream's helper, and its call."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)],
+    ) as channel:
+        call = channel.stream_stream(
+            "/transactions.v1.TransactionService/Watch",
+            request_serializer=pb.WatchRequest.SerializeToString,
+            response_deserializer=pb.WatchResponse.FromString,
+        )()
+        yield Stream(call), call
+
+
 async def test_several_watches_on_one_stream_each_get_what_their_own_stream_would(
     api: Running,
 ) -> None:
@@ -403,26 +432,9 @@ async def test_a_stream_not_read_holds_a_bounded_buffer_and_its_watches_miss_not
     """The client reads nothing while hundreds of changes are committed: the stream's buffer
     stays within its bound (plus one message per watch), the watches stop taking changes and
     fall behind, and once the client reads they catch up from the change log, missing none."""
-    streams: list[WatchStream] = []
-    real_init = WatchStream.__init__
-
-    def recorded(self: WatchStream, **kwargs: Any) -> None:
-        real_init(self, **kwargs, max_bytes=16 * 1024)
-        streams.append(self)
-
-    monkeypatch.setattr(WatchStream, "__init__", recorded)
+    streams = small_buffers(monkeypatch)
     service, _ = await channel_to(watch_queue_size=8)
-    # A small HTTP/2 window, so that gRPC's own buffers fill early.
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{service.port}",
-        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)],
-    ) as channel:
-        call = channel.stream_stream(
-            "/transactions.v1.TransactionService/Watch",
-            request_serializer=pb.WatchRequest.SerializeToString,
-            response_deserializer=pb.WatchResponse.FromString,
-        )()
-        stream = Stream(call)
+    async with unread_watch_stream(service.port) as (stream, call):
         watches = range(1, 11)
         for watch_id in watches:
             await stream.create(watch_id, **feed())
@@ -484,7 +496,7 @@ async def test_a_watch_waiting_for_room_holds_no_message_made_for_it(
 
     made: list[bytes] = []
     pushed: list[bytes] = []
-    real_framed, real_push, real_init = servicer.framed, WatchStream.push, WatchStream.__init__
+    real_framed, real_push = servicer.framed, WatchStream.push
 
     def framed(*args: Any) -> bytes:
         made.append(real_framed(*args))
@@ -494,28 +506,13 @@ async def test_a_watch_waiting_for_room_holds_no_message_made_for_it(
         pushed.append(data)
         real_push(self, data)
 
-    streams: list[WatchStream] = []
-
-    def small(self: WatchStream, **kwargs: Any) -> None:
-        real_init(self, **kwargs, max_bytes=16 * 1024)
-        streams.append(self)
-
     monkeypatch.setattr(servicer, "framed", framed)
     monkeypatch.setattr(WatchStream, "push", push)
-    monkeypatch.setattr(WatchStream, "__init__", small)
+    streams = small_buffers(monkeypatch)
     service, _ = await channel_to()
     for run in [with_fresh_ids(s) for s in SCENARIOS for _ in range(5)]:
         await ingest_direct(service, run["deliveries"])
-    async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{service.port}",
-        options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)],
-    ) as channel:
-        call = channel.stream_stream(
-            "/transactions.v1.TransactionService/Watch",
-            request_serializer=pb.WatchRequest.SerializeToString,
-            response_deserializer=pb.WatchResponse.FromString,
-        )()
-        stream = Stream(call)
+    async with unread_watch_stream(service.port) as (stream, call):
         for watch_id in range(1, 11):
             await stream.create(watch_id, **feed(start_revision=0, batch_changes=True))
         # The buffer fills and stays full (nothing is read): watches wait for room.
