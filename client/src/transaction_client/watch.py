@@ -296,7 +296,7 @@ class Watch(Generic[T]):
         heard = False
         closes = self._client.closes
         while True:
-            if self._client.closes != closes:
+            if self._client.closes != closes:  # closed: since the last call, or during a pause
                 await queue.put(_CLOSED)
                 return
             call = self._request.open(self._client, position)
@@ -337,8 +337,7 @@ class Watch(Generic[T]):
             finally:
                 call.cancel()
             if self._client.closes != closes:
-                await queue.put(_CLOSED)
-                return
+                continue  # not retried: the loop's first step ends the iteration
             if isinstance(error, RevisionCompacted) and self._on_compacted == "resync":
                 self.resyncs += 1
                 log.warning(
