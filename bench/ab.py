@@ -129,6 +129,11 @@ async def measure(
     return load.rate, percentile(latencies, 0.5) * 1000, cpu_ms
 
 
+def ratio_to_other(figures: dict[str, list[float]], name: str) -> float:
+    """The median of `name`'s rounds' ratios to the other tree's, round by round."""
+    return median([a / b for a, b in zip(figures[name], figures["other"], strict=True)])
+
+
 async def measure_reads(
     stub: Any, pid: int, order_ids: list[str], seconds: float, concurrency: int
 ) -> tuple[float, float]:
@@ -222,27 +227,21 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     print(f"IngestEvent, {args.concurrency} in flight ({args.rounds} rounds of {args.seconds} s):")
     for name in names:
-        ratio = median(
-            [mine / theirs for mine, theirs in zip(rates[name], rates["other"], strict=True)]
-        )
+        ratio = ratio_to_other(rates, name)
         print(
             f"  {name:14} median {median(rates[name]):7.0f}/s  ratio to other {ratio:.3f}"
             f"  (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})"
         )
     print(f"IngestEvent one at a time, p50 of {args.calls} calls per round:")
     for name in names:
-        ratio = median(
-            [mine / theirs for mine, theirs in zip(p50s[name], p50s["other"], strict=True)]
-        )
+        ratio = ratio_to_other(p50s, name)
         print(
             f"  {name:14} median {median(p50s[name]):6.2f} ms  ratio to other {ratio:.3f}"
             f"  (rounds: {', '.join(f'{p:.2f}' for p in p50s[name])})"
         )
     print("server CPU per call (user + system, over both measurements of a round):")
     for name in names:
-        ratio = median(
-            [mine / theirs for mine, theirs in zip(cpus[name], cpus["other"], strict=True)]
-        )
+        ratio = ratio_to_other(cpus, name)
         print(
             f"  {name:14} median {median(cpus[name]):6.3f} ms  ratio to other {ratio:.3f}"
             f"  (rounds: {', '.join(f'{c:.3f}' for c in cpus[name])})"
@@ -250,12 +249,8 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.reads:
         print(f"GetTransaction, {args.concurrency} in flight, and the server's CPU per read:")
         for name in names:
-            rate_ratio = median(
-                [a / b for a, b in zip(read_rates[name], read_rates["other"], strict=True)]
-            )
-            cpu_ratio = median(
-                [a / b for a, b in zip(read_cpus[name], read_cpus["other"], strict=True)]
-            )
+            rate_ratio = ratio_to_other(read_rates, name)
+            cpu_ratio = ratio_to_other(read_cpus, name)
             print(
                 f"  {name:14} median {median(read_rates[name]):7.0f}/s  ratio to other "
                 f"{rate_ratio:.3f}; CPU {median(read_cpus[name]) * 1000:5.0f} us  ratio to other "
